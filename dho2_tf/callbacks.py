@@ -1,0 +1,98 @@
+"""Keras callbacks that wire DHO2's curvature refresh into ``model.fit``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+
+def first_batch(data: Any) -> tuple[Any, Any]:
+    """``(x, y)`` from a tuple of arrays/tensors or the first element of a ``tf.data.Dataset``."""
+    if isinstance(data, tf.data.Dataset):
+        element = next(iter(data))
+        if not isinstance(element, (tuple, list)) or len(element) < 2:
+            raise ValueError("The curvature dataset must yield (x, y) pairs.")
+        return element[0], element[1]
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        if len(x) != len(y):
+            raise ValueError("Curvature batch x and y have different lengths: "
+                             f"{len(x)} and {len(y)}.")
+        if len(x) == 0:
+            raise ValueError("The curvature batch is empty.")
+        return x, y
+    raise ValueError("`batch` must be an (x, y) pair or a tf.data.Dataset of (x, y). "
+                     f"Received: {type(data).__name__}")
+
+
+class CurvatureRefresh(tf.keras.callbacks.Callback):
+    """Run DHO2's curvature refresh on schedule during ``model.fit``.
+
+    At the start of training it builds the optimizer, broadcasts the model weights and optimizer
+    state from rank 0 (so all ranks start identical) and binds the model, loss and curvature batch
+    to the optimizer. Before every batch it runs the refresh when the optimizer's schedule says
+    one is due (every rank runs it at the same step, since the step counter is replicated).
+
+    Example::
+
+        opt = dho2_tf.DHO2(learning_rate=1e-3, base="adam", k=10)
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        model.fit(x, y, callbacks=[dho2_tf.CurvatureRefresh(batch=(x[:256], y[:256]))])
+
+    Args:
+        batch: this rank's fixed curvature batch, ``(x, y)`` or a dataset whose first element
+            is used.
+        loss: loss for the Hessian, ``None`` for the model's compiled loss.
+        training: run the model in training mode during Hessian-vector products.
+        broadcast_initial_state: broadcast weights and optimizer state from rank 0 at start.
+        on_refresh: optional ``fn(info: dict)`` called after each refresh (e.g. for logging).
+    """
+
+    def __init__(self, batch: Any, loss: Callable | str | None = None, training: bool = True,
+                 broadcast_initial_state: bool = True,
+                 on_refresh: Callable[[dict], None] | None = None) -> None:
+        super().__init__()
+        self.batch = first_batch(batch)
+        self.loss = loss
+        self.training = training
+        self.broadcast_initial_state = broadcast_initial_state
+        self.on_refresh = on_refresh
+        self.refreshes: list[dict] = []
+
+    def _optimizer(self):
+        from dho2_tf.optimizer import DHO2
+
+        opt = self.model.optimizer
+        if not isinstance(opt, DHO2):
+            raise TypeError("CurvatureRefresh needs a model compiled with dho2_tf.DHO2. "
+                            f"Received optimizer: {type(opt).__name__}")
+        return opt
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        opt = self._optimizer()
+        opt.build(self.model.trainable_variables)
+        if self.broadcast_initial_state:
+            opt.broadcast_state(self.model)
+        opt.bind(self.model, self.loss, self.batch, training=self.training)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        opt = self._optimizer()
+        if opt.refresh_if_due():
+            info = dict(opt.last_refresh)
+            self.refreshes.append(info)
+            if self.on_refresh is not None:
+                self.on_refresh(info)
+
+
+def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0
+                                ) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random subset of ``size`` rows of ``(x, y)`` to use as the curvature batch."""
+    if size <= 0:
+        raise ValueError(f"`size` must be a positive integer. Received: size={size}")
+    idx = np.random.default_rng(seed).permutation(len(x))[:size]
+    return x[idx], y[idx]
