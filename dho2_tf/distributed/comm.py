@@ -130,6 +130,10 @@ class Communicator:
         """A :class:`Group` over ``ranks`` (global ranks, registered at start-up)."""
         raise NotImplementedError
 
+    def data_parallel_optimizer(self, optimizer: Any) -> Any:
+        """A first-order Keras optimizer whose gradients are averaged over all ranks."""
+        raise NotImplementedError
+
 
 class LocalComm(Communicator):
     """One process: every collective is the identity (a group can only be ``[0]``)."""
@@ -172,6 +176,9 @@ class LocalComm(Communicator):
 
     def barrier(self, name="dho2/barrier"):
         return None
+
+    def data_parallel_optimizer(self, optimizer):
+        return optimizer
 
     def group(self, ranks):
         ranks = tuple(sorted(int(r) for r in ranks))
@@ -247,6 +254,11 @@ class HorovodComm(Communicator):
 
     def allgather_object(self, obj, *, name):
         return list(self._hvd.allgather_object(obj, name=name))
+
+    def data_parallel_optimizer(self, optimizer):
+        import horovod.tensorflow.keras as hvd_keras
+
+        return hvd_keras.DistributedOptimizer(optimizer)
 
     def group(self, ranks):
         key = tuple(sorted(int(r) for r in ranks))

@@ -1,0 +1,407 @@
+"""Dataset loaders (MNIST-1D, scikit-learn digits, CIFAR-10/100) and rank-sharded tf.data input.
+
+Every loader works offline: MNIST-1D is generated locally from the ``mnist1d`` package's
+templates, the digits ship with scikit-learn and CIFAR is read from a local copy of the
+python-pickle release. Loaders return a :class:`Dataset` of numpy arrays (float32 features,
+int32 labels); :func:`make_tf_dataset` turns one split into this rank's shuffled, batched
+``tf.data.Dataset``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import pickle
+import random
+import warnings
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("mnist1d", "digits", "cifar10", "cifar100")
+
+# Standard per-channel statistics of the CIFAR training sets (pixel values scaled to [0, 1]).
+CIFAR_MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {10: (0.2470, 0.2435, 0.2616), 100: (0.2673, 0.2564, 0.2762)}
+_CIFAR_LAYOUT = {
+    10: {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",),
+         "label_key": b"labels", "folder": "cifar-10-batches-py"},
+    100: {"train": ("train",), "test": ("test",), "label_key": b"fine_labels",
+          "folder": "cifar-100-python"},
+}
+# Globals a CIFAR pickle may reference (numpy array reconstruction); anything else is refused.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
+}
+
+
+class RankInfo(Protocol):
+    """Anything with this process's ``rank`` and the number of ranks ``size``.
+
+    A :class:`dho2_tf.distributed.Communicator` (``LocalComm``: rank 0, size 1) qualifies.
+    """
+
+    rank: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A train/test split held in memory.
+
+    Attributes:
+        x_train: float32 [N_train, *input_shape].
+        y_train: int32 [N_train], labels in [0, num_classes).
+        x_test: float32 [N_test, *input_shape].
+        y_test: int32 [N_test].
+        num_classes: number of classes.
+        input_shape: shape of one example.
+        name: dataset name (one of :data:`DATASETS` for the built-in loaders).
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    input_shape: tuple[int, ...]
+    name: str
+
+    def __repr__(self) -> str:
+        """Sizes and shapes only (logged once by the loaders), never the arrays."""
+        return (f"Dataset(name={self.name!r}, train={len(self.y_train)}, "
+                f"test={len(self.y_test)}, input_shape={self.input_shape}, "
+                f"num_classes={self.num_classes})")
+
+
+def _make_dataset(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                  y_test: np.ndarray, num_classes: int) -> Dataset:
+    dataset = Dataset(np.ascontiguousarray(x_train, np.float32), y_train.astype(np.int32),
+                      np.ascontiguousarray(x_test, np.float32), y_test.astype(np.int32),
+                      int(num_classes), tuple(int(d) for d in x_train.shape[1:]), name)
+    logger.info("Loaded %r", dataset)
+    return dataset
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1). Received: {name}={value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------
+
+
+def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
+                 template: dict[str, np.ndarray] | None = None) -> Dataset:
+    """MNIST-1D (Greydanus 2020, arXiv:2011.14439), generated locally.
+
+    The defaults reproduce the standard 4000/1000 split. Features are standardised with the
+    mean and standard deviation of the training split (scalars over all 40 positions, so the
+    relative shape of a signal is kept, as in the reference data).
+
+    Args:
+        num_samples: total examples; a positive multiple of 10 (equal count per digit).
+        train_split: fraction of the examples used for training.
+        seed: generator seed; the same seed gives identical arrays.
+        template: ``{"x", "t", "y"}`` digit templates (``mnist1d.data.get_templates()``,
+            built in code, by default).
+
+    Returns:
+        A :class:`Dataset` with ``input_shape == (40,)`` and 10 classes.
+
+    Raises:
+        ValueError: on a bad ``num_samples`` or ``train_split``.
+
+    Note:
+        Only ``mnist1d.data.make_dataset`` is called (never ``get_dataset``, which downloads).
+        It reseeds the global ``random`` and ``numpy.random`` generators; their states are
+        restored afterwards, so the caller's random streams are unaffected.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10 \
+            or num_samples % 10:
+        raise ValueError(
+            f"`num_samples` must be a positive multiple of 10. Received: num_samples={num_samples}")
+    _check_fraction("train_split", train_split)
+    from mnist1d.data import get_dataset_args, get_templates, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        raw = make_dataset(args, template=get_templates() if template is None else template)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x_train, x_test = raw["x"].astype(np.float64), raw["x_test"].astype(np.float64)
+    mean, std = x_train.mean(), x_train.std()
+    return _make_dataset("mnist1d", (x_train - mean) / std, raw["y"], (x_test - mean) / std,
+                         raw["y_test"], 10)
+
+
+def load_digits(as_images: bool = False, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's 8×8 handwritten digits (1,797 images, bundled with scikit-learn).
+
+    Args:
+        as_images: return ``(8, 8, 1)`` images instead of ``(64,)`` vectors.
+        test_fraction: fraction held out for testing (stratified by class).
+        seed: seed of the split.
+
+    Returns:
+        A :class:`Dataset` with pixel values in [0, 1] (raw values / 16) and 10 classes.
+
+    Raises:
+        ValueError: on a bad ``test_fraction``.
+    """
+    _check_fraction("test_fraction", test_fraction)
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = sklearn_digits(return_X_y=True)
+    x = x / 16.0
+    if as_images:
+        x = x.reshape(-1, 8, 8, 1)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    return _make_dataset("digits", x_train, y_train, x_test, y_test, 10)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that only resolves the numpy globals a CIFAR batch file needs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def _cifar_folder(path: str, layout: dict[str, Any]) -> str:
+    """The folder holding the batch files: ``path`` or its standard sub-folder."""
+    expected = layout["train"] + layout["test"]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"CIFAR folder {path!r} does not exist; expected a folder with the python-pickle "
+            f"files {list(expected)}.")
+    for folder in (path, os.path.join(path, layout["folder"])):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in expected):
+            return folder
+    missing = [f for f in expected if not os.path.isfile(os.path.join(path, f))]
+    raise FileNotFoundError(
+        f"CIFAR folder {path!r} is missing {missing}; expected the python-pickle files "
+        f"{list(expected)}.")
+
+
+def _read_cifar_batch(file: str, label_key: bytes, num_classes: int) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+    """``uint8 [N, 32, 32, 3]`` images and ``int32 [N]`` labels of one batch file."""
+    try:
+        with open(file, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{file!r} is not a CIFAR python-pickle batch file: {err}") from err
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(
+            f"{file!r} must hold a dict with keys b'data' and {label_key!r}. Received: {keys}")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 \
+            or labels.shape != (len(data),):
+        raise ValueError(
+            f"{file!r} must hold uint8 data [N, 3072] and N labels. Received: data "
+            f"{data.dtype} {data.shape}, labels {labels.shape}")
+    if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise ValueError(f"{file!r} has labels outside [0, {num_classes}).")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int32)
+
+
+def _normalize_cifar(images: np.ndarray, num_classes: int) -> np.ndarray:
+    mean = np.asarray(CIFAR_MEAN[num_classes], np.float32)
+    std = np.asarray(CIFAR_STD[num_classes], np.float32)
+    x = images.astype(np.float32)
+    x /= 255.0
+    x -= mean
+    x /= std
+    return x
+
+
+def load_cifar(path: str | os.PathLike[str], num_classes: int = 10) -> Dataset:
+    """CIFAR-10 or CIFAR-100 from a local copy of the python-pickle release.
+
+    CIFAR-10 needs ``data_batch_1`` … ``data_batch_5`` and ``test_batch`` (labels under
+    ``b"labels"``); CIFAR-100 needs ``train`` and ``test`` (labels under ``b"fine_labels"``).
+    ``path`` is the folder holding these files, or its parent when the files sit in the standard
+    ``cifar-10-batches-py`` / ``cifar-100-python`` sub-folder. All files are checked to exist
+    before any is read.
+
+    Args:
+        path: folder of the batch files.
+        num_classes: 10 or 100.
+
+    Returns:
+        A :class:`Dataset` of float32 NHWC ``(32, 32, 3)`` images normalised per channel with
+        :data:`CIFAR_MEAN` and :data:`CIFAR_STD` (pixels scaled to [0, 1] first).
+
+    Raises:
+        ValueError: if ``num_classes`` is not 10 or 100, or a file is malformed.
+        FileNotFoundError: if the folder or one of the expected files is missing.
+    """
+    if num_classes not in _CIFAR_LAYOUT:
+        raise ValueError(f"`num_classes` must be 10 or 100. Received: num_classes={num_classes}")
+    layout = _CIFAR_LAYOUT[num_classes]
+    folder = _cifar_folder(os.fspath(path), layout)
+    splits = []
+    for split in ("train", "test"):
+        parts = [_read_cifar_batch(os.path.join(folder, f), layout["label_key"], num_classes)
+                 for f in layout[split]]
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        splits.append((_normalize_cifar(images, num_classes), labels))
+    (x_train, y_train), (x_test, y_test) = splits
+    return _make_dataset(f"cifar{num_classes}", x_train, y_train, x_test, y_test, num_classes)
+
+
+def load_dataset(name: str, **kwargs: Any) -> Dataset:
+    """Load a dataset by name.
+
+    Args:
+        name: one of :data:`DATASETS` (``"cifar10"``/``"cifar100"`` need ``path=...``).
+        **kwargs: passed to :func:`load_mnist1d`, :func:`load_digits` or :func:`load_cifar`.
+
+    Returns:
+        The :class:`Dataset`.
+
+    Raises:
+        ValueError: if ``name`` is unknown (the message lists the valid names).
+    """
+    if name == "mnist1d":
+        return load_mnist1d(**kwargs)
+    if name == "digits":
+        return load_digits(**kwargs)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(num_classes=int(name[len("cifar"):]), **kwargs)
+    raise ValueError(f"`name` must be one of {list(DATASETS)}. Received: name={name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding and input pipelines
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_comm(comm: RankInfo) -> tuple[int, int]:
+    rank, size = int(comm.rank), int(comm.size)
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(
+            f"`comm` must have size >= 1 and 0 <= rank < size. Received: rank={rank}, size={size}")
+    return rank, size
+
+
+def _check_rows(x: np.ndarray, y: np.ndarray) -> int:
+    if len(x) != len(y):
+        raise ValueError(f"`x` and `y` must have the same number of rows. "
+                         f"Received: len(x)={len(x)}, len(y)={len(y)}")
+    return len(x)
+
+
+def shard_arrays(x: np.ndarray, y: np.ndarray, comm: RankInfo, *,
+                 drop_remainder: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's rows ``r::P`` of ``x`` and ``y`` (the rows ``make_tf_dataset`` uses).
+
+    Args:
+        x: features [N, ...].
+        y: labels [N].
+        comm: gives ``rank`` r and ``size`` P.
+        drop_remainder: first drop the last ``N mod P`` rows, so that every rank gets exactly
+            ``⌊N/P⌋`` rows.
+
+    Returns:
+        ``(x[r::P], y[r::P])`` (views, not copies).
+
+    Raises:
+        ValueError: if ``x`` and ``y`` differ in length or ``comm`` is inconsistent.
+    """
+    n = _check_rows(x, y)
+    rank, size = _check_comm(comm)
+    stop = n - n % size if drop_remainder else n
+    return x[rank:stop:size], y[rank:stop:size]
+
+
+def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: RankInfo,
+                    shuffle: bool = True, seed: int = 0, drop_remainder: bool = True,
+                    augment: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+                    | None = None) -> tf.data.Dataset:
+    """This rank's shard of ``(x, y)`` as a shuffled, batched, prefetched ``tf.data.Dataset``.
+
+    Rank r of P keeps rows ``r::P`` (``ds.shard(P, r)``), shuffles them with a fresh order every
+    epoch (``reshuffle_each_iteration`` from a fixed ``seed``, so runs are repeatable), applies
+    ``augment`` per example and batches with ``batch_size`` examples per rank.
+
+    Args:
+        x: features [N, ...] (cast to float32 unless already floating point).
+        y: labels [N].
+        batch_size: per-rank batch size.
+        comm: gives ``rank`` and ``size`` (a ``Communicator``; ``LocalComm`` keeps all rows).
+        shuffle: shuffle the shard every epoch.
+        seed: shuffle seed.
+        drop_remainder: drop the last ``N mod P`` rows before sharding and the last partial
+            batch, so that every rank runs the same number of full batches (synchronous
+            training needs equal step counts, or collectives hang).
+        augment: per-example ``(x, y) -> (x, y)`` map, e.g. :func:`cifar_augment`.
+
+    Returns:
+        A dataset of ``(x [B, ...], y [B])`` batches.
+
+    Raises:
+        ValueError: on a bad ``batch_size``, mismatched rows or an inconsistent ``comm``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(
+            f"`batch_size` must be a positive integer. Received: batch_size={batch_size}")
+    n = _check_rows(x, y)
+    rank, size = _check_comm(comm)
+    if not drop_remainder and n % size and \
+            math.ceil(math.ceil(n / size) / batch_size) != math.ceil(n // size / batch_size):
+        warnings.warn(
+            f"With drop_remainder=False, {n} rows over {size} ranks give ranks different numbers "
+            f"of batches of {batch_size}; synchronous training would hang at the epoch end.",
+            stacklevel=2)
+    if drop_remainder:
+        x, y = x[:n - n % size], y[:n - n % size]
+    if not np.issubdtype(np.asarray(x).dtype, np.floating):
+        x = np.asarray(x, np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shard(size, rank)
+    if shuffle:
+        ds = ds.shuffle(max(1, -(-len(x) // size)), seed=seed, reshuffle_each_iteration=True)
+    if augment is not None:
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def cifar_augment(x: tf.Tensor, y: tf.Tensor, padding: int = 4) -> tuple[tf.Tensor, tf.Tensor]:
+    """Standard CIFAR augmentation of one example: reflect-pad, random crop, random flip.
+
+    The image is padded by ``padding`` pixels on each side (reflection), cropped back to its
+    size at a uniformly random offset and flipped left-right with probability 1/2 (He et al.
+    2016, §4.2, with reflection instead of zero padding).
+
+    Args:
+        x: float [H, W, C] image (one example; apply before batching).
+        y: label, returned unchanged.
+        padding: pixels added on each side before cropping.
+
+    Returns:
+        ``(x_aug [H, W, C], y)``.
+    """
+    shape = tf.shape(x)
+    padded = tf.pad(x, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
+    cropped = tf.image.random_crop(padded, shape)
+    return tf.image.random_flip_left_right(cropped), y

@@ -1,0 +1,81 @@
+"""Name → model builder registry used by the jobs (``models.get("resnet20", ...)``).
+
+A builder is any callable ``builder(input_shape, num_classes, **kwargs) -> tf.keras.Model``
+that returns an uncompiled model with logits output.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import tensorflow as tf
+
+from models.mlp import mlp
+from models.resnet import resnet20, resnet32, resnet56, resnet110
+from models.resnet1d import resnet1d
+
+logger = logging.getLogger(__name__)
+
+Builder = Callable[..., tf.keras.Model]
+
+_BUILDERS: dict[str, Builder] = {
+    "mlp": mlp,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet1d": resnet1d,
+}
+
+
+def available() -> list[str]:
+    """Sorted names accepted by :func:`get`."""
+    return sorted(_BUILDERS)
+
+
+def register(name: str, builder: Builder, *, overwrite: bool = False) -> None:
+    """Make ``builder`` available as ``get(name, ...)``.
+
+    Args:
+        name: registry key (a non-empty string).
+        builder: ``builder(input_shape, num_classes, **kwargs) -> tf.keras.Model``.
+        overwrite: allow replacing an existing entry.
+
+    Raises:
+        ValueError: on an empty name, or a name already registered without ``overwrite``.
+        TypeError: if ``builder`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a non-empty string. Received: name={name!r}")
+    if not callable(builder):
+        raise TypeError(f"`builder` must be callable. Received: builder={builder!r}")
+    if name in _BUILDERS and not overwrite:
+        raise ValueError(
+            f"Model {name!r} is already registered; pass overwrite=True to replace it. "
+            f"Registered: {available()}")
+    _BUILDERS[name] = builder
+
+
+def get(name: str, input_shape: Sequence[int], num_classes: int,
+        **kwargs: Any) -> tf.keras.Model:
+    """Build the uncompiled model registered as ``name``.
+
+    Args:
+        name: one of :func:`available`.
+        input_shape: shape of one example, e.g. ``(40,)`` or ``(32, 32, 3)``.
+        num_classes: number of logits.
+        **kwargs: passed to the builder (e.g. ``weight_decay``, ``hidden``, ``width``).
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: if ``name`` is not registered (the message lists the valid names).
+        TypeError: if the builder does not accept a keyword in ``kwargs``.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"`name` must be one of {available()}. Received: name={name!r}")
+    model = _BUILDERS[name](input_shape, num_classes, **kwargs)
+    logger.info("Built model %s: %d parameters", name, model.count_params())
+    return model
