@@ -96,3 +96,70 @@ def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: i
         raise ValueError(f"`size` must be a positive integer. Received: size={size}")
     idx = np.random.default_rng(seed).permutation(len(x))[:size]
     return x[idx], y[idx]
+
+
+class BroadcastInitialState(tf.keras.callbacks.Callback):
+    """Copy the model weights from rank 0 to every rank when training starts.
+
+    DHO2's :class:`CurvatureRefresh` does this itself; baseline optimizers use this callback.
+
+    Args:
+        comm: the communicator.
+    """
+
+    def __init__(self, comm: Any) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self.comm.size == 1:
+            return
+        for i, var in enumerate(self.model.variables):
+            var.assign(self.comm.broadcast(var.value(), 0, name=f"dho2/initial_weights/{i}"))
+
+
+class TestAccuracyClock(tf.keras.callbacks.Callback):
+    """Evaluate on the test set after every epoch with the clock stopped; stop at a target.
+
+    The training clock runs from the start of ``fit`` and excludes evaluation time (reference
+    §9.3), so ``history`` gives test accuracy against pure training wall time.
+
+    Args:
+        x_test: test inputs (every rank evaluates the full test set; weights are replicated).
+        y_test: test labels.
+        target_accuracy: stop training once test accuracy reaches this value (optional).
+        batch_size: evaluation batch size.
+    """
+
+    def __init__(self, x_test: Any, y_test: Any, target_accuracy: float | None = None,
+                 batch_size: int = 1000) -> None:
+        super().__init__()
+        self.x_test, self.y_test = x_test, y_test
+        self.target_accuracy = target_accuracy
+        self.batch_size = batch_size
+        self.history: list[dict[str, float]] = []
+        self.time_to_target: float | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._start = self._clock()
+        self._paused = 0.0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        pause = self._clock()
+        train_seconds = pause - self._start - self._paused
+        loss, accuracy = self.model.evaluate(self.x_test, self.y_test, batch_size=self.batch_size,
+                                             verbose=0)[:2]
+        row = {"epoch": epoch + 1, "seconds": train_seconds, "test_accuracy": float(accuracy),
+               "test_loss": float(loss), "train_loss": float((logs or {}).get("loss", np.nan))}
+        self.history.append(row)
+        if logs is not None:
+            logs["test_accuracy"] = float(accuracy)
+            logs["test_loss"] = float(loss)
+        target = self.target_accuracy
+        if target is not None and accuracy >= target and self.time_to_target is None:
+            self.time_to_target = train_seconds
+            self.model.stop_training = True
+        self._paused += self._clock() - pause

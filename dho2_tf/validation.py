@@ -9,12 +9,14 @@ def check_int(name: str, value: object, *, minimum: int | None = None,
               maximum: int | None = None, hint: str = "") -> int:
     """``value`` as an int, or a ValueError naming ``name``, the allowed range and the value.
 
-    Example message: "`k` must be an integer >= 1. Received: k=0".
+    Example message: "`k` must be a positive integer. Received: k=0".
     """
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
-        raise ValueError(f"`{name}` must be an integer{_range(minimum, maximum)}"
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, "an integer") if maximum is None else "an integer"  # type: ignore[arg-type]
+        raise ValueError(f"`{name}` must be {kind}{_range(minimum, maximum)}"
                          f"{' (' + hint + ')' if hint else ''}. Received: {name}={value!r}")
     return int(value)  # type: ignore[arg-type]
 
@@ -40,6 +42,8 @@ def check_real(name: str, value: object, *, minimum: float | None = None,
 
 
 def _range(minimum: int | None, maximum: int | None) -> str:
+    if maximum is None and minimum in (0, 1):
+        return ""
     if minimum is not None and maximum is not None:
         return f" in [{minimum}, {maximum}]"
     if minimum is not None:

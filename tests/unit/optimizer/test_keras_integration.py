@@ -156,15 +156,15 @@ def test_hvp_leaves_batch_norm_statistics_unchanged():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(k=0), "`k` must be an integer >= 1. Received: k=0"),
-    (dict(ell=-1), "`ell` must be an integer >= 0. Received: ell=-1"),
+    (dict(k=0), "`k` must be a positive integer. Received: k=0"),
+    (dict(ell=-1), "`ell` must be a non-negative integer. Received: ell=-1"),
     (dict(alpha=-0.5), "`alpha` must be a finite number in [0.0, inf). Received: alpha=-0.5"),
     (dict(base="rmsprop"), "`base` must be one of ('sgd', 'momentum', 'nesterov', 'adam'). "
                            "Received: base='rmsprop'"),
     (dict(k=5, ell=2, lanczos_order=6), "`lanczos_order` must be an integer >= 7 (it must be "
                                         "at least k + ell). Received: lanczos_order=6"),
-    (dict(refresh_every=0), "`refresh_every` must be an integer >= 1. Received: refresh_every=0"),
-    (dict(warmup=-1), "`warmup` must be an integer >= 0. Received: warmup=-1"),
+    (dict(refresh_every=0), "`refresh_every` must be a positive integer. Received: refresh_every=0"),
+    (dict(warmup=-1), "`warmup` must be a non-negative integer. Received: warmup=-1"),
     (dict(c_max=0.5), "`c_max` must be a finite number in [1.0, inf). Received: c_max=0.5"),
     (dict(mode="ring"), "`mode` must be one of"),
     (dict(weight_decay=1e-4), "`weight_decay` is not supported by DHO2"),

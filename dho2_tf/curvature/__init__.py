@@ -1,0 +1,22 @@
+"""Curvature: Hessian-vector products, sharded Lanczos and extreme eigenpairs (ESE).
+
+Pure functions of tensors plus a communicator argument; nothing here imports Horovod.
+"""
+
+from __future__ import annotations
+
+from dho2_tf.curvature.hvp import hvp_double_backward, make_hvp_fn
+from dho2_tf.curvature.lanczos import LanczosResult, lanczos
+from dho2_tf.curvature.spectrum import (EigenEstimate, estimate_spectrum, extreme_eigenpairs,
+                                        gather_vectors)
+
+__all__ = [
+    "EigenEstimate",
+    "LanczosResult",
+    "estimate_spectrum",
+    "extreme_eigenpairs",
+    "gather_vectors",
+    "hvp_double_backward",
+    "lanczos",
+    "make_hvp_fn",
+]

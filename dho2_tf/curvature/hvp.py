@@ -1,0 +1,160 @@
+"""Hessian-vector products of a Keras model's loss on a fixed batch.
+
+The product is forward-over-reverse (the JVP of the gradient), traced once per (model, batch) so
+that Lanczos can call it m times without retracing (algorithm reference §8 "HVP"; Horovod notes §5).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import tensorflow as tf
+
+from dho2_tf.flat import FlatSpec, flatten, unflatten
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any], tf.Tensor]
+HvpFn = Callable[[tf.Tensor], tf.Tensor]
+
+
+def _resolve_variables(model: tf.keras.Model,
+                       variables: Sequence[tf.Variable] | None) -> list[tf.Variable]:
+    variables = list(model.trainable_variables if variables is None else variables)
+    if not variables:
+        raise ValueError(
+            "`variables` must be a non-empty list of variables (the model has no trainable "
+            "variables, or an empty list was passed). Build the model before asking for HVPs.")
+    return variables
+
+
+def _frozen_state(model: tf.keras.Model, variables: Sequence[tf.Variable]) -> list[tf.Variable]:
+    """Non-trainable variables of ``model`` (e.g. BN moving statistics) not among ``variables``."""
+    differentiated = {v.ref() for v in variables}
+    return [v for v in model.non_trainable_variables if v.ref() not in differentiated]
+
+
+def _batch_loss(model: tf.keras.Model, loss_fn: LossFn, x: Any, y: Any,
+                training: bool) -> tf.Tensor:
+    """loss_fn(y, model(x)) + Σ model.losses (regularisers are part of the curvature)."""
+    loss = loss_fn(y, model(x, training=training))
+    if model.losses:
+        loss = loss + tf.add_n([tf.cast(r, loss.dtype) for r in model.losses])
+    return loss
+
+
+def _as_tensors(batch: tuple[Any, Any]) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"`batch` must be a tuple (x, y). Received: {type(batch).__name__}")
+    return tuple(tf.nest.map_structure(tf.convert_to_tensor, part) for part in batch)
+
+
+def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], *,
+                training: bool = True, hvp_dtype: tf.DType = tf.float32,
+                variables: Sequence[tf.Variable] | None = None) -> HvpFn:
+    """Build ``hvp(v_flat) = H·v`` for the loss of ``model`` on a fixed ``batch``.
+
+    Math:
+        θ ∈ ℝⁿ are ``variables`` flattened in order (default ``model.trainable_variables``;
+        ``dho2_tf.flat``), (x, y) = ``batch``, f is ``loss_fn``:
+
+            L(θ) = f(y, model_θ(x, training)) + Σ model.losses
+            hvp(v) = ∇²L(θ) · v = ∂/∂ε ∇L(θ + ε v) |_{ε=0}
+
+        computed forward-over-reverse: a ``tf.autodiff.ForwardAccumulator`` with tangents
+        ``unflatten(v)`` around the ``tf.GradientTape`` of the gradient (algorithm reference §3.1,
+        §8; Pearlmutter 1994). The result is exact up to rounding, never a finite difference.
+
+    The returned callable is a ``tf.function`` with a fixed input signature
+    ``TensorSpec([n], hvp_dtype)``, traced once; the batch is captured as tensors. Every call
+    leaves the model's non-trainable variables (BatchNorm moving mean/variance, counters)
+    unchanged: they are read before the forward pass and assigned back after it, inside the same
+    traced function. The trainable variables are read at call time, so the HVP follows training.
+
+    Args:
+        model: a built Keras model.
+        loss_fn: ``loss_fn(y_true, y_pred) -> scalar`` (mean over the batch), e.g. a
+            ``tf.keras.losses.Loss`` instance.
+        batch: ``(x, y)``; nested structures are allowed. Kept as tensors for every call.
+        training: passed to ``model(x, training=...)``. Defaults to ``True`` (BN uses batch
+            statistics, as in the released code). Dropout must be off or deterministic, otherwise
+            successive HVPs see different operators.
+        hvp_dtype: dtype of ``v_flat`` and of the result. Defaults to ``tf.float32``.
+        variables: the variables θ is made of, in flat order. Defaults to
+            ``model.trainable_variables``.
+
+    Returns:
+        ``hvp(v_flat: hvp_dtype [n]) -> hvp_dtype [n]``.
+
+    Note:
+        ``hvp_dtype=tf.float64`` only adds precision when the model's variables (and hence its
+        computation) are float64; for a float32 model the tangents are cast to float32 and the
+        float32 result is merely up-cast.
+    """
+    variables = _resolve_variables(model, variables)
+    spec = FlatSpec.of(variables)
+    x, y = _as_tensors(batch)
+    frozen = _frozen_state(model, variables)
+    var_dtypes = [v.dtype for v in variables]
+
+    @tf.function(input_signature=[tf.TensorSpec([spec.n], hvp_dtype)])
+    def hvp(v_flat: tf.Tensor) -> tf.Tensor:
+        saved = [v.read_value() for v in frozen]
+        tangents = [tf.cast(t, d) for t, d in zip(unflatten(v_flat, spec), var_dtypes)]
+        with tf.autodiff.ForwardAccumulator(primals=variables, tangents=tangents) as acc:
+            with tf.GradientTape() as tape:
+                loss = _batch_loss(model, loss_fn, x, y, training)
+            grads = tape.gradient(loss, variables,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        hv = acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        result = flatten(hv, spec, dtype=hvp_dtype)
+        with tf.control_dependencies([result]):
+            for var, value in zip(frozen, saved):
+                var.assign(value)
+        return result
+
+    logger.debug("HVP function built: n=%d, %d variables, %d frozen, training=%s, dtype=%s",
+                 spec.n, len(variables), len(frozen), training, hvp_dtype.name)
+    return hvp
+
+
+def hvp_double_backward(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any],
+                        v_flat: tf.Tensor, training: bool = True,
+                        variables: Sequence[tf.Variable] | None = None) -> tf.Tensor:
+    """Reference H·v by reverse-over-reverse (nested tapes); test use only.
+
+    Math:
+        hvp(v) = ∇_θ ⟨∇_θ L(θ), v⟩ with L as in :func:`make_hvp_fn`.
+
+    Runs eagerly and, like :func:`make_hvp_fn`, restores the model's non-trainable variables.
+
+    Args:
+        model: a built Keras model.
+        loss_fn: ``loss_fn(y_true, y_pred) -> scalar``.
+        batch: ``(x, y)``.
+        v_flat: float [n], in the flat order of ``variables``.
+        training: passed to the model call. Defaults to ``True``.
+        variables: flat order; defaults to ``model.trainable_variables``.
+
+    Returns:
+        H·v as a flat [n] tensor of ``v_flat``'s dtype.
+    """
+    variables = _resolve_variables(model, variables)
+    spec = FlatSpec.of(variables)
+    x, y = _as_tensors(batch)
+    v_flat = tf.convert_to_tensor(v_flat)
+    frozen = _frozen_state(model, variables)
+    saved = [tf.identity(v) for v in frozen]
+    v_parts = [tf.cast(t, var.dtype) for t, var in zip(unflatten(v_flat, spec), variables)]
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = _batch_loss(model, loss_fn, x, y, training)
+        grads = inner.gradient(loss, variables,
+                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        inner_product = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, v_parts)])
+    hv = outer.gradient(inner_product, variables,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    for var, value in zip(frozen, saved):
+        var.assign(value)
+    return flatten(hv, spec, dtype=v_flat.dtype)
