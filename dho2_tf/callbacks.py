@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable
 
@@ -82,11 +83,23 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         opt = self._optimizer()
-        if opt.refresh_if_due():
+        before = opt.refresh_index()
+        opt.on_step_begin()
+        if opt.refresh_index() > before:
             info = dict(opt.last_refresh)
             self.refreshes.append(info)
             if self.on_refresh is not None:
                 self.on_refresh(info)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        opt = self._optimizer()
+        before = opt.refresh_index()
+        opt.on_step_end()
+        if opt.refresh_index() > before:   # a pipelined delivery can land here too
+            self.refreshes.append(dict(opt.last_refresh))
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._optimizer().on_train_end()
 
 
 def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0
@@ -150,8 +163,10 @@ class TestAccuracyClock(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         pause = self._clock()
         train_seconds = pause - self._start - self._paused
-        loss, accuracy = self.model.evaluate(self.x_test, self.y_test, batch_size=self.batch_size,
-                                             verbose=0)[:2]
+        weights = getattr(self.model.optimizer, "evaluation_weights", contextlib.nullcontext)
+        with weights():
+            loss, accuracy = self.model.evaluate(self.x_test, self.y_test,
+                                                 batch_size=self.batch_size, verbose=0)[:2]
         row = {"epoch": epoch + 1, "seconds": train_seconds, "test_accuracy": float(accuracy),
                "test_loss": float(loss), "train_loss": float((logs or {}).get("loss", np.nan))}
         self.history.append(row)

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
 from dho2_tf import hybrid
 from dho2_tf.base_rules import BASE_OPTIMIZERS, BaseRule
 from dho2_tf.distributed.comm import Communicator, default_comm
-from dho2_tf.distributed.sharding import ShardLayout
-from dho2_tf.flat import FlatSpec, flatten, unflatten
+from dho2_tf.flat import FlatSpec
+from dho2_tf.modes import MODES, make_mode
 from dho2_tf.validation import check_int, check_real
 
 logger = logging.getLogger(__name__)
 
-MODES = ("sharded",)
 
 
 @tf.keras.utils.register_keras_serializable(package="dho2_tf")
@@ -51,7 +51,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
     Note:
         The curvature refresh needs the model, the loss and a curvature batch. With ``fit``, pass
         ``callbacks=[dho2_tf.CurvatureRefresh(batch=(x, y))]``; in a custom loop call
-        :meth:`bind` once and :meth:`refresh_if_due` before each ``apply_gradients``. Weight
+        :meth:`bind` once, :meth:`on_step_begin` before and :meth:`on_step_end` after each
+        ``apply_gradients``, and :meth:`on_train_end` at the end. Weight
         decay must go into the loss (as L2), so the curvature estimate sees the optimised
         function; ``weight_decay`` is therefore rejected. Adam runs in-house on the flat vector
         with ε outside √v̂ (reference §4.3).
@@ -73,7 +74,22 @@ class DHO2(tf.keras.optimizers.Optimizer):
         beta_1: β₁ of Adam. Defaults to 0.9.
         beta_2: β₂ of Adam. Defaults to 0.999.
         epsilon: ε of Adam. Defaults to 1e-8.
-        mode: distribution mode; ``"sharded"`` (default).
+        mode: distribution mode (``shared/reference/dho2-algorithm.md`` §5): ``"sharded"``
+            (default; state sharded 1/P, exactly single-process FOSI on the union of batches),
+            ``"faithful"`` (the released DHO2 code's design, with its window rule),
+            ``"pipelined"`` (curvature ranks compute while update ranks train), ``"admm"``
+            (consensus ADMM with τ local steps between allreduces).
+        window_rule: ``"extrapolate"`` (the released window rule, ``faithful`` only) or
+            ``"none"``. Defaults to ``"extrapolate"`` for ``faithful``, else ``"none"``.
+        window_sigma: σ_w of the window rule's gradient offset. Defaults to 5e-9.
+        curvature_ranks: ``pipelined``: size P_C of the curvature set (the last ranks).
+            Defaults to 1.
+        update_ranks: ``pipelined``: size P_U of the update set; must equal world − P_C.
+            Defaults to world − P_C.
+        delivery_delay: ``pipelined``: steps Δ between a trigger and the delivery of its
+            eigenpairs, 1 ≤ Δ ≤ ``refresh_every``. Defaults to ⌈refresh_every/2⌉.
+        rho: ``admm``: penalty ρ > 0. Defaults to 1e-2.
+        tau: ``admm``: local steps τ ≥ 1 between consensus rounds. Defaults to 8.
         seed: seed of the Lanczos start vectors (refresh j uses ``seed + j``). Defaults to 0.
         comm: communicator (not serialised). Defaults to Horovod under ``horovodrun``, else local.
         name: optimizer name. Defaults to ``"DHO2"``.
@@ -86,15 +102,16 @@ class DHO2(tf.keras.optimizers.Optimizer):
                  lanczos_order: int | None = None, refresh_every: int = 100,
                  warmup: int | None = None, eigenvalue_damping: float = 0.0,
                  momentum: float = 0.9, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, mode: str = "sharded", seed: int = 0,
+                 epsilon: float = 1e-8, mode: str = "sharded", window_rule: str | None = None,
+                 window_sigma: float = 5e-9, curvature_ranks: int = 1,
+                 update_ranks: int | None = None, delivery_delay: int | None = None,
+                 rho: float = 1e-2, tau: int = 8, seed: int = 0,
                  comm: Communicator | None = None, name: str = "DHO2", **kwargs: Any) -> None:
-        if kwargs.get("weight_decay"):
-            raise ValueError("`weight_decay` is not supported by DHO2: add an L2 term to the loss "
-                             "so the curvature estimate sees it. Received: "
-                             f"weight_decay={kwargs['weight_decay']}")
-        if kwargs.get("use_ema"):
-            raise ValueError("`use_ema` is not supported by DHO2. Received: use_ema=True")
-        kwargs.pop("weight_decay", None)
+        for key in ("weight_decay", "use_ema"):
+            if kwargs.pop(key, None):
+                raise ValueError(f"`{key}` is not supported by DHO2" + (
+                    ": add an L2 term to the loss so the curvature estimate sees it"
+                    if key == "weight_decay" else "") + ".")
         super().__init__(name=name, **kwargs)
         self.rule = BaseRule(base, momentum=momentum, beta_1=beta_1, beta_2=beta_2,
                              epsilon=epsilon)
@@ -103,8 +120,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self.alpha = check_real("alpha", alpha, minimum=0.0)
         self.c_max = self.rule.default_c_max if c_max is None else \
             check_real("c_max", c_max, minimum=1.0)
-        default_m = 4 * (self.k + self.ell)
-        self.lanczos_order = default_m if lanczos_order is None else check_int(
+        self.lanczos_order = 4 * (self.k + self.ell) if lanczos_order is None else check_int(
             "lanczos_order", lanczos_order, minimum=self.k + self.ell,
             hint="it must be at least k + ell")
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
@@ -113,20 +129,40 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self.eigenvalue_damping = check_real("eigenvalue_damping", eigenvalue_damping,
                                              minimum=0.0)
         if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
+            raise ValueError(f"`mode` must be one of {tuple(MODES)}. Received: mode={mode!r}")
         self.mode = mode
+        self.window_rule = ("extrapolate" if mode == "faithful" else "none") \
+            if window_rule is None else window_rule
+        if self.window_rule not in ("none", "extrapolate") or (
+                self.window_rule == "extrapolate" and mode != "faithful"):
+            raise ValueError("`window_rule` must be 'none', or 'extrapolate' with "
+                             f"mode='faithful'. Received: window_rule={window_rule!r}, "
+                             f"mode={mode!r}")
+        self.window_sigma = check_real("window_sigma", window_sigma, minimum=0.0)
+        self.curvature_ranks = check_int("curvature_ranks", curvature_ranks, minimum=1)
+        self.update_ranks = None if update_ranks is None else check_int(
+            "update_ranks", update_ranks, minimum=1)
+        self.delivery_delay = -(-self.refresh_every // 2) if delivery_delay is None else \
+            check_int("delivery_delay", delivery_delay, minimum=1, maximum=self.refresh_every)
+        self.rho = check_real("rho", rho, minimum=0.0, open_min=True)
+        self.tau = check_int("tau", tau, minimum=1)
         self.seed = check_int("seed", seed, minimum=0)
         self._learning_rate = self._build_learning_rate(learning_rate)
         self._comm = comm
-        self._binding: dict[str, Any] | None = None
+        self._mode = make_mode(mode, self)
+        if comm is not None:
+            self._mode.validate_world()
+        self.binding: dict[str, Any] | None = None
         self.last_refresh: dict[str, Any] | None = None
+        self.triggers: list[int] = []
 
     # ----------------------------------------------------------------------------------- state
     @property
     def comm(self) -> Communicator:
-        """The communicator (resolved on first use)."""
+        """The communicator (resolved on first use; pipelined mode registers its sets)."""
         if self._comm is None:
-            self._comm = default_comm()
+            sets = self._mode.required_process_sets() if self.mode == "pipelined" else ()
+            self._comm = default_comm(process_sets=sets)
         return self._comm
 
     @property
@@ -134,17 +170,22 @@ class DHO2(tf.keras.optimizers.Optimizer):
         """K = k + ℓ."""
         return self.k + self.ell
 
+    @property
+    def is_curvature_rank(self) -> bool:
+        """True on the ranks of a pipelined run that compute curvature instead of training."""
+        return self.mode == "pipelined" and self._mode.is_curvature_rank
+
     def build(self, var_list: list[tf.Variable]) -> None:
-        """Create the flat, sharded state: base slots, Newton momentum and curvature."""
+        """Create the flat state in the mode's layout: base slots, momentum, curvature."""
         super().build(var_list)
         if getattr(self, "_built", False):
             return
+        self._mode.validate_world()
         self._built = True
-        self._spec = FlatSpec.of(var_list)
-        self._var_refs = [v.ref() for v in var_list]
-        comm = self.comm
-        self._layout = ShardLayout(self._spec.n, comm.size, comm.rank)
-        s, kk = self._layout.shard_size, self.num_pairs
+        self.spec = FlatSpec.of(var_list)
+        self.model_variables = list(var_list)
+        self.layout = self._mode.layout(self.spec.n)
+        s, kk = self.layout.shard_size, self.num_pairs
         dtype = var_list[0].dtype
         self._base_slots = [self.add_variable([s], dtype, name=f"base_{n}")
                             for n in self.rule.slot_names]
@@ -155,17 +196,31 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self._rates = self.add_variable([kk], dtype, name="newton_rates")
         self._scale = self.add_variable([], dtype, initializer="ones", name="lr_scale")
         self._refreshes = self.add_variable([], tf.int64, name="num_refreshes")
-        logger.debug("DHO2 built: n=%d, %r", self._spec.n, self._layout)
+        self._mode.build(var_list)
+        logger.debug("DHO2 built: mode=%s n=%d %r", self.mode, self.spec.n, self.layout)
 
-    def curvature_variables(self) -> list[tf.Variable]:
-        """The optimizer variables that hold per-rank state (for memory accounting)."""
-        return [*self._base_slots, self._newton_momentum, self._eigenvalues,
-                self._eigenvectors, self._gram, self._rates, self._scale]
+    def state_bytes(self) -> int:
+        """Bytes of this rank's optimizer and curvature state (all variables but counters)."""
+        skip = {id(self.iterations)}
+        return int(sum(v.shape.num_elements() * v.dtype.size for v in self.variables
+                       if id(v) not in skip))
+
+    def curvature_metrics(self) -> dict[str, float]:
+        """Scalars worth monitoring: eigenvalue_j, lr_scale, refreshes, refresh_seconds, mode's."""
+        if not getattr(self, "_built", False):
+            return {}
+        out = {f"eigenvalue_{j}": float(v) for j, v in enumerate(self._eigenvalues.numpy())}
+        out["lr_scale"] = float(self._scale.numpy())
+        out["refreshes"] = float(self._refreshes.numpy())
+        if self.last_refresh is not None:
+            out["refresh_seconds"] = float(self.last_refresh["seconds"])
+        out.update(self._mode.metrics())
+        return out
 
     # ----------------------------------------------------------------------------------- step
     def apply_gradients(self, grads_and_vars, name: str | None = None,
                         skip_gradients_aggregation: bool = False, **kwargs: Any) -> tf.Variable:
-        """Average the gradients over ranks and apply one hybrid step to all variables."""
+        """Apply one hybrid step to all variables (gradients are combined by the mode)."""
         grads_and_vars = list(grads_and_vars)
         if not grads_and_vars:
             return self.iterations
@@ -174,40 +229,37 @@ class DHO2(tf.keras.optimizers.Optimizer):
         with tf.name_scope(name or self.name):
             with tf.init_scope():
                 self.build(list(variables))
-            if [v.ref() for v in variables] != self._var_refs:
+            if [v.ref() for v in variables] != [v.ref() for v in self.model_variables]:
                 raise ValueError("DHO2 updates the whole flat parameter vector: apply_gradients "
                                  "must receive the same variables, in the same order, as when "
                                  "it was built.")
             grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                      for g, v in zip(grads, variables)]
-            grads = self._clip_gradients(grads)
-            self._hybrid_step(grads, list(variables))
+            self._mode.step(self._clip_gradients(grads), list(variables))
             self.iterations.assign_add(1)
         return self.iterations
 
-    def _hybrid_step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
-        comm, layout = self.comm, self._layout
-        g_flat = flatten(grads, self._spec, variables[0].dtype)
-        g_r = comm.reducescatter(layout.pad(g_flat), "mean", name="dho2/gradient")
-        theta_r = layout.local(flatten(variables))
+    def fosi_displacement(self, g_r: tf.Tensor) -> tf.Tensor:
+        """FOSI displacement of this rank's state shard for gradient shard ``g_r``; updates the
+        momentum and base slots. See the class docstring (``Math:``)."""
+        comm, group = self._mode.projection_comm()
         curvature = hybrid.Curvature(self._eigenvectors, self._gram, self._rates, self._scale)
         result = hybrid.hybrid_displacement(
             g_r, self._newton_momentum, [s.value() for s in self._base_slots], curvature,
-            self.rule, self.learning_rate, self.alpha, self.iterations + 1, comm)
+            self.rule, self.learning_rate, self.alpha, self.iterations + 1, comm,
+            process_set=group)
         self._newton_momentum.assign(result.newton_momentum_r)
         for slot, value in zip(self._base_slots, result.base_slots_r):
             slot.assign(value)
-        theta = layout.unpad(comm.allgather(theta_r + result.delta_r, name="dho2/theta"))
-        for var, value in zip(variables, unflatten(theta, self._spec)):
-            var.assign(value)
+        return result.delta_r
 
     def update_step(self, gradient, variable):  # noqa: D102 - DHO2 updates in apply_gradients
         raise NotImplementedError("DHO2 updates the flat vector in apply_gradients.")
 
-    # -------------------------------------------------------------------------------- refresh
+    # --------------------------------------------------------------------- eager training hooks
     def bind(self, model: tf.keras.Model, loss: Callable | str | None, batch: tuple,
              *, training: bool = True) -> None:
-        """Give the optimizer what a curvature refresh needs.
+        """Give the optimizer what a curvature refresh needs (and build it for ``model``).
 
         Args:
             model: the model being trained (its ``trainable_variables`` are the optimised ones).
@@ -219,9 +271,47 @@ class DHO2(tf.keras.optimizers.Optimizer):
         from dho2_tf.curvature.hvp import make_hvp_fn
 
         loss_fn = resolve_loss(model, loss)
+        self.build(model.trainable_variables)
         dtype = model.trainable_variables[0].dtype
-        self._binding = {"model": model, "dtype": dtype, "hvp": make_hvp_fn(
+        self.binding = {"model": model, "dtype": dtype, "hvp": make_hvp_fn(
             model, loss_fn, batch, training=training, hvp_dtype=dtype)}
+
+    def on_step_begin(self) -> None:
+        """Call before every update (eager): curvature refresh, window jump, pipeline hand-over."""
+        self._mode.on_step_begin()
+
+    def on_step_end(self) -> None:
+        """Call after every update (eager): ADMM consensus rounds."""
+        self._mode.on_step_end()
+
+    def on_train_end(self) -> None:
+        """Call once when training stops (pipelined: releases the curvature ranks)."""
+        self._mode.on_train_end()
+
+    def serve_curvature(self) -> list[dict[str, Any]]:
+        """Pipelined mode, curvature ranks: serve refreshes until the update ranks stop.
+
+        Call after :meth:`bind` instead of training; returns one record per refresh served
+        (``round``, ``start``, ``end``, ``seconds``, ``status``).
+        """
+        if not self.is_curvature_rank:
+            raise RuntimeError("serve_curvature() runs only on the curvature ranks of "
+                               "mode='pipelined'; update ranks train with fit().")
+        self._require_binding()
+        return self._mode.serve()
+
+    @contextlib.contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """Context in which the model holds the weights to evaluate (ADMM: the consensus z)."""
+        if self.mode == "admm" and getattr(self, "_built", False):
+            with self._mode.consensus_weights():
+                yield
+        else:
+            yield
+
+    def refresh_index(self) -> int:
+        """Number of refreshes done so far (also the next refresh's seed offset)."""
+        return int(self._refreshes.numpy())
 
     def refresh_due(self) -> bool:
         """Whether the schedule asks for a refresh before the next update."""
@@ -229,14 +319,17 @@ class DHO2(tf.keras.optimizers.Optimizer):
             return False
         due = hybrid.refresh_count_due(int(self.iterations.numpy()), self.warmup,
                                        self.refresh_every)
-        return due > int(self._refreshes.numpy())
+        return due > self.refresh_index()
 
-    def refresh_if_due(self) -> bool:
-        """Run :meth:`refresh_curvature` if the schedule asks for it; returns whether it ran."""
-        if not self.refresh_due():
-            return False
-        self.refresh_curvature()
-        return True
+    def record_trigger(self, step: int) -> None:
+        """Pipelined mode: remember the step at which weights were handed over."""
+        self.triggers.append(step)
+
+    def _require_binding(self) -> None:
+        if self.binding is None:
+            raise RuntimeError("DHO2 needs a model, loss and batch for curvature: call "
+                               "optimizer.bind(model, loss, (x, y)) first, or pass "
+                               "dho2_tf.CurvatureRefresh(batch=(x, y)) to fit().")
 
     def refresh_curvature(self) -> dict[str, Any]:
         """Estimate the extreme eigenpairs at the current weights and install them (eager).
@@ -245,67 +338,72 @@ class DHO2(tf.keras.optimizers.Optimizer):
         keeps the previous eigenpairs and is reported in the returned dict and the log.
 
         Raises:
-            RuntimeError: when called before :meth:`bind` or before the optimizer is built.
+            RuntimeError: when called before :meth:`bind`.
         """
-        from dho2_tf.curvature.spectrum import estimate_spectrum
-
-        if self._binding is None:
-            raise RuntimeError("DHO2.refresh_curvature needs a model, loss and batch: call "
-                               "optimizer.bind(model, loss, (x, y)) first, or pass "
-                               "dho2_tf.CurvatureRefresh(batch=(x, y)) to fit().")
-        if not getattr(self, "_built", False):
-            self.build(self._binding["model"].trainable_variables)
+        self._require_binding()
         start = time.perf_counter()
-        index = int(self._refreshes.numpy())
-        est = estimate_spectrum(self._binding["hvp"], self._spec.n, self.k, self.ell, self.comm,
-                                m=self.lanczos_order, seed=self.seed + index,
-                                hvp_dtype=self._binding["dtype"])
-        installed = est.num_valid > 0 and est.status.startswith(("ok", "breakdown"))
-        if installed:
-            self._install(est)
+        est = self._mode.estimate()
+        if est.num_valid > 0 and est.status.startswith(("ok", "breakdown")):
+            self.install_curvature(est.eigenvalues, self._mode.vectors_for_state(est.vectors_r),
+                                   est.gram, status=est.status, start=start)
         else:
             logger.warning("DHO2 curvature refresh %d kept the previous eigenpairs: %s",
-                           index, est.status)
+                           self.refresh_index(), est.status)
+            self.count_refresh(installed=False, status=est.status, start=start)
+        return self.last_refresh
+
+    def install_curvature(self, eigenvalues: tf.Tensor, vectors: tf.Tensor, gram: tf.Tensor,
+                          status: str, start: float | None = None) -> None:
+        """Install (λ, V in the state layout, Γ) and derive η and c (see ``Math:``)."""
+        dtype = self._eigenvalues.dtype
+        eigenvalues = tf.cast(eigenvalues, dtype)
+        gram = tf.cast(gram, dtype)
+        valid = tf.linalg.diag_part(gram) > 0.5
+        rates, scale = hybrid.newton_rates(
+            eigenvalues + tf.cast(self._mode.eigenvalue_shift(), dtype), valid,
+            self.eigenvalue_damping, self.ell, self.c_max)
+        self._eigenvalues.assign(eigenvalues)
+        self._eigenvectors.assign(tf.cast(vectors, dtype))
+        self._gram.assign(gram)
+        self._rates.assign(rates)
+        self._scale.assign(scale)
+        self.count_refresh(installed=True, status=status, start=start)
+
+    def count_refresh(self, installed: bool, status: str, start: float | None = None) -> None:
+        """Advance the refresh counter and record what happened (logged on rank 0)."""
+        index = self.refresh_index()
         self._refreshes.assign_add(1)
-        self.last_refresh = {"index": index, "seconds": time.perf_counter() - start,
-                             "status": est.status, "installed": installed,
+        self.last_refresh = {"index": index, "status": status, "installed": installed,
+                             "seconds": 0.0 if start is None else time.perf_counter() - start,
                              "eigenvalues": self._eigenvalues.numpy().copy(),
                              "scale": float(self._scale.numpy())}
         if self.comm.is_root:
             logger.info("DHO2 refresh %d (%.2fs, %s): eigenvalues %s, c=%.3g", index,
-                        self.last_refresh["seconds"], est.status,
-                        self.last_refresh["eigenvalues"], self.last_refresh["scale"])
-        return self.last_refresh
-
-    def _install(self, est: Any) -> None:
-        dtype = self._eigenvalues.dtype
-        eigenvalues = tf.cast(est.eigenvalues, dtype)
-        gram = tf.cast(est.gram, dtype)
-        valid = tf.linalg.diag_part(gram) > 0.5
-        rates, scale = hybrid.newton_rates(eigenvalues, valid, self.eigenvalue_damping,
-                                           self.ell, self.c_max)
-        self._eigenvalues.assign(eigenvalues)
-        self._eigenvectors.assign(tf.cast(est.vectors_r, dtype))
-        self._gram.assign(gram)
-        self._rates.assign(rates)
-        self._scale.assign(scale)
+                        self.last_refresh["seconds"], status, self.last_refresh["eigenvalues"],
+                        self.last_refresh["scale"])
 
     def broadcast_state(self, model: tf.keras.Model, root: int = 0) -> None:
-        """Copy the model's weights and this optimizer's state from rank ``root`` to all ranks."""
-        comm = self.comm
-        if comm.size == 1:
+        """At a fresh start (step 0), copy the model weights from rank ``root`` to the ranks
+        that train, so every replica starts identical.
+
+        Optimizer state is not broadcast: at step 0 it holds its initial values on every rank,
+        and later it is sharded or rank-local (ADMM), so rank 0's copy would be wrong elsewhere.
+        """
+        comm, group = self.comm, self._mode.broadcast_group()
+        if getattr(self, "_built", False) and int(self.iterations.numpy()) > 0:
             return
-        for i, var in enumerate(list(model.variables) + list(self.variables)):
-            var.assign(comm.broadcast(var.value(), root, name=f"dho2/broadcast/{i}"))
+        if comm.group_size(group) == 1 or (group is not None and not group.includes(comm.rank)):
+            return
+        for i, var in enumerate(model.variables):
+            var.assign(comm.broadcast(var.value(), root, name=f"dho2/broadcast/{i}",
+                                      process_set=group))
 
     # -------------------------------------------------------------------------------- config
     def get_config(self) -> dict[str, Any]:
         """Every constructor argument under its own name (``comm`` excluded)."""
         config = super().get_config()
-        config.pop("weight_decay", None)
-        config.pop("use_ema", None)
-        config.pop("ema_momentum", None)
-        config.pop("ema_overwrite_frequency", None)
+        for key in ("weight_decay", "use_ema", "ema_momentum", "ema_overwrite_frequency"):
+            config.pop(key, None)
         config.update({
             "learning_rate": self._serialize_hyperparameter(self._learning_rate),
             "base": self.rule.name, "k": self.k, "ell": self.ell, "alpha": self.alpha,
@@ -313,7 +411,10 @@ class DHO2(tf.keras.optimizers.Optimizer):
             "refresh_every": self.refresh_every, "warmup": self.warmup,
             "eigenvalue_damping": self.eigenvalue_damping, "momentum": self.rule.momentum,
             "beta_1": self.rule.beta_1, "beta_2": self.rule.beta_2,
-            "epsilon": self.rule.epsilon, "mode": self.mode, "seed": self.seed,
+            "epsilon": self.rule.epsilon, "mode": self.mode, "window_rule": self.window_rule,
+            "window_sigma": self.window_sigma, "curvature_ranks": self.curvature_ranks,
+            "update_ranks": self.update_ranks, "delivery_delay": self.delivery_delay,
+            "rho": self.rho, "tau": self.tau, "seed": self.seed,
         })
         return config
 

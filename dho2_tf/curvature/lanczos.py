@@ -26,6 +26,9 @@ NON_FINITE = "non-finite"
 BREAKDOWN = "breakdown"
 
 
+HVP_REDUCTIONS = ("mean", "root0")
+
+
 class LanczosResult(NamedTuple):
     """Output of :func:`lanczos`.
 
@@ -63,9 +66,10 @@ class _GroupOps:
 
     def __init__(self, hvp_fn: Callable[[tf.Tensor], tf.Tensor], layout: ShardLayout,
                  comm: Communicator, process_set: Group | None, hvp_dtype: tf.DType,
-                 name: str) -> None:
+                 name: str, hvp_reduce: str) -> None:
         self.hvp_fn, self.layout, self.comm = hvp_fn, layout, comm
         self.process_set, self.hvp_dtype, self.name = process_set, hvp_dtype, name
+        self.hvp_reduce = hvp_reduce
 
     def local(self, x: np.ndarray) -> np.ndarray:
         """This rank's shard x_r of a full [n] vector (zero-padded)."""
@@ -73,8 +77,16 @@ class _GroupOps:
         return padded[self.layout.start:self.layout.stop]
 
     def hvp_shard(self, q: tf.Tensor) -> np.ndarray:
-        """h_r = fp64(reducescatter_mean(pad(H_r q))), float64 [s]."""
+        """h_r = fp64(reducescatter_mean(pad(H_r q))), float64 [s].
+
+        With ``hvp_reduce="root0"`` the group root's HVP is broadcast instead and every rank
+        keeps its shard of it (the released DHO2 code's pattern, reference §4.1).
+        """
         h = tf.cast(tf.reshape(self.hvp_fn(q), [self.layout.n]), self.hvp_dtype)
+        if self.hvp_reduce == "root0":
+            h = self.comm.broadcast(h, group_root(self.process_set), name=f"{self.name}/hvp_bc",
+                                    process_set=self.process_set)
+            return self.local(tf.cast(h, tf.float64).numpy())
         h_r = self.comm.reducescatter(self.layout.pad(h), "mean", name=f"{self.name}/hvp_rs",
                                       process_set=self.process_set)
         return tf.cast(h_r, tf.float64).numpy()
@@ -100,7 +112,8 @@ class _GroupOps:
 
 def lanczos(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, m: int, comm: Communicator, *,
             seed: int, process_set: Group | None = None, hvp_dtype: tf.DType = tf.float32,
-            breakdown_tol: float = 1e-10, name: str = "dho2/lanczos") -> LanczosResult:
+            breakdown_tol: float = 1e-10, name: str = "dho2/lanczos",
+            hvp_reduce: str = "mean") -> LanczosResult:
     """m steps of Lanczos on the rank-averaged Hessian, basis sharded over the group.
 
     Math:
@@ -132,6 +145,8 @@ def lanczos(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, m: int, comm: Comm
             to ``tf.float32``; basis and coefficients are always float64.
         breakdown_tol: ε_brk. Defaults to 1e-10.
         name: prefix of the collective names.
+        hvp_reduce: ``"mean"`` (H̄ = mean of the ranks' Hessians) or ``"root0"`` (every rank
+            adopts the group root's H_r, as the released DHO2 code does; reference §4.1).
 
     Returns:
         A :class:`LanczosResult`. On a non-finite HVP or β the iteration stops, ``status``
@@ -142,12 +157,15 @@ def lanczos(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, m: int, comm: Comm
     """
     check_int("n", n, minimum=1)
     check_int("m", m, minimum=1)
+    if hvp_reduce not in HVP_REDUCTIONS:
+        raise ValueError(f"`hvp_reduce` must be one of {HVP_REDUCTIONS}. "
+                         f"Received: hvp_reduce={hvp_reduce!r}")
     if not breakdown_tol >= 0.0:
         raise ValueError(
             f"`breakdown_tol` must be non-negative. Received: breakdown_tol={breakdown_tol}")
     ops = _GroupOps(hvp_fn, ShardLayout(n, comm.group_size(process_set),
                                         comm.group_rank(process_set)),
-                    comm, process_set, hvp_dtype, name)
+                    comm, process_set, hvp_dtype, name, hvp_reduce)
     q0 = _start_vector(n, seed, comm, process_set, name)
     basis_r = np.zeros((m, ops.layout.shard_size))
     basis_r[0] = ops.local(q0)

@@ -118,8 +118,8 @@ def extreme_eigenpairs(result: LanczosResult, k: int, ell: int, comm: Communicat
 
 def estimate_spectrum(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, k: int, ell: int,
                       comm: Communicator, *, m: int | None = None, seed: int,
-                      process_set: Group | None = None,
-                      hvp_dtype: tf.DType = tf.float32) -> EigenEstimate:
+                      process_set: Group | None = None, hvp_dtype: tf.DType = tf.float32,
+                      hvp_reduce: str = "mean") -> EigenEstimate:
     """Extreme Spectrum Estimation: Lanczos of order m, then the extreme Ritz pairs.
 
     Math:
@@ -137,6 +137,7 @@ def estimate_spectrum(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, k: int, 
         seed: seed of the Lanczos start vector (the same on every rank).
         process_set: group running the estimate; ``None`` for all ranks.
         hvp_dtype: dtype handed to ``hvp_fn``. Defaults to ``tf.float32``.
+        hvp_reduce: ``"mean"`` or ``"root0"``, see :func:`dho2_tf.curvature.lanczos.lanczos`.
 
     Returns:
         An :class:`EigenEstimate`. A non-finite HVP gives ``num_valid=0`` and a ``status``
@@ -153,7 +154,7 @@ def estimate_spectrum(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, k: int, 
         raise ValueError(
             f"`m` must be at least `k` + `ell` = {k + ell}. Received: m={m}, k={k}, ell={ell}")
     result = lanczos(hvp_fn, n, m, comm, seed=seed, process_set=process_set,
-                     hvp_dtype=hvp_dtype)
+                     hvp_dtype=hvp_dtype, hvp_reduce=hvp_reduce)
     return extreme_eigenpairs(result, k, ell, comm, process_set=process_set)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dho2_tf.distributed.comm import Communicator, Group, HorovodComm, LocalComm, default_comm
+from dho2_tf.distributed.comm import (CountingComm, Communicator, Group, HorovodComm, LocalComm,
+                                      default_comm)
+from dho2_tf.distributed.pipeline import PipelineGroups, pipeline_process_sets
 from dho2_tf.distributed.sharding import ShardLayout
 
-__all__ = ["Communicator", "Group", "HorovodComm", "LocalComm", "ShardLayout", "default_comm"]
+__all__ = ["Communicator", "CountingComm", "Group", "HorovodComm", "LocalComm", "PipelineGroups",
+           "ShardLayout", "default_comm", "pipeline_process_sets"]

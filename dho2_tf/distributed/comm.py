@@ -187,6 +187,9 @@ class LocalComm(Communicator):
         return Group(ranks)
 
 
+_REGISTERED_SETS: dict[tuple[int, ...], Any] = {}
+
+
 class HorovodComm(Communicator):
     """Horovod collectives (Gloo or MPI); call after ``hvd.init`` or let it call ``hvd.init``.
 
@@ -201,15 +204,17 @@ class HorovodComm(Communicator):
 
         self._hvd = hvd
         wanted = [tuple(sorted(int(r) for r in ranks)) for ranks in process_sets]
-        self._sets: dict[tuple[int, ...], Any] = {}
         if not hvd.is_initialized():
             handles = [hvd.ProcessSet(list(r)) for r in wanted]
             hvd.init(process_sets=handles or None)
-            self._sets = dict(zip(wanted, handles))
-        elif wanted:
+            _REGISTERED_SETS.clear()
+            _REGISTERED_SETS.update(zip(wanted, handles))
+        elif any(w not in _REGISTERED_SETS for w in wanted):
             raise RuntimeError(
                 "Horovod is already initialised; process sets must be registered at hvd.init. "
-                "Create the HorovodComm (with its process_sets) before any other Horovod call.")
+                "Create the first HorovodComm with every process set the run needs "
+                f"(missing: {[list(w) for w in wanted if w not in _REGISTERED_SETS]}).")
+        self._sets = _REGISTERED_SETS
         self.rank = hvd.rank()
         self.size = hvd.size()
 
@@ -269,18 +274,96 @@ class HorovodComm(Communicator):
         return Group(key, self._sets[key])
 
 
-def default_comm() -> Communicator:
+def default_comm(process_sets: Sequence[Sequence[int]] = ()) -> Communicator:
     """``HorovodComm`` when running under ``horovodrun`` (or Horovod is initialised), else local.
 
     A process counts as launched by ``horovodrun`` when the ``HOROVOD_RANK`` environment variable
     is set. Importing Horovod is avoided entirely otherwise, so single-process use does not need it.
+
+    Args:
+        process_sets: groups to register when this call starts Horovod (see
+            :class:`HorovodComm`); ignored in a single process.
     """
     import os
     import sys
 
     if "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        return HorovodComm()
+        return HorovodComm(process_sets)
     hvd = sys.modules.get("horovod.tensorflow")
     if hvd is not None and hvd.is_initialized():
-        return HorovodComm()
+        return HorovodComm(process_sets)
     return LocalComm()
+
+
+class CountingComm(Communicator):
+    """Wraps a communicator and records every collective: kind, name and bytes sent.
+
+    In eager code every call is recorded; inside a ``tf.function`` the record is made once per
+    trace, which is exactly one step's collectives. Used by tests and ``jobs/bench_scaling.py``.
+
+    Attributes:
+        calls: list of ``(kind, name, nbytes)`` in call order.
+    """
+
+    def __init__(self, inner: Communicator) -> None:
+        self.inner = inner
+        self.rank, self.size = inner.rank, inner.size
+        self.calls: list[tuple[str, str, int]] = []
+
+    def __repr__(self) -> str:
+        return f"CountingComm({self.inner!r}, calls={len(self.calls)})"
+
+    def _record(self, kind: str, name: str, *tensors: tf.Tensor) -> None:
+        nbytes = sum(int(t.shape.num_elements() or 0) * t.dtype.size for t in tensors)
+        self.calls.append((kind, name, nbytes))
+
+    def count(self, kind: str | None = None) -> int:
+        """Number of recorded collectives (of ``kind`` if given)."""
+        return sum(1 for c in self.calls if kind is None or c[0] == kind)
+
+    def bytes(self, kind: str | None = None) -> int:
+        """Bytes handed to recorded collectives (of ``kind`` if given)."""
+        return sum(c[2] for c in self.calls if kind is None or c[0] == kind)
+
+    def reset(self) -> None:
+        """Forget the recorded calls."""
+        self.calls.clear()
+
+    def allreduce(self, x, op="sum", *, name, process_set=None):
+        self._record("allreduce", name, x)
+        return self.inner.allreduce(x, op, name=name, process_set=process_set)
+
+    def grouped_allreduce(self, xs, op="sum", *, name, process_set=None):
+        self._record("allreduce", name, *xs)
+        return self.inner.grouped_allreduce(xs, op, name=name, process_set=process_set)
+
+    def reducescatter(self, x, op="sum", *, name, process_set=None):
+        self._record("reducescatter", name, x)
+        return self.inner.reducescatter(x, op, name=name, process_set=process_set)
+
+    def allgather(self, x, *, name, process_set=None):
+        self._record("allgather", name, x)
+        return self.inner.allgather(x, name=name, process_set=process_set)
+
+    def broadcast(self, x, root=0, *, name, process_set=None):
+        self._record("broadcast", name, x)
+        return self.inner.broadcast(x, root, name=name, process_set=process_set)
+
+    def alltoall(self, x, splits, *, name, process_set=None):
+        self._record("alltoall", name, x)
+        return self.inner.alltoall(x, splits, name=name, process_set=process_set)
+
+    def broadcast_object(self, obj, root=0, *, name):
+        return self.inner.broadcast_object(obj, root, name=name)
+
+    def allgather_object(self, obj, *, name):
+        return self.inner.allgather_object(obj, name=name)
+
+    def barrier(self, name="dho2/barrier"):
+        return self.inner.barrier(name)
+
+    def group(self, ranks):
+        return self.inner.group(ranks)
+
+    def data_parallel_optimizer(self, optimizer):
+        return self.inner.data_parallel_optimizer(optimizer)

@@ -72,7 +72,7 @@ def test_fosi_update_matches_numpy_over_two_refreshes(base, lr):
     opt.bind(model, loss_fn, batch)
     got = []
     for _ in range(STEPS):
-        opt.refresh_if_due()
+        opt.on_step_begin()
         with tf.GradientTape() as tape:
             loss = loss_fn(batch[1], model(batch[0]))
         grads = tape.gradient(loss, model.trainable_variables)

@@ -59,7 +59,7 @@ def test_dho2_sgd_needs_at_most_a_fifth_of_sgd_steps():
         if loss < TARGET:
             dho2_steps = step
             break
-        opt.refresh_if_due()
+        opt.on_step_begin()
         train_step()
     assert dho2_steps is not None, f"DHO2 did not reach {TARGET} within {budget} steps " \
                                    f"(SGD needs {sgd_steps}); last loss {loss:.3g}"

@@ -58,7 +58,7 @@ def test_compile_fit_trains_and_refreshes():
 
 
 def test_fit_equals_custom_loop():
-    """fit() and a hand-written loop calling bind/refresh_if_due/apply_gradients agree."""
+    """fit() and a hand-written loop calling bind/on_step_begin/apply_gradients agree."""
     x, y = toy_data()
     model_a = compiled(make_opt())
     model_a.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
@@ -77,7 +77,7 @@ def test_fit_equals_custom_loop():
 
     for _ in range(2):
         for i in range(0, len(x), 32):
-            opt.refresh_if_due()
+            opt.on_step_begin()
             step(x[i:i + 32], y[i:i + 32])
     for wa, wb in zip(model_a.get_weights(), model_b.get_weights()):
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,26 @@
+# dho2_tf: `make demo` sets up a fresh machine and runs the demo; `make test` runs the test suite.
+# Both reuse an existing .venv (scripts/setup_env.sh is idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HVDRUN := $(VENV)/bin/horovodrun
+NP ?= 2
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: setup demo test test-fast
+
+setup:
+	bash scripts/setup_env.sh
+
+# DHO2 on the MNIST-1D MLP (4000/1000 split, generated locally) over NP Gloo ranks.
+demo: setup
+	$(HVDRUN) --gloo -np $(NP) -H localhost:$(NP) $(PY) jobs/train.py \
+		--model mlp --dataset mnist1d --optimizer dho2 --base momentum --learning-rate 0.1 \
+		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
+
+# The whole suite: unit tests and the multi-process tests that launch real horovodrun.
+test: setup
+	$(PY) -m pytest -q tests
+
+# Single-process tests only.
+test-fast: setup
+	$(PY) -m pytest -q -m "not parallel" tests

@@ -1,0 +1,170 @@
+"""``pipelined``: curvature ranks compute the next eigenpairs while update ranks train.
+
+Reference §5.3. The update set U trains with the sharded step (state sharded 1/P_U over U). At a
+refresh trigger t_j, rank 0 broadcasts θ over the bridge B = {0} ∪ C and U keeps training with the
+previous eigenpairs; the curvature set C runs the sharded Lanczos among itself (HVP averaged over
+C's batches) and DELIVERs the new eigenpairs at step t_j + Δ: an alltoall over all ranks moves
+each C shard's rows of V to the U ranks that own them, then λ and Γ are broadcast from C's root.
+Only these two cross-set collectives exist, so no rank waits on a collective another rank never
+calls; Δ ≤ T keeps DELIVER j before trigger j+1 on both sides. When U stops it drains a pending
+DELIVER and sends a stop flag over the bridge, which ends the curvature ranks' loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import tensorflow as tf
+
+from dho2_tf import hybrid
+from dho2_tf.distributed.comm import Group
+from dho2_tf.distributed.pipeline import PipelineGroups, pipeline_process_sets
+from dho2_tf.distributed.sharding import ShardLayout
+from dho2_tf.flat import flatten
+from dho2_tf.modes.base import Mode, assign_flat
+
+logger = logging.getLogger(__name__)
+
+
+class PipelinedMode(Mode):
+    """Update ranks run :class:`ShardedMode`'s step within U; curvature ranks serve Lanczos."""
+
+    name = "pipelined"
+
+    def __init__(self, opt) -> None:
+        super().__init__(opt)
+        self.triggers_sent = 0
+        self.pending_delivery: int | None = None
+
+    def required_process_sets(self, world_size: int | None = None) -> list[tuple[int, ...]]:
+        """Process sets the communicator must register at Horovod start-up."""
+        return pipeline_process_sets(self.opt.curvature_ranks, self.opt.update_ranks, world_size)
+
+    @property
+    def groups(self) -> PipelineGroups:
+        return PipelineGroups.of(self.comm.size, self.opt.curvature_ranks, self.opt.update_ranks)
+
+    def validate_world(self) -> None:
+        groups = self.groups
+        for ranks in groups.process_sets():
+            try:
+                self.comm.group(ranks)
+            except ValueError as err:
+                raise ValueError(
+                    "mode='pipelined' needs its process sets registered when Horovod starts: "
+                    "create the communicator as HorovodComm(process_sets=dho2_tf.distributed."
+                    f"pipeline_process_sets({self.opt.curvature_ranks})) and pass comm= to DHO2. "
+                    f"({err})") from None
+
+    def _group(self, ranks: tuple[int, ...]) -> Group | None:
+        return None if len(ranks) == self.comm.size else self.comm.group(ranks)
+
+    @property
+    def group(self) -> Group | None:
+        return self._group(self.groups.update)
+
+    @property
+    def is_curvature_rank(self) -> bool:
+        return self.comm.rank in self.groups.curvature
+
+    def layout(self, n: int) -> ShardLayout:
+        update = self.groups.update
+        return ShardLayout(n, len(update), self.comm.rank if self.comm.rank in update else 0)
+
+    # ----------------------------------------------------------------------- update side
+    def on_step_begin(self) -> None:
+        """DELIVER when due (before a new trigger), then hand θ over at a trigger."""
+        opt = self.opt
+        t = int(opt.iterations.numpy())
+        if self.pending_delivery is not None and t >= self.pending_delivery:
+            self._receive()
+        due = hybrid.refresh_count_due(t, opt.warmup, opt.refresh_every)
+        if due > self.triggers_sent:
+            self._send_bridge(flatten(opt.model_variables), stop=False)
+            self.triggers_sent = due
+            self.pending_delivery = t + opt.delivery_delay
+            opt.record_trigger(t)
+
+    def on_train_end(self) -> None:
+        """Drain a pending DELIVER, then tell the curvature ranks to stop."""
+        if self.is_curvature_rank:
+            return
+        if self.pending_delivery is not None:
+            self._receive()
+        self._send_bridge(tf.zeros([self.opt.spec.n], self.opt.model_variables[0].dtype),
+                          stop=True)
+
+    def _send_bridge(self, theta: tf.Tensor, stop: bool) -> None:
+        if self.comm.rank != 0:
+            return
+        payload = tf.concat([theta, [0.0 if stop else 1.0]], 0)
+        self.comm.broadcast(payload, 0, name="dho2/pipeline/theta",
+                            process_set=self._group(self.groups.bridge))
+
+    def _receive(self) -> None:
+        opt, kk = self.opt, self.opt.num_pairs
+        dtype = opt.model_variables[0].dtype
+        rows = self.comm.alltoall(tf.zeros([0, kk], dtype), [0] * self.comm.size,
+                                  name="dho2/pipeline/deliver")
+        packed = self.comm.broadcast(tf.zeros([kk + kk * kk + 1], dtype),
+                                     self.groups.curvature_root, name="dho2/pipeline/spectrum")
+        self.pending_delivery = None
+        if float(packed[-1]) == 0.0:
+            logger.warning("pipelined refresh failed on the curvature ranks; keeping eigenpairs")
+            opt.count_refresh(installed=False, status="failed on curvature ranks")
+            return
+        missing = opt.layout.shard_size - int(rows.shape[0])   # padding rows of the last shard
+        vectors_r = tf.transpose(tf.pad(rows, [[0, missing], [0, 0]]))
+        opt.install_curvature(packed[:kk], vectors_r, tf.reshape(packed[kk:-1], [kk, kk]),
+                              status="ok (pipelined)")
+
+    # ----------------------------------------------------------------------- curvature side
+    def serve(self) -> list[dict[str, Any]]:
+        """Curvature-rank loop: receive θ, estimate, DELIVER until the stop flag.
+
+        Returns:
+            One record per round: ``round``, ``start`` and ``end`` (``time.time()`` around the
+            estimate), ``seconds`` and ``status``.
+        """
+        from dho2_tf.curvature.spectrum import estimate_spectrum
+
+        opt, groups = self.opt, self.groups
+        n, kk = opt.spec.n, opt.num_pairs
+        variables = opt.model_variables
+        dtype = variables[0].dtype
+        c_group = self._group(groups.curvature)
+        c_index = self.comm.group_rank(c_group)
+        served: list[dict[str, Any]] = []
+        while True:
+            payload = self.comm.broadcast(tf.zeros([n + 1], dtype), 0,
+                                          name="dho2/pipeline/theta",
+                                          process_set=self._group(groups.bridge))
+            if float(payload[-1]) == 0.0:
+                return served
+            start = time.time()
+            assign_flat(variables, payload[:-1], opt)
+            est = estimate_spectrum(opt.binding["hvp"], n, opt.k, opt.ell, self.comm,
+                                    m=opt.lanczos_order, seed=opt.seed + len(served),
+                                    process_set=c_group, hvp_dtype=opt.binding["dtype"])
+            ok = est.num_valid > 0 and est.status.startswith(("ok", "breakdown"))
+            end = time.time()
+            self._deliver(est, c_index, n, kk, dtype, ok)
+            served.append({"round": len(served), "start": start, "end": end,
+                           "seconds": end - start, "status": est.status})
+
+    def _deliver(self, est: Any, c_index: int, n: int, kk: int, dtype: tf.DType,
+                 ok: bool) -> None:
+        rows_c = tf.transpose(tf.cast(est.vectors_r, dtype))  # [s_C, K]
+        pieces = self.groups.deliver_splits(n, c_index)
+        send = tf.concat([rows_c[a:b] for a, b in pieces], 0)
+        self.comm.alltoall(send, [b - a for a, b in pieces], name="dho2/pipeline/deliver")
+        packed = tf.concat([tf.cast(est.eigenvalues, dtype),
+                            tf.reshape(tf.cast(est.gram, dtype), [-1]),
+                            [1.0 if ok else 0.0]], 0)
+        self.comm.broadcast(packed, self.groups.curvature_root, name="dho2/pipeline/spectrum")
+
+    def metrics(self) -> dict[str, float]:
+        return {"pipeline_triggers": float(self.triggers_sent)}
+

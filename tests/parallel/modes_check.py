@@ -1,0 +1,262 @@
+"""Run under horovodrun: DHO2's distribution modes against single-process references.
+
+Usage: modes_check.py {sharded|memory|faithful|pipelined|admm|misconfig}. Rank 0 prints
+``MODES_CHECK_OK <what>`` when every assertion held on every rank.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from dho2_tf import DHO2, CurvatureRefresh, HorovodComm, LocalComm
+from dho2_tf.curvature.hvp import make_hvp_fn
+from dho2_tf.curvature.spectrum import estimate_spectrum, gather_vectors
+from dho2_tf.distributed.comm import CountingComm
+from dho2_tf.distributed.pipeline import pipeline_process_sets
+
+D, C, B = 10, 4, 16
+LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def mlp(seed=0, hidden=(24,)):
+    tf.keras.utils.set_random_seed(seed)
+    layers = [tf.keras.Input((D,))] + [tf.keras.layers.Dense(h, activation="tanh")
+                                       for h in hidden] + [tf.keras.layers.Dense(C)]
+    return tf.keras.Sequential(layers)
+
+
+def data(rows, seed=123):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((rows, D)).astype("float32"),
+            rng.integers(0, C, rows).astype("int32"))
+
+
+def flat(model):
+    return np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+
+
+def same_on_all_ranks(comm, array, what):
+    every = comm.allgather(tf.constant(np.asarray(array, np.float32).ravel()[None, :]),
+                           name=f"test/same/{what}").numpy()
+    assert np.all(every == every[0]), f"ranks differ in {what}"
+
+
+def check_sharded(comm):
+    """Weights, eigenvalues and the last update after 10 steps equal single-process DHO2."""
+    p, r = comm.size, comm.rank
+    steps = 10
+    x, y = data(steps * p * B)
+    mine = np.concatenate([np.arange(s * p * B + r * B, s * p * B + (r + 1) * B)
+                           for s in range(steps)])
+    runs = []
+    for rank_comm, (xs, ys, bs, ese) in (
+            (comm, (x[mine], y[mine], B, (x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]))),
+            (LocalComm(), (x, y, p * B, (x[:p * B], y[:p * B])))):
+        model = mlp()
+        model.compile(optimizer=DHO2(learning_rate=0.05, base="nesterov", k=3, ell=1,
+                                     refresh_every=4, warmup=3, comm=rank_comm), loss=LOSS)
+        cut = (steps - 1) * bs
+        model.fit(xs[:cut], ys[:cut], batch_size=bs, shuffle=False, verbose=0,
+                  callbacks=[CurvatureRefresh(batch=ese)])
+        w9 = flat(model)
+        model.fit(xs[cut:], ys[cut:], batch_size=bs, shuffle=False, verbose=0,
+                  callbacks=[CurvatureRefresh(batch=ese)])
+        runs.append((flat(model), flat(model) - w9, model.optimizer))
+    (w, dw, opt), (w_ref, dw_ref, ref_opt) = runs
+    assert int(opt.refresh_index()) == 2
+    for got, want, what in ((w, w_ref, "weights"), (dw, dw_ref, "last update")):
+        rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
+        assert rel < 1e-5, f"{what} differ from single process: rel {rel:.3g}"
+    np.testing.assert_allclose(opt._eigenvalues.numpy(), ref_opt._eigenvalues.numpy(),
+                               rtol=1e-5)
+    same_on_all_ranks(comm, np.r_[w, opt._eigenvalues.numpy()], "weights+eigenvalues")
+    return f"sharded P={p}"
+
+
+def check_memory(comm):
+    """Optimizer + curvature state bytes per rank ≤ 1.1 × (P=1 bytes)/P, model ≥ 100k params."""
+    model = mlp(hidden=(512, 200))
+    n = model.count_params()
+    assert n >= 100_000, n
+    sizes = []
+    for rank_comm in (LocalComm(), comm):
+        opt = DHO2(base="adam", k=10, comm=rank_comm)
+        opt.build(model.trainable_variables)
+        sizes.append(opt.state_bytes())
+    single, mine = sizes
+    worst = comm.allreduce(tf.constant([float(mine)]), "sum", name="test/mem").numpy()[0]
+    assert mine <= 1.1 * single / comm.size, (mine, single, comm.size)
+    return f"memory P={comm.size} n={n} bytes/rank={mine} single={single} " \
+           f"ratio={mine * comm.size / single:.4f} total={worst:.0f}"
+
+
+def check_faithful(comm):
+    """Every rank holds identical weights, eigenvalues and full V after windows."""
+    x, y = data(comm.size * 40 * B)
+    x_r, y_r = x[comm.rank::comm.size], y[comm.rank::comm.size]
+    model = mlp()
+    model.compile(optimizer=DHO2(learning_rate=0.01, base="adam", k=3, mode="faithful",
+                                 refresh_every=10, warmup=0, comm=comm), loss=LOSS)
+    model.fit(x_r, y_r, batch_size=B, shuffle=False, verbose=0,
+              callbacks=[CurvatureRefresh(batch=(x_r[:B], y_r[:B]))])
+    opt = model.optimizer
+    assert int(opt._mode.jumps.numpy()) == 4 and opt.refresh_index() == 5   # t = 0, 9, ..., 39
+    assert opt._eigenvectors.shape[1] == opt.spec.n        # full V on every rank
+    same_on_all_ranks(comm, np.r_[flat(model), opt._eigenvalues.numpy(),
+                                  opt._eigenvectors.numpy().ravel()], "faithful state")
+    return f"faithful P={comm.size}"
+
+
+class StepTimes(tf.keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.trigger_weights = [], {}
+
+    def on_train_batch_begin(self, batch, logs=None):
+        opt = self.model.optimizer
+        t = int(opt.iterations.numpy())
+        self.rows.append((time.time(), t))
+        if opt.triggers and opt.triggers[-1] == t:
+            self.trigger_weights[t] = flat(self.model)
+
+
+def check_pipelined(comm, curvature_ranks):
+    opt = DHO2(learning_rate=0.05, base="momentum", k=3, mode="pipelined",
+               curvature_ranks=curvature_ranks, refresh_every=10, warmup=5, delivery_delay=5,
+               comm=comm)
+    groups = opt._mode.groups
+    model = mlp()
+    model.compile(optimizer=opt, loss=LOSS)
+    x, y = data(2 * 40 * B)
+    c_batches = [data(2 * B, seed=1000 + c) for c in range(curvature_ranks)]
+    record = StepTimes()
+    if opt.is_curvature_rank:
+        c_index = groups.curvature.index(comm.rank)
+        opt.bind(model, LOSS, c_batches[c_index])
+        served = opt.serve_curvature()
+        mine = {"served": served}
+    else:
+        u = comm.rank
+        x_u, y_u = x[u::len(groups.update)], y[u::len(groups.update)]
+        model.fit(x_u, y_u, batch_size=B, shuffle=False, verbose=0,
+                  callbacks=[CurvatureRefresh(batch=(x_u[:B], y_u[:B])), record])
+        mine = {"rows": record.rows, "triggers": opt.triggers,
+                "trigger_weights": record.trigger_weights}
+    everyone = comm.allgather_object(mine, name="test/pipelined/info")
+    served = [e["served"] for e in everyone if "served" in e]
+    u0 = everyone[0]
+    assert u0["triggers"] == [4, 14, 24, 34], u0["triggers"]
+    assert all(len(s) == 4 for s in served), served
+    # Update ranks kept stepping while the curvature ranks computed.
+    for rnd in served[0]:
+        during = [t for (stamp, t) in u0["rows"] if rnd["start"] < stamp < rnd["end"]]
+        assert len(during) >= 1, f"no update step during refresh {rnd}"
+    # The last delivery equals a synchronous refresh at the last trigger's weights.
+    if not opt.is_curvature_rank:
+        theta = u0["trigger_weights"][34]
+        ref_model = mlp()
+        offset = 0
+        for var in ref_model.trainable_variables:
+            size = int(np.prod(var.shape))
+            var.assign(theta[offset:offset + size].reshape(var.shape))
+            offset += size
+        xs = np.concatenate([b[0] for b in c_batches])
+        ys = np.concatenate([b[1] for b in c_batches])
+        ref = estimate_spectrum(make_hvp_fn(ref_model, LOSS, (xs, ys)), offset, 3, 0,
+                                LocalComm(), seed=opt.seed + 3)
+        np.testing.assert_allclose(opt._eigenvalues.numpy(), ref.eigenvalues.numpy(),
+                                   rtol=1e-5)
+        v = gather_vectors(opt._eigenvectors.value(), offset, comm,
+                           process_set=opt._mode.group).numpy()
+        v_ref = ref.vectors_r.numpy()
+        np.testing.assert_allclose(v.T @ v, v_ref.T @ v_ref, atol=1e-5)
+        same_on_all_ranks_u = comm.allgather(
+            tf.constant(flat(model)[None, :]), name="test/pipelined/weights",
+            process_set=opt._mode.group).numpy()
+        assert np.all(same_on_all_ranks_u == same_on_all_ranks_u[0])
+    comm.barrier("test/pipelined/end")
+    return f"pipelined P={comm.size} P_C={curvature_ranks} steps_during_refresh=" + ",".join(
+        str(len([1 for (s, _) in u0["rows"] if r["start"] < s < r["end"]])) for r in served[0])
+
+
+def check_admm(comm):
+    """Convex least squares split across ranks: z → global solution; 1 allreduce per τ steps."""
+    d, rows, tau = 8, 64, 4
+    rng = np.random.default_rng(7)
+    x_all = rng.standard_normal((comm.size * rows, d)).astype("float32")
+    y_all = (x_all @ rng.standard_normal(d) + 0.1 * rng.standard_normal(len(x_all))).astype(
+        "float32")[:, None]
+    x_r, y_r = x_all[comm.rank * rows:(comm.rank + 1) * rows], y_all[
+        comm.rank * rows:(comm.rank + 1) * rows]
+    w_star = np.linalg.lstsq(x_all.astype(np.float64), y_all.astype(np.float64), rcond=None)[0]
+    mse = tf.keras.losses.MeanSquaredError()
+    counts = {}
+    for mode in ("sharded", "admm"):
+        tf.keras.utils.set_random_seed(0)
+        model = tf.keras.Sequential([tf.keras.Input((d,)),
+                                     tf.keras.layers.Dense(1, use_bias=False)])
+        counting = CountingComm(comm)
+        opt = DHO2(learning_rate=0.1, base="sgd", k=2, alpha=0.5, mode=mode, rho=1.0, tau=tau,
+                   refresh_every=10_000, warmup=1, comm=counting)
+        opt.bind(model, mse, (x_r, y_r))
+        steps = 400 if mode == "admm" else 4 * tau + 1
+        for t in range(steps):
+            opt.on_step_begin()
+            if t == 1:
+                counting.reset()          # count steady-state steps only (after the refresh)
+            with tf.GradientTape() as tape:
+                loss = mse(y_r, model(x_r))
+            opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                    model.trainable_variables))
+            opt.on_step_end()
+            if t == 4 * tau:
+                counts[mode] = counting.count("allreduce") / (4 * tau - 1 + 1)
+        if mode == "admm":
+            z = opt._mode.z.numpy()
+            err = np.max(np.abs(z - w_star[:, 0]))
+            assert err < 1e-4, f"z is {err:.3g} from the least-squares solution"
+            same_on_all_ranks(comm, z, "z")
+            dual_sum = comm.allreduce(opt._mode.dual.value(), "sum", name="test/dual").numpy()
+            assert np.max(np.abs(dual_sum)) < 1e-4, dual_sum
+    assert counts["admm"] * tau == 1.0, counts
+    assert counts["admm"] <= counts["sharded"] / tau, counts
+    return f"admm P={comm.size} allreduce/step admm={counts['admm']} sharded={counts['sharded']}"
+
+
+def check_misconfig(comm):
+    """Bad configurations raise a clear error on every rank before any collective."""
+    caught = []
+    for kwargs in (dict(mode="pipelined", curvature_ranks=comm.size),
+                   dict(mode="pipelined", curvature_ranks=1, update_ranks=comm.size + 1),
+                   dict(mode="admm", tau=0), dict(mode="admm", rho=0.0), dict(mode="bogus")):
+        try:
+            DHO2(comm=comm, **kwargs)
+        except ValueError as err:
+            caught.append(str(err))
+    print(f"rank {comm.rank} caught {len(caught)}: " + " | ".join(caught), flush=True)
+    assert len(caught) == 5, caught
+    return f"misconfig P={comm.size}"
+
+
+def main() -> None:
+    what = sys.argv[1]
+    if what == "pipelined":
+        curvature_ranks = int(sys.argv[2])
+        comm = HorovodComm(process_sets=pipeline_process_sets(curvature_ranks))
+        message = check_pipelined(comm, curvature_ranks)
+    else:
+        comm = HorovodComm()
+        message = {"sharded": check_sharded, "memory": check_memory, "faithful": check_faithful,
+                   "admm": check_admm, "misconfig": check_misconfig}[what](comm)
+    if what != "misconfig":
+        comm.barrier("test/end")
+    if comm.rank == 0:
+        print(f"MODES_CHECK_OK {message}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

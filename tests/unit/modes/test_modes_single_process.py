@@ -1,0 +1,160 @@
+"""Mode algebra in one process: window rule, ADMM with P = 1, pipeline groups, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dho2_tf import DHO2, LocalComm
+from dho2_tf.distributed.admm import window_jump
+from dho2_tf.distributed.pipeline import PipelineGroups
+from dho2_tf.distributed.sharding import ShardLayout
+from tests.unit.optimizer.test_keras_integration import LOSS, toy_data, toy_model
+
+
+def flat_weights(model):
+    return np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+
+
+def run_custom_loop(opt, model, x, y, steps, batch=32, record=None):
+    opt.bind(model, LOSS, (x[:64], y[:64]))
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = LOSS(yb, model(xb, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                model.trainable_variables))
+
+    for t in range(steps):
+        i = (t * batch) % (len(x) - batch)
+        before = flat_weights(model)
+        opt.on_step_begin()
+        if record is not None:
+            record.append((t, before, flat_weights(model), opt.refresh_index()))
+        step(x[i:i + batch], y[i:i + batch])
+        opt.on_step_end()
+    opt.on_train_end()
+
+
+def test_t8_window_jump_equals_accumulated_window_displacements():
+    x, y = toy_data()
+    model = toy_model()
+    opt = DHO2(learning_rate=0.01, base="adam", k=2, mode="faithful", refresh_every=5, warmup=0,
+               comm=LocalComm())
+    record: list = []
+    run_custom_loop(opt, model, x, y, steps=21, record=record)
+    # Window boundaries are the refresh steps: t = 0, 4, 9, 14, 19.
+    refresh_steps = [t for (t, _, _, idx), prev in zip(record[1:], record) if idx > prev[3]]
+    refresh_steps = [0] + refresh_steps
+    assert refresh_steps == [0, 4, 9, 14, 19]
+    rows = {t: (before, after) for t, before, after, _ in record}
+    velocity = np.zeros_like(rows[0][0])
+    starts = [rows[0][1]]                                     # θ̃_0 (no jump before window 0)
+    for j, t in enumerate(refresh_steps[1:], start=1):
+        before, after = rows[t]                               # θ_end(j-1), θ after the jump
+        velocity = velocity + (before - starts[-1])           # v_{j-1} = Σ D_i
+        np.testing.assert_allclose(after - before, velocity, rtol=1e-5, atol=1e-7)
+        starts.append(after)                                  # θ̃_j = θ_end + v
+    assert int(opt._mode.jumps.numpy()) == 4
+    np.testing.assert_allclose(opt._mode.velocity.numpy(), velocity, rtol=1e-5, atol=1e-7)
+    # Between boundaries on_step_begin changes nothing.
+    for t, before, after, _ in record:
+        if t not in refresh_steps:
+            np.testing.assert_array_equal(before, after)
+
+
+def test_window_jump_function_algebra():
+    theta_start, theta_end = np.array([1.0, 2.0]), np.array([1.5, 1.0])
+    v_prev = np.array([0.25, -0.5])
+    new_theta, v = window_jump(tf.constant(theta_end), tf.constant(theta_start),
+                               tf.constant(v_prev))
+    np.testing.assert_allclose(v.numpy(), v_prev + theta_end - theta_start)
+    np.testing.assert_allclose(new_theta.numpy(), theta_end + v_prev + theta_end - theta_start)
+
+
+def test_t11_admm_single_rank_keeps_zero_dual_and_z_equals_x():
+    x, y = toy_data()
+    model = toy_model()
+    opt = DHO2(learning_rate=0.05, base="momentum", k=2, mode="admm", rho=0.1, tau=3,
+               refresh_every=6, warmup=2, comm=LocalComm())
+    run_custom_loop(opt, model, x, y, steps=12)
+    assert int(opt._mode.rounds.numpy()) == 4
+    np.testing.assert_allclose(opt._mode.dual.numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(opt._mode.z.numpy(), flat_weights(model), atol=1e-6)
+    metrics = opt.curvature_metrics()
+    assert metrics["admm_rounds"] == 4.0 and metrics["admm_primal_residual"] < 1e-2
+
+
+def test_admm_eigen_rates_use_hessian_plus_rho():
+    x, y = toy_data()
+    model = toy_model()
+    opt = DHO2(learning_rate=0.05, base="sgd", k=2, mode="admm", rho=0.5, tau=2,
+               refresh_every=4, warmup=1, comm=LocalComm())
+    run_custom_loop(opt, model, x, y, steps=2)
+    lam = opt._eigenvalues.numpy()
+    np.testing.assert_allclose(opt._rates.numpy(), 1.0 / np.abs(lam + 0.5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,world,curv", [(10, 3, 1), (11, 4, 2), (7, 5, 3), (100, 4, 1)])
+def test_deliver_splits_cover_each_update_shard_exactly(n, world, curv):
+    groups = PipelineGroups.of(world, curv)
+    p_u = len(groups.update)
+    received = {u: [] for u in groups.update}
+    for c in range(curv):
+        c_layout = ShardLayout(n, curv, c)
+        for rank, (a, b) in enumerate(groups.deliver_splits(n, c)):
+            if rank in groups.curvature:
+                assert (a, b) == (0, 0)
+            elif b > a:
+                received[rank].extend(range(c_layout.start + a, c_layout.start + b))
+    for u in groups.update:
+        start, stop = ShardLayout(n, p_u, u).bounds(u)
+        assert received[u] == list(range(start, min(stop, n)))
+
+
+def test_pipeline_groups_and_process_sets():
+    g = PipelineGroups.of(4, 2)
+    assert (g.update, g.curvature, g.bridge, g.curvature_root) == ((0, 1), (2, 3), (0, 2, 3), 2)
+    assert PipelineGroups.of(2, 1).process_sets() == [(0,), (1,)]   # bridge = world: global set
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(mode="admm", tau=0), "`tau` must be a positive integer. Received: tau=0"),
+    (dict(mode="admm", rho=0.0), "`rho` must be a finite number in (0.0, inf). Received: rho=0.0"),
+    (dict(mode="admm", rho=-1.0), "Received: rho=-1.0"),
+    (dict(mode="pipelined", refresh_every=4, delivery_delay=5),
+     "`delivery_delay` must be an integer in [1, 4]. Received: delivery_delay=5"),
+    (dict(mode="sharded", window_rule="extrapolate"), "`window_rule` must be 'none'"),
+    (dict(mode="nope"), "`mode` must be one of ('sharded', 'faithful', 'pipelined', 'admm')"),
+    (dict(mode="pipelined", comm=LocalComm()), "mode='pipelined' needs at least 2 ranks"),
+    (dict(mode="pipelined", curvature_ranks=0), "`curvature_ranks` must be a positive integer"),
+])
+def test_mode_misconfiguration_is_rejected_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        DHO2(**kwargs)
+    assert message in str(err.value)
+
+
+def test_pipeline_group_sizes_must_fit_world():
+    with pytest.raises(ValueError, match=r"`update_ranks` \+ `curvature_ranks` must equal the "
+                                         r"world size 4. Received: update_ranks=3"):
+        PipelineGroups.of(4, 2, update_ranks=3)
+    with pytest.raises(ValueError, match="must leave at least one update rank"):
+        PipelineGroups.of(3, 3)
+
+
+@pytest.mark.parametrize("mode", ["sharded", "faithful", "pipelined", "admm"])
+def test_config_round_trip_every_mode(mode):
+    opt = DHO2(mode=mode, k=3, rho=0.2, tau=4, curvature_ranks=1, delivery_delay=3,
+               refresh_every=6)
+    config = opt.get_config()
+    assert DHO2.from_config(dict(config)).get_config() == config
+    assert config["mode"] == mode
+
+
+def test_serve_curvature_outside_pipelined_mode_says_so():
+    opt = DHO2(comm=LocalComm())
+    with pytest.raises(RuntimeError, match="serve_curvature\\(\\) runs only on the curvature"):
+        opt.serve_curvature()
