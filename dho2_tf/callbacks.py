@@ -77,6 +77,7 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         opt = self._optimizer()
         opt.build(self.model.trainable_variables)
+        opt.verify_consistency(self.model)
         if self.broadcast_initial_state:
             opt.broadcast_state(self.model)
         opt.bind(self.model, self.loss, self.batch, training=self.training)

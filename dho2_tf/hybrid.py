@@ -41,14 +41,17 @@ class HybridResult(NamedTuple):
     """Output of :func:`hybrid_displacement`.
 
     Attributes:
-        delta_r: float [s], θ_r ← θ_r + delta_r.
-        newton_momentum_r: float [s], the new Newton momentum shard.
-        base_slots_r: new base-optimizer slots, each float [s].
+        delta_r: float [s], θ_r ← θ_r + delta_r (zero when ``finite`` is False).
+        newton_momentum_r: float [s], the new Newton momentum shard (unchanged if not finite).
+        base_slots_r: new base-optimizer slots, each float [s] (unchanged if not finite).
+        finite: bool scalar, identical on every rank sharing the shards: whether the gradient
+            and the base step were finite everywhere. A non-finite step changes nothing.
     """
 
     delta_r: tf.Tensor
     newton_momentum_r: tf.Tensor
     base_slots_r: list[tf.Tensor]
+    finite: tf.Tensor
 
 
 def _rows_times(v_r: tf.Tensor, x_r: tf.Tensor) -> tf.Tensor:
@@ -88,9 +91,13 @@ def hybrid_displacement(g_r: tf.Tensor, newton_momentum_r: tf.Tensor,
     k = v_r.shape[0]
     a_g, a_m = rule.newton_coefficients
     dtype = g_r.dtype
-    ab = comm.allreduce(tf.concat([_rows_times(v_r, g_r), _rows_times(v_r, newton_momentum_r)], 0),
+    # The non-finite counts ride along in the two small allreduces, so every rank agrees.
+    ab = comm.allreduce(tf.concat([_rows_times(v_r, _zero_nonfinite(g_r)),
+                                   _rows_times(v_r, newton_momentum_r),
+                                   _nonfinite_count(g_r, dtype)], 0),
                         "sum", name=f"{name}/project_g_m", process_set=process_set)
-    a, b = ab[:k], ab[k:]
+    a, b, bad_g = ab[:k], ab[k:2 * k], ab[2 * k]
+    g_r = _zero_nonfinite(g_r)
     g1_r = _combine(v_r, a)
     g2_r = g_r - g1_r
     new_momentum_r = a_g * g1_r + a_m * newton_momentum_r if a_m else a_g * g1_r
@@ -98,11 +105,26 @@ def hybrid_displacement(g_r: tf.Tensor, newton_momentum_r: tf.Tensor,
     e = a_g * tf.linalg.matvec(curvature.gram, a) + a_m * b
     d_r = _combine(v_r, curvature.rates * e)
     u_r, new_slots = rule.displacement(g2_r, base_slots_r, tf.cast(learning_rate, dtype), step)
-    f = comm.allreduce(_rows_times(v_r, u_r), "sum", name=f"{name}/project_u",
-                       process_set=process_set)
-    u_r = u_r - _combine(v_r, f)
+    f_bad = comm.allreduce(tf.concat([_rows_times(v_r, _zero_nonfinite(u_r)),
+                                      _nonfinite_count(u_r, dtype)], 0),
+                           "sum", name=f"{name}/project_u", process_set=process_set)
+    finite = tf.equal(bad_g + f_bad[k], 0.0)
+    u_r = u_r - _combine(v_r, f_bad[:k])
     delta_r = curvature.scale * u_r - tf.cast(alpha, dtype) * d_r
-    return HybridResult(delta_r, new_momentum_r, new_slots)
+    keep = lambda new, old: tf.where(finite, new, old)  # noqa: E731
+    return HybridResult(tf.where(finite, delta_r, tf.zeros_like(delta_r)),
+                        keep(new_momentum_r, newton_momentum_r),
+                        [keep(n, o) for n, o in zip(new_slots, base_slots_r)], finite)
+
+
+def _nonfinite_count(x: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """[1] float: number of NaN/Inf entries of ``x``."""
+    return tf.reshape(tf.cast(tf.math.count_nonzero(~tf.math.is_finite(x)), dtype), [1])
+
+
+def _zero_nonfinite(x: tf.Tensor) -> tf.Tensor:
+    """``x`` with NaN/Inf replaced by 0 (so projections stay finite; the step is skipped)."""
+    return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
 
 
 def newton_rates(eigenvalues: tf.Tensor, valid: tf.Tensor, damping: float, ell: int,

@@ -14,6 +14,8 @@ from dho2_tf.base_rules import BASE_OPTIMIZERS, BaseRule
 from dho2_tf.distributed.comm import Communicator, default_comm
 from dho2_tf.flat import FlatSpec
 from dho2_tf.modes import MODES, make_mode
+
+NONFINITE_POLICIES = ("skip", "raise")
 from dho2_tf.validation import check_int, check_real
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,14 @@ class DHO2(tf.keras.optimizers.Optimizer):
             eigenpairs, 1 ≤ Δ ≤ ``refresh_every``. Defaults to ⌈refresh_every/2⌉.
         rho: ``admm``: penalty ρ > 0. Defaults to 1e-2.
         tau: ``admm``: local steps τ ≥ 1 between consensus rounds. Defaults to 8.
+        x_restart: ``admm``: after a round, ``"keep"`` the local iterate x (textbook ADMM) or
+            restart it from ``"z"`` (local steps with periodic averaging plus duals; far more
+            robust with stochastic gradients on non-convex losses, see BENCHMARKS.md). Defaults
+            to ``"z"``.
+        nonfinite: what a step whose averaged gradient or base step holds NaN/Inf does:
+            ``"skip"`` (weights, slots and momentum stay unchanged, batch-norm statistics are
+            restored, ``skipped_steps`` counts it) or ``"raise"`` (stop with an error). A
+            non-finite curvature estimate always keeps the previous eigenpairs.
         seed: seed of the Lanczos start vectors (refresh j uses ``seed + j``). Defaults to 0.
         comm: communicator (not serialised). Defaults to Horovod under ``horovodrun``, else local.
         name: optimizer name. Defaults to ``"DHO2"``.
@@ -105,7 +115,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
                  epsilon: float = 1e-8, mode: str = "sharded", window_rule: str | None = None,
                  window_sigma: float = 5e-9, curvature_ranks: int = 1,
                  update_ranks: int | None = None, delivery_delay: int | None = None,
-                 rho: float = 1e-2, tau: int = 8, seed: int = 0,
+                 rho: float = 1e-2, tau: int = 8, x_restart: str = "z",
+                 nonfinite: str = "skip", seed: int = 0,
                  comm: Communicator | None = None, name: str = "DHO2", **kwargs: Any) -> None:
         for key in ("weight_decay", "use_ema"):
             if kwargs.pop(key, None):
@@ -146,6 +157,14 @@ class DHO2(tf.keras.optimizers.Optimizer):
             check_int("delivery_delay", delivery_delay, minimum=1, maximum=self.refresh_every)
         self.rho = check_real("rho", rho, minimum=0.0, open_min=True)
         self.tau = check_int("tau", tau, minimum=1)
+        if x_restart not in ("keep", "z"):
+            raise ValueError(
+                f"`x_restart` must be 'keep' or 'z'. Received: x_restart={x_restart!r}")
+        self.x_restart = x_restart
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}. "
+                             f"Received: nonfinite={nonfinite!r}")
+        self.nonfinite = nonfinite
         self.seed = check_int("seed", seed, minimum=0)
         self._learning_rate = self._build_learning_rate(learning_rate)
         self._comm = comm
@@ -196,12 +215,16 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self._rates = self.add_variable([kk], dtype, name="newton_rates")
         self._scale = self.add_variable([], dtype, initializer="ones", name="lr_scale")
         self._refreshes = self.add_variable([], tf.int64, name="num_refreshes")
+        self._skipped = self.add_variable([], tf.int64, name="skipped_steps")
+        self._sharded_ids = {id(v) for v in [*self._base_slots, self._newton_momentum,
+                                             self._eigenvectors]} if self._mode.shards_state \
+            else set()
         self._mode.build(var_list)
         logger.debug("DHO2 built: mode=%s n=%d %r", self.mode, self.spec.n, self.layout)
 
     def state_bytes(self) -> int:
         """Bytes of this rank's optimizer and curvature state (all variables but counters)."""
-        skip = {id(self.iterations)}
+        skip = {id(self.iterations), id(self._skipped)}
         return int(sum(v.shape.num_elements() * v.dtype.size for v in self.variables
                        if id(v) not in skip))
 
@@ -212,6 +235,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         out = {f"eigenvalue_{j}": float(v) for j, v in enumerate(self._eigenvalues.numpy())}
         out["lr_scale"] = float(self._scale.numpy())
         out["refreshes"] = float(self._refreshes.numpy())
+        out["skipped_steps"] = float(self._skipped.numpy())
         if self.last_refresh is not None:
             out["refresh_seconds"] = float(self.last_refresh["seconds"])
         out.update(self._mode.metrics())
@@ -248,6 +272,12 @@ class DHO2(tf.keras.optimizers.Optimizer):
             g_r, self._newton_momentum, [s.value() for s in self._base_slots], curvature,
             self.rule, self.learning_rate, self.alpha, self.iterations + 1, comm,
             process_set=group)
+        if self.nonfinite == "raise":
+            tf.debugging.assert_equal(result.finite, True, message=(
+                "DHO2: the averaged gradient (or the base step) holds NaN/Inf at this step; "
+                "stopping because nonfinite='raise'. Check the input batch and learning rate."))
+        self._skipped.assign_add(tf.where(result.finite, tf.constant(0, tf.int64),
+                                          tf.constant(1, tf.int64)))
         self._newton_momentum.assign(result.newton_momentum_r)
         for slot, value in zip(self._base_slots, result.base_slots_r):
             slot.assign(value)
@@ -277,12 +307,44 @@ class DHO2(tf.keras.optimizers.Optimizer):
             model, loss_fn, batch, training=training, hvp_dtype=dtype)}
 
     def on_step_begin(self) -> None:
-        """Call before every update (eager): curvature refresh, window jump, pipeline hand-over."""
+        """Call before every update (eager): curvature refresh, window jump, pipeline hand-over.
+
+        Also snapshots the bound model's non-trainable statistics, so a skipped (non-finite)
+        step can restore them in :meth:`on_step_end`.
+        """
         self._mode.on_step_begin()
+        model = self.binding["model"] if self.binding else None
+        self._stats_snapshot = None
+        if model is not None and model.non_trainable_variables and getattr(self, "_built", False):
+            self._stats_snapshot = (int(self._skipped.numpy()),
+                                    [v.value() for v in model.non_trainable_variables])
 
     def on_step_end(self) -> None:
-        """Call after every update (eager): ADMM consensus rounds."""
+        """Call after every update (eager): restores statistics of a skipped step; ADMM rounds."""
+        snapshot = getattr(self, "_stats_snapshot", None)
+        if snapshot is not None and int(self._skipped.numpy()) > snapshot[0]:
+            for var, value in zip(self.binding["model"].non_trainable_variables, snapshot[1]):
+                var.assign(value)
+            logger.warning("DHO2 skipped a step with a non-finite gradient (%d so far)",
+                           int(self._skipped.numpy()))
         self._mode.on_step_end()
+
+    def verify_consistency(self, model: tf.keras.Model) -> None:
+        """Compare configuration, mode, world size and variable shapes/dtypes across ranks.
+
+        Every rank must call it (one ``allgather_object``); a mismatch raises the same
+        ValueError on every rank instead of leaving a later collective hanging.
+        """
+        config = {k: v for k, v in self.get_config().items() if k != "name"}
+        mine = repr((sorted(config.items()), self.comm.size,
+                     [(tuple(v.shape), v.dtype.name) for v in model.trainable_variables]))
+        everyone = self.comm.allgather_object(mine, name="dho2/consistency")
+        differing = [r for r, fp in enumerate(everyone) if fp != everyone[0]]
+        if differing:
+            raise ValueError(
+                f"DHO2 ranks disagree on the configuration or the model: rank(s) {differing} "
+                f"differ from rank 0.\nrank 0: {everyone[0]}\nrank {differing[0]}: "
+                f"{everyone[differing[0]]}")
 
     def on_train_end(self) -> None:
         """Call once when training stops (pipelined: releases the curvature ranks)."""
@@ -298,7 +360,53 @@ class DHO2(tf.keras.optimizers.Optimizer):
             raise RuntimeError("serve_curvature() runs only on the curvature ranks of "
                                "mode='pipelined'; update ranks train with fit().")
         self._require_binding()
+        self.verify_consistency(self.binding["model"])
         return self._mode.serve()
+
+    def export_state(self) -> dict[str, Any]:
+        """This rank's optimizer state with sharded vectors gathered to full length.
+
+        The result does not depend on the number of ranks (except for ``admm``, whose state is
+        rank-local), so :meth:`import_state` can re-partition it for another world size.
+        Collective: every rank holding state must call it.
+        """
+        from dho2_tf.curvature.spectrum import gather_vectors
+
+        comm, group, n = self.comm, self._mode.group, self.spec.n
+        out: dict[str, Any] = {"__world_size__": comm.size, "__mode__": self.mode}
+        for i, var in enumerate(self.variables):
+            value = var.value()
+            if id(var) in self._sharded_ids:
+                rows = value if len(value.shape) == 2 else value[None, :]
+                full = gather_vectors(rows, n, comm, process_set=group,
+                                      name=f"dho2/export/{i}")
+                value = full if len(value.shape) == 2 else full[0]
+            out[var.name] = value.numpy()
+        return out
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Load :meth:`export_state` output into this (built) optimizer, re-sharding as needed.
+
+        Raises:
+            ValueError: on a mode mismatch, or an ``admm`` state from another world size.
+        """
+        if state.get("__mode__") != self.mode:
+            raise ValueError(f"Checkpoint state is for mode={state.get('__mode__')!r}, this "
+                             f"optimizer has mode={self.mode!r}.")
+        if self.mode == "admm" and state.get("__world_size__") != self.comm.size:
+            raise ValueError("admm state is rank-local and cannot be re-partitioned: resume "
+                             f"with {state.get('__world_size__')} ranks.")
+        layout = self.layout
+        for var in self.variables:
+            if var.name not in state:
+                raise ValueError(f"Checkpoint state lacks optimizer variable {var.name!r}.")
+            value = tf.convert_to_tensor(state[var.name], var.dtype)
+            if id(var) in self._sharded_ids:
+                rows = value if len(value.shape) == 2 else value[None, :]
+                padded = tf.pad(rows, [[0, 0], [0, layout.padded_size - layout.n]])
+                value = padded[:, layout.start:layout.stop]
+                value = value if len(var.shape) == 2 else value[0]
+            var.assign(value)
 
     @contextlib.contextmanager
     def evaluation_weights(self) -> Iterator[None]:
@@ -414,7 +522,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
             "epsilon": self.rule.epsilon, "mode": self.mode, "window_rule": self.window_rule,
             "window_sigma": self.window_sigma, "curvature_ranks": self.curvature_ranks,
             "update_ranks": self.update_ranks, "delivery_delay": self.delivery_delay,
-            "rho": self.rho, "tau": self.tau, "seed": self.seed,
+            "rho": self.rho, "tau": self.tau, "x_restart": self.x_restart,
+            "nonfinite": self.nonfinite, "seed": self.seed,
         })
         return config
 

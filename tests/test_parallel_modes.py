@@ -32,3 +32,12 @@ def test_mode_against_single_process_reference(np_, args, expect):
             assert f"[{rank}]<stdout>:rank {rank} caught 5:" in proc.stdout
         assert "`curvature_ranks` must leave at least one update rank" in proc.stdout
         assert "`tau` must be a positive integer" in proc.stdout
+
+
+@pytest.mark.slow
+def test_every_mode_trains_mnist1d_within_two_points_of_single_process():
+    proc = run_horovod(REPO / "tests/parallel/modes_mnist1d_check.py", 2, args=("15",),
+                       timeout=900)
+    assert "MNIST1D_MODES_OK epochs=15" in proc.stdout
+    for label in ("sharded", "faithful", "pipelined", "admm", "single"):
+        assert f"MODE_ACCURACY {label} " in proc.stdout

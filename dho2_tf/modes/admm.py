@@ -56,6 +56,8 @@ class AdmmMode(Mode):
                                  opt.rho, self.comm)
         self.z.assign(result.z)
         self.dual.assign(result.dual)
+        if opt.x_restart == "z":
+            assign_flat(opt.model_variables, result.z, opt)
         self.residuals.assign(tf.stack([result.primal_residual, result.dual_residual]))
         self.rounds.assign_add(1)
         model = opt.binding["model"] if opt.binding else None

@@ -1,0 +1,32 @@
+"""Reliability under real ``horovodrun --gloo``: mismatch detection, NaN batches, re-sharding."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.helpers.launch import REPO, run_horovod
+
+SCRIPT = REPO / "tests/parallel/reliability_check.py"
+pytestmark = pytest.mark.parallel
+
+
+def test_different_model_widths_error_on_every_rank_within_60_seconds():
+    start = time.monotonic()
+    proc = run_horovod(SCRIPT, 2, args=("mismatch",), timeout=120)
+    assert time.monotonic() - start < 60
+    for rank in (0, 1):
+        assert f"rank {rank} MISMATCH_ERROR DHO2 ranks disagree" in proc.stdout
+
+
+def test_nan_batch_on_one_rank_is_skipped_by_every_rank():
+    proc = run_horovod(SCRIPT, 2, args=("poisoned",), timeout=180)
+    assert proc.stdout.count("POISONED_OK skipped=1") == 2
+
+
+def test_state_written_with_two_ranks_resumes_with_one_and_three(tmp_path):
+    run_horovod(SCRIPT, 2, args=("write", str(tmp_path)), timeout=180)
+    for np_ in (1, 3):
+        proc = run_horovod(SCRIPT, np_, args=("resume", str(tmp_path)), timeout=180)
+        assert proc.stdout.count(f"RESUME_OK P={np_}") == np_
