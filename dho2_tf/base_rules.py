@@ -48,7 +48,8 @@ class BaseRule:
 
     def __post_init__(self) -> None:
         if self.name not in BASE_OPTIMIZERS:
-            raise ValueError(f"`base` must be one of {BASE_OPTIMIZERS}. Received: base={self.name!r}")
+            raise ValueError(
+                f"`base` must be one of {BASE_OPTIMIZERS}. Received: base={self.name!r}")
         for key in ("momentum", "beta_1", "beta_2"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:

@@ -10,13 +10,13 @@ from typing import Any, Callable, Iterator
 import tensorflow as tf
 
 from dho2_tf import hybrid
-from dho2_tf.base_rules import BASE_OPTIMIZERS, BaseRule
+from dho2_tf.base_rules import BaseRule
 from dho2_tf.distributed.comm import Communicator, default_comm
 from dho2_tf.flat import FlatSpec
 from dho2_tf.modes import MODES, make_mode
+from dho2_tf.validation import check_int, check_real
 
 NONFINITE_POLICIES = ("skip", "raise")
-from dho2_tf.validation import check_int, check_real
 
 logger = logging.getLogger(__name__)
 

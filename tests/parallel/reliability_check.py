@@ -68,7 +68,7 @@ def check_poisoned(comm):
 
 def run_steps(comm, model, opt, x, y, steps, start):
     """Custom loop on this rank's slice of each global batch; returns global mean losses."""
-    p, r, b = comm.size, comm.rank, GLOBAL // comm.size
+    r, b = comm.rank, GLOBAL // comm.size
     losses = []
     for t in range(start, start + steps):
         rows = slice(t * GLOBAL + r * b, t * GLOBAL + (r + 1) * b)

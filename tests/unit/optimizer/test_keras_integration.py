@@ -134,7 +134,8 @@ def test_get_config_round_trip(learning_rate):
 
 
 def test_learning_rate_schedule_is_used():
-    schedule = tf.keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.1, 0.0])  # step <= 1: 0.1
+    # lr 0.1 while step <= 1, then 0.
+    schedule = tf.keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.1, 0.0])
     x, y = toy_data(n=64)
     model = compiled(make_opt(learning_rate=schedule, base="sgd", refresh_every=100))
     model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)  # steps 0, 1: lr 0.1
@@ -163,7 +164,8 @@ def test_hvp_leaves_batch_norm_statistics_unchanged():
                            "Received: base='rmsprop'"),
     (dict(k=5, ell=2, lanczos_order=6), "`lanczos_order` must be an integer >= 7 (it must be "
                                         "at least k + ell). Received: lanczos_order=6"),
-    (dict(refresh_every=0), "`refresh_every` must be a positive integer. Received: refresh_every=0"),
+    (dict(refresh_every=0),
+     "`refresh_every` must be a positive integer. Received: refresh_every=0"),
     (dict(warmup=-1), "`warmup` must be a non-negative integer. Received: warmup=-1"),
     (dict(c_max=0.5), "`c_max` must be a finite number in [1.0, inf). Received: c_max=0.5"),
     (dict(mode="ring"), "`mode` must be one of"),
