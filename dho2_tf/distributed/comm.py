@@ -221,6 +221,11 @@ class HorovodComm(Communicator):
     def __repr__(self) -> str:
         return f"HorovodComm(rank={self.rank}, size={self.size}, groups={list(self._sets)})"
 
+    def refresh(self) -> None:
+        """Re-read rank and size (after Horovod Elastic re-initialised with new membership)."""
+        self.rank = self._hvd.rank()
+        self.size = self._hvd.size()
+
     def _ps(self, process_set: Group | None):
         return self._hvd.global_process_set if process_set is None else process_set.handle
 
