@@ -204,7 +204,9 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self.spec = FlatSpec.of(var_list)
         self.model_variables = list(var_list)
         self.layout = self._mode.layout(self.spec.n)
-        s, kk = self.layout.shard_size, self.num_pairs
+        # Pipelined curvature ranks never update weights: they keep no parameter-sized state.
+        s = 0 if self.is_curvature_rank else self.layout.shard_size
+        kk = self.num_pairs
         dtype = var_list[0].dtype
         self._base_slots = [self.add_variable([s], dtype, name=f"base_{n}")
                             for n in self.rule.slot_names]
