@@ -1,0 +1,277 @@
+"""Time-to-target-accuracy harness: prioritized SGD vs data-parallel mini-batch SGD.
+
+Protocol (reference ``prioritized-sgd.md`` §5): every method trains the same model from the same
+initial weights with the same optimizer (SGD with momentum) on the same shards. The clock covers
+everything a user waits for — the initial priority pass, refreshes, selection, gradients,
+allreduces and Keras' per-step overhead — and excludes only (a) the test evaluations (the clock
+is paused, behind a barrier) and (b) the one-off tf.function tracing, which a one-step warm-up
+run on the same objects performs before the weights, optimizer state and priority table are
+reset. A run that misses the target within the clock budget counts as a failure at the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from dho2_tf.distributed.comm import Communicator
+from dho2_tf.prioritized.model import PrioritizedModel
+from dho2_tf.prioritized.sampler import PrioritizedSampler
+
+logger = logging.getLogger(__name__)
+
+LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+MAX_EPOCHS = 1_000_000  # runs end at the target or the budget (TargetClock)
+
+#: PSGD variants: sampler keyword arguments on top of ``k`` and ``r``.
+PSGD_VARIANTS: dict[str, dict[str, Any]] = {
+    "psgd": {},  # released configuration: length init, projection refresh, exp-decay, top-k
+    "psgd+a": {"aggregate_report": True},
+    "psgd-is": {"selection": "importance", "priority": "length"},
+    "psgd-is-ll": {"selection": "importance", "priority": "length", "per_example": "last_layer"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run.
+
+    Attributes:
+        model: ``"mlp"`` or ``"cnn"``.
+        method: a key of :data:`PSGD_VARIANTS` or ``"sgd"``.
+        learning_rate: SGD learning rate (momentum 0.9).
+        seed: initial weights, data order and sampling seed.
+        batch: global mini-batch of ``"sgd"`` (ignored by PSGD).
+        k: PSGD selected fraction.
+        r: PSGD refreshed fraction.
+    """
+
+    model: str
+    method: str
+    learning_rate: float
+    seed: int
+    batch: int = 0
+    k: float = 0.05
+    r: float = 0.01
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Outcome of one run (identical on every rank; times are rank 0's).
+
+    Attributes:
+        spec: the run.
+        ranks: number of ranks P.
+        time_to_target: clock seconds until the test accuracy first reached the target, or
+            ``None`` on a miss.
+        init_seconds: part of the clock spent in the initial priority pass (0 for SGD).
+        steps: optimizer steps taken.
+        evaluations: per-example gradient evaluations over all ranks (initial pass included).
+        best_accuracy: best test accuracy seen.
+        n_train: training examples over all ranks.
+    """
+
+    spec: RunSpec
+    ranks: int
+    time_to_target: float | None
+    init_seconds: float
+    steps: int
+    evaluations: int
+    best_accuracy: float
+    n_train: int
+
+
+def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> tf.keras.Model:
+    """BN-free 1-D CNN (two conv 5 + ReLU + pool-2 blocks, then Dense logits), as in the paper."""
+    layers = tf.keras.layers
+    return tf.keras.Sequential([
+        tf.keras.Input(input_shape), layers.Reshape((int(np.prod(input_shape)), 1)),
+        layers.Conv1D(16, 5, padding="same", activation="relu"), layers.MaxPool1D(2),
+        layers.Conv1D(32, 5, padding="same", activation="relu"), layers.MaxPool1D(2),
+        layers.Flatten(), layers.Dense(num_classes)], name="small_cnn")
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
+                seed: int) -> tf.keras.Model:
+    """The ``"mlp"`` (MNIST-1D reference MLP of :mod:`models`) or ``"cnn"`` (:func:`small_cnn`)."""
+    tf.keras.utils.set_random_seed(seed)
+    if name == "cnn":
+        return small_cnn(input_shape, num_classes)
+    if name == "mlp":
+        import models  # the repository's model zoo
+
+        return models.get("mlp", input_shape, num_classes)
+    raise ValueError(f"`model` must be one of ('mlp', 'cnn'). Received: model={name!r}")
+
+
+class DataParallelModel(tf.keras.Model):
+    """Mini-batch SGD baseline: Keras ``fit`` with gradients averaged over ranks by ``comm``."""
+
+    def __init__(self, model: tf.keras.Model, comm: Communicator) -> None:
+        super().__init__()
+        self.model = model
+        self.comm = comm
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        """The wrapped model's output."""
+        return self.model(inputs, training=training)
+
+    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+        """One averaged mini-batch step."""
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x, y, self(x, training=True))
+        variables = self.model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        if self.comm.size > 1:
+            grads = self.comm.grouped_allreduce(grads, "mean", name="dho2/bench/gradients")
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return {"loss": loss}
+
+
+class TargetClock(tf.keras.callbacks.Callback):
+    """Training clock with paused evaluations; stops ``fit`` at the target or the budget.
+
+    Rank 0 evaluates the test accuracy every ``eval_every`` steps and broadcasts the decision, so
+    every rank stops at the same step.
+    """
+
+    def __init__(self, x_test: np.ndarray, y_test: np.ndarray, target: float, budget_s: float,
+                 eval_every: int, comm: Communicator) -> None:
+        super().__init__()
+        self.x_test = tf.constant(x_test)
+        self.y_test = tf.constant(y_test, tf.int64)
+        self.target, self.budget_s, self.eval_every, self.comm = target, budget_s, eval_every, comm
+        self.started = self.paused = 0.0
+        self.steps, self.best, self.time_to_target = 0, 0.0, None
+        self._logits: Any = None
+
+    def start(self) -> None:
+        """Start (or restart) the clock now."""
+        self.started, self.paused = time.perf_counter(), 0.0
+        self.steps, self.best, self.time_to_target = 0, 0.0, None
+
+    def elapsed(self) -> float:
+        """Clock seconds so far (evaluations excluded)."""
+        return time.perf_counter() - self.started - self.paused
+
+    def accuracy(self) -> float:
+        """Test accuracy of the model being trained (called only while the clock is paused)."""
+        if self._logits is None:
+            model = self.model
+            self._logits = tf.function(lambda x: model(x, training=False))
+        logits = self._logits(self.x_test)
+        hits = tf.equal(tf.argmax(logits, axis=-1), self.y_test)
+        return float(tf.reduce_mean(tf.cast(hits, tf.float32)))
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """Every ``eval_every`` steps: pause, evaluate on rank 0, share the decision, resume."""
+        self.steps += 1
+        if self.steps % self.eval_every:
+            return
+        self.comm.barrier(name="dho2/bench/pause")
+        elapsed, paused_at = self.elapsed(), time.perf_counter()
+        decision = None
+        if self.comm.is_root:
+            acc = self.accuracy()
+            self.best = max(self.best, acc)
+            decision = (acc >= self.target, elapsed > self.budget_s, elapsed, self.best)
+        reached, over, elapsed, self.best = self.comm.broadcast_object(
+            decision, name="dho2/bench/decision")
+        if reached:
+            self.time_to_target = elapsed
+        if reached or over:
+            self.model.stop_training = True
+        self.paused += time.perf_counter() - paused_at
+
+
+def _reset(model: tf.keras.Model, weights: list[np.ndarray],
+           optimizer: tf.keras.optimizers.Optimizer) -> None:
+    """Initial weights back, optimizer state (slots and iteration count) zeroed."""
+    model.set_weights(weights)
+    for v in optimizer.variables:
+        v.assign(tf.zeros_like(v))
+
+
+def _shard(data: Any, comm: Communicator) -> tuple[np.ndarray, np.ndarray]:
+    """Rank r's contiguous block of n/P training examples."""
+    n_local = len(data.y_train) // comm.size
+    rows = slice(comm.rank * n_local, (comm.rank + 1) * n_local)
+    return data.x_train[rows], data.y_train[rows]
+
+
+def _train_sgd(spec: RunSpec, model: tf.keras.Model, x_r: np.ndarray, y_r: np.ndarray,
+               clock: TargetClock, comm: Communicator) -> tuple[float, int]:
+    """Warm up, reset, then the timed mini-batch SGD run; returns (init seconds, evaluations)."""
+    weights = model.get_weights()
+    local_batch = max(1, spec.batch // comm.size)
+    dataset = (tf.data.Dataset.from_tensor_slices((x_r, y_r))
+               .shuffle(len(y_r), seed=spec.seed, reshuffle_each_iteration=True)
+               .batch(local_batch, drop_remainder=True).repeat())
+    trainer = DataParallelModel(model, comm)
+    trainer.compile(optimizer=_optimizer(spec), loss=LOSS)
+    trainer.fit(dataset, steps_per_epoch=1, verbose=0)  # warm-up: traces the step
+    _reset(model, weights, trainer.optimizer)
+    clock.start()
+    trainer.fit(dataset, epochs=MAX_EPOCHS, steps_per_epoch=max(1, len(y_r) // local_batch),
+                verbose=0, callbacks=[clock])
+    return 0.0, clock.steps * local_batch * comm.size
+
+
+def _train_psgd(spec: RunSpec, model: tf.keras.Model, x_r: np.ndarray, y_r: np.ndarray,
+                clock: TargetClock, comm: Communicator) -> tuple[float, int]:
+    """Warm up, reset, then the timed PSGD run (initial pass on the clock)."""
+    weights = model.get_weights()
+    sampler = PrioritizedSampler(spec.k, spec.r, seed=spec.seed, **PSGD_VARIANTS[spec.method])
+    trainer = PrioritizedModel(model, sampler, comm=comm)
+    trainer.compile(optimizer=_optimizer(spec), loss=LOSS)
+    trainer.fit(x_r, y_r, steps_per_epoch=1, verbose=0)  # warm-up: traces pass and step
+    _reset(model, weights, trainer.optimizer)
+    clock.start()
+    sampler.initialize()
+    init_seconds = clock.elapsed()
+    trainer.fit(epochs=MAX_EPOCHS, verbose=0, callbacks=[clock])
+    evaluations = comm.allreduce(tf.cast(sampler.evaluations, tf.float32), "sum",
+                                 name="dho2/bench/evaluations")
+    return init_seconds, int(evaluations)
+
+
+def _optimizer(spec: RunSpec) -> tf.keras.optimizers.Optimizer:
+    return tf.keras.optimizers.SGD(spec.learning_rate, momentum=0.9)
+
+
+def run_once(spec: RunSpec, data: Any, target: float, budget_s: float, eval_every: int,
+             comm: Communicator) -> RunResult:
+    """Train ``spec`` on this rank's contiguous shard of ``data`` until target or budget.
+
+    Args:
+        spec: the run.
+        data: a :class:`dho2_tf.data.Dataset` (identical on every rank).
+        target: test accuracy to reach.
+        budget_s: clock budget in seconds.
+        eval_every: steps between test evaluations.
+        comm: communicator.
+
+    Returns:
+        The :class:`RunResult` (identical on every rank).
+    """
+    x_r, y_r = _shard(data, comm)
+    model = build_model(spec.model, tuple(data.input_shape), data.num_classes, spec.seed)
+    clock = TargetClock(data.x_test, data.y_test, target, budget_s, eval_every, comm)
+    train = _train_sgd if spec.method == "sgd" else _train_psgd
+    init_seconds, evaluations = train(spec, model, x_r, y_r, clock, comm)
+    init_seconds = comm.broadcast_object(init_seconds, name="dho2/bench/init_seconds")
+    return RunResult(spec, comm.size, clock.time_to_target, init_seconds, clock.steps,
+                     evaluations, clock.best, len(y_r) * comm.size)
+
+
+def equal_work_batch(k: float, r: float, n: int, ranks: int) -> int:
+    """Global SGD batch with PSGD's per-step work: P·(⌊k·n_j⌋ + ⌊r·n_j⌋), n_j = n/P."""
+    n_local = n // ranks
+    return ranks * (math.floor(k * n_local) + math.floor(r * n_local))

@@ -1,0 +1,133 @@
+"""Markdown report of the prioritized-SGD benchmark (rows written by ``jobs/bench_prioritized.py``).
+
+A row is one run: the fields of :class:`~dho2_tf.prioritized.bench.RunSpec` and
+:class:`~dho2_tf.prioritized.bench.RunResult`. Times are medians over seeds; a run that missed the
+target counts as the model's clock budget, so a speed-up involving a miss is a bound. Speed-up =
+median T_SGD / median T_method; the bracket is the min–max of the per-seed ratios.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dho2_tf.prioritized import bench
+
+Row = dict[str, Any]
+Key = tuple[str, int, str, int]  # (model, ranks, method, batch)
+
+HEADER = ("| model | P | method | lr | hits | time to target, median [min–max] s | "
+          "initial pass s | grad evals (k) | best acc | speed-up vs SGD equal work | "
+          "speed-up vs SGD best batch |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def group_runs(rows: list[Row]) -> dict[Key, list[Row]]:
+    """Runs grouped by (model, ranks, method, batch)."""
+    groups: dict[Key, list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["ranks"], row["method"], row["batch"]),
+                          []).append(row)
+    return groups
+
+
+def seed_times(runs: list[Row], budget: float) -> dict[int, float]:
+    """Time to target per seed (the budget for a miss)."""
+    return {r["seed"]: budget if r["time_to_target"] is None else r["time_to_target"]
+            for r in runs}
+
+
+def speedup(reference: dict[int, float], times: dict[int, float]) -> str:
+    """``"1.23× [0.9–1.5]"``: ratio of medians and the range of per-seed ratios."""
+    seeds = sorted(set(reference) & set(times))
+    if not seeds:
+        return "–"
+    ratios = [reference[s] / times[s] for s in seeds]
+    ratio = np.median(list(reference.values())) / np.median(list(times.values()))
+    return f"{ratio:.2f}× [{min(ratios):.2f}–{max(ratios):.2f}]"
+
+
+def best_batch(groups: dict[Key, list[Row]], model: str, ranks: int, budget: float) -> int:
+    """The SGD batch with the lowest median time among those run with several seeds."""
+    multi_seed = {key[3]: seed_times(runs, budget) for key, runs in groups.items()
+                  if key[:3] == (model, ranks, "sgd") and len(runs) > 1}
+    return min(multi_seed, key=lambda b: (np.median(list(multi_seed[b].values())), b))
+
+
+def _row(key: Key, runs: list[Row], groups: dict[Key, list[Row]], target: float,
+         budget: float, eq_batch: int, best: int) -> str:
+    model, ranks, method, batch = key
+    times = seed_times(runs, budget)
+    values = list(times.values())
+    if method == "sgd":
+        tags = [t for t, b in (("equal work", eq_batch), ("best", best)) if batch == b]
+        name, ratios = f"sgd b={batch}" + (f" ({', '.join(tags)})" if tags else ""), ["", ""]
+    else:
+        name = method
+        ratios = [speedup(seed_times(groups[(model, ranks, "sgd", b)], budget), times)
+                  for b in (eq_batch, best)]
+    hits = sum(r["time_to_target"] is not None for r in runs)
+    return (f"| {model} ({target:.0%}) | {ranks} | {name} | {runs[0]['learning_rate']} | "
+            f"{hits}/{len(runs)} | {np.median(values):.2f} [{min(values):.2f}–{max(values):.2f}] "
+            f"| {np.median([r['init_seconds'] for r in runs]):.2f} | "
+            f"{np.median([r['evaluations'] for r in runs]) / 1e3:.0f} | "
+            f"{np.median([r['best_accuracy'] for r in runs]):.3f} | {ratios[0]} | {ratios[1]} |")
+
+
+def markdown(rows: list[Row], targets: dict[str, float], budgets: dict[str, float],
+             command: str) -> str:
+    """The benchmark section: the command, one table row per method, the sweep and scaling."""
+    groups = group_runs(rows)
+    lines = ["### Prioritized SGD vs mini-batch SGD (MNIST-1D, time to target test accuracy)",
+             "", f"Reproduce: `{command}`", "", HEADER]
+    for model, ranks in sorted({key[:2] for key in groups}):
+        psgd = next(r for r in rows if r["model"] == model and r["ranks"] == ranks
+                    and r["method"] != "sgd")
+        eq_batch = bench.equal_work_batch(psgd["k"], psgd["r"], psgd["n_train"], ranks)
+        best = best_batch(groups, model, ranks, budgets[model])
+        for key in sorted(k for k in groups if k[:2] == (model, ranks)):
+            if key[2] != "sgd" or len(groups[key]) > 1:  # skip single-seed sweep points
+                lines.append(_row(key, groups[key], groups, targets[model], budgets[model],
+                                  eq_batch, best))
+    lines += ["", sweep_note(groups), "", scaling_note(groups, budgets)]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_note(groups: dict[Key, list[Row]]) -> str:
+    """Seed-0 times of every swept SGD batch."""
+    parts = []
+    for (model, ranks, method, batch), runs in sorted(groups.items()):
+        if method == "sgd":
+            t = min(runs, key=lambda r: r["seed"])["time_to_target"]
+            parts.append(f"{model} P={ranks} b={batch}: {'miss' if t is None else f'{t:.2f} s'}")
+    return "SGD batch sweep (first seed): " + "; ".join(parts) + "."
+
+
+def scaling_note(groups: dict[Key, list[Row]], budgets: dict[str, float]) -> str:
+    """Strong scaling T(P=1)/T(P) of every method run with several seeds at both P."""
+    parts = []
+    for (model, ranks, method, batch), runs in sorted(groups.items()):
+        single = groups.get((model, 1, method, batch))
+        if ranks > 1 and single and len(single) > 1 and len(runs) > 1:
+            t1 = np.median(list(seed_times(single, budgets[model]).values()))
+            tp = np.median(list(seed_times(runs, budgets[model]).values()))
+            label = f"sgd b={batch}" if method == "sgd" else method
+            missed = any(r["time_to_target"] is None for r in single + runs)
+            parts.append(f"{model} {label}: {t1 / tp:.2f}{'*' if missed else ''}")
+    if not parts:
+        return ""
+    return ("Strong scaling T(1)/T(2) (P ranks share the same 2 cores): " + "; ".join(parts)
+            + ". * includes misses counted at the budget.")
+
+
+def write_section(path: Path, section: str, begin: str, end: str) -> None:
+    """Replace the text between ``begin`` and ``end`` in ``path`` (append both if absent)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{section}{end}\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + block
+    path.write_text(text)

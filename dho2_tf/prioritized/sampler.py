@@ -1,0 +1,334 @@
+"""The per-rank priority table and the PSGD refresh/select schedule (Zhou & Gao, IC2E 2021)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import tensorflow as tf
+
+from dho2_tf.distributed.comm import Communicator, default_comm
+from dho2_tf.prioritized import per_example as _per_example
+from dho2_tf.prioritized import priorities, staleness
+from dho2_tf.prioritized import selection as _selection
+
+logger = logging.getLogger(__name__)
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"`{name}` must be a fraction in (0, 1]. Received: {name}={value!r}")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    return value
+
+
+@tf.keras.utils.register_keras_serializable(package="dho2_tf")
+class PrioritizedSampler(tf.Module):
+    """Prioritized SGD (PSGD): train each step on the highest-priority examples of the shard.
+
+    Each rank owns the priority table of its shard D_j (n_j examples). Per step it re-scores
+    R_j = ⌊r·n_j⌋ examples (round robin), then selects K_j = ⌊k·n_j⌋ examples for the update.
+
+    Math:
+        Symbols: k = ``k``, r = ``r``, θ_e = ``theta_e``, γ = ``gamma``; g_i = ∇ℓ_i(w).
+
+        Priorities (``priority``, ``init_priority``)::
+
+            length:      p_i = ‖g_i‖²            projection: p_i = ⟨g_i, ḡ⟩
+            loss:        p_i = ℓ_i
+
+        Full-gradient estimate: ḡ = (1/n_j) Σ_i g_i after the initial pass, then after each
+        refresh of the set Ref with G_ref = Σ_{i∈Ref} g_i and f = R_j/n_j::
+
+            ema:         ḡ ← (1 − f)·ḡ + f·G_ref/R_j
+            as_released: ḡ ← f(1 − f)·ḡ + f·G_ref
+
+        Staleness (``estimator``): each example keeps (p_i, t_i, a_i)::
+
+            keep:        p̂_i(t) = p_i
+            exp-decay:   p̂_i(t) = p_i·exp(a_i (t − t_i)),
+                         on refresh at t ≠ t_i with new value p′:
+                         ℓ = log(p′/p_i) if p_i ≠ 0 and p′/p_i > 0 else 0,
+                         a_i ← θ_e·ℓ/(t − t_i) + (1 − θ_e)·a_i,  p_i ← p′,  t_i ← t.
+
+        Selection (``selection``) and loss weights w (training loss Σ_{i∈S} w_i ℓ_i)::
+
+            topk:        S = argtop_{K_j} p̂(t) of the shard,          w_i = 1/K_j   (biased)
+            importance:  S = K_j i.i.d. draws from q,                   w_i = 1/(K_j·n_j·q_i)
+                         q_i = (1 − γ)·ψ_i/Σ_l ψ_l + γ/n_j,  ψ = sqrt(p̂⁺) (length) or p̂⁺
+            global:      S = argtop_{K} p̂(t) over the union of shards, K = Σ_j K_j,
+                         w_i = P/K on the owning rank (mean over the K points after averaging)
+
+        With ``aggregate_report`` the refresh set is added to the step: loss
+        Σ_{i∈S} w_i ℓ_i + (1/R_j) Σ_{i∈Ref} ℓ_i, i.e. Δ = −η(G_top/K + G_ref/R) as released.
+
+    Note:
+        The initial full pass is step 0 and training steps start at t = 1, so the first refresh
+        of an example is never a same-step no-op. ``per_example="last_layer"`` makes ḡ and all
+        gradient priorities use only the last Dense layer's parameters. With
+        ``aggregate_report`` the refresh-set gradient is recomputed in the batched backward pass.
+
+    Args:
+        k: fraction of the shard selected per step, in (0, 1].
+        r: fraction of the shard re-scored per step, in (0, 1].
+        priority: priority computed on refresh: ``"projection"`` (default), ``"length"``,
+            ``"loss"``.
+        init_priority: priority of the initial pass (default ``"length"``, as released).
+        estimator: ``"exp-decay"`` (alias ``"explinear"``; default) or ``"keep"``.
+        selection: ``"topk"`` (default, the paper's rule), ``"importance"`` (unbiased) or
+            ``"global"`` (exact top-k of the union of the ranks' shards).
+        aggregate_report: also train on the refresh set (the paper's variation 'r').
+        theta_e: EMA weight of the exp-decay fit, in (0, 1].
+        gamma: uniform floor γ of the importance proposal, in (0, 1].
+        max_weight: optional clip of n_j·q_i-normalised importance weights (biased when hit).
+        gbar_update: ``"ema"`` (default) or ``"as_released"``.
+        per_example: ``"exact"`` (vectorised full gradients) or ``"last_layer"`` (shortcut).
+        chunk_size: examples scored per vectorised call in the initial pass.
+        seed: seed of the importance draws (combined with the rank).
+
+    Attributes:
+        is_bound: whether :meth:`bind` attached a model and a shard.
+        is_initialized: whether :meth:`initialize` ran the initial pass on the bound shard.
+        num_selected: K_j (after ``bind``); ``num_selected_total`` is K = Σ_j K_j.
+        num_refreshed: R_j (after ``bind``).
+        shard_sizes: n_j of every rank, in rank order (after ``bind``).
+        prio, prio_t, prio_a: the table variables p [n_j], t [n_j], a [n_j].
+        gbar: ḡ, one variable per parameter of the scorer's space.
+        step: t, the step counter; ``evaluations`` counts per-example gradient evaluations.
+
+    Raises:
+        ValueError: for a parameter outside its range or an unknown choice.
+
+    References:
+        T. Zhou, L. Gao, "Distributed Framework for Accelerating Training of Deep Learning Models
+        through Prioritization", IEEE IC2E 2021, DOI 10.1109/IC2E52221.2021.00035;
+        ``shared/reference/prioritized-sgd.md`` §2, §4.
+    """
+
+    def __init__(self, k: float = 0.05, r: float = 0.01, *, priority: str = "projection",
+                 init_priority: str = "length", estimator: str = "exp-decay",
+                 selection: str = "topk", aggregate_report: bool = False, theta_e: float = 0.8,
+                 gamma: float = 0.1, max_weight: float | None = None, gbar_update: str = "ema",
+                 per_example: str = "exact", chunk_size: int = 256, seed: int = 0) -> None:
+        super().__init__(name="prioritized_sampler")
+        self.k = _check_fraction("k", k)
+        self.r = _check_fraction("r", r)
+        self.priority = priorities.check_choice("priority", priority, priorities.PRIORITIES)
+        self.init_priority = priorities.check_choice("init_priority", init_priority,
+                                                     priorities.PRIORITIES)
+        self.estimator = staleness.canonical_estimator(estimator)
+        self.selection = priorities.check_choice("selection", selection, _selection.SELECTIONS)
+        self.aggregate_report = bool(aggregate_report)
+        self.theta_e = _check_fraction("theta_e", theta_e)
+        self.gamma = _check_fraction("gamma", gamma)
+        if max_weight is not None and not (isinstance(max_weight, (int, float)) and max_weight > 0):
+            raise ValueError(
+                "`max_weight` must be None or a positive number. "
+                f"Received: max_weight={max_weight!r}")
+        self.max_weight = None if max_weight is None else float(max_weight)
+        self.gbar_update = priorities.check_choice("gbar_update", gbar_update,
+                                                   priorities.GBAR_UPDATES)
+        self.per_example = priorities.check_choice("per_example", per_example,
+                                                   _per_example.SCORERS)
+        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an integer. Received: seed={seed!r}")
+        self.seed = seed
+        self.is_bound = False
+        self.is_initialized = False
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in sorted(self.get_config().items()))
+        return f"PrioritizedSampler({args})"
+
+    def get_config(self) -> dict[str, Any]:
+        """Every constructor argument under its own name."""
+        return {"k": self.k, "r": self.r, "priority": self.priority,
+                "init_priority": self.init_priority, "estimator": self.estimator,
+                "selection": self.selection, "aggregate_report": self.aggregate_report,
+                "theta_e": self.theta_e, "gamma": self.gamma, "max_weight": self.max_weight,
+                "gbar_update": self.gbar_update, "per_example": self.per_example,
+                "chunk_size": self.chunk_size, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "PrioritizedSampler":
+        """Inverse of :meth:`get_config`."""
+        return cls(**config)
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, model: tf.keras.Model, loss: Any, x: Any, y: Any,
+             comm: Communicator | None = None) -> None:
+        """Attach the model, its loss and this rank's shard ``(x, y)``; create the table.
+
+        Every rank must call ``bind`` (it gathers the shard sizes). Rebinding resets the table.
+
+        Args:
+            model: the Keras model being trained (built on ``x[:1]`` if needed).
+            loss: the compiled loss (see :func:`.per_example.per_example_loss_fn`).
+            x: this rank's inputs [n_j, ...] (array-like).
+            y: this rank's targets [n_j, ...].
+            comm: communicator (default :func:`default_comm`).
+
+        Raises:
+            ValueError: if ``k·n_j`` or ``r·n_j`` is below one example, or x and y disagree.
+        """
+        self.comm = comm or default_comm()
+        self.x = tf.convert_to_tensor(x)
+        self.y = tf.convert_to_tensor(y)
+        n_local = int(self.x.shape[0])
+        if int(self.y.shape[0]) != n_local:
+            raise ValueError(f"`x` and `y` must have the same number of examples. "
+                             f"Received: {n_local} and {int(self.y.shape[0])}")
+        self.num_selected = math.floor(self.k * n_local)
+        self.num_refreshed = math.floor(self.r * n_local)
+        for name, count in (("k", self.num_selected), ("r", self.num_refreshed)):
+            if count < 1:
+                raise ValueError(f"`{name}` selects {count} of the shard's {n_local} examples; "
+                                 f"`{name}·n_local` must be at least 1. "
+                                 f"Received: {name}={getattr(self, name)}")
+        self.shard_sizes = [int(n) for n in self.comm.allgather_object(
+            n_local, name="dho2/prioritized/shard_sizes")]
+        self.num_selected_total = sum(math.floor(self.k * n) for n in self.shard_sizes)
+        if not model.built:
+            model(self.x[:1], training=False)
+        self.loss_fn = _per_example.per_example_loss_fn(loss)
+        self.scorer = _per_example.make_scorer(
+            self.per_example, model, self.loss_fn,
+            priorities.needs_gradients(self.priority, self.init_priority))
+        self.prio = tf.Variable(tf.zeros([n_local]), trainable=False, name="priority")
+        self.prio_t = tf.Variable(tf.zeros([n_local], tf.int32), trainable=False, name="prio_t")
+        self.prio_a = tf.Variable(tf.zeros([n_local]), trainable=False, name="prio_a")
+        self.gbar = [tf.Variable(tf.zeros_like(v), trainable=False, name="gbar")
+                     for v in self.scorer.variables]
+        self.cursor = tf.Variable(0, trainable=False, name="cursor")
+        self.step = tf.Variable(0, trainable=False, name="step")
+        self.evaluations = tf.Variable(0, dtype=tf.int64, trainable=False, name="evaluations")
+        self.rng = tf.random.Generator.from_seed(self.seed * 65_537 + self.comm.rank)
+        self._initial_chunk = tf.function(self._score_initial_chunk)
+        self.is_bound = True
+        self.is_initialized = False
+
+    def _require_bound(self) -> None:
+        if not self.is_bound:
+            raise RuntimeError("The sampler has no data yet: call `bind(model, loss, x, y)` (or "
+                               "`PrioritizedModel.fit(x, y)`) first.")
+
+    @property
+    def n_local(self) -> int:
+        """n_j, the number of examples of this rank's shard."""
+        self._require_bound()
+        return int(self.x.shape[0])
+
+    @property
+    def table(self) -> staleness.PriorityTable:
+        """The current (p, t, a) table."""
+        self._require_bound()
+        return staleness.PriorityTable(self.prio.value(), self.prio_t.value(),
+                                       self.prio_a.value())
+
+    def _assign_table(self, table: staleness.PriorityTable) -> None:
+        self.prio.assign(table.p)
+        self.prio_t.assign(table.t)
+        self.prio_a.assign(table.a)
+
+    # ------------------------------------------------------------------ initial pass
+    def _score_initial_chunk(self, start: tf.Tensor, priority: str) -> list[tf.Tensor]:
+        chunk = min(self.chunk_size, self.n_local)
+        positions = start + tf.range(chunk)
+        idx = positions % self.n_local  # the last chunk wraps; duplicates carry equal values
+        mask = tf.cast(positions < self.n_local, tf.float32)
+        scores = self.scorer(tf.gather(self.x, idx), tf.gather(self.y, idx), self.gbar, mask)
+        self.prio.scatter_nd_update(idx[:, None], priorities.priority_values(scores, priority))
+        return scores.grad_sum
+
+    def initialize(self) -> None:
+        """Initial pass: p_i = ``init_priority`` for every example, ḡ = mean gradient, t = 1.
+
+        A ``projection`` initial priority needs ḡ first, so it costs a second pass.
+        """
+        self._require_bound()
+        started = time.perf_counter()
+        passes = 2 if self.init_priority == "projection" else 1
+        chunk = min(self.chunk_size, self.n_local)
+        for pass_index in range(passes):
+            priority = self.init_priority if pass_index == passes - 1 else "length"
+            sums = [tf.zeros_like(v) for v in self.gbar]
+            for start in range(0, self.n_local, chunk):
+                chunk_sums = self._initial_chunk(tf.constant(start), priority)
+                sums = [s + c for s, c in zip(sums, chunk_sums)]
+            if pass_index == 0:
+                for g, s in zip(self.gbar, sums):
+                    g.assign(s / self.n_local)
+        self.prio_t.assign(tf.zeros_like(self.prio_t))
+        self.prio_a.assign(tf.zeros_like(self.prio_a))
+        self.cursor.assign(0)
+        self.step.assign(1)
+        self.evaluations.assign(passes * self.n_local)
+        self.is_initialized = True
+        if self.comm.is_root:
+            logger.info("Initial priority pass over %d examples (%d pass(es)) in %.2f s",
+                        self.n_local, passes, time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ per step (graph-safe)
+    def refresh(self) -> tf.Tensor:
+        """Re-score the next R_j examples of the round robin; returns their indices int32 [R_j]."""
+        self._require_bound()
+        idx = (self.cursor + tf.range(self.num_refreshed)) % self.n_local
+        scores = self.scorer(tf.gather(self.x, idx), tf.gather(self.y, idx), self.gbar)
+        p_new = priorities.priority_values(scores, self.priority)
+        self._assign_table(staleness.refresh_priorities(
+            self.table, idx, p_new, self.step, self.estimator, self.theta_e))
+        if self.gbar:
+            new_gbar = priorities.update_gbar(
+                self.gbar, scores.grad_sum, self.num_refreshed,
+                self.num_refreshed / self.n_local, self.gbar_update)
+            for g, value in zip(self.gbar, new_gbar):
+                g.assign(value)
+        self.cursor.assign((self.cursor + self.num_refreshed) % self.n_local)
+        self.evaluations.assign_add(self.num_refreshed)
+        return idx
+
+    def estimated_priorities(self) -> tf.Tensor:
+        """p̂_i(t) of every example of the shard at the current step: float32 [n_j]."""
+        return staleness.estimate_priorities(self.table, self.step, self.estimator)
+
+    def select(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """This step's examples and loss weights ``(idx int32 [B], weights float32 [B])``.
+
+        ``B`` is K_j, or C_j = min(K, n_j) for ``global`` (unselected candidates weigh 0).
+        """
+        p_hat = self.estimated_priorities()
+        if self.selection == "topk":
+            idx, weights = _selection.select_topk(p_hat, self.num_selected)
+        elif self.selection == "importance":
+            seed = self.rng.make_seeds(1)[:, 0]
+            idx, weights = _selection.select_importance(
+                p_hat, self.num_selected, self.gamma, self.priority == "length", seed,
+                self.max_weight)
+        else:
+            idx, weights = _selection.select_global_topk(
+                p_hat, self.shard_sizes, self.num_selected_total, self.comm.rank, self.comm)
+        self.evaluations.assign_add(tf.size(idx, out_type=tf.int64))
+        return idx, weights
+
+    def training_batch(self, idx: tf.Tensor, weights: tf.Tensor, refreshed: tf.Tensor
+                       ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(x, y, weights)`` of the step; with ``aggregate_report`` the refresh set is added."""
+        if self.aggregate_report:
+            idx = tf.concat([idx, refreshed], axis=0)
+            weights = tf.concat([weights, tf.fill([self.num_refreshed],
+                                                  1.0 / self.num_refreshed)], axis=0)
+            self.evaluations.assign_add(self.num_refreshed)
+        return tf.gather(self.x, idx), tf.gather(self.y, idx), weights
+
+    def advance(self) -> None:
+        """Advance the step counter, t ← t + 1 (once per training step, after the update)."""
+        self.step.assign_add(1)
+
