@@ -1,0 +1,419 @@
+"""Horovod Elastic training with DHO2: commit, roll back and re-partition the sharded state.
+
+Under ``horovodrun --min-np/--max-np --host-discovery-script`` workers may fail or join while a
+job runs. :func:`elastic_train` runs a custom training loop inside Horovod's elastic driver loop:
+
+* :class:`DHO2ElasticState` keeps, in host memory on every rank, the last *commit*: the model
+  weights, ``DHO2.export_state()`` (sharded vectors gathered to full length, so the snapshot does
+  not depend on the world size) and the global step. A commit is collective (the export
+  gathers) and every rank commits at the same steps (:meth:`ElasticConfig.is_commit_step`).
+* After a failed collective (``HorovodInternalError``) every survivor rolls back to the last
+  commit; after a membership notice (``HostsUpdatedInterrupt``, raised by a commit right after it
+  saved) nothing is rolled back. Either way Horovod re-initialises, the reset callback
+  (:meth:`ElasticTrainer.invalidate`) re-reads rank and size, rank 0's commit is broadcast (so
+  joining workers get it too), and :meth:`ElasticTrainer.rebuild` makes everything that
+  depends on the world size anew: a fresh DHO2 from the same config (its shards have the new
+  size), ``bind``, ``import_state``, a re-traced train step and the rank's new data slice.
+* The data position is the global step: step t trains on rows ``order_e[j·B:(j+1)·B]`` of the
+  epoch-e permutation (t = e·S + j, B the global batch, S steps per epoch) and rank r takes
+  slice r of that batch (:func:`rank_rows`). Each rank's loss is its slice's *sum* scaled by
+  P/B, so the mean over ranks that DHO2 takes is the mean over the whole global batch for any
+  P (slices may differ by a row): with ``mode="sharded"`` a run that loses or gains a worker
+  follows the same trajectory (up to float summation order) as one that never did.
+
+Note:
+    Horovod's ``hvd.elastic.run`` turns only failed allreduce/allgather/broadcast ops into
+    ``HorovodInternalError`` and silently returns ``None`` for a failed reduce-scatter, which is
+    DHO2's gradient collective; :func:`elastic_train` uses its own wrapper
+    (:func:`is_horovod_failure`). Without elastic flags (plain ``horovodrun`` or one process)
+    the same loop runs once, with the same commits.
+
+Only this module and :mod:`dho2_tf.distributed.comm` import Horovod.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from horovod.common.elastic import ObjectState, run_fn
+from horovod.common.exceptions import HorovodInternalError
+
+from dho2_tf.distributed.comm import Communicator, HorovodComm, default_comm
+from dho2_tf.optimizer import DHO2
+from dho2_tf.validation import check_int
+
+logger = logging.getLogger(__name__)
+
+#: DHO2 modes whose state :func:`elastic_train` can re-partition for a new world size.
+ELASTIC_MODES = ("sharded", "faithful")
+_SHUT_DOWN = "Horovod has been shut down"
+_HOROVOD_OPS = ("HorovodAllreduce", "HorovodAllgather", "HorovodBroadcast",
+                "HorovodReducescatter", "HorovodAlltoall", _SHUT_DOWN)
+
+PerExampleLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+StepHook = Callable[[int, Communicator], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticConfig:
+    """Schedule of an elastic run (everything but the model, the optimizer and the data).
+
+    Attributes:
+        epochs: passes over the training set.
+        global_batch: rows B per step, split over however many ranks there are (B ≥ P).
+        curvature_batch: rows of the fixed curvature batch, split over the ranks like B.
+        commit_every: commit every this many steps; a commit also ends every epoch.
+        seed: seed of the per-epoch permutation and of the curvature rows.
+    """
+
+    epochs: int = 10
+    global_batch: int = 100
+    curvature_batch: int = 400
+    commit_every: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "global_batch", "curvature_batch", "commit_every"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("seed", self.seed, minimum=0)
+
+    def steps_per_epoch(self, num_rows: int) -> int:
+        """Full global batches in ``num_rows`` training rows (the remainder is dropped).
+
+        Raises:
+            ValueError: when there are fewer rows than one global batch.
+        """
+        if num_rows < self.global_batch:
+            raise ValueError(f"`global_batch` must not exceed the {num_rows} training rows. "
+                             f"Received: global_batch={self.global_batch}")
+        return num_rows // self.global_batch
+
+    def is_commit_step(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether the state is committed after ``step`` updates (same answer on every rank)."""
+        return step % self.commit_every == 0 or step % steps_per_epoch == 0
+
+
+def rank_rows(batch: int, rank: int, size: int) -> tuple[int, int]:
+    """Bounds ``[start, stop)`` of rank ``rank``'s slice of a batch split over ``size`` ranks.
+
+    The first ``batch mod size`` ranks get one row more; the slices tile ``[0, batch)``.
+    """
+    base, extra = divmod(batch, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def global_batch_rows(step: int, num_rows: int, config: ElasticConfig) -> np.ndarray:
+    """Training-row indices of global step ``step`` (rank-independent: the data position)."""
+    epoch, j = divmod(step, config.steps_per_epoch(num_rows))
+    order = np.random.default_rng([config.seed, epoch]).permutation(num_rows)
+    return order[j * config.global_batch:(j + 1) * config.global_batch]
+
+
+def is_horovod_failure(error: BaseException) -> bool:
+    """Whether a TensorFlow error means a Horovod collective failed (a peer died or left).
+
+    Horovod's own ``hvd.elastic.run`` only recognises allreduce, allgather and broadcast
+    failures and silently returns ``None`` on a failed reduce-scatter (DHO2's gradient
+    collective), so this check also accepts the reduce-scatter/all-to-all ops and the
+    shut-down message every failed op carries.
+    """
+    return isinstance(error, tf.errors.UnknownError) and any(
+        token in str(error) for token in _HOROVOD_OPS)
+
+
+@dataclasses.dataclass
+class ElasticResult:
+    """What :func:`elastic_train` returns (on every rank).
+
+    Attributes:
+        steps: global steps completed.
+        test_accuracy: accuracy of the final weights on the test split.
+        history: one dict per epoch: ``epoch``, ``loss`` (mean over its steps), ``test_accuracy``
+            and ``size`` (world size at its end).
+        commits: ``(step, size)`` of every commit this process made.
+        starts: ``(step, size)`` of every (re-)entry into training on this process: the first
+            start and one per membership change.
+    """
+
+    steps: int
+    test_accuracy: float
+    history: list[dict[str, float]]
+    commits: list[tuple[int, int]]
+    starts: list[tuple[int, int]]
+
+
+class ElasticTrainer:
+    """The live objects of one world size: the model, its DHO2 and the traced train step.
+
+    Args:
+        model: a built Keras model with logits output; its weights are overwritten by the
+            committed state at every (re)build.
+        optimizer_config: DHO2 constructor arguments (or ``DHO2.get_config()``); ``mode`` must
+            be one of :data:`ELASTIC_MODES`.
+        data: ``(x_train, y_train, x_test, y_test)`` arrays, identical on every rank.
+        config: the schedule.
+        comm: the communicator (its ``rank``/``size`` are re-read after an elastic reset).
+        per_example_loss: ``loss(y_true, y_pred) -> [b]``. Defaults to sparse categorical
+            cross-entropy from logits.
+
+    Raises:
+        ValueError: on an invalid optimizer config or an unsupported ``mode``.
+    """
+
+    def __init__(self, model: tf.keras.Model, optimizer_config: dict[str, Any],
+                 data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                 config: ElasticConfig, comm: Communicator,
+                 per_example_loss: PerExampleLoss | None = None) -> None:
+        mode = optimizer_config.get("mode", "sharded")
+        if mode not in ELASTIC_MODES:
+            raise ValueError(f"`mode` must be one of {ELASTIC_MODES} for elastic training (its "
+                             f"state must be re-partitionable). Received: mode={mode!r}")
+        # Validates before any collective and serialises a schedule, so rebuilds can copy it.
+        self.optimizer_config = DHO2.from_config(dict(optimizer_config)).get_config()
+        self.model = model
+        self.x_train, self.y_train, self.x_test, self.y_test = data
+        self.config, self.comm = config, comm
+        self.steps_per_epoch = config.steps_per_epoch(len(self.x_train))
+        if config.curvature_batch > len(self.x_train):
+            raise ValueError(f"`curvature_batch` must not exceed the {len(self.x_train)} training "
+                             f"rows. Received: curvature_batch={config.curvature_batch}")
+        self.loss = per_example_loss or tf.keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="none")
+        curvature = np.random.default_rng([config.seed, 2**31]).permutation(
+            len(self.x_train))[:config.curvature_batch]
+        self.curvature_rows = np.sort(curvature)
+        self.optimizer: DHO2 | None = None
+        self._step_fn: Callable[..., tf.Tensor] | None = None
+
+    def invalidate(self) -> None:
+        """Reset callback: re-read rank and size and drop what depended on the old world."""
+        if isinstance(self.comm, HorovodComm):
+            self.comm.refresh()
+        self.optimizer, self._step_fn = None, None
+        if self.comm.is_root:
+            logger.info("elastic reset: rank=%d size=%d", self.comm.rank, self.comm.size)
+
+    def _scaled_loss_fn(self, rows: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+        """``loss_r = (P/rows)·Σ_slice ℓ``: its mean over the P ranks is the mean over ``rows``."""
+        scale = self.comm.size / rows
+
+        def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+            return tf.reduce_sum(self.loss(y_true, y_pred)) * tf.cast(scale, y_pred.dtype)
+
+        return loss
+
+    def _slice(self, rows: np.ndarray) -> np.ndarray:
+        start, stop = rank_rows(len(rows), self.comm.rank, self.comm.size)
+        return rows[start:stop]
+
+    def rebuild(self, weights: list[np.ndarray], optimizer_state: dict[str, Any] | None,
+                step: int) -> None:
+        """Make a DHO2 for the current world size and load the committed state into it.
+
+        Args:
+            weights: committed ``model.get_weights()``.
+            optimizer_state: committed ``DHO2.export_state()``, or ``None`` at step 0.
+            step: committed global step (must equal the state's ``iterations``).
+
+        Raises:
+            ValueError: when a batch has fewer rows than there are ranks.
+            RuntimeError: when the optimizer state and ``step`` disagree.
+        """
+        comm, cfg = self.comm, self.config
+        if min(cfg.global_batch, cfg.curvature_batch) < comm.size:
+            raise ValueError(f"`global_batch` and `curvature_batch` must be at least the world "
+                             f"size {comm.size}. Received: global_batch={cfg.global_batch}, "
+                             f"curvature_batch={cfg.curvature_batch}")
+        self.model.set_weights(weights)
+        opt = DHO2.from_config({**copy.deepcopy(self.optimizer_config), "comm": comm})
+        rows = self._slice(self.curvature_rows)
+        opt.bind(self.model, self._scaled_loss_fn(cfg.curvature_batch),
+                 (self.x_train[rows], self.y_train[rows]))
+        if optimizer_state is not None:
+            opt.import_state(optimizer_state)
+        if int(opt.iterations.numpy()) != step:
+            raise RuntimeError(f"Committed optimizer state is at step "
+                               f"{int(opt.iterations.numpy())} but the committed step is {step}.")
+        opt.verify_consistency(self.model)
+        self.optimizer, self._step_fn = opt, self._trace_step(opt)
+
+    def _trace_step(self, opt: DHO2) -> Callable[..., tf.Tensor]:
+        model, comm = self.model, self.comm
+        loss_fn = self._scaled_loss_fn(self.config.global_batch)
+        spec = tf.TensorSpec([None, *self.x_train.shape[1:]], tf.as_dtype(self.x_train.dtype))
+        label_spec = tf.TensorSpec([None, *self.y_train.shape[1:]],
+                                   tf.as_dtype(self.y_train.dtype))
+
+        @tf.function(input_signature=[spec, label_spec])
+        def step_fn(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                loss_r = loss_fn(y, model(x, training=True))
+                if model.losses:
+                    loss_r += tf.add_n(model.losses)
+            variables = model.trainable_variables
+            opt.apply_gradients(zip(tape.gradient(loss_r, variables), variables))
+            return comm.allreduce(tf.reshape(loss_r, [1]), "mean", name="dho2/elastic/loss")[0]
+
+        return step_fn
+
+    def train_step(self, step: int) -> float:
+        """One DHO2 update on this rank's slice of global batch ``step``; the global mean loss."""
+        if self.optimizer is None or self._step_fn is None:
+            raise RuntimeError("ElasticTrainer.train_step() needs a built optimizer: call "
+                               "rebuild(weights, optimizer_state, step) first.")
+        rows = self._slice(global_batch_rows(step, len(self.x_train), self.config))
+        self.optimizer.on_step_begin()
+        loss = self._step_fn(self.x_train[rows], self.y_train[rows])
+        self.optimizer.on_step_end()
+        return float(loss.numpy())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Weights and full-length optimizer state. Collective: every rank must call it."""
+        if self.optimizer is None:
+            raise RuntimeError("ElasticTrainer.snapshot() needs a built optimizer: call "
+                               "rebuild(weights, optimizer_state, step) first.")
+        state = self.optimizer.export_state()
+        return {"weights": [np.array(w) for w in self.model.get_weights()],
+                "optimizer_state": {k: np.array(v) for k, v in state.items()}}
+
+    def evaluate(self) -> float:
+        """Test accuracy of the current weights (local: no collective)."""
+        logits = self.model(self.x_test, training=False)
+        return float(np.mean(np.argmax(logits.numpy(), axis=-1) == self.y_test))
+
+
+class DHO2ElasticState(ObjectState):
+    """Elastic state of a DHO2 run: weights, optimizer state, step, epoch loss and history.
+
+    The attributes are ``weights``, ``optimizer_state``, ``step`` (global steps done, i.e. the
+    data position), ``epoch_loss`` and ``history`` (see :class:`ElasticResult`). ``step`` and
+    ``epoch_loss`` advance as training runs; :meth:`save` (called by ``commit()``) also
+    captures the weights and the full-length optimizer state from ``trainer``, so a commit is
+    a collective. ``restore()`` rolls every attribute back to the last commit; ``sync()``
+    broadcasts rank 0's commit.
+
+    Args:
+        trainer: the live objects to snapshot.
+        comm: communicator used for the broadcasts (rank 0 is the root).
+    """
+
+    def __init__(self, trainer: ElasticTrainer, comm: Communicator) -> None:
+        self.trainer = trainer
+        bcast = functools.partial(comm.broadcast_object, root=0, name="dho2/elastic/state")
+        super().__init__(bcast_object=bcast, get_rank=lambda: comm.rank,
+                         weights=trainer.model.get_weights(), optimizer_state=None, step=0,
+                         epoch_loss=0.0, history=[])
+
+    def save(self) -> None:
+        """Capture weights and optimizer state from the trainer, then keep every attribute."""
+        snapshot = self.trainer.snapshot()  # collective; attributes change only if it succeeds
+        self.weights, self.optimizer_state = snapshot["weights"], snapshot["optimizer_state"]
+        super().save()
+
+
+def _train(state: DHO2ElasticState, on_step_begin: StepHook | None,
+           log: dict[str, list[tuple[int, int]]]) -> ElasticResult:
+    """Train from the state's step to the end; Horovod re-enters it after every reset."""
+    trainer, cfg = state.trainer, state.trainer.config
+    comm, spe = trainer.comm, trainer.steps_per_epoch
+    trainer.rebuild(state.weights, state.optimizer_state, state.step)
+    log["starts"].append((state.step, comm.size))
+    if comm.is_root:
+        logger.info("elastic start: step=%d epoch=%d size=%d", state.step, state.step // spe,
+                    comm.size)
+    total = cfg.epochs * spe
+    while state.step < total:
+        if on_step_begin is not None:
+            on_step_begin(state.step, comm)
+        state.epoch_loss += trainer.train_step(state.step)
+        state.step += 1
+        if state.step % spe == 0:
+            record = {"epoch": state.step // spe - 1, "loss": state.epoch_loss / spe,
+                      "test_accuracy": trainer.evaluate(), "size": comm.size}
+            state.history = [*state.history, record]
+            state.epoch_loss = 0.0
+            if comm.is_root:
+                logger.info("elastic epoch %(epoch)d: loss=%(loss).4f "
+                            "test_accuracy=%(test_accuracy).4f size=%(size)d", record)
+        if cfg.is_commit_step(state.step, spe):
+            state.save()  # state.commit() in two halves, so the log shows every saved commit
+            log["commits"].append((state.step, comm.size))
+            if comm.is_root:
+                logger.info("elastic commit: step=%d size=%d", state.step, comm.size)
+            state.check_host_updates()  # may raise HostsUpdatedInterrupt (kept: no roll-back)
+    trainer.optimizer.on_train_end()
+    return ElasticResult(state.step, trainer.evaluate(), list(state.history),
+                         list(log["commits"]), list(log["starts"]))
+
+
+def _run_elastic(body: Callable[..., ElasticResult]) -> Callable[..., ElasticResult]:
+    """``hvd.elastic.run`` with failure detection that also covers reduce-scatter."""
+    import horovod.tensorflow as hvd
+
+    @functools.wraps(body)
+    def guarded(state: DHO2ElasticState, *args: Any) -> ElasticResult:
+        try:
+            return body(state, *args)
+        except tf.errors.UnknownError as err:
+            if not is_horovod_failure(err):
+                raise
+            if state.trainer.comm.is_root:
+                logger.warning("elastic: a collective failed at step %d; rolling back to the "
+                               "commit of step %d", state.step, state._saved_state["step"])
+            raise HorovodInternalError(err) from err
+
+    def reset() -> None:
+        hvd.shutdown()
+        hvd.init()
+
+    return run_fn(guarded, reset)
+
+
+def elastic_train(model: tf.keras.Model, optimizer_config: dict[str, Any],
+                  data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                  config: ElasticConfig, *, comm: Communicator | None = None,
+                  per_example_loss: PerExampleLoss | None = None,
+                  on_step_begin: StepHook | None = None) -> ElasticResult:
+    """Train ``model`` with DHO2, surviving workers that fail or join (Horovod Elastic).
+
+    Under ``horovodrun`` with elastic flags (``HOROVOD_ELASTIC=1``) the loop runs inside
+    Horovod's elastic driver loop; under plain ``horovodrun`` or in one process it runs once,
+    with the same commits, so both give the same trajectory. Rank 0's initial weights are
+    broadcast to every rank at the start. See the module docstring for the semantics.
+
+    Args:
+        model: a built Keras model with logits output (build it the same way on every rank).
+        optimizer_config: DHO2 constructor arguments; ``mode`` in :data:`ELASTIC_MODES`.
+        data: ``(x_train, y_train, x_test, y_test)``, identical on every rank.
+        config: the schedule (:class:`ElasticConfig`).
+        comm: communicator. Defaults to :func:`dho2_tf.distributed.comm.default_comm` (its
+            ``hvd.init`` is not a collective, so it may run before the elastic loop).
+        per_example_loss: ``loss(y_true, y_pred) -> [b]``. Defaults to sparse categorical
+            cross-entropy from logits.
+        on_step_begin: ``hook(step, comm)`` called before every update (e.g. fault injection).
+
+    Returns:
+        The :class:`ElasticResult` (the same on every rank, except ``commits``/``starts``,
+        which are this process's own).
+
+    Raises:
+        ValueError: on an invalid configuration or an unsupported DHO2 ``mode``.
+    """
+    comm = default_comm() if comm is None else comm
+    trainer = ElasticTrainer(model, optimizer_config, data, config, comm, per_example_loss)
+    state = DHO2ElasticState(trainer, comm)
+    state.register_reset_callbacks([trainer.invalidate])
+    log: dict[str, list[tuple[int, int]]] = {"commits": [], "starts": []}
+    if os.environ.get("HOROVOD_ELASTIC") == "1":
+        return _run_elastic(_train)(state, on_step_begin, log)
+    state.sync()
+    return _train(state, on_step_begin, log)

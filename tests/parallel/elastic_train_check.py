@@ -1,0 +1,102 @@
+"""Run under horovodrun (elastic or static): DHO2 on the MNIST-1D MLP via ``elastic_train``.
+
+With ``--kill-step K --kill-host H --drain D`` the worker whose ``HOROVOD_HOSTNAME`` is H
+creates the file D/H (``jobs/elastic/discover_hosts.sh`` with ``DHO2_ELASTIC_DRAIN=D`` then stops
+listing H) and dies with ``os._exit(1)`` before global step K; it prints ``KILL step=K``. With
+``--grow-step K --grow-hosts-file F`` rank 0 appends ``--grow-host`` to F (the discovery
+script's ``DHO2_ELASTIC_HOSTS_FILE``) before step K and prints ``GROW step=K``. Rank 0 logs
+``elastic commit: ...``/``elastic start: ...``; every rank that finishes prints one line
+``ELASTIC_RESULT {json}``.
+
+Usage:
+  elastic_train_check.py [--epochs N] [--kill-step K --kill-host H --drain D]
+                         [--grow-step K --grow-hosts-file F [--grow-host H:S]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import tensorflow as tf
+
+import models
+from dho2_tf.data import load_mnist1d
+from dho2_tf.distributed.comm import Communicator, HorovodComm
+from dho2_tf.distributed.elastic import ElasticConfig, elastic_train
+
+GLOBAL_BATCH, COMMIT_EVERY = 100, 15
+
+
+def kill_hook(step_to_die: int, host: str, drain: str) -> Callable[[int, Communicator], None]:
+    """Return a hook that kills this worker before ``step_to_die`` if it runs on ``host`` (once)."""
+    flag = os.path.join(drain, host)
+
+    def hook(step: int, comm: Communicator) -> None:
+        if step == step_to_die and os.environ.get("HOROVOD_HOSTNAME") == host \
+                and not os.path.exists(flag):
+            Path(flag).touch()
+            print(f"KILL step={step} rank={comm.rank} host={host}", flush=True)
+            os._exit(1)
+
+    return hook
+
+
+def grow_hook(step_to_grow: int, hosts_file: str, entry: str) -> Callable[[int, Communicator],
+                                                                         None]:
+    """Return a hook that appends ``entry`` to ``hosts_file`` on rank 0 before ``step_to_grow``."""
+
+    def hook(step: int, comm: Communicator) -> None:
+        path = Path(hosts_file)
+        if step == step_to_grow and comm.is_root and entry not in path.read_text().split():
+            with path.open("a") as f:
+                f.write(entry + "\n")
+            print(f"GROW step={step} host={entry}", flush=True)
+
+    return hook
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--kill-step", type=int, default=None)
+    parser.add_argument("--kill-host", default="127.0.0.1")
+    parser.add_argument("--drain", default=None)
+    parser.add_argument("--grow-step", type=int, default=None)
+    parser.add_argument("--grow-hosts-file", default=None)
+    parser.add_argument("--grow-host", default="127.0.0.1:1")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
+    comm = HorovodComm()  # hvd.init: not a collective, allowed before the elastic loop
+    data = load_mnist1d()
+    tf.keras.utils.set_random_seed(0)
+    model = models.get("mlp", (40,), 10)
+    total = args.epochs * (len(data.x_train) // GLOBAL_BATCH)
+    optimizer_config = {
+        "learning_rate": tf.keras.optimizers.schedules.CosineDecay(0.05, total),
+        "base": "momentum", "k": 10, "refresh_every": 50, "warmup": 50}
+    hook = None
+    if args.kill_step is not None:
+        hook = kill_hook(args.kill_step, args.kill_host, args.drain)
+    elif args.grow_step is not None:
+        hook = grow_hook(args.grow_step, args.grow_hosts_file, args.grow_host)
+    result = elastic_train(
+        model, optimizer_config, (data.x_train, data.y_train, data.x_test, data.y_test),
+        ElasticConfig(epochs=args.epochs, global_batch=GLOBAL_BATCH, curvature_batch=400,
+                      commit_every=COMMIT_EVERY), comm=comm, on_step_begin=hook)
+    print("ELASTIC_RESULT " + json.dumps({**dataclasses.asdict(result), "rank": comm.rank,
+                                          "steps_per_epoch": total // args.epochs,
+                                          "commit_every": COMMIT_EVERY,
+                                          "final_size": comm.size}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Single-process tests of the elastic-training pieces.
+
+The multi-worker run (a worker killed mid-job) is ``tests/test_parallel_elastic.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dho2_tf.distributed.comm import LocalComm
+from dho2_tf.distributed.elastic import (
+    DHO2ElasticState,
+    ElasticConfig,
+    ElasticTrainer,
+    elastic_train,
+    global_batch_rows,
+    is_horovod_failure,
+    rank_rows,
+)
+
+SMALL = ElasticConfig(global_batch=20, curvature_batch=40)
+OPT = {"learning_rate": 0.05, "base": "momentum", "k": 2, "refresh_every": 4, "warmup": 3}
+
+
+def tiny_data(rows: int = 120, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows + 40, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+    return x[:rows], y[:rows], x[rows:], y[rows:]
+
+
+def tiny_model() -> tf.keras.Model:
+    tf.keras.utils.set_random_seed(1)
+    return tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(8, activation="tanh"),
+                                tf.keras.layers.Dense(3)])
+
+
+class _RankView:
+    """Rank/size stand-in: the loss scaling needs no collective."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank, self.size = rank, size
+
+
+def make_trainer(config: ElasticConfig, comm: LocalComm | None = None) -> ElasticTrainer:
+    return ElasticTrainer(tiny_model(), OPT, tiny_data(), config, comm or LocalComm())
+
+
+@pytest.mark.parametrize("batch,size", [(1, 1), (7, 1), (7, 2), (7, 3), (7, 7), (100, 3),
+                                        (100, 5)])
+def test_rank_rows_tile_the_batch_with_sizes_differing_by_at_most_one(batch: int,
+                                                                      size: int) -> None:
+    bounds = [rank_rows(batch, r, size) for r in range(size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == batch
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    lengths = [stop - start for start, stop in bounds]
+    assert max(lengths) - min(lengths) <= 1
+
+
+def test_global_batches_cover_each_epoch_once_and_reshuffle_between_epochs() -> None:
+    config = ElasticConfig(global_batch=25, seed=3)
+    epoch0 = np.concatenate([global_batch_rows(t, 110, config) for t in range(4)])
+    epoch1 = np.concatenate([global_batch_rows(t, 110, config) for t in range(4, 8)])
+    assert len(np.unique(epoch0)) == 100 and len(np.unique(epoch1)) == 100
+    assert not np.array_equal(epoch0, epoch1)
+    np.testing.assert_array_equal(global_batch_rows(5, 110, config),
+                                  global_batch_rows(5, 110, ElasticConfig(global_batch=25, seed=3)))
+
+
+def test_config_validation_messages_and_commit_schedule() -> None:
+    with pytest.raises(ValueError,
+                       match=r"`epochs` must be a positive integer. Received: epochs=0"):
+        ElasticConfig(epochs=0)
+    with pytest.raises(ValueError, match=r"`global_batch` must not exceed the 50 training rows"):
+        ElasticConfig(global_batch=60).steps_per_epoch(50)
+    with pytest.raises(ValueError, match=r"`curvature_batch` must not exceed the 120 training "
+                                         r"rows. Received: curvature_batch=400"):
+        make_trainer(ElasticConfig(global_batch=20, curvature_batch=400))
+    config = ElasticConfig(commit_every=15)
+    assert [s for s in range(1, 81) if config.is_commit_step(s, 40)] == [15, 30, 40, 45, 60, 75,
+                                                                          80]
+
+
+def test_horovod_failures_are_recognised_including_reducescatter() -> None:
+    shut = "Detected at node rs ... horovod_reducescatter\n\nHorovod has been shut down. This was"
+    assert is_horovod_failure(tf.errors.UnknownError(None, None, shut))
+    assert is_horovod_failure(tf.errors.UnknownError(None, None, "HorovodAllreduce_x failed"))
+    assert not is_horovod_failure(tf.errors.UnknownError(None, None, "disk on fire"))
+    assert not is_horovod_failure(tf.errors.InvalidArgumentError(None, None, shut))
+
+
+@pytest.mark.parametrize("mode", ["admm", "pipelined"])
+def test_modes_without_repartitionable_state_are_rejected(mode: str) -> None:
+    with pytest.raises(ValueError, match=r"`mode` must be one of \('sharded', 'faithful'\) for "
+                                         rf"elastic training.*Received: mode='{mode}'"):
+        ElasticTrainer(tiny_model(), {**OPT, "mode": mode}, tiny_data(), SMALL,
+                       LocalComm())
+
+
+def test_invalid_optimizer_config_fails_before_training() -> None:
+    with pytest.raises(ValueError, match="`k` must be a positive integer"):
+        ElasticTrainer(tiny_model(), {**OPT, "k": 0}, tiny_data(), SMALL, LocalComm())
+
+
+def test_rebuild_rejects_batches_smaller_than_the_world_and_inconsistent_steps() -> None:
+    trainer = make_trainer(ElasticConfig(global_batch=3, curvature_batch=40))
+    weights = trainer.model.get_weights()
+    trainer.comm = _RankView(0, 4)
+    with pytest.raises(ValueError, match=r"must be at least the world size 4. Received: "
+                                         r"global_batch=3, curvature_batch=40"):
+        trainer.rebuild(weights, None, 0)
+    trainer.comm = LocalComm()
+    with pytest.raises(RuntimeError, match="Committed optimizer state is at step 0 but the "
+                                           "committed step is 5"):
+        trainer.rebuild(weights, None, 5)
+    with pytest.raises(RuntimeError, match=r"call rebuild\(weights, optimizer_state, step\)"):
+        make_trainer(SMALL).train_step(0)
+
+
+def test_scaled_slice_losses_average_to_the_global_batch_mean() -> None:
+    trainer = make_trainer(ElasticConfig(global_batch=10, curvature_batch=40))
+    y_true = tf.constant(np.arange(10) % 3, tf.int32)
+    logits = tf.constant(np.random.default_rng(0).standard_normal((10, 3)), tf.float32)
+    want = float(tf.reduce_mean(trainer.loss(y_true, logits)))
+    for size in (1, 2, 3, 4):
+        losses = []
+        for rank in range(size):
+            trainer.comm = _RankView(rank, size)
+            start, stop = rank_rows(10, rank, size)
+            losses.append(float(trainer._scaled_loss_fn(10)(y_true[start:stop],
+                                                            logits[start:stop])))
+        assert np.mean(losses) == pytest.approx(want, rel=1e-6)
+
+
+def test_rollback_to_a_commit_replays_the_same_steps() -> None:
+    config = ElasticConfig(epochs=2, global_batch=20, curvature_batch=40, commit_every=5)
+    trainer = make_trainer(config)
+    state = DHO2ElasticState(trainer, trainer.comm)
+    trainer.rebuild(state.weights, None, 0)
+    first = []
+    for t in range(10):
+        first.append(trainer.train_step(t))
+        state.step = t + 1
+        if state.step == 5:
+            state.commit()
+    state.restore()
+    assert state.step == 5
+    trainer.invalidate()
+    trainer.rebuild(state.weights, state.optimizer_state, state.step)
+    replay = [trainer.train_step(t) for t in range(5, 10)]
+    np.testing.assert_allclose(replay, first[5:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sharded", "faithful"])
+def test_elastic_train_in_one_process_commits_on_schedule(mode: str) -> None:
+    config = ElasticConfig(epochs=2, global_batch=20, curvature_batch=40, commit_every=4)
+    result = elastic_train(tiny_model(), {**OPT, "mode": mode}, tiny_data(), config,
+                           comm=LocalComm())
+    assert result.steps == 12 and result.starts == [(0, 1)]
+    assert [s for s, _ in result.commits] == [4, 6, 8, 12]
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert 0.0 <= result.test_accuracy <= 1.0 and np.isfinite(result.history[-1]["loss"])
