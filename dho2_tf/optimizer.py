@@ -341,6 +341,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         mine = repr((sorted(config.items()), self.comm.size,
                      [(tuple(v.shape), v.dtype.name) for v in model.trainable_variables]))
         everyone = self.comm.allgather_object(mine, name="dho2/consistency")
+        self.consistency_checked = True
         differing = [r for r, fp in enumerate(everyone) if fp != everyone[0]]
         if differing:
             raise ValueError(

@@ -77,6 +77,9 @@ class PipelinedMode(Mode):
     def on_step_begin(self) -> None:
         """DELIVER when due (before a new trigger), then hand θ over at a trigger."""
         opt = self.opt
+        if not getattr(opt, "consistency_checked", False):
+            # The curvature ranks check in serve_curvature(); match that collective here.
+            opt.verify_consistency(opt.binding["model"])
         t = int(opt.iterations.numpy())
         if self.pending_delivery is not None and t >= self.pending_delivery:
             self._receive()
