@@ -338,7 +338,7 @@ def shard_arrays(x: np.ndarray, y: np.ndarray, comm: RankInfo, *,
 def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: RankInfo,
                     shuffle: bool = True, seed: int = 0, drop_remainder: bool = True,
                     augment: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
-                    | None = None) -> tf.data.Dataset:
+                    | None = None, initial_epoch: int | None = None) -> tf.data.Dataset:
     """This rank's shard of ``(x, y)`` as a shuffled, batched, prefetched ``tf.data.Dataset``.
 
     Rank r of P keeps rows ``r::P`` (``ds.shard(P, r)``), shuffles them with a fresh order every
@@ -356,6 +356,12 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: Rank
             batch, so that every rank runs the same number of full batches (synchronous
             training needs equal step counts, or collectives hang).
         augment: per-example ``(x, y) -> (x, y)`` map, e.g. :func:`cifar_augment`.
+        initial_epoch: ``None`` for one pass per iteration (Keras re-iterates it every epoch).
+            An integer e gives the resumable form: an endless stream of epochs e, e+1, ...
+            whose order depends only on ``(seed, epoch)`` (a stateless permutation), each epoch
+            exactly ``⌊n_r / batch_size⌋`` batches, so ``fit(ds, steps_per_epoch=...,
+            initial_epoch=e)`` after a resume sees the batches an uninterrupted run would have
+            (augmentation draws excepted). Needs ``drop_remainder=True``.
 
     Returns:
         A dataset of ``(x [B, ...], y [B])`` batches.
@@ -368,6 +374,11 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: Rank
             f"`batch_size` must be a positive integer. Received: batch_size={batch_size}")
     n = _check_rows(x, y)
     rank, size = _check_comm(comm)
+    if initial_epoch is not None and (isinstance(initial_epoch, bool) or not isinstance(
+            initial_epoch, int) or initial_epoch < 0 or not drop_remainder):
+        raise ValueError("`initial_epoch` must be None or a non-negative integer, with "
+                         f"drop_remainder=True. Received: initial_epoch={initial_epoch!r}, "
+                         f"drop_remainder={drop_remainder}")
     if not drop_remainder and n % size and \
             math.ceil(math.ceil(n / size) / batch_size) != math.ceil(n // size / batch_size):
         warnings.warn(
@@ -378,12 +389,42 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: Rank
         x, y = x[:n - n % size], y[:n - n % size]
     if not np.issubdtype(np.asarray(x).dtype, np.floating):
         x = np.asarray(x, np.float32)
+    if initial_epoch is not None:
+        return _epoch_stream(x[rank::size], y[rank::size], batch_size, shuffle, seed,
+                             initial_epoch, augment)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shard(size, rank)
     if shuffle:
         ds = ds.shuffle(max(1, -(-len(x) // size)), seed=seed, reshuffle_each_iteration=True)
     if augment is not None:
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_stream(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
+                  initial_epoch: int, augment: Callable | None) -> tf.data.Dataset:
+    """Batches of epochs ``initial_epoch, initial_epoch + 1, ...`` of one rank's rows, endless.
+
+    Epoch e visits the rows in the order π_e = stateless_shuffle(0..n-1, seed=(seed, e)) and
+    yields its first ⌊n / batch_size⌋ full batches.
+    """
+    n = len(x)
+    if n < batch_size:
+        raise ValueError(f"`batch_size` ({batch_size}) exceeds this rank's {n} rows.")
+    rows_x, rows_y = tf.constant(x), tf.constant(y)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.range(n, dtype=tf.int64)
+        if shuffle:
+            order = tf.random.experimental.stateless_shuffle(
+                order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=True)
+
+    ds = tf.data.Dataset.counter(initial_epoch).flat_map(one_epoch)
+    ds = ds.map(lambda idx: (tf.gather(rows_x, idx), tf.gather(rows_y, idx)))
+    if augment is not None:
+        ds = ds.unbatch().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def cifar_augment(x: tf.Tensor, y: tf.Tensor, padding: int = 4) -> tuple[tf.Tensor, tf.Tensor]:

@@ -3,12 +3,16 @@
 The run builds the dataset (sharded by rank), the model, the optimizer (DHO2 or a Horovod
 data-parallel Keras baseline) and the callbacks, trains with ``model.fit`` and returns the test
 accuracy history against training wall time. Logs and the progress bar appear on rank 0 only.
+Configurations come from code, from flags or from a YAML/JSON file (:func:`load_config_file`,
+:meth:`TrainConfig.from_dict`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,8 +20,10 @@ import numpy as np
 import tensorflow as tf
 
 from dho2_tf.callbacks import BroadcastInitialState, CurvatureRefresh, TestAccuracyClock
-from dho2_tf.data import load_dataset, make_tf_dataset, shard_arrays
-from dho2_tf.distributed.comm import Communicator, default_comm
+from dho2_tf.checkpointing import EpochCheckpoint, read_manifest
+from dho2_tf.data import DATASETS, cifar_augment, load_dataset, make_tf_dataset, shard_arrays
+from dho2_tf.distributed.comm import Communicator, Group, default_comm
+from dho2_tf.monitoring import TensorBoardMonitor
 from dho2_tf.optimizer import DHO2
 from dho2_tf.validation import check_int, check_real
 
@@ -25,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("dho2", "adam", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine")
+IMAGE_MODELS = ("resnet20", "resnet32", "resnet56", "resnet110")
 
 
 @dataclasses.dataclass
@@ -33,12 +40,14 @@ class TrainConfig:
 
     Attributes:
         model: registry name (``models.available()``).
-        dataset: ``mnist1d``, ``digits``, ``cifar10`` or ``cifar100``.
+        dataset: ``mnist1d``, ``digits``, ``cifar10`` or ``cifar100``. ``digits`` is fed as
+            8×8×1 images to the 2-D ResNets, as 64-vectors otherwise; CIFAR training images
+            are augmented (reflect-pad 4, random crop, flip).
         data_dir: folder of the CIFAR python-pickle files.
         num_samples: MNIST-1D samples to generate (80% train).
         optimizer: ``dho2`` or a data-parallel baseline: ``adam``, ``sgd``, ``momentum``.
         base: DHO2's base optimizer.
-        mode: DHO2's distribution mode.
+        mode: DHO2's distribution mode (``dho2_tf.optimizer.MODES``).
         learning_rate: peak (base) learning rate.
         schedule: ``constant`` or ``cosine`` decay over the whole run.
         epochs: maximum number of epochs.
@@ -46,9 +55,16 @@ class TrainConfig:
         weight_decay: L2 coefficient put into the model's loss.
         momentum: momentum of ``momentum``/``nesterov`` (DHO2 base and baseline).
         k, ell, alpha, refresh_every, warmup, lanczos_order, c_max: DHO2 hyper-parameters.
+        refresh_every_epochs: DHO2 refresh interval in epochs; overrides ``refresh_every``.
         curvature_batch: global curvature-batch size (split across ranks).
+        dho2_options: further ``DHO2`` keyword arguments (e.g. ``eigenvalue_damping``).
         seed: seed of weights, data order and Lanczos.
         target_accuracy: stop at this test accuracy.
+        prioritized: train with prioritized SGD (``dho2_tf.prioritized``).
+        prioritized_k, prioritized_r: fractions of the shard selected / re-scored per step.
+        tensorboard_dir: write TensorBoard event files here (rank 0).
+        checkpoint_dir: save a checkpoint here after every epoch (rank 0 writes).
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
         verbose: Keras verbosity on rank 0 (0, 1 progress bar, 2 one line per epoch).
     """
 
@@ -69,38 +85,162 @@ class TrainConfig:
     ell: int = 0
     alpha: float = 0.01
     refresh_every: int = 200
+    refresh_every_epochs: int | None = None
     warmup: int = 40
     lanczos_order: int | None = None
     c_max: float | None = None
     curvature_batch: int = 500
+    dho2_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     target_accuracy: float | None = None
+    prioritized: bool = False
+    prioritized_k: float = 0.05
+    prioritized_r: float = 0.01
+    tensorboard_dir: str | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
     verbose: int = 1
+
+    @classmethod
+    def field_types(cls) -> dict[str, str]:
+        """Field name → annotation string (``"int"``, ``"float | None"``, ...)."""
+        return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """A config from a mapping of field names (``-`` or ``_``) to values, types coerced.
+
+        Raises:
+            ValueError: on an unknown key (the message lists the valid ones) or a value that
+                does not convert to the field's type.
+        """
+        types = cls.field_types()
+        out: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in types:
+                raise ValueError(f"Unknown key {raw_key!r} in {source}. Valid keys: "
+                                 f"{', '.join(sorted(types))}")
+            out[key] = coerce(key, types[key], value)
+        return cls(**out)
 
     def validate(self) -> None:
         """Raise ValueError on any bad field, before data is loaded or a collective runs."""
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}. "
-                             f"Received: optimizer={self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}. "
-                             f"Received: schedule={self.schedule!r}")
-        check_int("epochs", self.epochs, minimum=1)
-        check_int("batch_size", self.batch_size, minimum=1)
-        check_int("curvature_batch", self.curvature_batch, minimum=1)
+        import models
+
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "dataset": DATASETS,
+                   "model": tuple(models.available())}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {tuple(allowed)}. "
+                                 f"Received: {name}={getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "curvature_batch", "num_samples"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("verbose", self.verbose, minimum=0, maximum=2)
+        if self.refresh_every_epochs is not None:
+            check_int("refresh_every_epochs", self.refresh_every_epochs, minimum=1)
         check_real("learning_rate", self.learning_rate, minimum=0.0, open_min=True)
         check_real("weight_decay", self.weight_decay, minimum=0.0)
         if self.target_accuracy is not None:
             check_real("target_accuracy", self.target_accuracy, minimum=0.0, maximum=1.0)
+        if self.dataset.startswith("cifar") and not self.data_dir:
+            raise ValueError(f"`data_dir` must name the folder of the CIFAR files for "
+                             f"dataset={self.dataset!r}. Received: data_dir={self.data_dir!r}")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("`resume` needs `checkpoint_dir`. Received: resume=True, "
+                             "checkpoint_dir=None")
+        if self.prioritized:
+            make_sampler(self)  # validates k and r
+        if self.optimizer == "dho2" and self.mode == "pipelined":
+            for name in ("checkpoint_dir", "prioritized"):
+                if getattr(self, name):
+                    raise ValueError(f"`{name}` is not supported with mode='pipelined' (the "
+                                     f"curvature ranks do not train). Received: "
+                                     f"{name}={getattr(self, name)!r}")
         if self.optimizer == "dho2":
             self.make_dho2(learning_rate=self.learning_rate, comm=None)  # validates DHO2 args
 
-    def make_dho2(self, learning_rate: Any, comm: Communicator | None) -> DHO2:
+    def make_dho2(self, learning_rate: Any, comm: Communicator | None,
+                  steps_per_epoch: int | None = None) -> DHO2:
         """The DHO2 optimizer this configuration describes."""
-        return DHO2(learning_rate=learning_rate, base=self.base, k=self.k, ell=self.ell,
-                    alpha=self.alpha, c_max=self.c_max, lanczos_order=self.lanczos_order,
-                    refresh_every=self.refresh_every, warmup=self.warmup,
-                    momentum=self.momentum, mode=self.mode, seed=self.seed, comm=comm)
+        refresh_every, warmup = self.refresh_every, self.warmup
+        if self.refresh_every_epochs is not None and steps_per_epoch is not None:
+            refresh_every = self.refresh_every_epochs * steps_per_epoch
+        options = {"base": self.base, "k": self.k, "ell": self.ell, "alpha": self.alpha,
+                   "c_max": self.c_max, "lanczos_order": self.lanczos_order,
+                   "refresh_every": refresh_every, "warmup": warmup, "momentum": self.momentum,
+                   "mode": self.mode, "seed": self.seed, **self.dho2_options}
+        try:
+            return DHO2(learning_rate=learning_rate, comm=comm, **options)
+        except TypeError as err:
+            raise ValueError(f"`dho2_options` has an argument DHO2 does not take: {err}. "
+                             f"Received: dho2_options={self.dho2_options!r}") from None
+
+
+def coerce(name: str, annotation: str, value: Any) -> Any:
+    """``value`` converted to the type named by ``annotation`` (as in :class:`TrainConfig`).
+
+    Raises:
+        ValueError: naming the key and the value when the conversion fails.
+    """
+    if value is None and "None" in annotation:
+        return None
+    kind = annotation.split("|")[0].split("[")[0].strip()
+    try:
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind == "dict":
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be of type {annotation}. "
+                         f"Received: {name}={value!r}") from None
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping stored in a ``.yaml``/``.yml`` or ``.json`` file.
+
+    Raises:
+        ValueError: on another extension, a parse error or a file that is not a mapping.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"`config` must be a .yaml, .yml or .json file. Received: config={path!r}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if ext == ".json":
+                values = json.load(handle)
+            else:
+                import yaml
+
+                values = yaml.safe_load(handle)
+    except OSError as err:
+        raise ValueError(f"Cannot read config file {path!r}: {err.strerror}") from None
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
+        raise ValueError(f"Cannot parse config file {path!r}: {err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {path!r} must hold a mapping of keys to values. "
+                         f"Received: {type(values).__name__}")
+    return values
 
 
 @dataclasses.dataclass
@@ -111,19 +251,25 @@ class TrainResult:
         test_accuracy: final test accuracy.
         best_accuracy: best test accuracy over epochs.
         train_seconds: training wall time (evaluation excluded).
+        wall_seconds: wall time of ``fit``, evaluation included.
         time_to_target: training seconds until ``target_accuracy`` was reached, else None.
         history: one dict per epoch (epoch, seconds, test_accuracy, test_loss, train_loss).
         refreshes: DHO2 refresh records (index, seconds, status, eigenvalues, scale).
         ranks: number of ranks.
+        steps_per_epoch: training steps per epoch.
+        initial_epoch: epochs already done by the checkpoint this run resumed from.
     """
 
     test_accuracy: float
     best_accuracy: float
     train_seconds: float
+    wall_seconds: float
     time_to_target: float | None
     history: list[dict[str, float]]
     refreshes: list[dict[str, Any]]
     ranks: int
+    steps_per_epoch: int = 0
+    initial_epoch: int = 0
 
 
 def learning_rate_for(config: TrainConfig, total_steps: int) -> Any:
@@ -133,11 +279,11 @@ def learning_rate_for(config: TrainConfig, total_steps: int) -> Any:
     return config.learning_rate
 
 
-def make_optimizer(config: TrainConfig, total_steps: int, comm: Communicator) -> Any:
+def make_optimizer(config: TrainConfig, steps_per_epoch: int, comm: Communicator) -> Any:
     """DHO2, or a Keras first-order optimizer made data-parallel by the communicator."""
-    lr = learning_rate_for(config, total_steps)
+    lr = learning_rate_for(config, steps_per_epoch * config.epochs)
     if config.optimizer == "dho2":
-        return config.make_dho2(lr, comm)
+        return config.make_dho2(lr, comm, steps_per_epoch)
     if config.optimizer == "adam":
         base = tf.keras.optimizers.Adam(learning_rate=lr)
     else:
@@ -146,49 +292,204 @@ def make_optimizer(config: TrainConfig, total_steps: int, comm: Communicator) ->
     return comm.data_parallel_optimizer(base)
 
 
+def make_sampler(config: TrainConfig) -> Any:
+    """The ``PrioritizedSampler`` of a ``prioritized`` run."""
+    from dho2_tf.prioritized import PrioritizedSampler
+
+    return PrioritizedSampler(k=config.prioritized_k, r=config.prioritized_r, seed=config.seed)
+
+
+def make_comm(config: TrainConfig) -> Communicator:
+    """The run's communicator; a pipelined DHO2 run registers its process sets at start-up."""
+    if config.optimizer == "dho2" and config.mode == "pipelined" and "HOROVOD_RANK" in os.environ:
+        from dho2_tf.distributed.comm import HorovodComm
+        from dho2_tf.distributed.pipeline import pipeline_process_sets
+
+        options = config.dho2_options
+        return HorovodComm(process_sets=pipeline_process_sets(
+            options.get("curvature_ranks", 1), options.get("update_ranks")))
+    return default_comm()
+
+
+def training_group(config: TrainConfig, comm: Communicator) -> Any:
+    """The process set of the ranks that run ``fit`` (``None``: all ranks)."""
+    if config.optimizer != "dho2" or config.mode != "pipelined":
+        return None
+    from dho2_tf.distributed.pipeline import PipelineGroups
+
+    options = config.dho2_options
+    update = PipelineGroups.of(comm.size, options.get("curvature_ranks", 1),
+                               options.get("update_ranks")).update
+    if len(update) == 1:
+        return Group(update)  # one training rank: nothing to synchronise
+    return comm.group(update) if len(update) < comm.size else None
+
+
+def data_ranks(config: TrainConfig, comm: Communicator) -> tuple[Any, bool]:
+    """``(rank info for sharding the data, is this a training rank)``.
+
+    All ranks train and share the data, except in pipelined DHO2, where the update ranks share
+    the training data and the curvature ranks share the curvature batch.
+    """
+    if config.optimizer != "dho2" or config.mode != "pipelined":
+        return comm, True
+    from types import SimpleNamespace
+
+    from dho2_tf.distributed.pipeline import PipelineGroups
+
+    options = config.dho2_options
+    groups = PipelineGroups.of(comm.size, options.get("curvature_ranks", 1),
+                               options.get("update_ranks"))
+    ranks = groups.update if comm.rank in groups.update else groups.curvature
+    return SimpleNamespace(rank=ranks.index(comm.rank), size=len(ranks)), \
+        comm.rank in groups.update
+
+
+def load_data(config: TrainConfig) -> Any:
+    """The :class:`dho2_tf.data.Dataset` of ``config``."""
+    if config.dataset == "mnist1d":
+        return load_dataset("mnist1d", num_samples=config.num_samples)
+    if config.dataset == "digits":
+        return load_dataset("digits", as_images=config.model in IMAGE_MODELS)
+    return load_dataset(config.dataset, path=config.data_dir)
+
+
+class ReplicaSync(tf.keras.callbacks.Callback):
+    """Keep the training ranks consistent around the per-epoch evaluation.
+
+    With ``phase="before"`` (put it before ``TestAccuracyClock``) it averages the model's
+    non-trainable variables (batch-norm moving statistics, computed by each rank from its own
+    batches) over the ranks, so every rank evaluates the same model. With ``phase="after"`` (put
+    it after the clock) every rank takes rank 0's early-stopping decision, so no rank leaves
+    ``fit`` while the others wait in a collective.
+
+    Args:
+        comm: communicator.
+        process_set: the ranks that run ``fit`` (``None``: all; must contain rank 0).
+        phase: ``"before"`` or ``"after"`` the evaluation.
+    """
+
+    def __init__(self, comm: Communicator, process_set: Any = None, phase: str = "before"
+                 ) -> None:
+        super().__init__()
+        self.comm, self.process_set, self.phase = comm, process_set, phase
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.phase == "after":
+            stop = self.comm.broadcast(tf.constant([float(bool(self.model.stop_training))]), 0,
+                                       name="dho2/experiment/stop", process_set=self.process_set)
+            self.model.stop_training = bool(stop.numpy()[0] > 0.5)
+            return
+        variables = self.model.non_trainable_variables
+        means = self.comm.grouped_allreduce([v.value() for v in variables], "mean",
+                                            name="dho2/experiment/model_statistics",
+                                            process_set=self.process_set)
+        for variable, mean in zip(variables, means):
+            variable.assign(mean)
+
+
+def _callbacks(config: TrainConfig, comm: Communicator, x_r: np.ndarray, y_r: np.ndarray,
+               clock: TestAccuracyClock, initial_epoch: int
+               ) -> tuple[list[tf.keras.callbacks.Callback], CurvatureRefresh | None]:
+    """Callbacks in the order they must run: initial broadcast / curvature, resume, clock, logs."""
+    callbacks: list[tf.keras.callbacks.Callback] = []
+    curvature = None
+    if config.optimizer == "dho2":
+        per_rank = max(1, config.curvature_batch // comm.size)
+        curvature = CurvatureRefresh(batch=(x_r[:per_rank], y_r[:per_rank]))
+        callbacks.append(curvature)
+    elif not config.prioritized:  # PrioritizedModel broadcasts the weights itself
+        callbacks.append(BroadcastInitialState(comm))
+    group = training_group(config, comm)
+    if comm.group_size(group) > 1:
+        callbacks += [ReplicaSync(comm, group, "before"), clock, ReplicaSync(comm, group, "after")]
+    else:
+        callbacks.append(clock)
+    if config.checkpoint_dir:
+        callbacks.append(EpochCheckpoint(config.checkpoint_dir, comm, resume=initial_epoch > 0))
+    if config.tensorboard_dir:
+        callbacks.append(TensorBoardMonitor(config.tensorboard_dir, comm))
+    return callbacks, curvature
+
+
+def initial_epoch_for(config: TrainConfig) -> int:
+    """Epochs already done by the checkpoint ``resume`` continues from (0 without one)."""
+    if not (config.resume and config.checkpoint_dir):
+        return 0
+    info = read_manifest(config.checkpoint_dir)
+    if info is None:
+        logger.warning("No checkpoint in %s yet: starting from scratch.", config.checkpoint_dir)
+        return 0
+    if info.epoch >= config.epochs:
+        raise ValueError(f"The checkpoint in {config.checkpoint_dir} has already completed "
+                         f"{info.epoch} epochs; `epochs` must exceed that to resume. "
+                         f"Received: epochs={config.epochs}")
+    return info.epoch
+
+
+def serve_curvature(model: tf.keras.Model, batch: tuple[Any, Any],
+                    comm: Communicator, steps_per_epoch: int) -> TrainResult:
+    """Pipelined DHO2 on a curvature rank: compute eigenpairs until the update ranks stop."""
+    start = time.perf_counter()
+    model.optimizer.bind(model, None, batch)
+    served = model.optimizer.serve_curvature()
+    wall = time.perf_counter() - start
+    return TrainResult(test_accuracy=float("nan"), best_accuracy=float("nan"),
+                       train_seconds=wall, wall_seconds=wall, time_to_target=None, history=[],
+                       refreshes=served, ranks=comm.size, steps_per_epoch=steps_per_epoch)
+
+
 def train(config: TrainConfig, comm: Communicator | None = None,
           extra_callbacks: list[tf.keras.callbacks.Callback] | None = None) -> TrainResult:
     """Train one model as ``config`` says; every rank must call it with the same config."""
     import models
 
     config.validate()
-    comm = comm or default_comm()
-    kwargs = {"num_samples": config.num_samples} if config.dataset == "mnist1d" else {}
-    if config.dataset.startswith("cifar"):
-        kwargs = {"path": config.data_dir}
-    data = load_dataset(config.dataset, **kwargs)
+    comm = comm or make_comm(config)
+    data = load_data(config)
     tf.keras.utils.set_random_seed(config.seed)
     model = models.get(config.model, data.input_shape, data.num_classes,
                        weight_decay=config.weight_decay)
-    steps_per_epoch = len(data.x_train) // comm.size // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"`batch_size`={config.batch_size} is larger than a rank's share of "
-                         f"the {len(data.x_train)} training examples over {comm.size} ranks.")
-    optimizer = make_optimizer(config, steps_per_epoch * config.epochs, comm)
-    model.compile(optimizer=optimizer, metrics=["accuracy"],
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    train_ds = make_tf_dataset(data.x_train, data.y_train, config.batch_size, comm=comm,
-                               seed=config.seed)
-    clock = TestAccuracyClock(data.x_test, data.y_test, config.target_accuracy)
-    callbacks: list[tf.keras.callbacks.Callback] = []
-    curvature = None
-    if config.optimizer == "dho2":
-        x_r, y_r = shard_arrays(data.x_train, data.y_train, comm)
-        per_rank = max(1, config.curvature_batch // comm.size)
-        curvature = CurvatureRefresh(batch=(x_r[:per_rank], y_r[:per_rank]))
-        callbacks.append(curvature)
+    shard, is_training_rank = data_ranks(config, comm)
+    x_r, y_r = shard_arrays(data.x_train, data.y_train, shard, drop_remainder=True)
+    if config.prioritized:
+        from dho2_tf.prioritized import PrioritizedModel
+
+        model = PrioritizedModel(model, make_sampler(config), comm=comm)
+        steps_per_epoch = -(-len(x_r) // max(1, int(config.prioritized_k * len(x_r))))
     else:
-        callbacks.append(BroadcastInitialState(comm))
-    callbacks += [clock, *(extra_callbacks or [])]
+        steps_per_epoch = len(x_r) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"`batch_size` must not exceed a rank's share of the "
+                         f"{len(data.x_train)} training examples over {comm.size} ranks. "
+                         f"Received: batch_size={config.batch_size}")
+    model.compile(optimizer=make_optimizer(config, steps_per_epoch, comm), metrics=["accuracy"],
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    if not is_training_rank:
+        per_rank = max(1, config.curvature_batch // shard.size)
+        return serve_curvature(model, (x_r[:per_rank], y_r[:per_rank]), comm, steps_per_epoch)
+    clock = TestAccuracyClock(data.x_test, data.y_test, config.target_accuracy)
+    initial_epoch = initial_epoch_for(config)
+    callbacks, curvature = _callbacks(config, comm, x_r, y_r, clock, initial_epoch)
+    callbacks += extra_callbacks or []
     if comm.is_root:
         logger.info("training %s on %s with %s over %d rank(s), %d steps/epoch", config.model,
                     config.dataset, config.optimizer, comm.size, steps_per_epoch)
+    fit_args = {"epochs": config.epochs, "initial_epoch": initial_epoch, "callbacks": callbacks,
+                "verbose": config.verbose if comm.is_root else 0}
     start = time.perf_counter()
-    model.fit(train_ds, epochs=config.epochs, callbacks=callbacks,
-              verbose=config.verbose if comm.is_root else 0)
+    if config.prioritized:
+        model.fit(x_r, y_r, steps_per_epoch=steps_per_epoch, **fit_args)
+    else:
+        augment = cifar_augment if config.dataset.startswith("cifar") else None
+        stream = make_tf_dataset(data.x_train, data.y_train, config.batch_size, comm=shard,
+                                 seed=config.seed, augment=augment, initial_epoch=initial_epoch)
+        model.fit(stream, steps_per_epoch=steps_per_epoch, **fit_args)
     wall = time.perf_counter() - start
-    accs = [row["test_accuracy"] for row in clock.history]
+    accs = [row["test_accuracy"] for row in clock.history] or [float("nan")]
     return TrainResult(test_accuracy=accs[-1], best_accuracy=float(np.max(accs)),
                        train_seconds=clock.history[-1]["seconds"] if clock.history else wall,
-                       time_to_target=clock.time_to_target, history=clock.history,
-                       refreshes=curvature.refreshes if curvature else [], ranks=comm.size)
+                       wall_seconds=wall, time_to_target=clock.time_to_target,
+                       history=clock.history, ranks=comm.size, steps_per_epoch=steps_per_epoch,
+                       refreshes=curvature.refreshes if curvature else [],
+                       initial_epoch=initial_epoch)

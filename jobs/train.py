@@ -1,9 +1,15 @@
 """Train a model with DHO2 or a data-parallel baseline; run with python or horovodrun.
 
+Every field of ``dho2_tf.experiment.TrainConfig`` is a flag. ``--config file.yaml|json`` reads
+the same keys from a file; flags given on the command line override the file.
+
 Examples::
 
     python jobs/train.py --model mlp --dataset mnist1d --optimizer dho2
-    horovodrun -np 2 -H localhost:2 --gloo python jobs/train.py --optimizer adam --learning-rate 3e-3
+    horovodrun --gloo -np 2 -H localhost:2 python jobs/train.py --optimizer adam \\
+        --learning-rate 3e-3
+    horovodrun --gloo -np 2 -H localhost:2 python jobs/train.py \\
+        --config jobs/configs/cifar10_resnet110_dho2.yaml --epochs 5
 """
 
 from __future__ import annotations
@@ -13,20 +19,26 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dho2_tf.distributed.comm import default_comm  # noqa: E402
-from dho2_tf.experiment import TrainConfig, train  # noqa: E402
+from dho2_tf.experiment import (  # noqa: E402
+    TrainConfig,
+    coerce,
+    load_config_file,
+)
 
 HELP = {
-    "model": "model name from the registry (mlp, resnet20, resnet32, resnet56, resnet110, resnet1d)",
-    "dataset": "mnist1d (generated locally), digits (scikit-learn 8x8), cifar10, cifar100",
+    "model": "model name from the registry (mlp, resnet20, resnet32, resnet56, resnet110, "
+             "resnet1d)",
+    "dataset": "mnist1d (generated locally), digits (scikit-learn 8x8; images for the 2-D "
+               "ResNets), cifar10, cifar100 (augmented: pad-4 crop + flip)",
     "data_dir": "folder holding the CIFAR python-pickle files (cifar-10-batches-py/...)",
     "num_samples": "MNIST-1D samples to generate; 80%% train / 20%% test",
     "optimizer": "dho2, or a Horovod data-parallel baseline: adam, sgd, momentum",
     "base": "DHO2's base optimizer: sgd, momentum, nesterov, adam",
-    "mode": "DHO2 distribution mode",
+    "mode": "DHO2 distribution mode (dho2_tf.optimizer.MODES)",
     "learning_rate": "peak (base) learning rate",
     "schedule": "learning-rate schedule over the run: constant or cosine",
     "epochs": "maximum number of epochs",
@@ -37,42 +49,114 @@ HELP = {
     "ell": "DHO2: number of smallest Hessian eigenpairs",
     "alpha": "DHO2: Newton step size",
     "refresh_every": "DHO2: curvature refresh interval in steps",
+    "refresh_every_epochs": "DHO2: curvature refresh interval in epochs (overrides "
+                            "--refresh-every)",
     "warmup": "DHO2: steps before the first curvature refresh",
     "lanczos_order": "DHO2: Lanczos iterations (default 4(k+ell))",
     "c_max": "DHO2: clip of the base learning-rate scale (default 1 for adam, else 3)",
     "curvature_batch": "DHO2: global curvature batch size, split across ranks",
+    "dho2_options": "DHO2: any other constructor argument as KEY=VALUE (repeatable; VALUE is "
+                    "parsed as YAML), e.g. --dho2-option eigenvalue_damping=5e-9",
     "seed": "seed of weights, data order and Lanczos start vectors",
     "target_accuracy": "stop as soon as the test accuracy reaches this value (0-1)",
+    "prioritized": "train with prioritized SGD (dho2_tf.prioritized; --batch-size is then "
+                   "replaced by --prioritized-k)",
+    "prioritized_k": "prioritized SGD: fraction of each rank's shard trained on per step",
+    "prioritized_r": "prioritized SGD: fraction of each rank's shard re-scored per step",
+    "tensorboard_dir": "write TensorBoard event files here (rank 0 only)",
+    "checkpoint_dir": "save model + optimizer state here after every epoch (rank 0, atomic)",
+    "resume": "continue from the checkpoint in --checkpoint-dir (if there is one)",
     "verbose": "Keras verbosity on rank 0: 0 silent, 1 progress bar, 2 one line per epoch",
 }
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags of every :class:`TrainConfig` field, with the config's defaults."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _converter(name: str, annotation: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        if "None" in annotation and text.lower() in ("none", "null"):
+            return None
+        return coerce(name, annotation, text)
+
+    convert.__name__ = annotation  # argparse prints "invalid <annotation> value: ..."
+    return convert
+
+
+def _dho2_option(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(text)
+    return key.strip(), yaml.safe_load(value)
+
+
+_dho2_option.__name__ = "KEY=VALUE"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags: ``--config`` plus one per :class:`TrainConfig` field (defaults suppressed)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+        epilog="Defaults are TrainConfig's; a --config file overrides them and flags override "
+               "the file. Unknown keys in the file are an error.")
+    parser.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or JSON file of "
+                        "TrainConfig keys (dashes or underscores)")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str}.get(
-            str(field.type).split(" ")[0].replace("None", "").strip("| "), str)
-        parser.add_argument(flag, dest=field.name, type=kind, default=field.default,
-                            help=HELP[field.name])
-    return TrainConfig(**vars(parser.parse_args(argv)))
+        annotation = str(field.type)
+        default = field.default if field.default is not dataclasses.MISSING else {}
+        text = f"{HELP[field.name]} (default: {default})"
+        if field.name == "dho2_options":
+            parser.add_argument("--dho2-option", dest="dho2_options", action="append",
+                                type=_dho2_option, metavar="KEY=VALUE", help=text)
+        elif annotation == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                help=text)
+        else:
+            parser.add_argument(flag, dest=field.name, type=_converter(field.name, annotation),
+                                metavar=field.name.upper(), help=text)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The validated config: defaults, then ``--config`` file values, then flags.
+
+    Exits with status 2 and a message naming the flag or key on any bad input.
+    """
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        values = load_config_file(args.pop("config")) if "config" in args else {}
+        config = TrainConfig.from_dict(values, source="the config file")
+        for key, value in args.items():
+            if key == "dho2_options":
+                value = {**config.dho2_options, **dict(value)}
+            setattr(config, key, value)
+        config.validate()
+    except ValueError as err:
+        parser.error(str(err))
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, print the summary line on rank 0."""
+    import time
+
+    started = time.perf_counter()
     config = parse_args(argv)
-    config.validate()
-    comm = default_comm()
+    from dho2_tf.experiment import make_comm, train
+
+    comm = make_comm(config)
     logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     result = train(config, comm)
     if comm.is_root:
-        print(f"RESULT optimizer={config.optimizer} model={config.model} dataset={config.dataset} "
-              f"ranks={result.ranks} epochs={len(result.history)} "
+        ttt = "none" if result.time_to_target is None else f"{result.time_to_target:.1f}"
+        print(f"RESULT optimizer={config.optimizer} mode={config.mode} model={config.model} "
+              f"dataset={config.dataset} ranks={result.ranks} "
+              f"epochs={result.initial_epoch + len(result.history)} "
               f"test_accuracy={result.test_accuracy:.4f} best={result.best_accuracy:.4f} "
-              f"train_seconds={result.train_seconds:.1f}", flush=True)
+              f"time_to_target={ttt} train_seconds={result.train_seconds:.1f} "
+              f"wall_seconds={time.perf_counter() - started:.1f}", flush=True)
     return 0
 
 

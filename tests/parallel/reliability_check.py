@@ -3,20 +3,21 @@
 Usage:
   reliability_check.py mismatch             rank widths differ -> clear error on every rank
   reliability_check.py poisoned             rank 1 sees a NaN batch -> same step skipped everywhere
-  reliability_check.py write DIR            np=2: 30 steps, state exported at step 15 into DIR
-  reliability_check.py resume DIR           any np: import step-15 state, 15 steps, compare
+  reliability_check.py straight DIR         30 steps per mode (sharded, admm); reference in DIR
+  reliability_check.py first DIR            15 steps per mode, then a checkpoint in DIR
+  reliability_check.py resume DIR MODES     new process: restore, 15 steps, compare with straight
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 
 import numpy as np
 import tensorflow as tf
 
 from dho2_tf import DHO2, CurvatureRefresh, HorovodComm
+from dho2_tf.checkpointing import restore_checkpoint, save_checkpoint
 
 D, C, GLOBAL = 10, 4, 12
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -83,43 +84,69 @@ def run_steps(comm, model, opt, x, y, steps, start):
     return losses
 
 
-def setup(comm):
+MODES = ("sharded", "admm")
+
+
+def setup(comm, mode):
     x, y = data(30 * GLOBAL)
     xc, yc = data(GLOBAL, seed=9)
     b = GLOBAL // comm.size
     model = mlp()
+    options = {"rho": 0.5, "tau": 3} if mode == "admm" else {}
     opt = DHO2(learning_rate=0.05, base="adam", k=3, ell=1, refresh_every=6, warmup=4,
-               comm=comm)
+               mode=mode, comm=comm, **options)
+    model.compile(optimizer=opt, loss=LOSS)
     opt.bind(model, LOSS, (xc[comm.rank * b:(comm.rank + 1) * b],
                            yc[comm.rank * b:(comm.rank + 1) * b]))
     return model, opt, x, y
 
 
-def check_write(comm, folder):
-    model, opt, x, y = setup(comm)
-    losses = run_steps(comm, model, opt, x, y, 15, 0)
-    state = {"optimizer": opt.export_state(), "weights": model.get_weights()}
-    losses += run_steps(comm, model, opt, x, y, 15, 15)
-    if comm.rank == 0:
-        tmp = os.path.join(folder, "state.pkl.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump({"state": state, "losses": losses}, f)
-        os.replace(tmp, os.path.join(folder, "state.pkl"))
-    comm.barrier()
-    print(f"rank {comm.rank} WRITE_OK P={comm.size}", flush=True)
+def final_state(model, opt):
+    """This rank's weights and optimizer state (eigenvectors etc. at full length)."""
+    state = {f"opt/{k}": np.asarray(v) for k, v in opt.export_state().items()
+             if not k.startswith("__")}
+    state.update({f"model/{i}": v.numpy() for i, v in enumerate(model.variables)})
+    return state
 
 
-def check_resume(comm, folder):
-    with open(os.path.join(folder, "state.pkl"), "rb") as f:
-        saved = pickle.load(f)
-    model, opt, x, y = setup(comm)
-    model.set_weights(saved["state"]["weights"])
-    opt.import_state(saved["state"]["optimizer"])
-    assert int(opt.iterations.numpy()) == 15
-    losses = run_steps(comm, model, opt, x, y, 15, 15)
-    want = np.array(saved["losses"][15:])
-    np.testing.assert_allclose(losses, want, rtol=1e-5)
-    print(f"rank {comm.rank} RESUME_OK P={comm.size} last_loss={losses[-1]:.6f}", flush=True)
+def check_straight(comm, folder):
+    """30 steps in one go: the reference of every mode (one file per rank)."""
+    for mode in MODES:
+        model, opt, x, y = setup(comm, mode)
+        losses = run_steps(comm, model, opt, x, y, 30, 0)
+        np.savez(os.path.join(folder, f"straight-{mode}-rank{comm.rank}.npz"),
+                 losses=np.array(losses), **final_state(model, opt))
+    print(f"rank {comm.rank} STRAIGHT_OK P={comm.size}", flush=True)
+
+
+def check_first(comm, folder):
+    """15 steps, then a checkpoint; the process ends."""
+    for mode in MODES:
+        model, opt, x, y = setup(comm, mode)
+        run_steps(comm, model, opt, x, y, 15, 0)
+        save_checkpoint(os.path.join(folder, f"ckpt-{mode}"), model, opt, comm, epoch=1)
+    print(f"rank {comm.rank} FIRST_OK P={comm.size}", flush=True)
+
+
+def check_resume(comm, folder, modes):
+    """A new process restores the checkpoint and takes steps 15..29; compares with straight."""
+    for mode in modes:
+        model, opt, x, y = setup(comm, mode)
+        info = restore_checkpoint(os.path.join(folder, f"ckpt-{mode}"), model, opt, comm)
+        assert info.step == 15 == int(opt.iterations.numpy()), info
+        losses = run_steps(comm, model, opt, x, y, 15, 15)
+        same_world = info.ranks == comm.size
+        with np.load(os.path.join(folder, f"straight-{mode}-rank"
+                                  f"{comm.rank if same_world else 0}.npz")) as ref:
+            np.testing.assert_allclose(losses, ref["losses"][15:], rtol=1e-5)
+            if same_world:  # the whole state, eigenpairs included, to 1e-6
+                got = final_state(model, opt)
+                assert sorted(got) == sorted(k for k in ref.files if k != "losses")
+                for key, value in got.items():
+                    np.testing.assert_allclose(value, ref[key], rtol=1e-6, atol=1e-6,
+                                               err_msg=f"{mode} {key}")
+        print(f"rank {comm.rank} RESUME_OK mode={mode} P={comm.size} from={info.ranks} "
+              f"last_loss={losses[-1]:.6f}", flush=True)
 
 
 def main() -> None:
@@ -129,10 +156,12 @@ def main() -> None:
         check_mismatch(comm)
     elif what == "poisoned":
         check_poisoned(comm)
-    elif what == "write":
-        check_write(comm, sys.argv[2])
+    elif what == "straight":
+        check_straight(comm, sys.argv[2])
+    elif what == "first":
+        check_first(comm, sys.argv[2])
     else:
-        check_resume(comm, sys.argv[2])
+        check_resume(comm, sys.argv[2], sys.argv[3].split(","))
 
 
 if __name__ == "__main__":

@@ -178,6 +178,21 @@ def test_tf_dataset_reshuffles_each_epoch_reproducibly():
     assert _tf_rows(unshuffled) == list(range(64))
 
 
+def test_epoch_stream_resumes_at_any_epoch_with_the_same_batches():
+    x, y = _rows(70)  # rank 1 of 2 keeps 35 rows -> 4 full batches of 8 per epoch
+    comm = FakeComm(1, 2)
+    stream = iter(data.make_tf_dataset(x, y, 8, comm=comm, seed=3, initial_epoch=0))
+    epochs = [[int(v) for _ in range(4) for v in next(stream)[0][:, 0].numpy()]
+              for _ in range(3)]
+    for order in epochs:  # every epoch: 32 distinct rows of this rank's shard
+        assert len(set(order)) == 32 and set(order) <= set(range(1, 70, 2))
+    assert epochs[0] != epochs[1] != epochs[2]
+    resumed = iter(data.make_tf_dataset(x, y, 8, comm=comm, seed=3, initial_epoch=2))
+    assert [int(v) for _ in range(4) for v in next(resumed)[0][:, 0].numpy()] == epochs[2]
+    with pytest.raises(ValueError, match="`initial_epoch` must be None or a non-negative"):
+        data.make_tf_dataset(x, y, 8, comm=comm, initial_epoch=-1)
+
+
 def test_uneven_batch_counts_warn():
     x, y = _rows(10)  # shards of 4, 3, 3 rows
     with pytest.warns(UserWarning, match="different numbers of batches of 3"):

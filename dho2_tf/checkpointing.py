@@ -1,0 +1,346 @@
+"""Atomic checkpoints of a run's whole training state, re-partitioned when the world size changes.
+
+Layout of ``directory``::
+
+    checkpoint.json              manifest: {"format", "name", "epoch", "step", "ranks", "mode"}
+    ckpt-00003-<id>/shared.npz   state every rank holds the same copy of (optimizer state)
+    ckpt-00003-<id>/rank_00000.npz ... one per rank: model variables, rank-local optimizer
+                                 state (ADMM), prioritized-sampler table and generator state
+
+What is saved: the model's variables (weights, batch-norm statistics); DHO2's state in the
+layout-independent form of :meth:`DHO2.export_state` (base-optimizer slots, Newton momentum,
+eigenvalues, eigenvectors gathered to full length, step counter, refresh counter, ADMM duals and
+consensus snapshot); a Keras baseline optimizer's variables; a bound ``PrioritizedSampler``'s
+priority table, average gradient, round-robin cursor and random-generator state; and the
+position in the data as ``epoch`` (completed epochs) and ``step`` (optimizer iterations).
+
+Atomicity: rank 0 writes every file into a fresh temporary folder, fsyncs them, renames the
+folder into place and only then replaces the manifest (write-to-temp + ``os.replace``). The
+manifest is the single commit point: a writer killed at any moment leaves the previous manifest
+naming the previous, complete checkpoint; older checkpoints are deleted after the commit.
+
+Resuming with another number of ranks: the model and the sharded DHO2 state are replicated or
+stored at full length, so :func:`restore_checkpoint` hands rank 0's copy to every rank and
+:meth:`DHO2.import_state` cuts this rank's shard. ADMM iterates and sampler tables are
+rank-local, so those checkpoints resume only with the world size that wrote them (a clear error
+says so). Every rank reads the folder, so it must be visible to all ranks (shared storage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from dho2_tf.distributed.comm import Communicator
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "checkpoint.json"
+FORMAT = 2
+_MANIFEST_KEYS = ("format", "name", "epoch", "step", "ranks", "mode")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint's manifest records.
+
+    Attributes:
+        name: folder of the checkpoint inside the checkpoint directory.
+        epoch: completed epochs when it was written.
+        step: optimizer iterations when it was written.
+        ranks: number of ranks that wrote it.
+        mode: DHO2 mode, or ``None`` for another optimizer.
+    """
+
+    name: str
+    epoch: int
+    step: int
+    ranks: int
+    mode: str | None
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> CheckpointInfo | None:
+    """The manifest of ``directory``, or None when no checkpoint was committed there yet.
+
+    Raises:
+        ValueError: if the manifest exists but is unreadable, of another format, or names a
+            checkpoint folder that is missing.
+    """
+    directory = os.fspath(directory)
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise KeyError(f"missing keys {missing}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"The checkpoint manifest {path} is unreadable: {err}") from None
+    if manifest["format"] != FORMAT:
+        raise ValueError(f"The checkpoint manifest {path} has format {manifest['format']}; this "
+                         f"version of dho2_tf reads format {FORMAT}.")
+    if not os.path.isdir(os.path.join(directory, manifest["name"])):
+        raise ValueError(f"The checkpoint manifest {path} names {manifest['name']!r}, which is "
+                         f"not a folder in {directory}.")
+    return CheckpointInfo(name=str(manifest["name"]), epoch=int(manifest["epoch"]),
+                          step=int(manifest["step"]), ranks=int(manifest["ranks"]),
+                          mode=manifest["mode"])
+
+
+# --------------------------------------------------------------------------- what is saved
+def _dho2_mode(optimizer: Any) -> str | None:
+    from dho2_tf.optimizer import DHO2
+
+    return optimizer.mode if isinstance(optimizer, DHO2) else None
+
+
+def _sampler(model: tf.keras.Model) -> Any:
+    sampler = getattr(model, "sampler", None)
+    return sampler if sampler is not None and getattr(sampler, "is_bound", False) else None
+
+
+def _sampler_variables(sampler: Any) -> list[tf.Variable]:
+    """The sampler's table variables and its generator's state, in a fixed order."""
+    return [sampler.prio, sampler.prio_t, sampler.prio_a, *sampler.gbar, sampler.cursor,
+            sampler.step, sampler.evaluations, sampler.rng.state]
+
+
+def _model_variables(model: tf.keras.Model, exclude: list[tf.Variable]) -> list[tf.Variable]:
+    """``model.variables`` without ``exclude`` (the sampler's), each variable once."""
+    skip = {id(v) for v in exclude}
+    unique: dict[int, tf.Variable] = {}
+    for variable in model.variables:
+        if id(variable) not in skip:
+            unique.setdefault(id(variable), variable)
+    return list(unique.values())
+
+
+def _check_savable(optimizer: Any) -> str | None:
+    mode = _dho2_mode(optimizer)
+    if mode == "pipelined":
+        raise ValueError("Checkpoints of DHO2 mode='pipelined' are not supported: its curvature "
+                         "ranks hold no training state. Use mode='sharded' for resumable runs.")
+    return mode
+
+
+def _optimizer_arrays(optimizer: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(arrays, metadata)`` of the optimizer's state (collective for DHO2)."""
+    if _dho2_mode(optimizer) is not None:
+        state = optimizer.export_state()
+        meta = {k: v for k, v in state.items() if k.startswith("__")}
+        return {k: np.asarray(v) for k, v in state.items() if not k.startswith("__")}, meta
+    return {str(i): np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}, {}
+
+
+def _fsync_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_json_atomically(path: str, payload: dict[str, Any]) -> None:
+    """Replace ``path`` by ``payload`` as JSON: temporary file, fsync, ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-manifest-", suffix=".json")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _check_counter(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer. Received: {name}={value!r}")
+    return int(value)
+
+
+def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, optimizer: Any,
+                    comm: Communicator, epoch: int = 0) -> str | None:
+    """Commit the current training state to ``directory``; every rank calls it, rank 0 writes.
+
+    Args:
+        directory: checkpoint folder (created if missing).
+        model: the model being trained (a ``PrioritizedModel``'s sampler is saved with it).
+        optimizer: its optimizer, built (DHO2 in any mode but ``pipelined``, or a Keras one).
+        comm: communicator of all ranks.
+        epoch: completed epochs (where a resumed ``fit`` starts).
+
+    Returns:
+        The new checkpoint's folder name on rank 0, None on the other ranks.
+
+    Raises:
+        ValueError: for a pipelined DHO2 or a negative ``epoch`` (before any collective).
+    """
+    epoch = _check_counter("epoch", epoch)
+    mode = _check_savable(optimizer)
+    sampler = _sampler(model)
+    sampler_vars = _sampler_variables(sampler) if sampler is not None else []
+    opt_arrays, opt_meta = _optimizer_arrays(optimizer)
+    local = {f"model/{i}": np.asarray(v.numpy())
+             for i, v in enumerate(_model_variables(model, sampler_vars))}
+    local.update({f"sampler/{i}": np.asarray(v.numpy()) for i, v in enumerate(sampler_vars)})
+    if mode == "admm":  # consensus ADMM's iterates and duals are rank-local
+        local.update({f"optimizer/{k}": v for k, v in opt_arrays.items()})
+    per_rank = comm.allgather_object(local, name="dho2/checkpoint/state")
+    if not comm.is_root:
+        return None
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    step = int(optimizer.iterations.numpy())
+    name = f"ckpt-{epoch:05d}-{step:08d}-{uuid.uuid4().hex[:8]}"
+    tmp_dir = tempfile.mkdtemp(dir=directory, prefix=".tmp-ckpt-")
+    try:
+        shared = {} if mode == "admm" else {f"optimizer/{k}": v for k, v in opt_arrays.items()}
+        _fsync_npz(os.path.join(tmp_dir, "shared.npz"), shared)
+        for j, arrays in enumerate(per_rank):
+            _fsync_npz(os.path.join(tmp_dir, f"rank_{j:05d}.npz"), arrays)
+        with open(os.path.join(tmp_dir, "meta.json"), "w", encoding="utf-8") as handle:
+            json.dump({"optimizer": {k: str(v) for k, v in opt_meta.items()},
+                       "sampler": sampler is not None}, handle)
+        os.replace(tmp_dir, os.path.join(directory, name))
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    _write_json_atomically(os.path.join(directory, MANIFEST),  # the commit point
+                           {"format": FORMAT, "name": name, "epoch": epoch, "step": step,
+                            "ranks": comm.size, "mode": mode})
+    for entry in os.listdir(directory):  # older checkpoints and leftovers of dead writes
+        if entry != name and entry.startswith(("ckpt-", ".tmp-ckpt-")):
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+    logger.info("Saved checkpoint %s (epoch %d, step %d)", os.path.join(directory, name),
+                epoch, step)
+    return name
+
+
+# --------------------------------------------------------------------------- restore
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Checkpoint file {path} is unreadable: {err}") from None
+
+
+def _assign_all(kind: str, variables: list[tf.Variable], arrays: dict[str, np.ndarray],
+                source: str) -> None:
+    """Assign ``arrays[f"{kind}/{i}"]`` to ``variables[i]`` after checking count and shapes."""
+    stored = sorted((k for k in arrays if k.startswith(kind + "/")),
+                    key=lambda k: int(k.split("/", 1)[1]))
+    if len(stored) != len(variables):
+        raise ValueError(f"The checkpoint {source} holds {len(stored)} {kind} variables; this "
+                         f"run has {len(variables)}. Was it written for another model?")
+    for key, variable in zip(stored, variables):
+        value = arrays[key]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(f"The checkpoint {source} has shape {value.shape} for {kind} "
+                             f"variable {variable.name!r}; this run has {tuple(variable.shape)}.")
+    for key, variable in zip(stored, variables):
+        variable.assign(arrays[key])
+
+
+def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
+                       optimizer: Any, comm: Communicator) -> CheckpointInfo:
+    """Load the checkpoint the manifest of ``directory`` names into this rank's objects.
+
+    Every rank calls it with the model and the optimizer built as in the run that wrote it
+    (the optimizer is built here if needed). With another world size, the replicated state comes
+    from rank 0's copy and DHO2 re-shards it (``import_state``).
+
+    Returns:
+        The checkpoint's :class:`CheckpointInfo` (``epoch`` and ``step`` to continue from).
+
+    Raises:
+        FileNotFoundError: if ``directory`` has no committed checkpoint.
+        ValueError: on a checkpoint of another model, optimizer or mode, or rank-local state
+            (ADMM, prioritized sampler) written by another number of ranks.
+    """
+    info = read_manifest(directory)
+    if info is None:
+        raise FileNotFoundError(f"No checkpoint manifest ({MANIFEST}) in {directory}.")
+    mode = _check_savable(optimizer)
+    if mode != info.mode:
+        raise ValueError(f"The checkpoint in {directory} was written with DHO2 mode "
+                         f"{info.mode!r}; this run's optimizer has mode {mode!r}.")
+    folder = os.path.join(os.fspath(directory), info.name)
+    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    sampler = _sampler(model)
+    if bool(meta["sampler"]) != (sampler is not None):
+        raise ValueError(f"The checkpoint in {directory} {'has' if meta['sampler'] else 'lacks'} "
+                         "a prioritized-sampler table; this run "
+                         f"{'lacks' if sampler is None else 'has'} one.")
+    if info.ranks != comm.size and (mode == "admm" or sampler is not None):
+        what = "ADMM iterates" if mode == "admm" else "prioritized-sampler tables"
+        raise ValueError(f"The checkpoint in {directory} was written by {info.ranks} rank(s) and "
+                         f"holds rank-local {what}; resume it with {info.ranks} rank(s), not "
+                         f"{comm.size}.")
+    source_rank = comm.rank if info.ranks == comm.size else 0
+    source = os.path.join(folder, f"rank_{source_rank:05d}.npz")
+    local = _load_npz(source)
+    optimizer.build(model.trainable_variables)
+    sampler_vars = _sampler_variables(sampler) if sampler is not None else []
+    _assign_all("model", _model_variables(model, sampler_vars), local, source)
+    _assign_all("sampler", sampler_vars, local, source)
+    arrays = local if mode == "admm" else _load_npz(os.path.join(folder, "shared.npz"))
+    opt_arrays = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
+    if mode is None:
+        _assign_all("optimizer", list(optimizer.variables),
+                    {f"optimizer/{k}": v for k, v in opt_arrays.items()}, source)
+    else:
+        saved_meta = meta["optimizer"]
+        optimizer.import_state({**opt_arrays, "__mode__": saved_meta["__mode__"],
+                                "__world_size__": int(saved_meta["__world_size__"])})
+    if comm.is_root:
+        logger.info("Resumed from %s (epoch %d, step %d, written by %d rank(s))", folder,
+                    info.epoch, info.step, info.ranks)
+    return info
+
+
+class EpochCheckpoint(tf.keras.callbacks.Callback):
+    """Commit a checkpoint at the end of every epoch; optionally restore when training starts.
+
+    Put it after the callbacks that broadcast the initial state (``CurvatureRefresh``,
+    ``BroadcastInitialState``) and after the ones that synchronise the replicas at the epoch end,
+    so the restored state is not overwritten and the saved one is the evaluated one. Pass
+    ``initial_epoch=restored epoch`` to ``fit`` (see :func:`read_manifest`).
+
+    Args:
+        directory: checkpoint folder.
+        comm: communicator.
+        resume: restore the checkpoint named by the manifest in ``on_train_begin``.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], comm: Communicator,
+                 resume: bool = False) -> None:
+        super().__init__()
+        self.directory = os.fspath(directory)
+        self.comm = comm
+        self.resume = resume
+        self.restored: CheckpointInfo | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self.resume:
+            self.restored = restore_checkpoint(self.directory, self.model, self.model.optimizer,
+                                               self.comm)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        save_checkpoint(self.directory, self.model, self.model.optimizer, self.comm,
+                        epoch=epoch + 1)

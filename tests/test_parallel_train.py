@@ -1,0 +1,122 @@
+"""jobs/train.py under real ``horovodrun --gloo -np 2``: every optimizer, every DHO2 mode, config
+files, TensorBoard on rank 0 only, checkpoint + resume, prioritized SGD and bad input.
+
+One short launch per optimizer/mode (1 epoch of 800 MNIST-1D training examples).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from dho2_tf.optimizer import MODES
+from tests.helpers.launch import REPO, horovodrun_path, run_horovod
+
+pytestmark = pytest.mark.parallel
+
+JOB = REPO / "jobs" / "train.py"
+SHORT = ("--epochs", "1", "--num-samples", "1000", "--verbose", "2")
+DHO2_SHORT = ("--optimizer", "dho2", "--k", "2", "--refresh-every", "5", "--warmup", "2",
+              "--curvature-batch", "64")
+
+
+def result_line(proc: subprocess.CompletedProcess) -> dict[str, str]:
+    """The RESULT summary (printed once, by rank 0) as a dict."""
+    lines = [line for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert len(lines) == 1, proc.stdout[-4000:]
+    assert lines[0].startswith("[0]"), lines[0]
+    return dict(re.findall(r"(\w+)=(\S+)", lines[0].split("RESULT ", 1)[1]))
+
+
+def event_files(log_dir) -> list[str]:
+    return glob.glob(os.path.join(str(log_dir), "events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "momentum"])
+def test_baseline_optimizers(optimizer, tmp_path):
+    args = ("--optimizer", optimizer, "--learning-rate", "0.01", *SHORT)
+    if optimizer == "sgd":  # batch norm + early stop: ranks must stop at the same epoch
+        args = ("--optimizer", "sgd", "--learning-rate", "0.05", "--model", "resnet1d",
+                "--target-accuracy", "0.05", "--epochs", "3", "--num-samples", "1000",
+                "--verbose", "2")
+    if optimizer == "adam":  # the config-file path, with a flag overriding the file
+        config = tmp_path / "run.yaml"
+        config.write_text("optimizer: sgd\nlearning_rate: 5.0e-1\nepochs: 9\nschedule: constant\n")
+        args = ("--config", str(config), "--optimizer", "adam", "--learning-rate", "0.003",
+                *SHORT)
+    proc = run_horovod(JOB, np=2, args=args, timeout=150)
+    result = result_line(proc)
+    assert (result["optimizer"], result["ranks"]) == (optimizer, "2")
+    assert 0.0 < float(result["test_accuracy"]) <= 1.0
+    progress = [line[:3] for line in proc.stdout.splitlines() if " - loss: " in line]
+    assert progress and set(progress) == {"[0]"}  # progress lines from rank 0 only
+    assert result["epochs"] == "1"  # sgd: stopped at the target on both ranks (no hang)
+    assert (result["time_to_target"] != "none") == (optimizer == "sgd")
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "sharded"])
+def test_dho2_modes(mode):
+    proc = run_horovod(JOB, np=2, args=(*DHO2_SHORT, "--mode", mode, "--base", "adam",
+                                        "--learning-rate", "0.003", *SHORT), timeout=150)
+    result = result_line(proc)
+    assert (result["optimizer"], result["mode"], result["epochs"]) == ("dho2", mode, "1")
+    assert 0.0 < float(result["test_accuracy"]) <= 1.0
+
+
+def test_dho2_sharded_with_tensorboard_checkpoint_and_resume(tmp_path):
+    tb, ckpt = tmp_path / "tb", tmp_path / "ckpt"
+    common = (*DHO2_SHORT, "--tensorboard-dir", str(tb), "--checkpoint-dir", str(ckpt))
+    proc = run_horovod(JOB, np=2, args=(*common, *SHORT), timeout=150)
+    assert result_line(proc)["mode"] == "sharded"
+    assert len(event_files(tb)) == 1  # both ranks share the folder: only rank 0 wrote
+    assert "DHO2 refresh" in proc.stderr  # rank 0 logs
+    assert "[1]<stderr>:" not in "\n".join(
+        line for line in proc.stderr.splitlines() if "dho2_tf" in line)
+    assert sorted(p for p in os.listdir(ckpt) if not p.startswith(".")) == [
+        "checkpoint.json", next(p for p in os.listdir(ckpt) if p.startswith("ckpt-00001-"))]
+
+    resumed = run_horovod(JOB, np=2, args=(*common, "--resume", "--epochs", "2",
+                                           "--num-samples", "1000", "--verbose", "2"),
+                          timeout=150)
+    assert result_line(resumed)["epochs"] == "2"
+    assert re.search(r"Resumed from \S*ckpt-00001-\S* \(epoch 1, step \d+, written by 2 rank",
+                     resumed.stderr) and "Epoch 2/2" in resumed.stdout
+    assert "Epoch 1/2" not in resumed.stdout
+
+
+def test_prioritized_sgd():
+    proc = run_horovod(JOB, np=2, args=("--optimizer", "sgd", "--learning-rate", "0.05",
+                                        "--prioritized", "--prioritized-k", "0.1",
+                                        "--prioritized-r", "0.05", *SHORT), timeout=150)
+    assert result_line(proc)["epochs"] == "1"
+
+
+def test_bad_config_fails_before_training(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text('{"epochs": 1, "learnin_rate": 0.1}')
+    cmd = [horovodrun_path(), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+           str(JOB), "--config", str(config)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Unknown key 'learnin_rate' in the config file" in output
+    assert "Epoch" not in output and "RESULT" not in output
+
+
+def test_time_to_accuracy_benchmark_quick(tmp_path):
+    bench = REPO / "jobs" / "bench_time_to_accuracy.py"
+    proc = run_horovod(bench, np=2, args=("--quick", "--tasks", "mlp_mnist1d", "--output-dir",
+                                          str(tmp_path)), timeout=240)
+    assert "| mlp_mnist1d | 0.20 | dho2 |" in proc.stdout
+    assert "DHO2 time goes to" in proc.stdout and "per step" in proc.stdout
+    payload = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    runs = payload["results"]["mlp_mnist1d"]["runs"]
+    assert sorted(runs) == ["adam", "dho2", "momentum"] and runs["dho2"][0]["refreshes"] >= 1
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000

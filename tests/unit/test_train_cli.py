@@ -1,0 +1,132 @@
+"""jobs/train.py flag parsing: help text, config files, overrides and errors (no training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dho2_tf.experiment import TrainConfig
+from tests.helpers.launch import REPO
+
+
+def _load_job():
+    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+job = _load_job()
+FLAGS = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
+         if f.name != "dho2_options"] + ["--dho2-option", "--config"]
+MAKEFILE_FLAGS = ["--model", "--dataset", "--optimizer", "--base", "--learning-rate",
+                  "--schedule", "--epochs", "--batch-size", "--weight-decay", "--verbose"]
+
+
+def error_of(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        job.parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_help_lists_every_flag_with_its_help_text():
+    env = {**os.environ, "COLUMNS": "2000", "TF_CPP_MIN_LOG_LEVEL": "2"}  # no line wrapping
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for flag in FLAGS + MAKEFILE_FLAGS + ["--no-prioritized", "--no-resume"]:
+        assert flag in text, flag
+    for name, help_text in job.HELP.items():
+        assert help_text.replace("%%", "%") in text, name
+
+
+def test_defaults_are_train_config_defaults():
+    assert job.parse_args([]) == TrainConfig()
+
+
+def test_makefile_demo_flags_still_parse():
+    config = job.parse_args(["--model", "mlp", "--dataset", "mnist1d", "--optimizer", "dho2",
+                             "--base", "momentum", "--learning-rate", "0.1", "--schedule",
+                             "cosine", "--epochs", "60", "--batch-size", "50",
+                             "--weight-decay", "3e-4", "--verbose", "2"])
+    assert (config.learning_rate, config.epochs, config.weight_decay, config.verbose) == \
+        (0.1, 60, 3e-4, 2)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_values_and_flag_overrides(tmp_path, suffix):
+    values = {"optimizer": "adam", "learning-rate": "1e-3", "epochs": 3, "prioritized": True,
+              "target_accuracy": 0.5, "dho2_options": {"eigenvalue_damping": 5e-9}}
+    path = tmp_path / f"run{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(values))
+    else:
+        import yaml
+
+        path.write_text(yaml.safe_dump(values))
+    config = job.parse_args(["--config", str(path), "--epochs", "7", "--no-prioritized",
+                             "--dho2-option", "seed=3"])
+    assert config.optimizer == "adam" and config.learning_rate == 1e-3
+    assert config.epochs == 7 and config.prioritized is False
+    assert config.target_accuracy == 0.5
+    assert config.dho2_options == {"eigenvalue_damping": 5e-9, "seed": 3}
+
+
+def test_optional_flags_accept_none():
+    assert job.parse_args(["--target-accuracy", "none"]).target_accuracy is None
+    assert job.parse_args(["--c-max", "2"]).c_max == 2.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--optimizer", "lion"], "`optimizer` must be one of ('dho2', 'adam', 'sgd', 'momentum')"
+                              ". Received: optimizer='lion'"),
+    (["--model", "vgg"], "`model` must be one of"),
+    (["--epochs", "0"], "`epochs` must be a positive integer. Received: epochs=0"),
+    (["--target-accuracy", "1.5"], "`target_accuracy` must be a finite number in [0.0, 1.0]"),
+    (["--k", "0"], "`k` must be a positive integer. Received: k=0"),
+    (["--resume"], "`resume` needs `checkpoint_dir`"),
+    (["--dataset", "cifar10"], "`data_dir` must name the folder of the CIFAR files"),
+    (["--dho2-option", "nonsense=1"], "`dho2_options` has an argument DHO2 does not take"),
+    (["--dho2-option", "novalue"], "argument --dho2-option: invalid KEY=VALUE value"),
+])
+def test_bad_flags_exit_2_with_a_message_naming_the_flag(argv, message, capsys):
+    assert message in error_of(argv, capsys)
+
+
+def test_bad_config_files(tmp_path, capsys):
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"epochs": 1, "learning_rat": 0.1}))
+    assert "Unknown key 'learning_rat' in the config file. Valid keys: alpha" in \
+        error_of(["--config", str(unknown)], capsys)
+    wrong_type = tmp_path / "type.yaml"
+    wrong_type.write_text("epochs: many\n")
+    assert "`epochs` must be of type int. Received: epochs='many'" in \
+        error_of(["--config", str(wrong_type)], capsys)
+    not_mapping = tmp_path / "list.yaml"
+    not_mapping.write_text("- 1\n- 2\n")
+    assert "must hold a mapping" in error_of(["--config", str(not_mapping)], capsys)
+    assert "must be a .yaml, .yml or .json file" in \
+        error_of(["--config", str(tmp_path / "x.toml")], capsys)
+    assert "Cannot read config file" in error_of(["--config", str(tmp_path / "no.yaml")], capsys)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{epochs: ")
+    assert "Cannot parse config file" in error_of(["--config", str(broken)], capsys)
+
+
+def test_shipped_cifar_recipe_parses(tmp_path):
+    config = job.parse_args(["--config", str(REPO / "jobs/configs/cifar10_resnet110_dho2.yaml"),
+                             "--data-dir", str(tmp_path)])
+    assert (config.model, config.dataset, config.optimizer, config.base) == \
+        ("resnet110", "cifar10", "dho2", "adam")
+    assert (config.k, config.lanczos_order, config.alpha, config.c_max) == (16, 64, 0.028, 1.0)
+    assert config.learning_rate == 2.8e-3 and config.refresh_every_epochs == 8
