@@ -1,4 +1,5 @@
-"""Keras callbacks that wire DHO2's curvature refresh into ``model.fit``."""
+"""Keras callbacks: DHO2's curvature refresh in ``model.fit``, initial broadcast, replica
+synchronisation at epoch ends and the test-accuracy clock."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
+
+from dho2_tf.distributed.comm import Communicator
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +151,16 @@ class TestAccuracyClock(tf.keras.callbacks.Callback):
     def __init__(self, x_test: Any, y_test: Any, target_accuracy: float | None = None,
                  batch_size: int = 1000) -> None:
         super().__init__()
+        from dho2_tf.validation import check_int, check_real
+
+        if len(x_test) != len(y_test) or len(x_test) == 0:
+            raise ValueError("`x_test` and `y_test` must be non-empty with the same number of "
+                             f"rows. Received: {len(x_test)} and {len(y_test)}")
+        if target_accuracy is not None:
+            check_real("target_accuracy", target_accuracy, minimum=0.0, maximum=1.0)
         self.x_test, self.y_test = x_test, y_test
         self.target_accuracy = target_accuracy
-        self.batch_size = batch_size
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.history: list[dict[str, float]] = []
         self.time_to_target: float | None = None
 
@@ -179,3 +189,37 @@ class TestAccuracyClock(tf.keras.callbacks.Callback):
             self.time_to_target = train_seconds
             self.model.stop_training = True
         self._paused += self._clock() - pause
+
+
+class ReplicaSync(tf.keras.callbacks.Callback):
+    """Keep the training ranks consistent around the per-epoch evaluation.
+
+    With ``phase="before"`` (put it before ``TestAccuracyClock``) it averages the model's
+    non-trainable variables (batch-norm moving statistics, computed by each rank from its own
+    batches) over the ranks, so every rank evaluates the same model. With ``phase="after"`` (put
+    it after the clock) every rank takes rank 0's early-stopping decision, so no rank leaves
+    ``fit`` while the others wait in a collective.
+
+    Args:
+        comm: communicator.
+        process_set: the ranks that run ``fit`` (``None``: all; must contain rank 0).
+        phase: ``"before"`` or ``"after"`` the evaluation.
+    """
+
+    def __init__(self, comm: Communicator, process_set: Any = None, phase: str = "before"
+                 ) -> None:
+        super().__init__()
+        self.comm, self.process_set, self.phase = comm, process_set, phase
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.phase == "after":
+            stop = self.comm.broadcast(tf.constant([float(bool(self.model.stop_training))]), 0,
+                                       name="dho2/experiment/stop", process_set=self.process_set)
+            self.model.stop_training = bool(stop.numpy()[0] > 0.5)
+            return
+        variables = self.model.non_trainable_variables
+        means = self.comm.grouped_allreduce([v.value() for v in variables], "mean",
+                                            name="dho2/experiment/model_statistics",
+                                            process_set=self.process_set)
+        for variable, mean in zip(variables, means):
+            variable.assign(mean)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from dho2_tf.callbacks import BroadcastInitialState, CurvatureRefresh, TestAccuracyClock
+from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaSync,
+                               TestAccuracyClock)
 from dho2_tf.checkpointing import EpochCheckpoint, read_manifest
 from dho2_tf.data import DATASETS, cifar_augment, load_dataset, make_tf_dataset, shard_arrays
 from dho2_tf.distributed.comm import Communicator, Group, default_comm
@@ -352,40 +353,6 @@ def load_data(config: TrainConfig) -> Any:
     if config.dataset == "digits":
         return load_dataset("digits", as_images=config.model in IMAGE_MODELS)
     return load_dataset(config.dataset, path=config.data_dir)
-
-
-class ReplicaSync(tf.keras.callbacks.Callback):
-    """Keep the training ranks consistent around the per-epoch evaluation.
-
-    With ``phase="before"`` (put it before ``TestAccuracyClock``) it averages the model's
-    non-trainable variables (batch-norm moving statistics, computed by each rank from its own
-    batches) over the ranks, so every rank evaluates the same model. With ``phase="after"`` (put
-    it after the clock) every rank takes rank 0's early-stopping decision, so no rank leaves
-    ``fit`` while the others wait in a collective.
-
-    Args:
-        comm: communicator.
-        process_set: the ranks that run ``fit`` (``None``: all; must contain rank 0).
-        phase: ``"before"`` or ``"after"`` the evaluation.
-    """
-
-    def __init__(self, comm: Communicator, process_set: Any = None, phase: str = "before"
-                 ) -> None:
-        super().__init__()
-        self.comm, self.process_set, self.phase = comm, process_set, phase
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.phase == "after":
-            stop = self.comm.broadcast(tf.constant([float(bool(self.model.stop_training))]), 0,
-                                       name="dho2/experiment/stop", process_set=self.process_set)
-            self.model.stop_training = bool(stop.numpy()[0] > 0.5)
-            return
-        variables = self.model.non_trainable_variables
-        means = self.comm.grouped_allreduce([v.value() for v in variables], "mean",
-                                            name="dho2/experiment/model_statistics",
-                                            process_set=self.process_set)
-        for variable, mean in zip(variables, means):
-            variable.assign(mean)
 
 
 def _callbacks(config: TrainConfig, comm: Communicator, x_r: np.ndarray, y_r: np.ndarray,

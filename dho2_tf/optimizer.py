@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import time
 from typing import Any, Callable, Iterator
 
@@ -166,6 +167,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
                              f"Received: nonfinite={nonfinite!r}")
         self.nonfinite = nonfinite
         self.seed = check_int("seed", seed, minimum=0)
+        if isinstance(learning_rate, (numbers.Real, str)):  # schedules and tensors pass through
+            check_real("learning_rate", learning_rate, minimum=0.0)
         self._learning_rate = self._build_learning_rate(learning_rate)
         self._comm = comm
         self._mode = make_mode(mode, self)

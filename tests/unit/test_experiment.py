@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from dho2_tf import checkpointing, experiment
+from dho2_tf.callbacks import ReplicaSync
 from dho2_tf.data import cifar_augment
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.experiment import TrainConfig, coerce, load_config_file, load_data, train
@@ -181,12 +182,12 @@ class _Rank0Says(LocalComm):
 
 def test_replica_sync_follows_rank0_stop_and_averages_statistics():
     model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.BatchNormalization()])
-    after = experiment.ReplicaSync(_Rank0Says(), phase="after")
+    after = ReplicaSync(_Rank0Says(), phase="after")
     after.set_model(model)
     model.stop_training = False
     after.on_epoch_end(0)
     assert model.stop_training is True
-    before = experiment.ReplicaSync(_Rank0Says(), phase="before")
+    before = ReplicaSync(_Rank0Says(), phase="before")
     before.set_model(model)
     before.on_epoch_end(0)
     np.testing.assert_array_equal(model.layers[0].moving_variance.numpy(), 2.0)

@@ -135,3 +135,15 @@ def test_current_learning_rate_and_bad_update_freq():
     assert current_learning_rate(tf.keras.optimizers.SGD(0.25)) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="`update_freq` must be a positive integer"):
         TensorBoardMonitor("unused", comm=LocalComm(), update_freq=0)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((np.zeros((3, 2)), np.zeros(4), None), "`x_test` and `y_test` must be non-empty with the "
+                                            "same number of rows. Received: 3 and 4"),
+    ((np.zeros((3, 2)), np.zeros(3), 1.5), "`target_accuracy` must be a finite number in "
+                                           "[0.0, 1.0]. Received: target_accuracy=1.5"),
+])
+def test_accuracy_clock_rejects_bad_arguments(args, message):
+    with pytest.raises(ValueError) as err:
+        AccuracyClock(*args)
+    assert str(err.value) == message

@@ -170,6 +170,9 @@ def test_hvp_leaves_batch_norm_statistics_unchanged():
     (dict(c_max=0.5), "`c_max` must be a finite number in [1.0, inf). Received: c_max=0.5"),
     (dict(mode="ring"), "`mode` must be one of"),
     (dict(weight_decay=1e-4), "`weight_decay` is not supported by DHO2"),
+    (dict(learning_rate=-0.1), "`learning_rate` must be a finite number in [0.0, inf). "
+                               "Received: learning_rate=-0.1"),
+    (dict(learning_rate="fast"), "`learning_rate` must be a finite number"),
 ])
 def test_invalid_hyper_parameters_name_the_parameter(kwargs, message):
     with pytest.raises(ValueError) as err:
