@@ -12,8 +12,9 @@ setup:
 	bash scripts/setup_env.sh
 
 # DHO2 on the MNIST-1D MLP (4000/1000 split, generated locally) over NP Gloo ranks.
+# A 0.1 ms Horovod cycle suits DHO2's dependent small collectives (see README, Performance).
 demo: setup
-	$(HVDRUN) --gloo -np $(NP) -H localhost:$(NP) $(PY) jobs/train.py \
+	HOROVOD_CYCLE_TIME=$${HOROVOD_CYCLE_TIME:-0.1} $(HVDRUN) --gloo -np $(NP) -H localhost:$(NP) $(PY) jobs/train.py \
 		--model mlp --dataset mnist1d --optimizer dho2 --base momentum --learning-rate 0.1 \
 		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
 

@@ -233,7 +233,8 @@ def machine(comm: Any) -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "ranks": comm.size,
             "python": platform.python_version(), "tensorflow": tf.__version__,
-            "horovod": horovod.__version__, "platform": platform.platform()}
+            "horovod": horovod.__version__, "platform": platform.platform(),
+            "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME", "default (1)")}
 
 
 def main(argv: list[str] | None = None) -> int:
