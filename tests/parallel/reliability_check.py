@@ -92,7 +92,7 @@ def setup(comm, mode):
     xc, yc = data(GLOBAL, seed=9)
     b = GLOBAL // comm.size
     model = mlp()
-    options = {"rho": 0.5, "tau": 3} if mode == "admm" else {}
+    options = {"rho": 0.5, "tau": 4} if mode == "admm" else {}  # step 15: mid-round
     opt = DHO2(learning_rate=0.05, base="adam", k=3, ell=1, refresh_every=6, warmup=4,
                mode=mode, comm=comm, **options)
     model.compile(optimizer=opt, loss=LOSS)
