@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator
+from dho2_tf.validation import check_int, check_real
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +152,6 @@ class TestAccuracyClock(tf.keras.callbacks.Callback):
     def __init__(self, x_test: Any, y_test: Any, target_accuracy: float | None = None,
                  batch_size: int = 1000) -> None:
         super().__init__()
-        from dho2_tf.validation import check_int, check_real
-
         if len(x_test) != len(y_test) or len(x_test) == 0:
             raise ValueError("`x_test` and `y_test` must be non-empty with the same number of "
                              f"rows. Received: {len(x_test)} and {len(y_test)}")

@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator
+from dho2_tf.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +135,15 @@ def _check_savable(optimizer: Any) -> str | None:
     return mode
 
 
-def _optimizer_arrays(optimizer: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """``(arrays, metadata)`` of the optimizer's state (collective for DHO2)."""
+def _optimizer_arrays(optimizer: Any) -> dict[str, np.ndarray]:
+    """The optimizer's state as named arrays (collective for DHO2).
+
+    DHO2's ``__mode__``/``__world_size__`` entries are left out: the manifest records both.
+    """
     if _dho2_mode(optimizer) is not None:
-        state = optimizer.export_state()
-        meta = {k: v for k, v in state.items() if k.startswith("__")}
-        return {k: np.asarray(v) for k, v in state.items() if not k.startswith("__")}, meta
-    return {str(i): np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}, {}
+        return {k: np.asarray(v) for k, v in optimizer.export_state().items()
+                if not k.startswith("__")}
+    return {str(i): np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
 
 
 def _fsync_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -166,12 +169,6 @@ def _write_json_atomically(path: str, payload: dict[str, Any]) -> None:
         raise
 
 
-def _check_counter(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer. Received: {name}={value!r}")
-    return int(value)
-
-
 def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, optimizer: Any,
                     comm: Communicator, epoch: int = 0) -> str | None:
     """Commit the current training state to ``directory``; every rank calls it, rank 0 writes.
@@ -189,11 +186,11 @@ def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, op
     Raises:
         ValueError: for a pipelined DHO2 or a negative ``epoch`` (before any collective).
     """
-    epoch = _check_counter("epoch", epoch)
+    epoch = check_int("epoch", epoch, minimum=0)
     mode = _check_savable(optimizer)
     sampler = _sampler(model)
     sampler_vars = _sampler_variables(sampler) if sampler is not None else []
-    opt_arrays, opt_meta = _optimizer_arrays(optimizer)
+    opt_arrays = _optimizer_arrays(optimizer)
     local = {f"model/{i}": np.asarray(v.numpy())
              for i, v in enumerate(_model_variables(model, sampler_vars))}
     local.update({f"sampler/{i}": np.asarray(v.numpy()) for i, v in enumerate(sampler_vars)})
@@ -212,9 +209,6 @@ def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, op
         _fsync_npz(os.path.join(tmp_dir, "shared.npz"), shared)
         for j, arrays in enumerate(per_rank):
             _fsync_npz(os.path.join(tmp_dir, f"rank_{j:05d}.npz"), arrays)
-        with open(os.path.join(tmp_dir, "meta.json"), "w", encoding="utf-8") as handle:
-            json.dump({"optimizer": {k: str(v) for k, v in opt_meta.items()},
-                       "sampler": sampler is not None}, handle)
         os.replace(tmp_dir, os.path.join(directory, name))
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -256,6 +250,12 @@ def _assign_all(kind: str, variables: list[tf.Variable], arrays: dict[str, np.nd
         variable.assign(arrays[key])
 
 
+def _refuse_rank_local(directory: Any, saved_ranks: int, ranks: int, what: str) -> None:
+    raise ValueError(f"The checkpoint in {directory} was written by {saved_ranks} rank(s) and "
+                     f"holds rank-local {what}; resume it with {saved_ranks} rank(s), not "
+                     f"{ranks}.")
+
+
 def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
                        optimizer: Any, comm: Communicator) -> CheckpointInfo:
     """Load the checkpoint the manifest of ``directory`` names into this rank's objects.
@@ -280,34 +280,33 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
         raise ValueError(f"The checkpoint in {directory} was written with DHO2 mode "
                          f"{info.mode!r}; this run's optimizer has mode {mode!r}.")
     folder = os.path.join(os.fspath(directory), info.name)
-    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as handle:
-        meta = json.load(handle)
+    same_world = info.ranks == comm.size
+    if not same_world and mode == "admm":
+        _refuse_rank_local(directory, info.ranks, comm.size, "ADMM iterates")
+    source = os.path.join(folder, f"rank_{comm.rank if same_world else 0:05d}.npz")
+    local = _load_npz(source)
     sampler = _sampler(model)
-    if bool(meta["sampler"]) != (sampler is not None):
-        raise ValueError(f"The checkpoint in {directory} {'has' if meta['sampler'] else 'lacks'} "
+    saved_sampler = any(key.startswith("sampler/") for key in local)
+    if saved_sampler != (sampler is not None):
+        raise ValueError(f"The checkpoint in {directory} {'has' if saved_sampler else 'lacks'} "
                          "a prioritized-sampler table; this run "
                          f"{'lacks' if sampler is None else 'has'} one.")
-    if info.ranks != comm.size and (mode == "admm" or sampler is not None):
-        what = "ADMM iterates" if mode == "admm" else "prioritized-sampler tables"
-        raise ValueError(f"The checkpoint in {directory} was written by {info.ranks} rank(s) and "
-                         f"holds rank-local {what}; resume it with {info.ranks} rank(s), not "
-                         f"{comm.size}.")
-    source_rank = comm.rank if info.ranks == comm.size else 0
-    source = os.path.join(folder, f"rank_{source_rank:05d}.npz")
-    local = _load_npz(source)
+    if not same_world and saved_sampler:
+        _refuse_rank_local(directory, info.ranks, comm.size, "prioritized-sampler tables")
     optimizer.build(model.trainable_variables)
     sampler_vars = _sampler_variables(sampler) if sampler is not None else []
     _assign_all("model", _model_variables(model, sampler_vars), local, source)
     _assign_all("sampler", sampler_vars, local, source)
-    arrays = local if mode == "admm" else _load_npz(os.path.join(folder, "shared.npz"))
-    opt_arrays = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
+    arrays = local  # ADMM's optimizer state is rank-local; the others' is in shared.npz
+    if mode != "admm":
+        source = os.path.join(folder, "shared.npz")
+        arrays = _load_npz(source)
     if mode is None:
-        _assign_all("optimizer", list(optimizer.variables),
-                    {f"optimizer/{k}": v for k, v in opt_arrays.items()}, source)
+        _assign_all("optimizer", list(optimizer.variables), arrays, source)
     else:
-        saved_meta = meta["optimizer"]
-        optimizer.import_state({**opt_arrays, "__mode__": saved_meta["__mode__"],
-                                "__world_size__": int(saved_meta["__world_size__"])})
+        optimizer.import_state({**{k.split("/", 1)[1]: v for k, v in arrays.items()
+                                   if k.startswith("optimizer/")},
+                                "__mode__": info.mode, "__world_size__": info.ranks})
     if comm.is_root:
         logger.info("Resumed from %s (epoch %d, step %d, written by %d rank(s))", folder,
                     info.epoch, info.step, info.ranks)

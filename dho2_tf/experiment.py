@@ -300,6 +300,17 @@ def make_sampler(config: TrainConfig) -> Any:
     return PrioritizedSampler(k=config.prioritized_k, r=config.prioritized_r, seed=config.seed)
 
 
+def pipeline_groups(config: TrainConfig, world_size: int) -> Any:
+    """The curvature/update rank sets of a pipelined DHO2 run, ``None`` for any other run."""
+    if config.optimizer != "dho2" or config.mode != "pipelined":
+        return None
+    from dho2_tf.distributed.pipeline import PipelineGroups
+
+    options = config.dho2_options
+    return PipelineGroups.of(world_size, options.get("curvature_ranks", 1),
+                             options.get("update_ranks"))
+
+
 def make_comm(config: TrainConfig) -> Communicator:
     """The run's communicator; a pipelined DHO2 run registers its process sets at start-up."""
     if config.optimizer == "dho2" and config.mode == "pipelined" and "HOROVOD_RANK" in os.environ:
@@ -314,13 +325,10 @@ def make_comm(config: TrainConfig) -> Communicator:
 
 def training_group(config: TrainConfig, comm: Communicator) -> Any:
     """The process set of the ranks that run ``fit`` (``None``: all ranks)."""
-    if config.optimizer != "dho2" or config.mode != "pipelined":
+    groups = pipeline_groups(config, comm.size)
+    if groups is None:
         return None
-    from dho2_tf.distributed.pipeline import PipelineGroups
-
-    options = config.dho2_options
-    update = PipelineGroups.of(comm.size, options.get("curvature_ranks", 1),
-                               options.get("update_ranks")).update
+    update = groups.update
     if len(update) == 1:
         return Group(update)  # one training rank: nothing to synchronise
     return comm.group(update) if len(update) < comm.size else None
@@ -332,15 +340,11 @@ def data_ranks(config: TrainConfig, comm: Communicator) -> tuple[Any, bool]:
     All ranks train and share the data, except in pipelined DHO2, where the update ranks share
     the training data and the curvature ranks share the curvature batch.
     """
-    if config.optimizer != "dho2" or config.mode != "pipelined":
+    groups = pipeline_groups(config, comm.size)
+    if groups is None:
         return comm, True
     from types import SimpleNamespace
 
-    from dho2_tf.distributed.pipeline import PipelineGroups
-
-    options = config.dho2_options
-    groups = PipelineGroups.of(comm.size, options.get("curvature_ranks", 1),
-                               options.get("update_ranks"))
     ranks = groups.update if comm.rank in groups.update else groups.curvature
     return SimpleNamespace(rank=ranks.index(comm.rank), size=len(ranks)), \
         comm.rank in groups.update
