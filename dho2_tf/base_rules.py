@@ -2,9 +2,10 @@
 
 FOSI splits every step into a Newton part in span(V) and a base-optimizer part in the rest
 (see :class:`dho2_tf.DHO2`). The base optimizer runs element-wise on this rank's shard of the flat
-parameter vector, so it is implemented here rather than borrowed from Keras (Keras' Adam puts ε
-inside a different expression; algorithm reference §4.3). Each rule returns the *signed
-displacement* u (e.g. u = −lr·g for SGD) and its new slots.
+parameter vector, so it is implemented here rather than borrowed from Keras (Keras' Adam adds ε
+to √v, FOSI's Adam adds it to √v̂, as below). Each rule returns the *signed displacement* u
+(e.g. u = −lr·g for SGD) and its new slots; u is linear in lr, so a caller scaling the step by c
+passes lr·c.
 
 Rules (t is the 1-based step count, β the rule's momentum):
 
@@ -14,7 +15,7 @@ Rules (t is the 1-based step count, β the rule's momentum):
 * ``adam``:     m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
                 u = −lr·m̂/(√v̂ + ε),  m̂ = m/(1−β₁ᵗ),  v̂ = v/(1−β₂ᵗ)
 
-Newton-momentum function M(g₁, m) = A_g·g₁ + A_m·m (reference §3.3):
+Newton-momentum function M(g₁, m) = A_g·g₁ + A_m·m (Sivan et al., ICLR 2024, §3):
 sgd (1, 0); momentum (1, β); nesterov (1+β, β²); adam (1−β₁, β₁) (EMA, no bias correction).
 """
 
@@ -76,6 +77,56 @@ class BaseRule:
         """FOSI's default learning-rate clip: 1 for Adam (forced), 3 otherwise."""
         return 1.0 if self.name == "adam" else 3.0
 
+    @property
+    def linear(self) -> bool:
+        """Whether u is linear in the gradient and the slots (every rule but Adam)."""
+        return self.name != "adam"
+
+    @property
+    def linear_buffer(self) -> bool:
+        """Whether the rule keeps a heavy-ball buffer b (``momentum``, ``nesterov``)."""
+        return self.name in ("momentum", "nesterov")
+
+    @property
+    def updates_in_place(self) -> bool:
+        """Whether :meth:`apply_in_place` serves this rule: Adam with ε > 0.
+
+        (With ε = 0 a zero v gives u = 0/0, a non-finite base step that must leave the slots
+        untouched, so that case keeps the out-of-place :meth:`displacement`.)
+        """
+        return self.name == "adam" and self.epsilon > 0
+
+    def apply_in_place(self, out: tf.Variable, slots: Sequence[tf.Variable], g: tf.Tensor,
+                       lr: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        """:meth:`displacement` in one fused pass: the slots are updated in place.
+
+        Math: out ← 0, then TF's ``ResourceApplyAdam`` kernel with β₁ᵗ, β₂ᵗ and ε·√(1−β₂ᵗ):
+        m ← m + (1−β₁)(g − m), v ← v + (1−β₂)(g² − v),
+        out ← out − lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε·√(1−β₂ᵗ)) = −lr·m̂/(√v̂ + ε) = u.
+
+        Args:
+            out: float [s] variable receiving u.
+            slots: the ``m`` and ``v`` variables, each float [s].
+            g: float [s] gradient.
+            lr: scalar learning rate (same dtype as ``g``).
+            step: scalar, 1-based step count t.
+
+        Returns:
+            u, read from ``out`` after the update.
+        """
+        if not self.updates_in_place:
+            raise ValueError(f"Base {self.name!r} (epsilon={self.epsilon}) has no in-place step.")
+        dtype = g.dtype
+        b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        t = tf.cast(step, dtype)
+        b1_power, b2_power = tf.pow(b1, t), tf.pow(b2, t)
+        out.assign(tf.zeros_like(g))
+        tf.raw_ops.ResourceApplyAdam(
+            var=out.handle, m=slots[0].handle, v=slots[1].handle, beta1_power=b1_power,
+            beta2_power=b2_power, lr=lr, beta1=b1, beta2=b2,
+            epsilon=tf.cast(self.epsilon, dtype) * tf.sqrt(1.0 - b2_power), grad=g)
+        return out.read_value()
+
     def displacement(self, g: tf.Tensor, slots: Sequence[tf.Tensor], lr: tf.Tensor,
                      step: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """Signed displacement u and new slots for gradient ``g``. See the module docstring.
@@ -95,12 +146,15 @@ class BaseRule:
         if self.name in ("momentum", "nesterov"):
             beta = tf.cast(self.momentum, dtype)
             buf = g + beta * slots[0]
-            direction = buf if self.name == "momentum" else g + beta * buf
-            return -lr * direction, [buf]
+            if self.name == "momentum":
+                return -lr * buf, [buf]
+            return -lr * (g + beta * buf), [buf]
+        # m̂/(√v̂ + ε) = [√(1−β₂ᵗ)/(1−β₁ᵗ)]·m/(√v + ε·√(1−β₂ᵗ)): the bias corrections become
+        # two scalars, leaving four element-wise operations for u.
         b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
         t = tf.cast(step, dtype)
+        root_c2 = tf.sqrt(1.0 - tf.pow(b2, t))
         m = b1 * slots[0] + (1.0 - b1) * g
         v = b2 * slots[1] + (1.0 - b2) * tf.square(g)
-        m_hat = m / (1.0 - tf.pow(b1, t))
-        v_hat = v / (1.0 - tf.pow(b2, t))
-        return -lr * m_hat / (tf.sqrt(v_hat) + tf.cast(self.epsilon, dtype)), [m, v]
+        step_size = -lr * root_c2 / (1.0 - tf.pow(b1, t))
+        return step_size * m / (tf.sqrt(v) + tf.cast(self.epsilon, dtype) * root_c2), [m, v]

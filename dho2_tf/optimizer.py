@@ -13,14 +13,72 @@ import tensorflow as tf
 from dho2_tf import hybrid
 from dho2_tf.base_rules import BaseRule
 from dho2_tf.distributed.comm import Communicator, default_comm
-from dho2_tf.flat import FlatSpec
-from dho2_tf.modes import MODES, make_mode
+from dho2_tf.flat import FlatSpec, assign_add_flat
+from dho2_tf.modes import MODE_CHOICES, choose_layout, make_mode, replicated_state_bytes
 from dho2_tf.validation import check_int, check_real
 
 NONFINITE_POLICIES = ("skip", "raise")
 
 logger = logging.getLogger(__name__)
 
+#: Default ``memory_budget`` of ``mode="auto"``: 1 GiB of replicated state per rank.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+#: Shard length from which Adam updates its slots in place with TF's fused kernel (one pass
+#: instead of eleven element-wise ones; the kernel's fixed cost makes it slower below).
+IN_PLACE_MIN_SIZE = 1 << 16
+
+
+class _Workspace:
+    """Step buffers that are not optimizer state (not checkpointed, not in ``variables``).
+
+    Attributes:
+        projected: float [K·(1 + buffered)], [V m₀ ; V B] cached by the last applied step.
+        projected_at: int64, the refresh count for which ``projected`` is valid (−1: none).
+        base_out: float [s], output of an in-place base step (``None`` if the rule has none).
+    """
+
+    def __init__(self, rule: BaseRule, num_pairs: int, shard_size: int, dtype: tf.DType,
+                 in_place: bool) -> None:
+        size = num_pairs * (2 if rule.linear_buffer else 1)
+        self.projected = tf.Variable(tf.zeros([size], dtype), trainable=False,
+                                     name="dho2_projected_state")
+        self.projected_at = tf.Variable(tf.constant(-1, tf.int64), trainable=False,
+                                        name="dho2_projected_at")
+        self.base_out = tf.Variable(tf.zeros([shard_size], dtype), trainable=False,
+                                    name="dho2_base_step") if in_place else None
+
+
+class _HostState:
+    """Python copies the eager hooks keep between steps (a plain object: setting attributes on
+    the optimizer itself goes through Keras' tracking, which costs microseconds per step).
+
+    Attributes:
+        refreshes: the refresh counter, or ``None`` when it must be re-read.
+        begun_at: the step count :meth:`DHO2.on_step_begin` saw, until :meth:`DHO2.on_step_end`.
+        skipped_reported: skipped steps already reported in the log.
+    """
+
+    def __init__(self) -> None:
+        self.refreshes: int | None = None
+        self.begun_at: int | None = None
+        self.skipped_reported = 0
+
+
+class _StatShadows:
+    """Copies of the bound model's non-trainable variables (batch-norm statistics), so a skipped
+    step can restore them inside the step graph. A plain object: not tracked by checkpoints."""
+
+    def __init__(self, model: tf.keras.Model) -> None:
+        self.model = model
+        self.pairs = [(var, tf.Variable(var.value(), trainable=False,
+                                        name=f"dho2_shadow_{i}"))
+                      for i, var in enumerate(model.non_trainable_variables)]
+
+    def sync(self) -> None:
+        """shadow ← statistic (eager), after the statistics were changed outside a step."""
+        for var, shadow in self.pairs:
+            shadow.assign(var.value())
 
 
 @tf.keras.utils.register_keras_serializable(package="dho2_tf")
@@ -31,7 +89,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
     smallest eigenpairs (λ, V) of the loss Hessian on a curvature batch; each step then takes a
     scaled Newton step in span(V) and a base-optimizer step (SGD, heavy ball, Nesterov or Adam)
     in its orthogonal complement. Gradients and Hessian-vector products are averaged over all
-    ranks; the parameter-sized optimizer state (V, momentum, base slots) is sharded 1/P.
+    ranks; the parameter-sized optimizer state (V, momentum, base slots) is either replicated on
+    every rank or sharded 1/P (see ``mode``).
 
     Math:
         Symbols: λ, V (K = k+ℓ rows) the estimated eigenpairs; α = ``alpha``; c_max = ``c_max``;
@@ -47,9 +106,19 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
         Before the first refresh V = 0, η = 0, c = 1, so DHO2 is exactly the base optimizer.
         Refresh trigger: before update t iff t+1 ≥ W and (t+1−W) mod T = 0 (W = ``warmup``,
-        T = ``refresh_every``). References: Sivan et al., "FOSI: Hybrid First and Second Order
-        Optimization", ICLR 2024, arXiv 2302.08484, §3; Gu et al., "DHO2", arXiv 2505.00982;
-        algorithm reference (shared/reference/dho2-algorithm.md) §3.2–3.4 and §5.2.
+        T = ``refresh_every``). A step whose averaged gradient or base step holds NaN/Inf
+        changes nothing (see ``nonfinite``). References: Sivan et al., "FOSI: Hybrid First and
+        Second Order Optimization", ICLR 2024, arXiv 2302.08484, §3; Gu et al., "DHO2",
+        arXiv 2505.00982.
+
+    Cost of a step (K = k+ℓ, n parameters; :mod:`dho2_tf.hybrid` has the derivation): the
+    Newton momentum and the heavy-ball buffer are kept in the basis of V between refreshes, so
+    ``sgd``/``momentum``/``nesterov`` make two passes over V (V·Ḡ and one combine that applies
+    the projection of the base step and the Newton step together) and Adam four (V·Ḡ, g₂, V·u,
+    the combine); Adam updates its slots with TF's fused kernel (from 2¹⁶ entries per rank).
+    Add a few element-wise passes over n (flattening Ḡ, the finiteness check, one
+    ``assign_add`` per variable: the weights are updated in place) and the mode's collectives.
+    In ``model.fit`` the :class:`CurvatureRefresh` hooks read no variable between refreshes.
 
     Note:
         The curvature refresh needs the model, the loss and a curvature batch. With ``fit``, pass
@@ -58,7 +127,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         ``apply_gradients``, and :meth:`on_train_end` at the end. Weight
         decay must go into the loss (as L2), so the curvature estimate sees the optimised
         function; ``weight_decay`` is therefore rejected. Adam runs in-house on the flat vector
-        with ε outside √v̂ (reference §4.3).
+        with ε outside √v̂, as in FOSI (Keras' Adam adds ε to √v).
 
     Args:
         learning_rate: base learning rate, a float or a ``LearningRateSchedule``.
@@ -70,6 +139,11 @@ class DHO2(tf.keras.optimizers.Optimizer):
         alpha: Newton step size α ≥ 0. Defaults to 0.1.
         c_max: clip of the base learning-rate scale c (≥ 1). Defaults to 1 for Adam, else 3.
         lanczos_order: Lanczos iterations m ≥ k+ℓ. Defaults to 4(k+ℓ).
+        lanczos_dtype: ``"float32"``, ``"float64"`` or ``None`` (default: the model's own
+            precision, float64 for float64 models, else float32): storage and arithmetic of
+            the Lanczos basis (its coefficients and T are always float64). A float32 basis
+            halves the memory traffic of the re-orthogonalisation; its extreme Ritz values
+            agree with a float64 basis to about 1e-5 of |λ_max| (measured in BENCHMARKS.md).
         refresh_every: curvature refresh interval T in steps (> 0). Defaults to 100.
         warmup: steps W before the first refresh (≥ 0). Defaults to ``refresh_every``.
         eigenvalue_damping: σ_d ≥ 0 added to λ before inverting. Defaults to 0.
@@ -77,11 +151,30 @@ class DHO2(tf.keras.optimizers.Optimizer):
         beta_1: β₁ of Adam. Defaults to 0.9.
         beta_2: β₂ of Adam. Defaults to 0.999.
         epsilon: ε of Adam. Defaults to 1e-8.
-        mode: distribution mode (``shared/reference/dho2-algorithm.md`` §5): ``"sharded"``
-            (default; state sharded 1/P, exactly single-process FOSI on the union of batches),
-            ``"faithful"`` (the released DHO2 code's design, with its window rule),
-            ``"pipelined"`` (curvature ranks compute while update ranks train), ``"admm"``
-            (consensus ADMM with τ local steps between allreduces).
+        mode: distribution mode (:mod:`dho2_tf.modes`). ``"sharded"`` and ``"replicated"``
+            are both exactly single-process FOSI on the union of the ranks' batches; they
+            differ in layout:
+
+            * ``"replicated"``: V, momentum and base slots in full on every rank,
+              (slots+1+K)·n numbers per rank. One allreduce (mean) of the gradient per step,
+              like a data-parallel Keras optimizer; every rank then computes the same full
+              step locally. The fastest layout when the state fits.
+            * ``"sharded"``: the same state cut 1/P, (slots+1+K)·n/P numbers per rank.
+              Dependent collectives per step: reduce-scatter of Ḡ (n), allreduce of V_r Ḡ_r
+              (K), for Adam an allreduce of V_r u_r (K), all-gather of δ (n): three or four
+              latency-bound collectives. Choose it when the replicated state would not fit a
+              rank's memory.
+            * ``"auto"`` (default): resolved at ``build`` to ``"replicated"`` when
+              (slots+1+K)·n·itemsize + m·n·8 bytes (m = ``lanczos_order``; the Lanczos basis
+              is float64) fit ``memory_budget``, else ``"sharded"``. The choice does not
+              depend on P, is logged once (rank 0) and is :attr:`resolved_mode`.
+            * ``"faithful"``: the released DHO2 code's design (replicated, rank 0's HVP, window
+              rule).
+            * ``"pipelined"``: curvature ranks compute while update ranks train (``sharded``
+              within the update ranks).
+            * ``"admm"``: consensus ADMM with τ local steps between allreduces.
+        memory_budget: bytes of replicated state per rank ``mode="auto"`` may use (> 0).
+            Defaults to 1 GiB. Ignored by the other modes.
         window_rule: ``"extrapolate"`` (the released window rule, ``faithful`` only) or
             ``"none"``. Defaults to ``"extrapolate"`` for ``faithful``, else ``"none"``.
         window_sigma: σ_w of the window rule's gradient offset. Defaults to 5e-9.
@@ -98,9 +191,12 @@ class DHO2(tf.keras.optimizers.Optimizer):
             robust with stochastic gradients on non-convex losses, see BENCHMARKS.md). Defaults
             to ``"z"``.
         nonfinite: what a step whose averaged gradient or base step holds NaN/Inf does:
-            ``"skip"`` (weights, slots and momentum stay unchanged, batch-norm statistics are
-            restored, ``skipped_steps`` counts it) or ``"raise"`` (stop with an error). A
-            non-finite curvature estimate always keeps the previous eigenpairs.
+            ``"skip"`` (weights, slots and momentum stay unchanged, the bound model's
+            non-trainable statistics are restored inside the step, ``skipped_steps`` counts it;
+            every rank decides from the same full displacement, so all agree; a displacement
+            so large that its sum overflows counts as non-finite too) or ``"raise"`` (stop
+            with an error). A non-finite curvature estimate always keeps the previous
+            eigenpairs.
         seed: seed of the Lanczos start vectors (refresh j uses ``seed + j``). Defaults to 0.
         comm: communicator (not serialised). Defaults to Horovod under ``horovodrun``, else local.
         name: optimizer name. Defaults to ``"DHO2"``.
@@ -110,14 +206,16 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
     def __init__(self, learning_rate: float | Any = 1e-3, base: str = "adam", k: int = 10,
                  ell: int = 0, alpha: float = 0.1, c_max: float | None = None,
-                 lanczos_order: int | None = None, refresh_every: int = 100,
+                 lanczos_order: int | None = None, lanczos_dtype: str | None = None,
+                 refresh_every: int = 100,
                  warmup: int | None = None, eigenvalue_damping: float = 0.0,
                  momentum: float = 0.9, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, mode: str = "sharded", window_rule: str | None = None,
+                 epsilon: float = 1e-8, mode: str = "auto", window_rule: str | None = None,
                  window_sigma: float = 5e-9, curvature_ranks: int = 1,
                  update_ranks: int | None = None, delivery_delay: int | None = None,
                  rho: float = 1e-2, tau: int = 8, x_restart: str = "z",
                  nonfinite: str = "skip", seed: int = 0,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  comm: Communicator | None = None, name: str = "DHO2", **kwargs: Any) -> None:
         for key in ("weight_decay", "use_ema"):
             if kwargs.pop(key, None):
@@ -135,14 +233,19 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self.lanczos_order = 4 * (self.k + self.ell) if lanczos_order is None else check_int(
             "lanczos_order", lanczos_order, minimum=self.k + self.ell,
             hint="it must be at least k + ell")
+        if lanczos_dtype not in (None, "float32", "float64"):
+            raise ValueError("`lanczos_dtype` must be None, 'float32' or 'float64'. "
+                             f"Received: lanczos_dtype={lanczos_dtype!r}")
+        self.lanczos_dtype = lanczos_dtype
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
         self.warmup = self.refresh_every if warmup is None else check_int("warmup", warmup,
                                                                            minimum=0)
         self.eigenvalue_damping = check_real("eigenvalue_damping", eigenvalue_damping,
                                              minimum=0.0)
-        if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {tuple(MODES)}. Received: mode={mode!r}")
+        if mode not in MODE_CHOICES:
+            raise ValueError(f"`mode` must be one of {MODE_CHOICES}. Received: mode={mode!r}")
         self.mode = mode
+        self.memory_budget = check_int("memory_budget", memory_budget, minimum=1)
         self.window_rule = ("extrapolate" if mode == "faithful" else "none") \
             if window_rule is None else window_rule
         if self.window_rule not in ("none", "extrapolate") or (
@@ -171,12 +274,16 @@ class DHO2(tf.keras.optimizers.Optimizer):
             check_real("learning_rate", learning_rate, minimum=0.0)
         self._learning_rate = self._build_learning_rate(learning_rate)
         self._comm = comm
-        self._mode = make_mode(mode, self)
+        # "auto" is resolved in build(); until then its layout behaves as "sharded" (neither
+        # constrains the world nor uses process sets).
+        self._mode = make_mode("sharded" if mode == "auto" else mode, self)
         if comm is not None:
             self._mode.validate_world()
         self.binding: dict[str, Any] | None = None
         self.last_refresh: dict[str, Any] | None = None
         self.triggers: list[int] = []
+        self._host = _HostState()
+        self._stat_shadows: _StatShadows | None = None
 
     # ----------------------------------------------------------------------------------- state
     @property
@@ -193,6 +300,14 @@ class DHO2(tf.keras.optimizers.Optimizer):
         return self.k + self.ell
 
     @property
+    def resolved_mode(self) -> str | None:
+        """The layout in use: ``mode``, or for ``mode="auto"`` the one chosen at ``build``
+        (``None`` before). Checkpoints and exported states record this one."""
+        if self.mode == "auto" and not getattr(self, "_built", False):
+            return None
+        return self._mode.name
+
+    @property
     def is_curvature_rank(self) -> bool:
         """True on the ranks of a pipelined run that compute curvature instead of training."""
         return self.mode == "pipelined" and self._mode.is_curvature_rank
@@ -202,9 +317,11 @@ class DHO2(tf.keras.optimizers.Optimizer):
         super().build(var_list)
         if getattr(self, "_built", False):
             return
+        self.spec = FlatSpec.of(var_list)
+        if self.mode == "auto":
+            self._mode = make_mode(self._choose_layout(self.spec.n, var_list[0].dtype), self)
         self._mode.validate_world()
         self._built = True
-        self.spec = FlatSpec.of(var_list)
         self.model_variables = list(var_list)
         self.layout = self._mode.layout(self.spec.n)
         # Pipelined curvature ranks never update weights: they keep no parameter-sized state.
@@ -214,6 +331,10 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self._base_slots = [self.add_variable([s], dtype, name=f"base_{n}")
                             for n in self.rule.slot_names]
         self._newton_momentum = self.add_variable([s], dtype, name="newton_momentum")
+        self._newton_coeffs = self.add_variable([kk], dtype, name="newton_coeffs")
+        self._newton_decay = self.add_variable([], dtype, initializer="ones", name="newton_decay")
+        self._base_coeffs = self.add_variable([kk], dtype, name="base_coeffs") \
+            if self.rule.linear_buffer else None
         self._eigenvalues = self.add_variable([kk], dtype, name="eigenvalues")
         self._eigenvectors = self.add_variable([kk, s], dtype, name="eigenvectors_shard")
         self._gram = self.add_variable([kk, kk], dtype, name="gram")
@@ -225,7 +346,26 @@ class DHO2(tf.keras.optimizers.Optimizer):
                                              self._eigenvectors]} if self._mode.shards_state \
             else set()
         self._mode.build(var_list)
-        logger.debug("DHO2 built: mode=%s n=%d %r", self.mode, self.spec.n, self.layout)
+        self._in_place = self.rule.updates_in_place and s >= IN_PLACE_MIN_SIZE
+        self._workspace = _Workspace(self.rule, kk, s, dtype, self._in_place)
+        logger.debug("DHO2 built: mode=%s n=%d %r", self.resolved_mode, self.spec.n, self.layout)
+
+    def replicated_state_bytes(self, n: int, dtype: tf.DType = tf.float32) -> int:
+        """Bytes per rank of the ``replicated`` layout for n parameters (see ``mode="auto"``)."""
+        return replicated_state_bytes(n, len(self.rule.slot_names), self.num_pairs,
+                                      self.lanczos_order, tf.as_dtype(dtype).size)
+
+    def _choose_layout(self, n: int, dtype: tf.DType) -> str:
+        """``mode="auto"``: "replicated" if its state fits ``memory_budget``, else "sharded"."""
+        needed = self.replicated_state_bytes(n, dtype)
+        chosen = choose_layout(needed, self.memory_budget)
+        if self.comm.is_root:
+            logger.info("DHO2 mode='auto' chose %r: replicated state %.1f MiB per rank "
+                        "(n=%d, K=%d, %d base slots, Lanczos basis %d rows in float64) %s "
+                        "memory_budget %.1f MiB", chosen, needed / 2**20, n, self.num_pairs,
+                        len(self.rule.slot_names), self.lanczos_order,
+                        "<=" if chosen == "replicated" else ">", self.memory_budget / 2**20)
+        return chosen
 
     def state_bytes(self) -> int:
         """Bytes of this rank's optimizer and curvature state (all variables but counters)."""
@@ -243,6 +383,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
         out["skipped_steps"] = float(self._skipped.numpy())
         if self.last_refresh is not None:
             out["refresh_seconds"] = float(self.last_refresh["seconds"])
+        if getattr(self, "compile_seconds", 0.0):
+            out["curvature_compile_seconds"] = float(self.compile_seconds)
         out.update(self._mode.metrics())
         return out
 
@@ -268,25 +410,109 @@ class DHO2(tf.keras.optimizers.Optimizer):
             self.iterations.assign_add(1)
         return self.iterations
 
-    def fosi_displacement(self, g_r: tf.Tensor) -> tf.Tensor:
-        """FOSI displacement of this rank's state shard for gradient shard ``g_r``; updates the
-        momentum and base slots. See the class docstring (``Math:``)."""
+    def apply_fosi_step(self, g_r: tf.Tensor, variables: list[tf.Variable],
+                        gather: Callable[[tf.Tensor], tf.Tensor] | None = None) -> None:
+        """One FOSI step from this rank's averaged-gradient shard; see the class ``Math:``.
+
+        Math: δ_r from :func:`dho2_tf.hybrid.hybrid_displacement` (with the new momentum
+        coefficients and base slots); δ = gather(δ_r), the full displacement [n] (the mode's
+        all-gather, or δ_r itself when the state is full); then, iff Σδ is finite (no entry of
+        δ is NaN/Inf and the step is not so large that its sum overflows), θ ← θ + δ (one
+        ``assign_add`` per variable) and the momentum and the slots take their new values.
+        Every rank holds the same δ, so all take the same branch. Otherwise
+        nothing changes: the bound model's non-trainable statistics (updated by the forward
+        pass) are restored from their copies and ``skipped_steps`` grows by one. Adam updates
+        its slots in place (one fused pass) once every rank knows Ḡ is finite, so only a base
+        step that overflows with a finite gradient would keep its slot update.
+
+        Args:
+            g_r: float [s], the rank-averaged gradient on this rank's state shard.
+            variables: the model variables, in the flat order.
+            gather: maps δ_r [s] to δ [n]; ``None`` when s = n.
+        """
         comm, group = self._mode.projection_comm()
+        ws, rule, step = self._workspace, self.rule, self.iterations + 1
         curvature = hybrid.Curvature(self._eigenvectors, self._gram, self._rates, self._scale)
+        slot_coeffs = self._base_coeffs if self._base_coeffs is not None else \
+            tf.zeros([self.num_pairs], g_r.dtype)
+        state = hybrid.StepState(
+            self._newton_momentum, self._newton_coeffs, self._newton_decay,
+            [] if self._in_place else [v.value() for v in self._base_slots],
+            slot_coeffs, ws.projected, tf.equal(ws.projected_at, self._refreshes))
+        in_place = None
+        if self._in_place:
+            def in_place(g2: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
+                return rule.apply_in_place(ws.base_out, self._base_slots, g2, lr, step)
+
         result = hybrid.hybrid_displacement(
-            g_r, self._newton_momentum, [s.value() for s in self._base_slots], curvature,
-            self.rule, self.learning_rate, self.alpha, self.iterations + 1, comm,
-            process_set=group)
+            g_r, state, curvature, rule, self.learning_rate, self.alpha, step, comm,
+            in_place=in_place, process_set=group)
+        delta = result.delta_r if gather is None else gather(result.delta_r)
+        finite = hybrid.sum_finite(delta)
         if self.nonfinite == "raise":
-            tf.debugging.assert_equal(result.finite, True, message=(
+            tf.debugging.assert_equal(finite, True, message=(
                 "DHO2: the averaged gradient (or the base step) holds NaN/Inf at this step; "
                 "stopping because nonfinite='raise'. Check the input batch and learning rate."))
-        self._skipped.assign_add(tf.where(result.finite, tf.constant(0, tf.int64),
-                                          tf.constant(1, tf.int64)))
-        self._newton_momentum.assign(result.newton_momentum_r)
-        for slot, value in zip(self._base_slots, result.base_slots_r):
-            slot.assign(value)
-        return result.delta_r
+        shadows = self._stat_shadows
+        bound = self.binding["model"] if self.binding else None
+        stats = shadows.pairs if shadows is not None and shadows.model is bound else []
+        refreshes = self._refreshes.value()
+
+        def commit() -> None:
+            assign_add_flat(variables, delta, self.spec)
+            self._newton_coeffs.assign(result.momentum_coeffs)
+            self._newton_decay.assign(result.momentum_decay)
+            if self._base_coeffs is not None:
+                self._base_coeffs.assign(result.slot_coeffs)
+            ws.projected.assign(result.cached)
+            ws.projected_at.assign(refreshes)
+            for slot, value in zip(self._base_slots, result.slots_r):
+                slot.assign(value)
+            for stat, shadow in stats:
+                shadow.assign(stat)
+
+        def skip() -> None:
+            for stat, shadow in stats:
+                stat.assign(shadow)
+
+        tf.cond(finite, commit, skip)
+        self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+
+    def materialize_momentum(self) -> None:
+        """Fold the K coordinates into the vectors: m₀ ← Vᵀc + d·m₀, c ← 0, d ← 1, and for
+        ``momentum``/``nesterov`` B ← B − Vᵀq, q ← 0 (the same state, free of the current V).
+
+        Eager and local (c and q are replicated, so no collective). Runs before every change
+        of V (:meth:`refresh_curvature` calls it through the mode's estimate, the pipelined
+        delivery before installing). Exported states keep the coordinates as they are (with V),
+        so a resumed run continues bit for bit.
+        """
+        if not getattr(self, "_built", False):
+            return
+        v = self._eigenvectors
+        self._newton_momentum.assign(hybrid.materialize(
+            self._newton_momentum, self._newton_coeffs, v, self._newton_decay))
+        self._newton_coeffs.assign(tf.zeros_like(self._newton_coeffs))
+        self._newton_decay.assign(tf.ones_like(self._newton_decay))
+        if self._base_coeffs is not None:
+            buffer = self._base_slots[0]
+            buffer.assign(hybrid.materialize(buffer, -self._base_coeffs, v))
+            self._base_coeffs.assign(tf.zeros_like(self._base_coeffs))
+        self._workspace.projected_at.assign(-1)
+
+    def ensure_stat_shadows(self) -> bool:
+        """Create the copies of the bound model's non-trainable variables that a skipped step
+        restores (eager; a no-op while the bound model is unchanged).
+
+        Steps traced before the copies existed do not restore statistics, so call it after
+        :meth:`bind` and before the first step (``CurvatureRefresh`` and :meth:`on_step_begin`
+        do). Returns whether copies were created now.
+        """
+        model = self.binding["model"] if self.binding else None
+        if model is None or (self._stat_shadows is not None and self._stat_shadows.model is model):
+            return False
+        self._stat_shadows = _StatShadows(model)
+        return True
 
     def update_step(self, gradient, variable):  # noqa: D102 - DHO2 updates in apply_gradients
         raise NotImplementedError("DHO2 updates the flat vector in apply_gradients.")
@@ -308,31 +534,84 @@ class DHO2(tf.keras.optimizers.Optimizer):
         loss_fn = resolve_loss(model, loss)
         self.build(model.trainable_variables)
         dtype = model.trainable_variables[0].dtype
-        self.binding = {"model": model, "dtype": dtype, "hvp": make_hvp_fn(
-            model, loss_fn, batch, training=training, hvp_dtype=dtype)}
+        hvp = make_hvp_fn(model, loss_fn, batch, training=training, hvp_dtype=dtype)
+        estimator = self._mode.make_estimator(hvp, dtype, self.basis_dtype_for(dtype))
+        self.binding = {"model": model, "dtype": dtype, "hvp": hvp, "estimator": estimator}
+        # Compile the HVP and the Lanczos loop now (no HVP runs, no collective), so the first
+        # refresh costs what later ones do and the one-off cost is reported on its own.
+        self.compile_seconds = 0.0 if estimator is None else estimator.trace()
+        if self.comm.is_root and estimator is not None:
+            logger.info("DHO2 compiled the curvature graphs in %.2fs (n=%d, m=%d, %s %s basis)",
+                        self.compile_seconds, self.spec.n, self.lanczos_order,
+                        estimator.basis_layout, self.basis_dtype_for(dtype))
 
-    def on_step_begin(self) -> None:
+    def basis_dtype_for(self, model_dtype: tf.DType) -> str:
+        """The Lanczos basis dtype: ``lanczos_dtype``, or the model's precision when None."""
+        if self.lanczos_dtype is not None:
+            return self.lanczos_dtype
+        return "float64" if tf.as_dtype(model_dtype) == tf.float64 else "float32"
+
+    def on_step_begin(self, iterations: int | None = None) -> None:
         """Call before every update (eager): curvature refresh, window jump, pipeline hand-over.
 
-        Also snapshots the bound model's non-trainable statistics, so a skipped (non-finite)
-        step can restore them in :meth:`on_step_end`.
+        Args:
+            iterations: the step count before this update, when the caller keeps it as a
+                Python int (``CurvatureRefresh`` does): then a step with nothing due reads no
+                variable. ``None`` reads the step and refresh counters from their variables.
         """
-        self._mode.on_step_begin()
-        model = self.binding["model"] if self.binding else None
-        self._stats_snapshot = None
-        if model is not None and model.non_trainable_variables and getattr(self, "_built", False):
-            self._stats_snapshot = (int(self._skipped.numpy()),
-                                    [v.value() for v in model.non_trainable_variables])
+        if iterations is None:
+            iterations = int(self.iterations.numpy())
+            self._host.refreshes = None
+            self.ensure_stat_shadows()
+        self._host.begun_at = iterations
+        self._mode.on_step_begin(iterations)
 
-    def on_step_end(self) -> None:
-        """Call after every update (eager): restores statistics of a skipped step; ADMM rounds."""
-        snapshot = getattr(self, "_stats_snapshot", None)
-        if snapshot is not None and int(self._skipped.numpy()) > snapshot[0]:
-            for var, value in zip(self.binding["model"].non_trainable_variables, snapshot[1]):
-                var.assign(value)
-            logger.warning("DHO2 skipped a step with a non-finite gradient (%d so far)",
-                           int(self._skipped.numpy()))
-        self._mode.on_step_end()
+    def on_step_end(self, iterations: int | None = None) -> None:
+        """Call after every update (eager): ADMM rounds.
+
+        Args:
+            iterations: the step count after the update, as for :meth:`on_step_begin`. ``None``
+                takes one more than the count :meth:`on_step_begin` saw (one update in
+                between), and logs a warning when steps were skipped since the last report.
+        """
+        if iterations is None:
+            begun = self._host.begun_at
+            iterations = int(self.iterations.numpy()) if begun is None else begun + 1
+            self._host.begun_at = None
+            self.report_skipped()
+        self._mode.on_step_end(iterations)
+
+    def sync_host_state(self) -> int:
+        """Re-read what the eager hooks keep in Python and copy the statistics (eager).
+
+        Call after the optimizer's or the model's variables were changed outside a training
+        step (restored, averaged); ``CurvatureRefresh`` calls it at the start of every epoch.
+
+        Returns:
+            The optimizer's step count.
+        """
+        self._host.refreshes = None
+        self._mode.sync_host_state()
+        if not self.ensure_stat_shadows():
+            self.sync_stat_shadows()
+        return int(self.iterations.numpy())
+
+    def sync_stat_shadows(self) -> None:
+        """Copy the bound model's non-trainable statistics into the copies a skipped step
+        restores (after they were changed outside a step, e.g. averaged over ranks)."""
+        if self._stat_shadows is not None:
+            self._stat_shadows.sync()
+
+    def report_skipped(self) -> int:
+        """Log a warning if steps were skipped since the last report; returns the count."""
+        if not getattr(self, "_built", False):
+            return 0
+        skipped = int(self._skipped.numpy())
+        if skipped > self._host.skipped_reported:
+            logger.warning("DHO2 skipped %d step(s) with a non-finite gradient or base step "
+                           "(%d so far)", skipped - self._host.skipped_reported, skipped)
+        self._host.skipped_reported = skipped
+        return skipped
 
     def verify_consistency(self, model: tf.keras.Model) -> None:
         """Compare configuration, mode, world size and variable shapes/dtypes across ranks.
@@ -341,7 +620,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         ValueError on every rank instead of leaving a later collective hanging.
         """
         config = {k: v for k, v in self.get_config().items() if k != "name"}
-        mine = repr((sorted(config.items()), self.comm.size,
+        mine = repr((sorted(config.items()), self.resolved_mode, self.comm.size,
                      [(tuple(v.shape), v.dtype.name) for v in model.trainable_variables]))
         everyone = self.comm.allgather_object(mine, name="dho2/consistency")
         self.consistency_checked = True
@@ -355,6 +634,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def on_train_end(self) -> None:
         """Call once when training stops (pipelined: releases the curvature ranks)."""
         self._mode.on_train_end()
+        self.report_skipped()
 
     def serve_curvature(self) -> list[dict[str, Any]]:
         """Pipelined mode, curvature ranks: serve refreshes until the update ranks stop.
@@ -372,14 +652,19 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def export_state(self) -> dict[str, Any]:
         """This rank's optimizer state with sharded vectors gathered to full length.
 
+        Vectors kept in the basis of V are exported as they are: the Newton momentum as
+        ``newton_momentum`` (m₀), ``newton_coeffs`` (c) and ``newton_decay`` (d), a heavy-ball
+        buffer as its vector B and ``base_coeffs`` (q); V is part of the state.
+
         The result does not depend on the number of ranks (except for ``admm``, whose state is
-        rank-local), so :meth:`import_state` can re-partition it for another world size.
-        Collective: every rank holding state must call it.
+        rank-local), nor on the layout for ``sharded`` and ``replicated``, so
+        :meth:`import_state` can re-partition it for another world size or layout. ``__mode__``
+        is the resolved mode. Collective: every rank holding state must call it.
         """
         from dho2_tf.curvature.spectrum import gather_vectors
 
         comm, group, n = self.comm, self._mode.group, self.spec.n
-        out: dict[str, Any] = {"__world_size__": comm.size, "__mode__": self.mode}
+        out: dict[str, Any] = {"__world_size__": comm.size, "__mode__": self.resolved_mode}
         for i, var in enumerate(self.variables):
             value = var.value()
             if id(var) in self._sharded_ids:
@@ -393,26 +678,36 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def import_state(self, state: dict[str, Any]) -> None:
         """Load :meth:`export_state` output into this (built) optimizer, re-sharding as needed.
 
+        A ``sharded`` state loads into ``replicated`` and back (both export full-length vectors).
+
         Raises:
             ValueError: on a mode mismatch, or an ``admm`` state from another world size.
         """
-        if state.get("__mode__") != self.mode:
+        if not self._mode.can_import(state.get("__mode__")):
             raise ValueError(f"Checkpoint state is for mode={state.get('__mode__')!r}, this "
-                             f"optimizer has mode={self.mode!r}.")
+                             f"optimizer has mode={self.resolved_mode!r}.")
         if self.mode == "admm" and state.get("__world_size__") != self.comm.size:
             raise ValueError("admm state is rank-local and cannot be re-partitioned: resume "
                              f"with {state.get('__world_size__')} ranks.")
         layout = self.layout
+        # States written before the momentum was kept as m = Vᵀc + d·m₀ hold m itself.
+        defaults = {self._newton_coeffs.name: tf.zeros_like(self._newton_coeffs),
+                    self._newton_decay.name: tf.ones_like(self._newton_decay)}
+        if self._base_coeffs is not None:
+            defaults[self._base_coeffs.name] = tf.zeros_like(self._base_coeffs)
         for var in self.variables:
-            if var.name not in state:
+            if var.name not in state and var.name not in defaults:
                 raise ValueError(f"Checkpoint state lacks optimizer variable {var.name!r}.")
-            value = tf.convert_to_tensor(state[var.name], var.dtype)
+            value = tf.convert_to_tensor(state.get(var.name, defaults.get(var.name)), var.dtype)
             if id(var) in self._sharded_ids:
                 rows = value if len(value.shape) == 2 else value[None, :]
                 padded = tf.pad(rows, [[0, 0], [0, layout.padded_size - layout.n]])
                 value = padded[:, layout.start:layout.stop]
                 value = value if len(var.shape) == 2 else value[0]
             var.assign(value)
+        self._workspace.projected_at.assign(-1)
+        self._host.refreshes = None
+        self._mode.sync_host_state()
 
     @contextlib.contextmanager
     def evaluation_weights(self) -> Iterator[None]:
@@ -427,13 +722,23 @@ class DHO2(tf.keras.optimizers.Optimizer):
         """Number of refreshes done so far (also the next refresh's seed offset)."""
         return int(self._refreshes.numpy())
 
-    def refresh_due(self) -> bool:
-        """Whether the schedule asks for a refresh before the next update."""
+    def refresh_due(self, iterations: int | None = None) -> bool:
+        """Whether the schedule asks for a refresh before update ``iterations`` (default: the
+        next one, read from the variable).
+
+        With ``iterations`` given, this compares it with the first step at which the next
+        refresh is due (:func:`dho2_tf.hybrid.next_refresh_step`) using a Python copy of the
+        refresh counter, so it reads no variable between refreshes.
+        """
         if not getattr(self, "_built", False):
             return False
-        due = hybrid.refresh_count_due(int(self.iterations.numpy()), self.warmup,
-                                       self.refresh_every)
-        return due > self.refresh_index()
+        if iterations is None:
+            iterations = int(self.iterations.numpy())
+            self._host.refreshes = None
+        if self._host.refreshes is None:
+            self._host.refreshes = self.refresh_index()
+        return iterations >= hybrid.next_refresh_step(self._host.refreshes, self.warmup,
+                                                      self.refresh_every)
 
     def record_trigger(self, step: int) -> None:
         """Pipelined mode: remember the step at which weights were handed over."""
@@ -487,6 +792,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         """Advance the refresh counter and record what happened (logged on rank 0)."""
         index = self.refresh_index()
         self._refreshes.assign_add(1)
+        self._host.refreshes = index + 1
         self.last_refresh = {"index": index, "status": status, "installed": installed,
                              "seconds": 0.0 if start is None else time.perf_counter() - start,
                              "eigenvalues": self._eigenvalues.numpy().copy(),
@@ -522,14 +828,14 @@ class DHO2(tf.keras.optimizers.Optimizer):
             "learning_rate": self._serialize_hyperparameter(self._learning_rate),
             "base": self.rule.name, "k": self.k, "ell": self.ell, "alpha": self.alpha,
             "c_max": self.c_max, "lanczos_order": self.lanczos_order,
-            "refresh_every": self.refresh_every, "warmup": self.warmup,
+            "lanczos_dtype": self.lanczos_dtype, "refresh_every": self.refresh_every, "warmup": self.warmup,
             "eigenvalue_damping": self.eigenvalue_damping, "momentum": self.rule.momentum,
             "beta_1": self.rule.beta_1, "beta_2": self.rule.beta_2,
             "epsilon": self.rule.epsilon, "mode": self.mode, "window_rule": self.window_rule,
             "window_sigma": self.window_sigma, "curvature_ranks": self.curvature_ranks,
             "update_ranks": self.update_ranks, "delivery_delay": self.delivery_delay,
             "rho": self.rho, "tau": self.tau, "x_restart": self.x_restart,
-            "nonfinite": self.nonfinite, "seed": self.seed,
+            "nonfinite": self.nonfinite, "seed": self.seed, "memory_budget": self.memory_budget,
         })
         return config
 

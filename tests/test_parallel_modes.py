@@ -14,6 +14,8 @@ pytestmark = pytest.mark.parallel
 @pytest.mark.parametrize("np_,args,expect", [
     (2, ("sharded",), "sharded P=2"),
     (3, ("sharded",), "sharded P=3"),
+    (2, ("replicated",), "replicated P=2"),
+    (2, ("auto",), "auto P=2 ['sharded', 'replicated']"),
     (2, ("memory",), "memory P=2"),
     (4, ("memory",), "memory P=4"),
     (2, ("faithful",), "faithful P=2"),

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from dho2_tf.optimizer import MODES
+from dho2_tf.modes import MODE_CHOICES
 from tests.helpers.launch import REPO, horovodrun_path, run_horovod
 
 pytestmark = pytest.mark.parallel
@@ -60,7 +60,7 @@ def test_baseline_optimizers(optimizer, tmp_path):
     assert (result["time_to_target"] != "none") == (optimizer == "sgd")
 
 
-@pytest.mark.parametrize("mode", [m for m in MODES if m != "sharded"])
+@pytest.mark.parametrize("mode", [m for m in MODE_CHOICES if m != "sharded"])
 def test_dho2_modes(mode):
     proc = run_horovod(JOB, np=2, args=(*DHO2_SHORT, "--mode", mode, "--base", "adam",
                                         "--learning-rate", "0.003", *SHORT), timeout=150)
@@ -71,7 +71,8 @@ def test_dho2_modes(mode):
 
 def test_dho2_sharded_with_tensorboard_checkpoint_and_resume(tmp_path):
     tb, ckpt = tmp_path / "tb", tmp_path / "ckpt"
-    common = (*DHO2_SHORT, "--tensorboard-dir", str(tb), "--checkpoint-dir", str(ckpt))
+    common = (*DHO2_SHORT, "--mode", "sharded", "--tensorboard-dir", str(tb),
+              "--checkpoint-dir", str(ckpt))
     proc = run_horovod(JOB, np=2, args=(*common, *SHORT), timeout=150)
     assert result_line(proc)["mode"] == "sharded"
     assert len(event_files(tb)) == 1  # both ranks share the folder: only rank 0 wrote
@@ -114,9 +115,11 @@ def test_time_to_accuracy_benchmark_quick(tmp_path):
     bench = REPO / "jobs" / "bench_time_to_accuracy.py"
     proc = run_horovod(bench, np=2, args=("--quick", "--tasks", "mlp_mnist1d", "--output-dir",
                                           str(tmp_path)), timeout=240)
-    assert "| mlp_mnist1d | 0.20 | dho2 |" in proc.stdout
-    assert "DHO2 time goes to" in proc.stdout and "per step" in proc.stdout
-    payload = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    assert "| mlp_mnist1d | acc 0.20 | dho2_momentum |" in proc.stdout
+    assert "dho2_momentum time goes to" in proc.stdout and "per step" in proc.stdout
+    payload = json.loads((tmp_path / "time_to_accuracy_p2.json").read_text())
+    assert payload["world_size"] == 2
     runs = payload["results"]["mlp_mnist1d"]["runs"]
-    assert sorted(runs) == ["adam", "dho2", "momentum"] and runs["dho2"][0]["refreshes"] >= 1
-    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000
+    assert sorted(runs) == ["adam", "dho2_adam", "dho2_momentum", "momentum"]
+    assert runs["dho2_momentum"][0]["refreshes"] >= 1
+    assert (tmp_path / "time_to_accuracy_p2.png").stat().st_size > 10_000

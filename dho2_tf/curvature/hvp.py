@@ -1,7 +1,8 @@
 """Hessian-vector products of a Keras model's loss on a fixed batch.
 
 The product is forward-over-reverse (the JVP of the gradient), traced once per (model, batch) so
-that Lanczos can call it m times without retracing (algorithm reference §8 "HVP"; Horovod notes §5).
+that Lanczos can call it m times without retracing (Pearlmutter, "Fast exact multiplication by the
+Hessian", Neural Computation 1994; the TensorFlow ``ForwardAccumulator`` documentation).
 """
 
 from __future__ import annotations
@@ -63,8 +64,7 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
             hvp(v) = ∇²L(θ) · v = ∂/∂ε ∇L(θ + ε v) |_{ε=0}
 
         computed forward-over-reverse: a ``tf.autodiff.ForwardAccumulator`` with tangents
-        ``unflatten(v)`` around the ``tf.GradientTape`` of the gradient (algorithm reference §3.1,
-        §8; Pearlmutter 1994). The result is exact up to rounding, never a finite difference.
+        ``unflatten(v)`` around the ``tf.GradientTape`` of the gradient (Pearlmutter 1994). The result is exact up to rounding, never a finite difference.
 
     The returned callable is a ``tf.function`` with a fixed input signature
     ``TensorSpec([n], hvp_dtype)``, traced once; the batch is captured as tensors. Every call

@@ -1,6 +1,6 @@
-"""Extreme eigenpairs (Ritz pairs) from a sharded Lanczos run (reference §3.1, §4.2).
+"""Extreme eigenpairs (Ritz pairs) from a Lanczos run, and the estimator a refresh keeps.
 
-Eigenvalues are ordered as in reference §2: [ℓ smallest ascending ; k largest ascending], so the
+Eigenvalues are ordered [ℓ smallest ascending ; k largest ascending] throughout, so the
 last one is λ_max and index ℓ holds the k-th largest.
 """
 
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from dho2_tf.curvature.lanczos import NON_FINITE, LanczosResult, lanczos
+from dho2_tf.curvature.lanczos import NON_FINITE, LanczosProgram, LanczosResult
 from dho2_tf.validation import check_int
 
 if TYPE_CHECKING:
@@ -70,12 +70,14 @@ def extreme_eigenpairs(result: LanczosResult, k: int, ell: int, comm: Communicat
 
     Math:
         T = ``result.tridiagonal`` (m×m, m = m_eff), Q_r = ``result.basis_r``, k = ``k``,
-        ℓ = ``ell``. With T = S diag(ϑ) Sᵀ, ϑ ascending (reference §3.1, §4.2):
+        ℓ = ``ell``. With T = S diag(ϑ) Sᵀ, ϑ ascending (Ritz pairs; FOSI §3):
 
             λ   = [ϑ_0 … ϑ_{ℓ−1} ; ϑ_{m−k} … ϑ_{m−1}]
             V_r = fp32(S[:, sel]ᵀ Q_r)          Γ = Σ_r V_r V_rᵀ
 
-        The eigendecomposition is float64 and identical on all ranks because T was broadcast.
+        The eigendecomposition is float64 and identical on all ranks because T was broadcast;
+        V_r is formed in the basis dtype with one pass over Q_r. With a replicated basis pass
+        a communicator whose collectives are local (``LocalComm``), since V_r is all of V.
 
     Args:
         result: output of :func:`dho2_tf.curvature.lanczos.lanczos` on this rank.
@@ -101,31 +103,30 @@ def extreme_eigenpairs(result: LanczosResult, k: int, ell: int, comm: Communicat
     theta, eigvecs = np.linalg.eigh(result.tridiagonal.numpy())
     slots = _ritz_slots(m_eff, k, ell)
     eigenvalues = np.zeros(k + ell)
-    coefficients = np.zeros((m_eff, k + ell))
+    coefficients = np.zeros((k + ell, m_eff))
     for slot, j in enumerate(slots):
         if j is not None:
             eigenvalues[slot] = theta[j]
-            coefficients[:, slot] = eigvecs[:, j]
-    vectors_r = (coefficients.T @ result.basis_r.numpy()).astype(np.float32)
-    local_gram = vectors_r.astype(np.float64) @ vectors_r.T.astype(np.float64)
-    gram = comm.allreduce(tf.constant(local_gram, tf.float64), "sum", name=f"{name}/gram",
-                          process_set=process_set)
+            coefficients[slot] = eigvecs[:, j]
+    basis_r = result.basis_r
+    vectors_r = tf.matmul(tf.constant(coefficients, basis_r.dtype), basis_r)  # one pass over Q_r
+    local_gram = tf.cast(tf.matmul(vectors_r, vectors_r, transpose_b=True), tf.float64)
+    vectors_r = tf.cast(vectors_r, tf.float32)
+    gram = comm.allreduce(local_gram, "sum", name=f"{name}/gram", process_set=process_set)
     num_valid = sum(j is not None for j in slots)
     logger.debug("Ritz values (m_eff=%d, valid=%d): %s", m_eff, num_valid, eigenvalues)
-    return EigenEstimate(tf.constant(eigenvalues, tf.float32), tf.constant(vectors_r),
+    return EigenEstimate(tf.constant(eigenvalues, tf.float32), vectors_r,
                          tf.cast(gram, tf.float32), num_valid, result.status)
 
 
-def estimate_spectrum(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, k: int, ell: int,
-                      comm: Communicator, *, m: int | None = None, seed: int,
-                      process_set: Group | None = None, hvp_dtype: tf.DType = tf.float32,
-                      hvp_reduce: str = "mean") -> EigenEstimate:
-    """Extreme Spectrum Estimation: Lanczos of order m, then the extreme Ritz pairs.
+class SpectrumEstimator:
+    """Extreme Spectrum Estimation for one operator, compiled once and reused every refresh.
 
     Math:
-        See :func:`dho2_tf.curvature.lanczos.lanczos` (T, Q of H̄ = mean_r H_r) and
-        :func:`extreme_eigenpairs` (λ, V). Default m = 4(k + ℓ), the FOSI reference code's choice
-        (reference §3.1; the paper's max(4K, 2 ln n) equals 4K for every K ≥ 10 and n < 1e9).
+        Lanczos of order m on H̄ = mean_r H_r (:class:`dho2_tf.curvature.lanczos.LanczosProgram`),
+        then the extreme Ritz pairs (:func:`extreme_eigenpairs`). Default m = 4(k + ℓ), the FOSI
+        reference code's choice (Sivan et al., ICLR 2024, §3: the paper's max(4K, 2 ln n)
+        equals 4K for every K ≥ 10 and n < 1e9).
 
     Args:
         hvp_fn: ``hvp_fn(v: hvp_dtype [n]) -> [n]``, this rank's Hessian-vector product.
@@ -134,28 +135,71 @@ def estimate_spectrum(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, k: int, 
         ell: number of smallest pairs, ≥ 0.
         comm: communicator.
         m: Lanczos order, ≥ k + ℓ. Defaults to 4(k + ℓ).
-        seed: seed of the Lanczos start vector (the same on every rank).
         process_set: group running the estimate; ``None`` for all ranks.
         hvp_dtype: dtype handed to ``hvp_fn``. Defaults to ``tf.float32``.
-        hvp_reduce: ``"mean"`` or ``"root0"``, see :func:`dho2_tf.curvature.lanczos.lanczos`.
-
-    Returns:
-        An :class:`EigenEstimate`. A non-finite HVP gives ``num_valid=0`` and a ``status``
-        starting with ``"non-finite"``: keep the previous eigenpairs.
+        basis_dtype: ``"float64"`` or ``"float32"`` (default ``"float64"``), see
+            :class:`~dho2_tf.curvature.lanczos.LanczosProgram`.
+        basis_layout: ``"sharded"`` (V_r is this rank's columns) or ``"replicated"`` (every
+            rank holds the whole basis and gets the whole V). Defaults to ``"sharded"``.
+        hvp_reduce: ``"mean"`` or ``"root0"``, see ``LanczosProgram``.
+        name: prefix of the collective names.
 
     Raises:
-        ValueError: if ``k``, ``ell`` or ``m`` is out of range (``m`` must be ≥ k + ℓ).
+        ValueError: if ``k``, ``ell`` or ``m`` is out of range (``m`` must be ≥ k + ℓ), or a
+            Lanczos argument is invalid.
     """
-    _check_k_ell(k, ell)
-    if m is None:
-        m = 4 * (k + ell)
-    check_int("m", m, minimum=1)
-    if m < k + ell:
-        raise ValueError(
-            f"`m` must be at least `k` + `ell` = {k + ell}. Received: m={m}, k={k}, ell={ell}")
-    result = lanczos(hvp_fn, n, m, comm, seed=seed, process_set=process_set,
-                     hvp_dtype=hvp_dtype, hvp_reduce=hvp_reduce)
-    return extreme_eigenpairs(result, k, ell, comm, process_set=process_set)
+
+    def __init__(self, hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, k: int, ell: int,
+                 comm: Communicator, *, m: int | None = None, process_set: Group | None = None,
+                 hvp_dtype: tf.DType = tf.float32, basis_dtype: str = "float64",
+                 basis_layout: str = "sharded", hvp_reduce: str = "mean",
+                 name: str = "dho2") -> None:
+        _check_k_ell(k, ell)
+        if m is None:
+            m = 4 * (k + ell)
+        check_int("m", m, minimum=1)
+        if m < k + ell:
+            raise ValueError(f"`m` must be at least `k` + `ell` = {k + ell}. "
+                             f"Received: m={m}, k={k}, ell={ell}")
+        self.k, self.ell, self.name = k, ell, name
+        self.program = LanczosProgram(hvp_fn, n, m, comm, process_set=process_set,
+                                      hvp_dtype=hvp_dtype, basis_dtype=basis_dtype,
+                                      basis_layout=basis_layout, hvp_reduce=hvp_reduce,
+                                      name=f"{name}/lanczos")
+
+    @property
+    def basis_layout(self) -> str:
+        """``"sharded"`` or ``"replicated"``: whether ``vectors_r`` are columns or all of V."""
+        return self.program.basis_layout
+
+    def trace(self) -> float:
+        """Compile the Lanczos program (no HVP, no collective); seconds of the first call."""
+        return self.program.trace()
+
+    def estimate(self, seed: int) -> EigenEstimate:
+        """The extreme eigenpairs at the current weights, from the start vector of ``seed``.
+
+        Every rank of the group calls it. A non-finite HVP gives ``num_valid=0`` and a
+        ``status`` starting with ``"non-finite"``: keep the previous eigenpairs then.
+        """
+        result = self.program.run(seed)
+        program = self.program
+        return extreme_eigenpairs(result, self.k, self.ell, program.proj_comm,
+                                  process_set=program.proj_set, name=f"{self.name}/ritz")
+
+
+def estimate_spectrum(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, k: int, ell: int,
+                      comm: Communicator, *, m: int | None = None, seed: int,
+                      process_set: Group | None = None, hvp_dtype: tf.DType = tf.float32,
+                      hvp_reduce: str = "mean", basis_dtype: str = "float64",
+                      basis_layout: str = "sharded") -> EigenEstimate:
+    """One-shot :class:`SpectrumEstimator` (see there): compiles, estimates once, returns.
+
+    Refreshes that repeat should keep one estimator, which compiles only once.
+    """
+    return SpectrumEstimator(hvp_fn, n, k, ell, comm, m=m, process_set=process_set,
+                             hvp_dtype=hvp_dtype, basis_dtype=basis_dtype,
+                             basis_layout=basis_layout, hvp_reduce=hvp_reduce).estimate(seed)
 
 
 def gather_vectors(vectors_r: tf.Tensor, n: int, comm: Communicator,

@@ -14,7 +14,9 @@ from dho2_tf.distributed.comm import Communicator
 
 def window_jump(theta: tf.Tensor, theta_start: tf.Tensor,
                 velocity: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """The released DHO2 code's end-of-window rule (reference §4.4), with v = π/σ_w stored.
+    """The released DHO2 code's end-of-window rule, with v = π/σ_w stored.
+
+    Gu et al., "DHO2", arXiv 2505.00982 (released implementation).
 
     Math:
         D_j = θ_end(j) − θ̃_j;  v_j = v_{j−1} + D_j (= Σ_{i≤j} D_i);  θ ← θ_end(j) + v_j.
@@ -52,7 +54,7 @@ def consensus_round(x: tf.Tensor, dual: tf.Tensor, z_old: tf.Tensor, rho: float,
                     comm: Communicator, *, name: str = "dho2/admm") -> ConsensusResult:
     """z- and dual-update of scaled consensus ADMM with one fused allreduce.
 
-    Math (Boyd et al. 2011 §7.1; reference §5.4):
+    Math (Boyd et al. 2011 §7.1):
         z ← mean_i(x_i + π_i/ρ);  π_i ← π_i + ρ(x_i − z).
         Since Σ_i π_i = 0 after every round, mean_i ‖x_i‖² − ‖z‖² = (1/P) Σ_i ‖x_i − z‖², so the
         primal residual rides along in the same allreduce as one extra element.

@@ -53,7 +53,7 @@ from dho2_tf.validation import check_int
 logger = logging.getLogger(__name__)
 
 #: DHO2 modes whose state :func:`elastic_train` can re-partition for a new world size.
-ELASTIC_MODES = ("sharded", "faithful")
+ELASTIC_MODES = ("auto", "replicated", "sharded", "faithful")
 _SHUT_DOWN = "Horovod has been shut down"
 _HOROVOD_OPS = ("HorovodAllreduce", "HorovodAllgather", "HorovodBroadcast",
                 "HorovodReducescatter", "HorovodAlltoall", _SHUT_DOWN)
@@ -173,7 +173,7 @@ class ElasticTrainer:
                  data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                  config: ElasticConfig, comm: Communicator,
                  per_example_loss: PerExampleLoss | None = None) -> None:
-        mode = optimizer_config.get("mode", "sharded")
+        mode = optimizer_config.get("mode", "auto")
         if mode not in ELASTIC_MODES:
             raise ValueError(f"`mode` must be one of {ELASTIC_MODES} for elastic training (its "
                              f"state must be re-partitionable). Received: mode={mode!r}")

@@ -1,8 +1,8 @@
 """How a flat parameter-space vector is split across the ranks of a group.
 
-Layout (algorithm reference §2): shard length s = ⌈n/P⌉, padded length n′ = P·s, rank r owns the
-index range S_r = [r·s, (r+1)·s). Padding entries are zero in every vector, so they never change a
-dot product or a norm.
+Layout: shard length s = ⌈n/P⌉, padded length n′ = P·s, rank r owns the index range
+S_r = [r·s, (r+1)·s). Padding entries are zero in every vector, so they never change a dot
+product or a norm. A layout with P = 1 is the full vector (the replicated modes).
 """
 
 from __future__ import annotations

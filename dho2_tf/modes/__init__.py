@@ -1,4 +1,27 @@
-"""DHO2's distribution modes, one module each (reference §5)."""
+"""DHO2's distribution modes, one module each.
+
+==============  =========================================  ==================================
+mode            collectives per step                       parameter-sized state per rank
+==============  =========================================  ==================================
+``sharded``     reduce-scatter Ḡ (n), allreduce V_r Ḡ_r     (slots + 1 + K)·n/P
+                (K), [Adam: allreduce V_r u_r (K)],
+                all-gather δ (n): 3 or 4, dependent
+``replicated``  one allreduce of Ḡ (n), as a data-parallel  (slots + 1 + K)·n
+                Keras optimizer
+``faithful``    one allreduce of Ḡ (n); window rule         (slots + 3 + K)·n
+``pipelined``   those of ``sharded``, within U              (slots + 1 + K)·n/P_U (U ranks)
+``admm``        one allreduce (n + 1) every τ steps         (slots + 3 + K)·n
+==============  =========================================  ==================================
+
+(slots: 0 sgd, 1 momentum/nesterov, 2 Adam; K = k + ℓ.) Every mode makes two passes over its
+V per step with sgd/momentum/nesterov and four with Adam (see :mod:`dho2_tf.hybrid`).
+
+``auto`` (the optimizer's default) is not a mode of its own: at ``build`` it becomes
+``replicated`` when that layout's state, plus the float64 Lanczos basis of a refresh, fits the
+optimizer's ``memory_budget`` (:func:`replicated_state_bytes`), else ``sharded``
+(:func:`choose_layout`). The rule does not depend on the number of ranks, so every rank, and a
+run resumed with another world size, makes the same choice.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +31,36 @@ from dho2_tf.modes.admm import AdmmMode
 from dho2_tf.modes.base import Mode, ShardedMode
 from dho2_tf.modes.faithful import FaithfulMode
 from dho2_tf.modes.pipelined import PipelinedMode
+from dho2_tf.modes.replicated import ReplicatedMode
 
 if TYPE_CHECKING:
     from dho2_tf.optimizer import DHO2
 
 MODES: dict[str, type[Mode]] = {
     "sharded": ShardedMode,
+    "replicated": ReplicatedMode,
     "faithful": FaithfulMode,
     "pipelined": PipelinedMode,
     "admm": AdmmMode,
 }
+
+#: What ``mode=`` accepts: a mode, or ``"auto"`` (resolved by :func:`choose_layout`).
+MODE_CHOICES: tuple[str, ...] = ("auto", *MODES)
+
+
+def replicated_state_bytes(n: int, num_slots: int, num_pairs: int, lanczos_order: int,
+                           itemsize: int) -> int:
+    """Bytes a rank needs for the ``replicated`` layout's parameter-sized state.
+
+    Math: (slots + 1 + K)·n·itemsize (base slots, Newton momentum, V) + m·n·8 (the Lanczos
+    basis of ``lanczos_order`` = m rows, kept in float64 during a refresh).
+    """
+    return (num_slots + 1 + num_pairs) * n * itemsize + lanczos_order * n * 8
+
+
+def choose_layout(needed_bytes: int, memory_budget: int) -> str:
+    """``"replicated"`` when ``needed_bytes`` ≤ ``memory_budget``, else ``"sharded"``."""
+    return "replicated" if needed_bytes <= memory_budget else "sharded"
 
 
 def make_mode(name: str, opt: "DHO2") -> Mode:
@@ -25,4 +68,5 @@ def make_mode(name: str, opt: "DHO2") -> Mode:
     return MODES[name](opt)
 
 
-__all__ = ["MODES", "Mode", "make_mode"]
+__all__ = ["MODES", "MODE_CHOICES", "Mode", "choose_layout", "make_mode",
+           "replicated_state_bytes"]

@@ -1,10 +1,15 @@
-"""``admm``: consensus ADMM whose local solver is τ DHO2 steps (reference §5.4).
+"""``admm``: consensus ADMM whose local solver is τ DHO2 steps (Boyd et al., "Distributed
+Optimization and Statistical Learning via the Alternating Direction Method of Multipliers", 2011,
+§7.1).
 
 Each rank minimises its own f_i(x_i) + π_iᵀ(x_i − z) + ρ/2‖x_i − z‖² with τ local hybrid steps
 (no communication), then one allreduce forms z and the duals are updated
 (:func:`dho2_tf.distributed.admm.consensus_round`). Curvature is estimated at z with the HVP
 averaged over all ranks; V is kept in full on every rank so local steps need no collective, and
 η uses the Hessian of the augmented local objective, H + ρI.
+
+Per step: no collective, four passes over the full V [K, n]; every τ steps one allreduce of
+n + 1 numbers (plus the batch-norm statistics). State per rank: (slots + 3 + K)·n numbers.
 """
 
 from __future__ import annotations
@@ -33,24 +38,33 @@ class AdmmMode(Mode):
         self.rounds = self.opt.add_variable([], tf.int64, name="admm_rounds")
         self.started = self.opt.add_variable([], tf.int64, name="admm_started")
 
+    def __init__(self, opt) -> None:
+        super().__init__(opt)
+        self._started_seen = False   # Python copy of `started` once it is 1
+
     def step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
         """G = ∇f_i(x) + π + ρ(x − z); x ← x + c·u − α·d, all local (no collective)."""
         opt = self.opt
         x = flatten(variables)
         g = flatten(grads, opt.spec, x.dtype) + self.dual + tf.cast(opt.rho, x.dtype) * (x - self.z)
-        assign_flat(variables, x + opt.fosi_displacement(g), opt)
+        opt.apply_fosi_step(g, variables)
 
-    def on_step_begin(self) -> None:
+    def sync_host_state(self) -> None:
+        self._started_seen = False
+
+    def on_step_begin(self, iterations: int) -> None:
         """z ← x at the very first step, then refresh at z when due."""
-        if int(self.started.numpy()) == 0:
-            self.z.assign(flatten(self.opt.model_variables))
-            self.started.assign(1)
-        super().on_step_begin()
+        if not self._started_seen:
+            if int(self.started.numpy()) == 0:
+                self.z.assign(flatten(self.opt.model_variables))
+                self.started.assign(1)
+            self._started_seen = True
+        super().on_step_begin(iterations)
 
-    def on_step_end(self) -> None:
+    def on_step_end(self, iterations: int) -> None:
         """Every τ local steps: consensus round and averaged batch-norm statistics."""
         opt = self.opt
-        if int(opt.iterations.numpy()) % opt.tau != 0:
+        if iterations % opt.tau != 0:
             return
         result = consensus_round(flatten(opt.model_variables), self.dual.value(), self.z.value(),
                                  opt.rho, self.comm)
@@ -67,6 +81,7 @@ class AdmmMode(Mode):
                                                    name="dho2/admm/bn_stats")
             for var, value in zip(stats, averaged):
                 var.assign(value)
+            opt.sync_stat_shadows()
 
     @contextlib.contextmanager
     def consensus_weights(self) -> Iterator[None]:

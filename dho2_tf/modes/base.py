@@ -1,8 +1,18 @@
-"""The interface a DHO2 distribution mode implements, and the shared sharded-state mode.
+"""The interface a DHO2 distribution mode implements, and the sharded-state mode.
 
-A mode decides how the parameter-sized state is laid out (which ranks share the shards), which
-collectives one step uses, and how a curvature refresh is computed and installed. The FOSI maths
-itself is :func:`dho2_tf.hybrid.hybrid_displacement` for every mode.
+A mode decides how the parameter-sized state (base slots, Newton momentum, V) is laid out (which
+ranks share the shards), which collectives one step uses, and how a curvature refresh is computed
+and installed. The FOSI maths itself is :func:`dho2_tf.hybrid.hybrid_displacement` for every
+mode, applied by :meth:`dho2_tf.DHO2.apply_fosi_step`.
+
+``sharded`` (this module): every parameter-sized vector is cut into P shards of s = ⌈n/P⌉
+entries (:class:`dho2_tf.distributed.sharding.ShardLayout`). One step issues dependent
+collectives: a reduce-scatter of the gradient (mean, n numbers), an allreduce of V_r G_r (K
+numbers; 2K or 3K at the first step after a refresh), for Adam an allreduce of V_r u_r (K), and
+an all-gather of the displacement shards (n), after which every rank adds the full displacement
+to its weights: three collectives per step for sgd/momentum/nesterov, four for Adam. State per
+rank: (slots + 1 + K)·n/P numbers. Choose it when the replicated state would not fit a rank's
+memory; otherwise ``replicated`` (one gradient allreduce per step) is faster.
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ if TYPE_CHECKING:
 class Mode:
     """Base class: state sharded 1/P over ``self.group`` (all ranks unless overridden).
 
-    Subclasses override the pieces that differ; see :class:`ShardedMode` for the default step.
+    Subclasses override the pieces that differ; the default step is the sharded one.
+    The eager hooks receive the optimizer's step count as a Python int (no variable reads), so a
+    step with nothing to do costs a few comparisons.
     """
 
     name = ""
@@ -30,6 +42,8 @@ class Mode:
     shards_state = True
     #: HVP reduction of the Lanczos run ("mean" or "root0").
     hvp_reduce = "mean"
+    #: Modes whose exported state (:meth:`DHO2.export_state`) this mode can import.
+    imports_state_of: tuple[str, ...] = ()
 
     def __init__(self, opt: "DHO2") -> None:
         self.opt = opt
@@ -54,6 +68,10 @@ class Mode:
         """Communicator completing the K-vector projections (identity when V is full)."""
         return (self.comm, self.group) if self.shards_state else (LocalComm(), None)
 
+    def can_import(self, mode: str | None) -> bool:
+        """Whether a state exported by ``mode`` loads into this mode."""
+        return mode == self.name or mode in self.imports_state_of
+
     def build(self, var_list: list[tf.Variable]) -> None:
         """Create mode-specific variables (after the common ones)."""
 
@@ -62,42 +80,67 @@ class Mode:
 
     # ------------------------------------------------------------------ graph-safe step
     def step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
-        """Sharded step: reduce-scatter Ḡ, FOSI on the shard, all-gather θ (reference §5.2)."""
+        """Sharded step: reduce-scatter Ḡ, FOSI on the shard, all-gather δ, θ ← θ + δ.
+
+        Math: Ḡ_r = (1/P)·Σ_q G_q restricted to S_r; δ_r from :func:`hybrid_displacement`
+        (two K-sized allreduces inside); δ = [δ_0; …; δ_{P−1}] (unpadded to n).
+        """
         opt, layout, comm, group = self.opt, self.opt.layout, self.comm, self.group
         g_flat = flatten(grads, opt.spec, variables[0].dtype)
         g_r = comm.reducescatter(layout.pad(g_flat), "mean", name="dho2/gradient",
                                  process_set=group)
-        theta_r = layout.local(flatten(variables))
-        delta_r = opt.fosi_displacement(g_r)
-        theta = layout.unpad(comm.allgather(theta_r + delta_r, name="dho2/theta",
-                                            process_set=group))
-        assign_flat(variables, theta, opt)
+
+        def gather(delta_r: tf.Tensor) -> tf.Tensor:
+            return layout.unpad(comm.allgather(delta_r, name="dho2/delta", process_set=group))
+
+        opt.apply_fosi_step(g_r, variables, gather=gather)
 
     # ------------------------------------------------------------------ eager hooks
-    def on_step_begin(self) -> None:
-        """Before update t: refresh when the schedule says so."""
-        if self.opt.refresh_due():
+    def on_step_begin(self, iterations: int) -> None:
+        """Before update ``iterations`` (0-based): refresh when the schedule says so."""
+        if self.opt.refresh_due(iterations):
             self.opt.refresh_curvature()
 
-    def on_step_end(self) -> None:
-        """After update t (eager)."""
+    def on_step_end(self, iterations: int) -> None:
+        """After the update(s); ``iterations`` is the step count afterwards."""
 
     def on_train_end(self) -> None:
         """Training finished on this rank (drain pending exchanges)."""
 
-    def estimate(self) -> Any:
-        """Lanczos + Ritz pairs at the current weights (every rank of the world calls it)."""
-        from dho2_tf.curvature.spectrum import estimate_spectrum
+    def sync_host_state(self) -> None:
+        """Forget Python-side copies of variables (they may have been restored)."""
+
+    #: Layout of the Lanczos basis during a refresh ("sharded": 1/P of it per rank).
+    lanczos_basis = "sharded"
+
+    def lanczos_group(self) -> Group | None:
+        """The ranks that run the Lanczos iteration together (``None``: all ranks)."""
+        return None
+
+    def make_estimator(self, hvp: Any, dtype: tf.DType, basis_dtype: str) -> Any:
+        """The compiled :class:`~dho2_tf.curvature.spectrum.SpectrumEstimator` of this rank
+        (``None`` on a rank that never estimates)."""
+        from dho2_tf.curvature.spectrum import SpectrumEstimator
 
         opt = self.opt
-        index = int(opt.refresh_index())
-        return estimate_spectrum(opt.binding["hvp"], opt.spec.n, opt.k, opt.ell, self.comm,
-                                 m=opt.lanczos_order, seed=opt.seed + index,
-                                 hvp_dtype=opt.binding["dtype"], hvp_reduce=self.hvp_reduce)
+        return SpectrumEstimator(hvp, opt.spec.n, opt.k, opt.ell, self.comm,
+                                 m=opt.lanczos_order, process_set=self.lanczos_group(),
+                                 hvp_dtype=dtype, basis_dtype=basis_dtype,
+                                 basis_layout=self.lanczos_basis, hvp_reduce=self.hvp_reduce)
+
+    def estimate(self) -> Any:
+        """Lanczos + Ritz pairs at the current weights (every rank of the world calls it).
+
+        First folds the Newton momentum out of the basis of the current V
+        (:meth:`DHO2.materialize_momentum`), since the refresh may replace V.
+        """
+        opt = self.opt
+        opt.materialize_momentum()
+        return opt.binding["estimator"].estimate(seed=opt.seed + int(opt.refresh_index()))
 
     def vectors_for_state(self, vectors_r: tf.Tensor) -> tf.Tensor:
         """Convert the Lanczos shard of V into this mode's layout (full V when not sharded)."""
-        if self.shards_state:
+        if self.shards_state or self.lanczos_basis == "replicated":
             return vectors_r
         from dho2_tf.curvature.spectrum import gather_vectors
 
@@ -117,12 +160,16 @@ class Mode:
 
 
 class ShardedMode(Mode):
-    """``sharded`` (default): data-parallel FOSI with all optimizer state sharded 1/P."""
+    """``sharded``: data-parallel FOSI with all optimizer state sharded 1/P.
+
+    Its exported state is full-length, so it also imports a ``replicated`` state.
+    """
 
     name = "sharded"
+    imports_state_of = ("replicated",)
 
 
 def assign_flat(variables: list[tf.Variable], theta: tf.Tensor, opt: "DHO2") -> None:
-    """Write the flat vector θ [n] back into the model variables."""
+    """Write the flat vector θ [n] back into the model variables (eager hooks, not steps)."""
     for var, value in zip(variables, unflatten(theta, opt.spec)):
         var.assign(value)

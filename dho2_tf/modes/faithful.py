@@ -1,9 +1,11 @@
 """``faithful``: the released DHO2 code's design, kept so users can compare against it.
 
-Reference §5.1: the HVP of rank 0's static batch (every rank computes one, rank 0's is adopted),
-the Lanczos basis sharded, the full V gathered on every rank, replicated optimizer state, a full
-gradient allreduce per step, and the "ADMM-like" window rule (:func:`window_jump`) at the end of
-every refresh window (one window = ``refresh_every`` steps, aligned with the refreshes).
+Gu et al., "DHO2" (arXiv 2505.00982), as released: the HVP of rank 0's static batch (every rank
+computes one, rank 0's is adopted), the Lanczos basis sharded, the full V gathered on every rank,
+replicated optimizer state, a full gradient allreduce per step (the step of
+:class:`~dho2_tf.modes.replicated.ReplicatedMode`), and the "ADMM-like" window rule
+(:func:`window_jump`) at the end of every refresh window (one window = ``refresh_every`` steps,
+aligned with the refreshes).
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import tensorflow as tf
 
 from dho2_tf.distributed.admm import window_jump
 from dho2_tf.flat import flatten
-from dho2_tf.modes.base import Mode, assign_flat
+from dho2_tf.modes.base import assign_flat
+from dho2_tf.modes.replicated import ReplicatedMode
 
 
-class FaithfulMode(Mode):
+class FaithfulMode(ReplicatedMode):
     """Replicated state, root-0 HVPs, window extrapolation with gradient offset σ_w·v."""
 
     name = "faithful"
-    shards_state = False
     hvp_reduce = "root0"
+    imports_state_of = ()
 
     def build(self, var_list: list[tf.Variable]) -> None:
         n, dtype = self.opt.spec.n, var_list[0].dtype
@@ -32,20 +35,16 @@ class FaithfulMode(Mode):
     def uses_window(self) -> bool:
         return self.opt.window_rule == "extrapolate"
 
-    def step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
-        """G = allreduce_mean(g) + σ_w·v; θ ← θ + c·u − α·d with the full V (reference §5.1)."""
-        opt = self.opt
-        g = self.comm.allreduce(flatten(grads, opt.spec, variables[0].dtype), "mean",
-                                name="dho2/gradient")
+    def adjust_gradient(self, g: tf.Tensor) -> tf.Tensor:
+        """G = allreduce_mean(g) + σ_w·v (the window's gradient offset)."""
         if self.uses_window:
-            g = g + tf.cast(opt.window_sigma, g.dtype) * self.velocity
-        theta = flatten(variables) + opt.fosi_displacement(g)
-        assign_flat(variables, theta, opt)
+            return g + tf.cast(self.opt.window_sigma, g.dtype) * self.velocity
+        return g
 
-    def on_step_begin(self) -> None:
+    def on_step_begin(self, iterations: int) -> None:
         """At a window boundary: jump (from the second window on), refresh, then θ̃ ← θ."""
         opt = self.opt
-        if not opt.refresh_due():
+        if not opt.refresh_due(iterations):
             return
         variables = opt.model_variables
         if self.uses_window and int(opt.refresh_index()) > 0:

@@ -1,6 +1,7 @@
 """``pipelined``: curvature ranks compute the next eigenpairs while update ranks train.
 
-Reference §5.3. The update set U trains with the sharded step (state sharded 1/P_U over U). At a
+The update set U trains with the sharded step (state sharded 1/P_U over U; the four collectives
+of ``sharded`` run within U). At a
 refresh trigger t_j, rank 0 broadcasts θ over the bridge B = {0} ∪ C and U keeps training with the
 previous eigenpairs; the curvature set C runs the sharded Lanczos among itself (HVP averaged over
 C's batches) and DELIVERs the new eigenpairs at step t_j + Δ: an alltoall over all ranks moves
@@ -69,18 +70,27 @@ class PipelinedMode(Mode):
     def is_curvature_rank(self) -> bool:
         return self.comm.rank in self.groups.curvature
 
+    def lanczos_group(self) -> Group | None:
+        """The curvature ranks run the Lanczos iteration among themselves."""
+        return self._group(self.groups.curvature)
+
+    def make_estimator(self, hvp, dtype, basis_dtype):
+        """Only the curvature ranks estimate; the update ranks receive the eigenpairs."""
+        return super().make_estimator(hvp, dtype, basis_dtype) if self.is_curvature_rank \
+            else None
+
     def layout(self, n: int) -> ShardLayout:
         update = self.groups.update
         return ShardLayout(n, len(update), self.comm.rank if self.comm.rank in update else 0)
 
     # ----------------------------------------------------------------------- update side
-    def on_step_begin(self) -> None:
+    def on_step_begin(self, iterations: int) -> None:
         """DELIVER when due (before a new trigger), then hand θ over at a trigger."""
         opt = self.opt
         if not getattr(opt, "consistency_checked", False):
             # The curvature ranks check in serve_curvature(); match that collective here.
             opt.verify_consistency(opt.binding["model"])
-        t = int(opt.iterations.numpy())
+        t = iterations
         if self.pending_delivery is not None and t >= self.pending_delivery:
             self._receive()
         due = hybrid.refresh_count_due(t, opt.warmup, opt.refresh_every)
@@ -120,6 +130,7 @@ class PipelinedMode(Mode):
             return
         missing = opt.layout.shard_size - int(rows.shape[0])   # padding rows of the last shard
         vectors_r = tf.transpose(tf.pad(rows, [[0, missing], [0, 0]]))
+        opt.materialize_momentum()                              # V is about to change
         opt.install_curvature(packed[:kk], vectors_r, tf.reshape(packed[kk:-1], [kk, kk]),
                               status="ok (pipelined)")
 
@@ -131,8 +142,6 @@ class PipelinedMode(Mode):
             One record per round: ``round``, ``start`` and ``end`` (``time.time()`` around the
             estimate), ``seconds`` and ``status``.
         """
-        from dho2_tf.curvature.spectrum import estimate_spectrum
-
         opt, groups = self.opt, self.groups
         n, kk = opt.spec.n, opt.num_pairs
         variables = opt.model_variables
@@ -148,9 +157,7 @@ class PipelinedMode(Mode):
                 return served
             start = time.time()
             assign_flat(variables, payload[:-1], opt)
-            est = estimate_spectrum(opt.binding["hvp"], n, opt.k, opt.ell, self.comm,
-                                    m=opt.lanczos_order, seed=opt.seed + len(served),
-                                    process_set=c_group, hvp_dtype=opt.binding["dtype"])
+            est = opt.binding["estimator"].estimate(seed=opt.seed + len(served))
             ok = est.num_valid > 0 and est.status.startswith(("ok", "breakdown"))
             end = time.time()
             self._deliver(est, c_index, n, kk, dtype, ok)

@@ -1,5 +1,6 @@
 """Run under horovodrun: DHO2 on P ranks equals single-process DHO2 on the union of batches.
 
+Usage: dho2_data_parallel_check.py BASE [MODE] (MODE: sharded (default), replicated or auto).
 Every rank trains through ``model.fit`` on its slice of each global batch; then, in the same
 process, a single-process DHO2 (LocalComm) trains on the whole global batches. Checks (rel 1e-5):
 weights, eigenvalues and the eigenvector projector VᵀV equal the single-process run, and every
@@ -25,7 +26,8 @@ def build(comm, seed=0):
     model = tf.keras.Sequential([tf.keras.Input((D,)), tf.keras.layers.Dense(24, activation="tanh"),
                                  tf.keras.layers.Dense(C)])
     opt = DHO2(learning_rate=0.05, base=sys.argv[1] if len(sys.argv) > 1 else "adam", k=3,
-               ell=1, alpha=0.2, refresh_every=4, warmup=3, comm=comm)
+               ell=1, alpha=0.2, refresh_every=4, warmup=3,
+               mode=sys.argv[2] if len(sys.argv) > 2 else "sharded", comm=comm)
     model.compile(optimizer=opt, loss=LOSS)
     return model, opt
 
@@ -56,14 +58,16 @@ def main() -> None:
     assert rel < 1e-5, f"weights differ from single process: rel {rel:.3g}"
     lam, lam_ref = opt._eigenvalues.numpy(), ref_opt._eigenvalues.numpy()
     np.testing.assert_allclose(lam, lam_ref, rtol=1e-5)
-    v = gather_vectors(opt._eigenvectors, w.size, comm).numpy()
+    v = opt._eigenvectors.numpy() if opt.resolved_mode == "replicated" else \
+        gather_vectors(opt._eigenvectors, w.size, comm).numpy()
     v_ref = ref_opt._eigenvectors.numpy()
     np.testing.assert_allclose(v.T @ v, v_ref.T @ v_ref, atol=1e-5)
     every = comm.allgather(tf.constant(np.r_[w, lam][None, :]), name="test/compare").numpy()
     assert np.all(every == every[0]), "ranks hold different weights or eigenvalues"
     comm.barrier()
     if r == 0:
-        print(f"DHO2_DATA_PARALLEL_OK P={p} rel={rel:.2e} eigenvalues={lam}")
+        print(f"DHO2_DATA_PARALLEL_OK P={p} mode={opt.resolved_mode} rel={rel:.2e} "
+              f"eigenvalues={lam}")
 
 
 if __name__ == "__main__":

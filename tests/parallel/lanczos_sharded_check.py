@@ -1,4 +1,5 @@
-"""T1/T2/T3/T6 under horovodrun: sharded Lanczos equals single-process Lanczos on the mean operator.
+"""Under horovodrun: sharded Lanczos equals single-process Lanczos on the mean operator, the
+compiled program equals the eager reference, and the replicated basis equals the sharded one.
 
 Run: ``horovodrun --gloo -np P -H localhost:P python tests/parallel/lanczos_sharded_check.py``.
 Every rank's HVP operator is a different symmetric matrix A_r (common spikes + rank-seeded Wigner
@@ -17,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from dho2_tf.curvature import extreme_eigenpairs, gather_vectors, lanczos
+from dho2_tf.curvature.lanczos_reference import lanczos_eager
 from dho2_tf.distributed import HorovodComm, LocalComm
 
 N, K, ELL, M, SEED = 301, 4, 1, 20, 123
@@ -59,6 +61,16 @@ def check_group(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> l
     est32 = extreme_eigenpairs(res32, K, ELL, comm, process_set=process_set,
                                name=f"{name}/ritz32")
 
+    eager = lanczos_eager(matrix_operator(rank_matrix(comm.rank), tf.float64), N, M, comm,
+                          seed=SEED, process_set=process_set, hvp_dtype=tf.float64,
+                          name=f"{name}/eager")
+    replicated = lanczos(matrix_operator(rank_matrix(comm.rank), tf.float64), N, M, comm,
+                         seed=SEED, process_set=process_set, hvp_dtype=tf.float64,
+                         basis_layout="replicated", name=f"{name}/replicated")
+    est_rep = extreme_eigenpairs(replicated, K, ELL, LocalComm())
+    rep32 = lanczos(matrix_operator(rank_matrix(comm.rank), tf.float32), N, M, comm, seed=SEED,
+                    process_set=process_set, basis_dtype="float32", name=f"{name}/basis32")
+
     mean = sum(rank_matrix(r) for r in ranks) / len(ranks)
     local = LocalComm()
     ref = lanczos(matrix_operator(mean, tf.float64), N, M, local, seed=SEED,
@@ -74,6 +86,17 @@ def check_group(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> l
     checks = {
         "status": res.status == "ok" == ref.status and res.num_steps == M,
         "T rel 1e-10": _max_rel(res.tridiagonal.numpy(), ref.tridiagonal.numpy()) <= 1e-10,
+        "compiled T = eager T (1e-10)": eager.status == "ok" and np.abs(
+            res.tridiagonal.numpy() - eager.tridiagonal.numpy()).max() <= 1e-10,
+        "compiled basis = eager basis (1e-10)": np.abs(
+            q_r - eager.basis_r.numpy()).max() <= 1e-10,
+        "replicated T = sharded T (1e-10)": replicated.status == "ok" and np.abs(
+            replicated.tridiagonal.numpy() - res.tridiagonal.numpy()).max() <= 1e-10,
+        "replicated V = gathered sharded V (1e-6)": np.abs(
+            est_rep.vectors_r.numpy() - v_full).max() <= 1e-6,
+        "fp32 basis Ritz values rel 1e-5": rep32.status == "ok" and _max_rel(
+            np.linalg.eigvalsh(rep32.tridiagonal.numpy())[-K:],
+            np.linalg.eigvalsh(res.tridiagonal.numpy())[-K:]) <= 1e-5,
         "Ritz values (fp64) rel 1e-8": _max_rel(np.linalg.eigvalsh(res.tridiagonal.numpy()),
                                                np.linalg.eigvalsh(ref.tridiagonal.numpy()))
         <= 1e-8,

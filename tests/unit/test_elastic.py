@@ -95,7 +95,7 @@ def test_horovod_failures_are_recognised_including_reducescatter() -> None:
 
 @pytest.mark.parametrize("mode", ["admm", "pipelined"])
 def test_modes_without_repartitionable_state_are_rejected(mode: str) -> None:
-    with pytest.raises(ValueError, match=r"`mode` must be one of \('sharded', 'faithful'\) for "
+    with pytest.raises(ValueError, match=r"`mode` must be one of \('auto', 'replicated', 'sharded', 'faithful'\) for "
                                          rf"elastic training.*Received: mode='{mode}'"):
         ElasticTrainer(tiny_model(), {**OPT, "mode": mode}, tiny_data(), SMALL,
                        LocalComm())

@@ -191,3 +191,130 @@ def test_replica_sync_follows_rank0_stop_and_averages_statistics():
     before.set_model(model)
     before.on_epoch_end(0)
     np.testing.assert_array_equal(model.layers[0].moving_variance.numpy(), 2.0)
+
+
+# ------------------------------------------------------------- training-loss tasks (FOSI)
+MNIST5K = {"dataset": "mnist5k", "num_samples": 200, "epochs": 1, "batch_size": 40,
+           "weight_decay": 0.0, "verbose": 0, "optimizer": "adam", "learning_rate": 1e-3,
+           "schedule": "constant"}
+
+
+class _KeepModel(tf.keras.callbacks.Callback):
+    def on_train_end(self, logs=None):
+        self.final = self.model
+
+
+def _train_keeping_model(config):
+    keep = _KeepModel()
+    result = train(config, LocalComm(), extra_callbacks=[keep])
+    return result, keep.final, load_data(config)
+
+
+def test_autoencoder_reconstructs_its_input_with_sigmoid_cross_entropy():
+    config = TrainConfig(model="autoencoder", **MNIST5K)
+    result, model, data = _train_keeping_model(config)
+    assert isinstance(model.loss, tf.keras.losses.BinaryCrossentropy)
+    assert model.loss.get_config()["from_logits"] is True
+    assert not model.compiled_metrics._user_metrics  # no accuracy metric
+    row = result.history[-1]
+    assert np.isnan(row["test_accuracy"]) and np.isnan(result.best_accuracy)
+    # train_loss is the loss of the final weights on the full training set, targets = inputs.
+    z = model.predict(data.x_train, verbose=0).astype(np.float64)
+    x = data.x_train.astype(np.float64)
+    expected = np.mean(np.maximum(z, 0) - z * x + np.log1p(np.exp(-np.abs(z))))
+    assert row["train_loss"] == pytest.approx(expected, rel=1e-4)
+    assert result.train_loss == row["train_loss"] == result.best_train_loss
+    assert np.isfinite(row["epoch_loss"]) and row["epoch_loss"] != row["train_loss"]
+
+
+def test_logreg_train_loss_is_softmax_cross_entropy_of_the_full_training_set():
+    config = TrainConfig(model="logreg", **{**MNIST5K, "epochs": 2})
+    result, model, data = _train_keeping_model(config)
+    assert isinstance(model.loss, tf.keras.losses.SparseCategoricalCrossentropy)
+    assert len(result.history) == 2 and 0.0 <= result.test_accuracy <= 1.0
+    logits = model.predict(data.x_train, verbose=0).astype(np.float64)
+    log_p = logits - logits.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    expected = -np.mean(log_p[np.arange(len(data.y_train)), data.y_train])
+    assert result.history[-1]["train_loss"] == pytest.approx(expected, rel=1e-4)
+    assert result.best_train_loss == min(row["train_loss"] for row in result.history)
+
+
+def test_target_loss_stops_at_the_first_epoch_at_or_below_it():
+    result = train(TrainConfig(model="logreg", target_loss=50.0, **{**MNIST5K, "epochs": 4}),
+                   LocalComm())
+    assert len(result.history) == 1 and result.time_to_target == result.train_seconds
+    missed = train(TrainConfig(model="logreg", target_loss=1e-6, **{**MNIST5K, "epochs": 2}),
+                   LocalComm())
+    assert len(missed.history) == 2 and missed.time_to_target is None
+
+
+def test_dho2_curvature_batch_of_the_autoencoder_uses_inputs_as_targets(monkeypatch):
+    batches = []
+
+    class Recording(experiment.CurvatureRefresh):
+        def __init__(self, batch, **kwargs):
+            super().__init__(batch, **kwargs)
+            batches.append(self.batch)
+
+    monkeypatch.setattr(experiment, "CurvatureRefresh", Recording)
+    config = TrainConfig(model="autoencoder", base="adam", k=2, alpha=0.01, refresh_every=3,
+                         warmup=2, curvature_batch=20, **{**MNIST5K, "optimizer": "dho2"})
+    result = train(config, LocalComm())
+    (x, y), = batches
+    assert x.shape == (20, 784) and np.array_equal(x, y)
+    assert len(result.refreshes) == 1 and np.isfinite(result.train_loss)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"target_loss": 0.0}, "`target_loss` must be a finite number in (0.0, inf)"),
+    ({"target_loss": -1.0}, "Received: target_loss=-1.0"),
+    ({"model": "autoencoder", "dataset": "mnist5k", "target_accuracy": 0.5},
+     "`target_accuracy` needs a model with an accuracy metric; model='autoencoder' is trained "
+     "on reconstruction"),
+    ({"target_accuracy": 0.5, "target_loss": 0.1},
+     "Set at most one of `target_accuracy` and `target_loss`"),
+    ({"model": "autoencoder", "dataset": "cifar10", "data_dir": "x"},
+     "model='autoencoder' reconstructs its input, which the CIFAR augmentation would change"),
+    ({"dataset": "mnist5k", "num_samples": 5010},
+     "`num_samples` must be a multiple of 10 in [10, 5000] for dataset='mnist5k'"),
+])
+def test_validate_training_loss_options(fields, message):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**fields).validate()
+    assert message in str(err.value)
+
+
+def test_mnist5k_is_flat_except_for_2d_resnets():
+    assert load_data(TrainConfig(model="logreg", dataset="mnist5k",
+                                 num_samples=100)).input_shape == (784,)
+    assert load_data(TrainConfig(model="resnet20", dataset="mnist5k",
+                                 num_samples=100)).input_shape == (28, 28, 1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_loss": 0.1}, "`target_loss` needs `train_data`"),
+    ({"train_data": (np.zeros((3, 2)),)}, "`train_data` must be an (x, targets) pair"),
+    ({"train_data": (np.zeros((3, 2)), np.zeros(2))}, "Received: 2 item(s) with [3, 2] rows"),
+    ({"train_data": (np.zeros((3, 2)), np.zeros(3)), "target_loss": 0.1,
+      "target_accuracy": 0.5}, "Set at most one of `target_accuracy` and `target_loss`"),
+    ({"train_data": (np.zeros((3, 2)), np.zeros(3)), "target_loss": float("nan")},
+     "`target_loss` must be a finite number"),
+])
+def test_clock_rejects_bad_training_loss_arguments(kwargs, message):
+    from dho2_tf.callbacks import TestAccuracyClock
+
+    with pytest.raises(ValueError) as err:
+        TestAccuracyClock(np.zeros((3, 2)), np.zeros(3), **kwargs)
+    assert message in str(err.value)
+
+
+def test_clock_refuses_an_accuracy_target_without_an_accuracy_metric():
+    from dho2_tf.callbacks import TestAccuracyClock
+
+    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss=tf.keras.losses.BinaryCrossentropy(from_logits=True))
+    x = np.zeros((4, 2), np.float32)
+    with pytest.raises(ValueError, match="`target_accuracy` needs a model compiled with an "
+                                         "accuracy metric"):
+        model.fit(x, x, epochs=1, verbose=0, callbacks=[TestAccuracyClock(x, x, 0.5)])

@@ -130,3 +130,43 @@ def test_shipped_cifar_recipe_parses(tmp_path):
         ("resnet110", "cifar10", "dho2", "adam")
     assert (config.k, config.lanczos_order, config.alpha, config.c_max) == (16, 64, 0.028, 1.0)
     assert config.learning_rate == 2.8e-3 and config.refresh_every_epochs == 8
+
+
+def test_training_loss_task_flags():
+    config = job.parse_args(["--model", "autoencoder", "--dataset", "mnist5k", "--target-loss",
+                             "0.12", "--num-samples", "1000"])
+    assert (config.model, config.dataset, config.target_loss, config.num_samples) == \
+        ("autoencoder", "mnist5k", 0.12, 1000)
+    assert job.parse_args(["--target-loss", "none"]).target_loss is None
+    assert job.parse_args(["--model", "logreg", "--dataset", "mnist5k"]).model == "logreg"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target-loss", "0"], "`target_loss` must be a finite number in (0.0, inf). "
+                             "Received: target_loss=0.0"),
+    (["--target-loss", "-0.5"], "Received: target_loss=-0.5"),
+    (["--model", "autoencoder", "--dataset", "mnist5k", "--target-accuracy", "0.9"],
+     "`target_accuracy` needs a model with an accuracy metric"),
+    (["--target-accuracy", "0.9", "--target-loss", "0.1"],
+     "Set at most one of `target_accuracy` and `target_loss`"),
+    (["--dataset", "mnist5k", "--num-samples", "6000"],
+     "`num_samples` must be a multiple of 10 in [10, 5000] for dataset='mnist5k'"),
+])
+def test_bad_training_loss_flags_exit_2(argv, message, capsys):
+    assert message in error_of(argv, capsys)
+
+
+def test_autoencoder_job_runs_end_to_end_and_reports_the_training_loss():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--model", "autoencoder", "--dataset",
+         "mnist5k", "--num-samples", "200", "--optimizer", "adam", "--learning-rate", "1e-3",
+         "--epochs", "2", "--batch-size", "40", "--weight-decay", "0", "--target-loss", "100",
+         "--verbose", "0"],
+        capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    fields = dict(item.split("=", 1) for item in line.split()[1:])
+    assert fields["model"] == "autoencoder" and fields["test_accuracy"] == "nan"
+    assert fields["epochs"] == "1" and fields["time_to_target"] != "none"
+    assert 0.0 < float(fields["train_loss"]) < 0.7

@@ -97,15 +97,15 @@ def test_m_equal_to_n_recovers_every_eigenvalue() -> None:
 def test_non_finite_hvp_stops_with_status() -> None:
     a, _ = _symmetric(N, _spread_spectrum(N), seed=6)
     operator = _matrix_operator(a)
-    calls = []
+    calls = tf.Variable(0, dtype=tf.int32)  # the HVP runs inside the compiled loop
 
     def flaky(v: tf.Tensor) -> tf.Tensor:
-        calls.append(1)
-        return operator(v) * (np.nan if len(calls) == 3 else 1.0)
+        count = calls.assign_add(1)
+        return operator(v) * tf.where(tf.equal(count, 3), tf.constant(np.nan, tf.float64), 1.0)
 
     res = lanczos(flaky, N, 8, LocalComm(), seed=0, hvp_dtype=tf.float64)
     assert res.status == "non-finite HVP at step 2"
-    assert res.num_steps == 2 and len(calls) == 3
+    assert res.num_steps == 2 and int(calls.numpy()) == 3
     assert res.basis_r.shape == (2, N) and res.tridiagonal.shape == (2, 2)
 
 
@@ -144,3 +144,93 @@ def test_curvature_package_works_without_horovod() -> None:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------- the compiled program
+def test_compiled_tridiagonal_equals_eager_reference() -> None:
+    from dho2_tf.curvature.lanczos_reference import lanczos_eager
+
+    a, _ = _symmetric(N, _spread_spectrum(N), seed=8)
+    for m in (5, 30):
+        fast = lanczos(_matrix_operator(a), N, m, LocalComm(), seed=4, hvp_dtype=tf.float64)
+        slow = lanczos_eager(_matrix_operator(a), N, m, LocalComm(), seed=4,
+                             hvp_dtype=tf.float64)
+        assert fast.status == slow.status == "ok" and fast.num_steps == slow.num_steps == m
+        np.testing.assert_allclose(fast.tridiagonal.numpy(), slow.tridiagonal.numpy(),
+                                   rtol=0, atol=1e-10)
+        np.testing.assert_allclose(fast.basis_r.numpy(), slow.basis_r.numpy(), atol=1e-10)
+
+
+def test_compiled_breakdown_matches_eager_reference() -> None:
+    from dho2_tf.curvature.lanczos_reference import lanczos_eager
+
+    u, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((50, 3)))
+    a = (u * np.array([1.0, 2.0, 5.0])) @ u.T
+    fast = lanczos(_matrix_operator(a), 50, 10, LocalComm(), seed=0, hvp_dtype=tf.float64)
+    slow = lanczos_eager(_matrix_operator(a), 50, 10, LocalComm(), seed=0, hvp_dtype=tf.float64)
+    assert fast.status == slow.status and fast.status.startswith("breakdown")
+    np.testing.assert_allclose(fast.tridiagonal.numpy(), slow.tridiagonal.numpy(), atol=1e-10)
+
+
+def test_program_is_traced_once_and_reused_across_runs() -> None:
+    from dho2_tf.curvature.lanczos import LanczosProgram
+
+    a, _ = _symmetric(N, _spread_spectrum(N), seed=9)
+    program = LanczosProgram(_matrix_operator(a), N, 12, LocalComm(), hvp_dtype=tf.float64)
+    assert program.trace() > 0.0
+    first, second = program.run(seed=1), program.run(seed=2)
+    assert program._run.experimental_get_tracing_count() == 1
+    ref = lanczos(_matrix_operator(a), N, 12, LocalComm(), seed=2, hvp_dtype=tf.float64)
+    np.testing.assert_array_equal(second.tridiagonal.numpy(), ref.tridiagonal.numpy())
+    assert not np.allclose(first.tridiagonal.numpy(), second.tridiagonal.numpy())
+
+
+def test_float32_basis_ritz_values_agree_with_float64() -> None:
+    """The float32 basis keeps the extreme Ritz values to 1e-5 relative (the stated tolerance)."""
+    a, _ = _symmetric(N, _spread_spectrum(N), seed=10)
+    runs = {d: lanczos(_matrix_operator(a, tf.float32), N, 30, LocalComm(), seed=3,
+                       basis_dtype=d) for d in ("float64", "float32")}
+    assert runs["float32"].basis_r.dtype == tf.float32
+    ritz = {d: np.linalg.eigvalsh(r.tridiagonal.numpy()) for d, r in runs.items()}
+    top = np.abs(ritz["float64"]).max()
+    np.testing.assert_allclose(ritz["float32"][-4:], ritz["float64"][-4:], rtol=0,
+                               atol=1e-5 * top)
+    np.testing.assert_allclose(ritz["float64"][-4:], [3.0, 4.0, 6.0, 9.0], rtol=1e-6)
+    q = runs["float32"].basis_r.numpy().astype(np.float64)
+    np.testing.assert_allclose(q @ q.T, np.eye(30), atol=1e-5)
+
+
+def test_replicated_basis_equals_sharded_in_one_process() -> None:
+    a, _ = _symmetric(N, _spread_spectrum(N), seed=11)
+    runs = [lanczos(_matrix_operator(a), N, 20, LocalComm(), seed=5, hvp_dtype=tf.float64,
+                    basis_layout=layout) for layout in ("sharded", "replicated")]
+    np.testing.assert_allclose(runs[0].tridiagonal.numpy(), runs[1].tridiagonal.numpy(),
+                               atol=1e-12)
+
+
+def test_trace_issues_no_collective_and_run_issues_the_stated_ones() -> None:
+    """Trace: nothing. Run (sharded, one process): per step 4 collectives, plus q0 and T."""
+    from dho2_tf.curvature.lanczos import LanczosProgram
+    from dho2_tf.distributed import CountingComm
+
+    a, _ = _symmetric(N, _spread_spectrum(N), seed=12)
+    for layout, per_step in (("sharded", {"reducescatter": 1, "allreduce": 2, "allgather": 1}),
+                             ("replicated", {"allreduce": 1})):
+        comm = CountingComm(LocalComm())
+        program = LanczosProgram(_matrix_operator(a), N, 10, comm, hvp_dtype=tf.float64,
+                                 basis_layout=layout)
+        program.trace()
+        traced = {kind: comm.count(kind) for kind in per_step}
+        assert traced == per_step, (layout, traced)  # recorded once, when the body is traced
+        comm.reset()
+        program.run(seed=0)
+        assert comm.count() == 1 and comm.count("broadcast") == 1  # T, eagerly; the rest is graph
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(basis_layout="rows"), "`basis_layout` must be one of ('sharded', 'replicated')"),
+    (dict(basis_dtype="float16"), "`basis_dtype` must be one of ('float64', 'float32')"),
+])
+def test_program_validation_messages(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        lanczos(lambda v: v, N, 4, LocalComm(), seed=0, **kwargs)

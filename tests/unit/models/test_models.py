@@ -11,7 +11,13 @@ from models.resnet import ZeroPadShortcut
 
 # name -> (input shape used for the count, exact total parameters).
 # MLP 40→100→100→10: 40·100+100 + 100·100+100 + 100·10+10 = 15,210.
+# Logistic regression 784→10: 784·10+10 = 7,850.
+# Autoencoder 784-512-128-32-128-512-784: (784·512+512) + (512·128+128) + (128·32+32)
+#   + (32·128+128) + (128·512+512) + (512·784+784)
+#   = 401,920 + 65,664 + 4,128 + 4,224 + 66,048 + 402,192 = 944,176 (FOSI's 0.94M).
 EXPECTED_PARAMS = {
+    "logreg": ((784,), 7_850),
+    "autoencoder": ((784,), 944_176),
     "mlp": ((40,), 15_210),
     "resnet20": ((32, 32, 3), 271_098),
     "resnet32": ((32, 32, 3), 466_426),
@@ -20,9 +26,10 @@ EXPECTED_PARAMS = {
     "resnet1d": ((40,), 40_470),
 }
 # He et al. 2016, Table 6: ResNet-20 has 0.27M and ResNet-110 1.7M parameters.
-PAPER_RANGES = {"resnet20": (260_000, 280_000), "resnet110": (1_690_000, 1_750_000)}
+PAPER_RANGES = {"resnet20": (260_000, 280_000), "resnet110": (1_690_000, 1_750_000),
+                "autoencoder": (935_000, 945_000)}
 # Small inputs for the training step (ResNet counts do not depend on H, W: global pooling).
-TRAIN_SHAPES = {"mlp": (40,), "resnet1d": (40,)}
+TRAIN_SHAPES = {"mlp": (40,), "resnet1d": (40,), "logreg": (40,), "autoencoder": (40,)}
 # Tracing fit's graph of the deep nets takes ~10 s on 2 cores; they run the step eagerly.
 EAGER_FIT = {"resnet56", "resnet110"}
 
@@ -44,17 +51,17 @@ def test_parameter_count_matches_architecture(name):
 def test_one_fit_step_gives_finite_loss(name):
     shape = TRAIN_SHAPES.get(name, (4, 4, 3))
     model = models.get(name, shape, 10)
-    model.compile(optimizer=tf.keras.optimizers.SGD(0.01),
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  run_eagerly=name in EAGER_FIT)
+    objective = models.objective(name)
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.01), loss=objective.make_loss(),
+                  metrics=list(objective.metrics), run_eagerly=name in EAGER_FIT)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(4, *shape)).astype(np.float32)
-    y = rng.integers(0, 10, size=4).astype(np.int32)
+    x = rng.uniform(size=(4, *shape)).astype(np.float32)
+    y = objective.targets(x, rng.integers(0, 10, size=4).astype(np.int32))
     before = [w.copy() for w in model.get_weights()]
     history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     loss = history.history["loss"][0]
     assert np.isfinite(loss) and loss > 0
-    assert model(x[:1]).shape == (1, 10)
+    assert model(x[:1]).shape == ((1, *shape) if objective.targets_are_inputs else (1, 10))
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
@@ -176,3 +183,77 @@ def test_register_adds_builder_and_refuses_duplicates(monkeypatch):
     models.register("linear", linear, overwrite=True)
     with pytest.raises(ValueError, match="`name` must be a non-empty string"):
         models.register("", linear)
+
+
+# ------------------------------------------------------------------------- FOSI's MNIST tasks
+
+
+def test_logistic_regression_is_exactly_softmax_of_an_affine_map():
+    model = models.get("logreg", (784,), 10)
+    assert [type(layer).__name__ for layer in model.layers] == ["Dense"]
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(784, 10)).astype(np.float32) * 0.05
+    b = rng.normal(size=10).astype(np.float32)
+    model.set_weights([w, b])
+    x = rng.uniform(size=(5, 784)).astype(np.float32)
+    logits = x.astype(np.float64) @ w + b
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(tf.nn.softmax(model(x)).numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert models.objective("logreg") is models.CLASSIFICATION
+
+
+def test_logistic_regression_l2_is_optional_and_on_the_weights_only():
+    assert models.logistic_regression((784,), 10).losses == []
+    model = models.logistic_regression((784,), 10, weight_decay=1e-2)
+    kernel = model.get_layer("logits").kernel
+    np.testing.assert_allclose(float(tf.add_n(model.losses)),
+                               0.5e-2 * float(tf.reduce_sum(kernel ** 2)), rtol=1e-5)
+
+
+def test_autoencoder_layout_output_shape_and_objective():
+    model = models.get("autoencoder", (784,), 10)
+    dense = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Dense)]
+    assert [layer.units for layer in dense] == [512, 128, 32, 128, 512, 784]
+    assert [layer.activation.__name__ for layer in dense] == ["tanh"] * 5 + ["linear"]
+    assert model(tf.zeros([3, 784])).shape == (3, 784)
+    objective = models.objective("autoencoder")
+    assert objective is models.RECONSTRUCTION and not objective.has_accuracy
+    x = np.random.default_rng(4).uniform(size=(2, 784)).astype(np.float32)
+    assert objective.targets(x, np.array([1, 2])) is x
+    z = np.random.default_rng(5).normal(size=(2, 784)).astype(np.float32)
+    p = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    expected = np.mean(-x * np.log(p) - (1 - x) * np.log(1 - p))
+    np.testing.assert_allclose(float(objective.make_loss()(x, z)), expected, rtol=1e-5)
+
+
+def test_autoencoder_widths_and_image_input():
+    model = models.autoencoder((8, 8, 1), hidden=(16, 4, 16))
+    assert model.count_params() == (64 * 16 + 16) + (16 * 4 + 4) + (4 * 16 + 16) + (16 * 64 + 64)
+    assert model(tf.zeros([2, 8, 8, 1])).shape == (2, 8, 8, 1)
+    assert models.autoencoder((784,), None).count_params() == 944_176
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: models.autoencoder((784,), hidden=()), "`hidden` must be a non-empty sequence"),
+    (lambda: models.autoencoder((784,), 1), "`num_classes` must be an integer >= 2"),
+    (lambda: models.logistic_regression((784,), 10, weight_decay=-1.0),
+     "Received: weight_decay=-1.0"),
+])
+def test_mnist_task_builder_validation(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_register_with_an_objective(monkeypatch):
+    monkeypatch.setattr(models.registry, "_BUILDERS", dict(models.registry._BUILDERS))
+    monkeypatch.setattr(models.registry, "_OBJECTIVES", dict(models.registry._OBJECTIVES))
+    models.register("tiny_ae", lambda shape, n: models.autoencoder(shape, n, hidden=(2,)),
+                    objective=models.RECONSTRUCTION)
+    assert models.objective("tiny_ae") is models.RECONSTRUCTION
+    models.register("tiny_ae", models.mlp, overwrite=True)
+    assert models.objective("tiny_ae") is models.CLASSIFICATION
+    with pytest.raises(TypeError, match="`objective` must be a models.Objective"):
+        models.register("other", models.mlp, objective="reconstruction")
+    with pytest.raises(ValueError, match="Received: name='nope'"):
+        models.objective("nope")

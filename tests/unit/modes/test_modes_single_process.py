@@ -127,7 +127,8 @@ def test_pipeline_groups_and_process_sets():
     (dict(mode="pipelined", refresh_every=4, delivery_delay=5),
      "`delivery_delay` must be an integer in [1, 4]. Received: delivery_delay=5"),
     (dict(mode="sharded", window_rule="extrapolate"), "`window_rule` must be 'none'"),
-    (dict(mode="nope"), "`mode` must be one of ('sharded', 'faithful', 'pipelined', 'admm')"),
+    (dict(mode="nope"), "`mode` must be one of ('auto', 'sharded', 'replicated', 'faithful', "
+                        "'pipelined', 'admm')"),
     (dict(mode="pipelined", comm=LocalComm()), "mode='pipelined' needs at least 2 ranks"),
     (dict(mode="pipelined", curvature_ranks=0), "`curvature_ranks` must be a positive integer"),
 ])
@@ -145,7 +146,8 @@ def test_pipeline_group_sizes_must_fit_world():
         PipelineGroups.of(3, 3)
 
 
-@pytest.mark.parametrize("mode", ["sharded", "faithful", "pipelined", "admm"])
+@pytest.mark.parametrize("mode", ["auto", "sharded", "replicated", "faithful", "pipelined",
+                                  "admm"])
 def test_config_round_trip_every_mode(mode):
     opt = DHO2(mode=mode, k=3, rho=0.2, tau=4, curvature_ranks=1, delivery_delay=3,
                refresh_every=6)
@@ -158,3 +160,62 @@ def test_serve_curvature_outside_pipelined_mode_says_so():
     opt = DHO2(comm=LocalComm())
     with pytest.raises(RuntimeError, match="serve_curvature\\(\\) runs only on the curvature"):
         opt.serve_curvature()
+
+
+def test_auto_mode_resolves_by_memory_budget_and_logs_the_choice(caplog):
+    """mode="auto" becomes "replicated" when (slots+1+K)·n·4 + m·n·8 bytes fit the budget."""
+    model = toy_model()
+    n = model.count_params()
+    needed = (2 + 1 + 3) * n * 4 + 12 * n * 8            # adam: 2 slots; K = 3; m = 4K = 12
+    chosen = {}
+    for budget in (needed, needed - 1):
+        opt = DHO2(base="adam", k=3, memory_budget=budget, comm=LocalComm())
+        assert opt.mode == "auto" and opt.resolved_mode is None
+        assert opt.replicated_state_bytes(n) == needed
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dho2_tf.optimizer"):
+            opt.build(model.trainable_variables)
+        chosen[budget] = opt.resolved_mode
+        logs = [r.getMessage() for r in caplog.records if "mode='auto' chose" in r.getMessage()]
+        assert len(logs) == 1 and f"chose {opt.resolved_mode!r}" in logs[0], logs
+        assert f"n={n}, K=3" in logs[0] and f"{needed / 2**20:.1f} MiB" in logs[0], logs[0]
+        # The user's argument round-trips; the layout is rebuilt the same way.
+        config = opt.get_config()
+        assert config["mode"] == "auto" and config["memory_budget"] == budget
+        again = DHO2.from_config(dict(config))
+        again._comm = LocalComm()
+        again.build(toy_model().trainable_variables)
+        assert again.resolved_mode == opt.resolved_mode
+        assert opt.export_state()["__mode__"] == opt.resolved_mode
+    assert chosen == {needed: "replicated", needed - 1: "sharded"}
+    assert DHO2().mode == "auto" and DHO2().memory_budget == 1 << 30      # the defaults
+
+
+@pytest.mark.parametrize("budget", [0, -1, 1.5, True, "1GB"])
+def test_memory_budget_must_be_a_positive_integer(budget):
+    with pytest.raises(ValueError, match="`memory_budget` must be a positive integer. "
+                                         rf"Received: memory_budget={budget!r}"):
+        DHO2(memory_budget=budget)
+
+
+def test_explicit_modes_ignore_the_budget():
+    model = toy_model()
+    for mode in ("sharded", "replicated"):
+        opt = DHO2(mode=mode, memory_budget=1, comm=LocalComm())
+        assert opt.resolved_mode == mode
+        opt.build(model.trainable_variables)
+        assert opt.resolved_mode == mode and opt._mode.shards_state == (mode == "sharded")
+
+
+def test_replicated_and_sharded_one_process_runs_are_identical():
+    """With one rank both layouts hold the full state and run the same step."""
+    x, y = toy_data()
+    weights = []
+    for mode in ("sharded", "replicated"):
+        model = toy_model()
+        opt = DHO2(learning_rate=0.05, base="nesterov", k=3, mode=mode, refresh_every=5,
+                   warmup=1, comm=LocalComm())
+        run_custom_loop(opt, model, x, y, steps=12)
+        assert opt.refresh_index() == 3
+        weights.append(flat_weights(model))
+    np.testing.assert_array_equal(weights[0], weights[1])

@@ -60,7 +60,7 @@ def values(model, opt):
     return [v.numpy().copy() for v in model.variables + opt.variables]
 
 
-@pytest.mark.parametrize("mode", ["sharded", "admm"])
+@pytest.mark.parametrize("mode", ["sharded", "replicated", "admm"])
 def test_dho2_round_trip_restores_every_variable_and_continues_identically(tmp_path, mode):
     model, opt = dho2_model(mode=mode)
     steps(model, opt, 0, 7)  # two refreshes: eigenpairs, momentum, Adam slots all non-trivial
@@ -149,6 +149,27 @@ def test_sharded_state_from_two_ranks_loads_into_one(tmp_path):
     assert checkpointing.restore_checkpoint(tmp_path, fresh, fresh_opt, LocalComm()).ranks == 2
     for got, ref in zip(values(fresh, fresh_opt), values(model, opt)):
         np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("written,resumed", [("sharded", "auto"), ("auto", "sharded")])
+def test_manifest_records_the_resolved_layout_and_sharded_resumes_as_replicated(
+        tmp_path, written, resumed):
+    """mode="auto" resolves to "replicated" here; its state loads into "sharded" and back."""
+    model, opt = dho2_model(mode=written)
+    steps(model, opt, 0, 7)
+    checkpointing.save_checkpoint(tmp_path, model, opt, LocalComm(), epoch=1)
+    saved = values(model, opt)
+    manifest = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert manifest["mode"] == opt.resolved_mode == {"auto": "replicated"}.get(written, written)
+    steps(model, opt, 7, 4)
+    fresh, fresh_opt = dho2_model(seed=1, mode=resumed)
+    checkpointing.restore_checkpoint(tmp_path, fresh, fresh_opt, LocalComm())
+    assert fresh_opt.resolved_mode != opt.resolved_mode
+    for got, ref in zip(values(fresh, fresh_opt), saved):
+        np.testing.assert_array_equal(got, ref)
+    steps(fresh, fresh_opt, 7, 4)
+    for got, ref in zip(values(fresh, fresh_opt), values(model, opt)):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
 
 
 def test_clear_errors_for_wrong_model_mode_manifest_and_arguments(tmp_path):

@@ -1,0 +1,40 @@
+"""``replicated``: V, the Newton momentum and the base slots kept in full on every rank.
+
+After the gradient allreduce (mean, the same single fused collective a data-parallel Keras
+optimizer issues) every rank holds Ḡ and computes the identical full FOSI step locally: the
+K-vector projections need no collective (:class:`dho2_tf.distributed.comm.LocalComm` completes
+them), and the displacement is added to the weights in place. A refresh runs the sharded Lanczos
+over all ranks (HVP averaged, as ``sharded``) and all-gathers V once.
+
+Per step: one allreduce of n numbers, then two (sgd/momentum/nesterov) or four (Adam) passes
+over the full V [K, n]. State per rank: (slots + 1 + K)·n numbers, plus the m·n float64 Lanczos
+basis during a refresh. Choose it when that fits comfortably in a rank's memory
+(``mode="auto"`` decides with ``memory_budget``); it is then faster than ``sharded``, whose three
+or four dependent collectives per step are latency-bound, at the price of P times the state.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from dho2_tf.flat import flatten
+from dho2_tf.modes.base import Mode
+
+
+class ReplicatedMode(Mode):
+    """Replicated state, mean HVP reduction, one gradient allreduce per step."""
+
+    name = "replicated"
+    shards_state = False
+    imports_state_of = ("sharded",)
+
+    def step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
+        """Ḡ = allreduce_mean(G); θ ← θ + δ with δ the full FOSI displacement (local maths)."""
+        opt = self.opt
+        g = self.comm.allreduce(flatten(grads, opt.spec, variables[0].dtype), "mean",
+                                name="dho2/gradient")
+        opt.apply_fosi_step(self.adjust_gradient(g), variables)
+
+    def adjust_gradient(self, g: tf.Tensor) -> tf.Tensor:
+        """The gradient the FOSI step uses (``faithful``: plus the window offset)."""
+        return g

@@ -1,0 +1,305 @@
+"""Where DHO2's time goes: HVP against a gradient, a refresh against its HVPs, a step against the
+base optimizer's Keras step.
+
+Run it on an otherwise idle machine, once per world size::
+
+    python jobs/bench_curvature_cost.py                                        # P = 1
+    HOROVOD_CYCLE_TIME=0.1 horovodrun --gloo -np 2 -H localhost:2 \\
+        python jobs/bench_curvature_cost.py                                    # P = 2
+
+For every task (model, data set, batch) it measures, interleaving the things it compares and
+repeating ``--rounds`` times (the table gives min / median / max of each ratio):
+
+* **HVP / gradient**: the optimizer's Hessian-vector product (``make_hvp_fn``) against a
+  ``tf.function`` gradient of the same loss on the same per-rank curvature batch.
+* **refresh / (m·HVP)**: one curvature refresh after the first (compiled Lanczos, m = 4k HVPs,
+  their reductions, re-orthogonalisation, Ritz vectors) against m HVPs, for the float32 and the
+  float64 basis, split into HVPs, collectives (the same reductions timed alone) and the rest;
+  the one-off compile time and the first refresh are reported apart. The float32 basis's Ritz
+  values are compared with the float64 basis's on the same start vector.
+* **step / base step**: one epoch of ``model.fit`` with DHO2 (after its first refresh, none
+  during the timed epochs) against the same epoch with the base optimizer's Keras
+  implementation (heavy ball or Adam, made data-parallel with Horovod), per step.
+
+Rank 0 prints the table and writes ``<output-dir>/curvature_cost_p<P>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import models  # noqa: E402
+from dho2_tf import DHO2, CurvatureRefresh  # noqa: E402
+from dho2_tf.curvature import SpectrumEstimator, make_hvp_fn  # noqa: E402
+from dho2_tf.data import load_dataset, shard_arrays  # noqa: E402
+from dho2_tf.distributed.comm import default_comm  # noqa: E402
+from bench_time_to_accuracy import git_commit, machine  # noqa: E402  (same folder)
+
+# Per-rank batch sizes are the time-to-accuracy benchmark's.
+TASKS: dict[str, dict[str, Any]] = {
+    "mlp_mnist1d": {"model": "mlp", "dataset": "mnist1d", "batch_size": 50,
+                    "curvature_batches": (250,), "base": "momentum", "learning_rate": 0.1},
+    "resnet1d_mnist1d": {"model": "resnet1d", "dataset": "mnist1d", "batch_size": 50,
+                         "curvature_batches": (250,), "base": "adam", "learning_rate": 3e-3},
+    "autoencoder_mnist5k": {"model": "autoencoder", "dataset": "mnist5k", "batch_size": 250,
+                            "curvature_batches": (250, 1000), "base": "adam",
+                            "learning_rate": 1e-3},
+}
+K = 10
+STEPS_PER_EPOCH = 40
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
+    parser.add_argument("--output-dir", default="results")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, tiny data")
+    return parser.parse_args(argv)
+
+
+def seconds_per_call(fn: Callable[[], Any], calls: int) -> float:
+    """Mean wall seconds of ``calls`` calls of ``fn`` (results fetched to the host)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = fn()
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+    return (time.perf_counter() - start) / calls
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min / median / max."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def build(task: dict[str, Any], comm: Any, seed: int = 0) -> tuple[Any, ...]:
+    """(model, loss, this rank's training arrays, objective) of a task."""
+    data = load_dataset(task["dataset"]) if task["dataset"] != "mnist1d" else \
+        load_dataset("mnist1d", num_samples=5000)
+    objective = models.objective(task["model"])
+    y = objective.targets(data.x_train, data.y_train)
+    x_r, y_r = shard_arrays(data.x_train, y, comm, drop_remainder=True)
+    tf.keras.utils.set_random_seed(seed)
+    model = models.get(task["model"], data.input_shape, data.num_classes)
+    return model, objective.make_loss(), x_r, y_r, objective
+
+
+def gradient_fn(model: tf.keras.Model, loss: Any, x: tf.Tensor, y: tf.Tensor) -> Callable:
+    """``tf.function`` of the loss gradient on a fixed batch (the HVP's comparison)."""
+    variables = model.trainable_variables
+
+    @tf.function
+    def grad() -> list[tf.Tensor]:
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x, training=True))
+        return tape.gradient(value, variables)
+
+    return grad
+
+
+def reductions_fn(comm: Any, n: int, m: int, layout: str) -> Callable:
+    """The m HVP reductions of one refresh alone (what the basis layout communicates)."""
+    size = comm.size
+    s = -(-n // size)
+
+    @tf.function
+    def reduce_all() -> tf.Tensor:
+        v = tf.ones([n], tf.float32)
+        for i in range(m):
+            if layout == "replicated":
+                v = comm.allreduce(v, "mean", name=f"bench/ar{i}")
+            else:
+                h = comm.reducescatter(tf.pad(v, [[0, size * s - n]]), "mean",
+                                       name=f"bench/rs{i}")
+                v = tf.reshape(comm.allgather(h, name=f"bench/ag{i}")[:n], [n])
+        return v
+
+    return reduce_all
+
+
+def hvp_and_refresh(task: dict[str, Any], comm: Any, args: argparse.Namespace
+                    ) -> dict[str, Any]:
+    """HVP vs gradient, and refresh vs m·HVP for each curvature batch and basis dtype."""
+    model, loss, x_r, y_r, _ = build(task, comm)
+    n = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    m = 4 * K
+    layout = "replicated" if comm.size == 1 else "sharded"
+    out: dict[str, Any] = {"parameters": n, "lanczos_order": m, "basis_layout": layout,
+                           "batches": {}}
+    for batch in task["curvature_batches"]:
+        per_rank = max(1, batch // comm.size)
+        x, y = tf.constant(x_r[:per_rank]), tf.constant(y_r[:per_rank])
+        grad, hvp = gradient_fn(model, loss, x, y), make_hvp_fn(model, loss, (x, y))
+        v = tf.random.stateless_normal([n], seed=[1, 2])
+        estimators = {d: SpectrumEstimator(hvp, n, K, 0, comm, m=m, basis_dtype=d,
+                                           basis_layout=layout, name=f"bench/{d}/{batch}")
+                      for d in ("float32", "float64")}
+        reduce_all = reductions_fn(comm, n, m, layout)
+        one_off = {}
+        for d, est in estimators.items():
+            start = time.perf_counter()
+            compile_s = est.trace()
+            first = est.estimate(seed=0)
+            one_off[d] = {"compile_seconds": compile_s,
+                          "first_refresh_seconds": time.perf_counter() - start}
+        grad(), hvp(v), reduce_all()  # trace
+        calls = 3 if args.quick else 20
+        rows: dict[str, list[float]] = {"gradient": [], "hvp": [], "reductions": [],
+                                        "refresh_float32": [], "refresh_float64": []}
+        ritz_rel = []
+        for r in range(args.rounds):
+            rows["gradient"].append(seconds_per_call(grad, calls))
+            rows["hvp"].append(seconds_per_call(lambda: hvp(v), calls))
+            rows["reductions"].append(seconds_per_call(reduce_all, 1))
+            eig = {}
+            for d, est in estimators.items():
+                start = time.perf_counter()
+                estimate = est.estimate(seed=r + 1)
+                rows[f"refresh_{d}"].append(time.perf_counter() - start)
+                eig[d] = estimate.eigenvalues.numpy().astype(np.float64)
+            ritz_rel.append(float(np.max(np.abs(eig["float32"] - eig["float64"]))
+                                  / np.max(np.abs(eig["float64"]))))
+        del first
+        ratio = lambda a, b: spread([x / y for x, y in zip(rows[a], rows[b])])  # noqa: E731
+        hvp_m = [m * h for h in rows["hvp"]]
+        entry = {"seconds": {k: spread(v) for k, v in rows.items()}, "one_off": one_off,
+                 "hvp_over_gradient": ratio("hvp", "gradient"),
+                 "ritz_float32_vs_float64_max_rel": spread(ritz_rel)}
+        for d in ("float32", "float64"):
+            refresh = rows[f"refresh_{d}"]
+            entry[f"refresh_{d}_over_m_hvp"] = spread([a / b for a, b in zip(refresh, hvp_m)])
+            entry[f"refresh_{d}_split"] = {
+                "hvps": statistics.median(hvp_m),
+                "collectives": statistics.median(rows["reductions"]) if comm.size > 1 else 0.0,
+                "rest": statistics.median(refresh) - statistics.median(hvp_m)
+                - (statistics.median(rows["reductions"]) if comm.size > 1 else 0.0)}
+        out["batches"][str(batch)] = entry
+    return out
+
+
+def compiled_model(task: dict[str, Any], comm: Any, optimizer: Any) -> tuple[Any, ...]:
+    """A fresh model compiled with ``optimizer``, and this rank's first batches."""
+    model, loss, x_r, y_r, objective = build(task, comm)
+    model.compile(optimizer=optimizer, loss=loss, metrics=list(objective.metrics))
+    rows = STEPS_PER_EPOCH * task["batch_size"]
+    return model, x_r[:rows], y_r[:rows]
+
+
+def step_times(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Per-step seconds of ``fit`` with DHO2 (after one refresh) and with the Keras base."""
+    lr, base = task["learning_rate"], task["base"]
+    keras_base = tf.keras.optimizers.Adam(lr) if base == "adam" else \
+        tf.keras.optimizers.SGD(lr, momentum=0.9)
+    dho2 = DHO2(learning_rate=lr, base=base, k=K, alpha=0.01, refresh_every=10 ** 9, warmup=1,
+                comm=comm)
+    runs: dict[str, tuple[Any, ...]] = {
+        "dho2": compiled_model(task, comm, dho2),
+        "base": compiled_model(task, comm, comm.data_parallel_optimizer(keras_base))}
+    per_rank_curv = max(1, 250 // comm.size)
+    callbacks = {"dho2": [CurvatureRefresh(batch=(runs["dho2"][1][:per_rank_curv],
+                                                  runs["dho2"][2][:per_rank_curv]))],
+                 "base": []}
+    if comm.size > 1:
+        import horovod.tensorflow.keras as hvd_keras
+
+        callbacks["base"].append(hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0))
+
+    def epoch(name: str, epochs: int = 1) -> float:
+        model, x, y = runs[name]
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=task["batch_size"], epochs=epochs, shuffle=False,
+                  verbose=0, callbacks=callbacks[name])
+        return (time.perf_counter() - start) / (epochs * (len(x) // task["batch_size"]))
+
+    for name in runs:
+        epoch(name)  # compile, first refresh, warm caches
+    seconds: dict[str, list[float]] = {"dho2": [], "base": []}
+    for _ in range(args.rounds):
+        for name in runs:
+            seconds[name].append(epoch(name))
+    return {"resolved_mode": getattr(dho2, "resolved_mode", dho2.mode),
+            "refreshes": int(dho2.refresh_index()),
+            "seconds_per_step": {k: spread(v) for k, v in seconds.items()},
+            "dho2_over_base": spread([a / b for a, b in zip(seconds["dho2"], seconds["base"])])}
+
+
+def fmt(s: dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
+    """``median [min, max]``."""
+    return (f"{s['median'] * scale:.{digits}f} [{s['min'] * scale:.{digits}f}, "
+            f"{s['max'] * scale:.{digits}f}]")
+
+
+def table(results: dict[str, Any], size: int) -> str:
+    """Markdown tables: HVP and refresh costs, then step costs."""
+    lines = [f"P = {size}", "",
+             "| task | curv. batch | gradient (ms) | HVP (ms) | HVP / gradient | refresh fp32 (s) "
+             "| refresh fp32 / (m·HVP) | refresh fp64 / (m·HVP) | fp32 split HVPs / coll. / rest "
+             "(s) | compile + first refresh (s) | fp32 vs fp64 Ritz max rel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        for batch, e in res["curvature"]["batches"].items():
+            sec, split = e["seconds"], e["refresh_float32_split"]
+            one = e["one_off"]["float32"]
+            lines.append(
+                f"| {name} | {batch} | {fmt(sec['gradient'], 1e3, 1)} | {fmt(sec['hvp'], 1e3, 1)}"
+                f" | {fmt(e['hvp_over_gradient'])} | {fmt(sec['refresh_float32'], 1, 3)} | "
+                f"{fmt(e['refresh_float32_over_m_hvp'])} | {fmt(e['refresh_float64_over_m_hvp'])}"
+                f" | {split['hvps']:.3f} / {split['collectives']:.3f} / {split['rest']:.3f} | "
+                f"{one['compile_seconds']:.2f} + {one['first_refresh_seconds']:.2f} | "
+                f"{e['ritz_float32_vs_float64_max_rel']['max']:.1e} |")
+    lines += ["", "| task | DHO2 layout | base | DHO2 step (ms) | base step (ms) | "
+              "DHO2 / base |", "|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        st = res["steps"]
+        lines.append(f"| {name} | {st['resolved_mode']} | {TASKS[name]['base']} | "
+                     f"{fmt(st['seconds_per_step']['dho2'], 1e3)} | "
+                     f"{fmt(st['seconds_per_step']['base'], 1e3)} | {fmt(st['dho2_over_base'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every task; rank 0 prints and writes the results."""
+    args = parse_args(argv)
+    if args.quick:
+        args.rounds = 1
+    logging.basicConfig(level=logging.WARNING)
+    comm = default_comm()
+    started = time.perf_counter()
+    results = {}
+    for name in args.tasks:
+        task = TASKS[name]
+        results[name] = {"curvature": hvp_and_refresh(task, comm, args),
+                         "steps": step_times(task, comm, args)}
+        if comm.is_root:
+            print(f"{name} done ({time.perf_counter() - started:.0f}s)", flush=True)
+    if comm.is_root:
+        text = table(results, comm.size)
+        print("\n" + text, flush=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, f"curvature_cost_p{comm.size}.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump({"commit": git_commit(), "command": " ".join(sys.argv),
+                       "machine": machine(comm), "ranks": comm.size, "rounds": args.rounds,
+                       "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
+                       "wall_seconds": time.perf_counter() - started, "results": results,
+                       "table": text}, handle, indent=1)
+        print(f"wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
