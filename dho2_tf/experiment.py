@@ -295,6 +295,8 @@ class TrainResult:
         initial_epoch: epochs already done by the checkpoint this run resumed from.
         train_loss: final loss of the full training set.
         best_train_loss: lowest loss of the full training set over epochs.
+        compile_seconds: DHO2's one-off compilation of its curvature graphs at the start of
+            training (included in ``train_seconds`` and ``time_to_target``).
     """
 
     test_accuracy: float
@@ -309,6 +311,7 @@ class TrainResult:
     initial_epoch: int = 0
     train_loss: float = float("nan")
     best_train_loss: float = float("nan")
+    compile_seconds: float = 0.0
 
 
 def learning_rate_for(config: TrainConfig, total_steps: int) -> Any:
@@ -511,4 +514,6 @@ def train(config: TrainConfig, comm: Communicator | None = None,
                        wall_seconds=wall, time_to_target=clock.time_to_target,
                        history=clock.history, ranks=comm.size, steps_per_epoch=steps_per_epoch,
                        refreshes=curvature.refreshes if curvature else [],
-                       initial_epoch=initial_epoch)
+                       initial_epoch=initial_epoch,
+                       compile_seconds=float(getattr(model.optimizer, "compile_seconds", 0.0)
+                                             or 0.0))
