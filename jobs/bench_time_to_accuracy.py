@@ -283,6 +283,8 @@ def run_task(name: str, args: argparse.Namespace, comm: Any) -> dict[str, Any]:
         sweep: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     else:
         chosen, sweep = (sweep_loss if is_loss_task(task) else sweep_accuracy)(name, task, comm)
+        # Times differ between ranks: every rank must train with rank 0's choice.
+        chosen = comm.broadcast_object(chosen, 0, name=f"bench/{name}/chosen")
     log(comm, f"   chosen learning rates: {chosen}")
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     for seed in range(1 if args.quick else args.seeds):  # methods interleaved per seed
