@@ -51,3 +51,15 @@ def test_lanczos_dtype_is_validated() -> None:
     with pytest.raises(ValueError, match="`lanczos_dtype` must be None, 'float32' or 'float64'. "
                                          "Received: lanczos_dtype='float16'"):
         DHO2(lanczos_dtype="float16")
+
+
+def test_binding_the_same_model_and_batch_again_keeps_the_compiled_graphs() -> None:
+    model, loss, batch = _model_and_batch()
+    opt = DHO2(k=3, comm=LocalComm())
+    opt.bind(model, loss, batch)
+    estimator = opt.binding["estimator"]
+    opt.bind(model, loss, batch)  # what a second model.fit call does
+    assert opt.binding["estimator"] is estimator
+    other = (batch[0][:32], batch[1][:32])
+    opt.bind(model, loss, other)
+    assert opt.binding["estimator"] is not estimator
