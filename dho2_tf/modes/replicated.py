@@ -3,8 +3,9 @@
 After the gradient allreduce (mean, the same single fused collective a data-parallel Keras
 optimizer issues) every rank holds Ḡ and computes the identical full FOSI step locally: the
 K-vector projections need no collective (:class:`dho2_tf.distributed.comm.LocalComm` completes
-them), and the displacement is added to the weights in place. A refresh runs the sharded Lanczos
-over all ranks (HVP averaged, as ``sharded``) and all-gathers V once.
+them), and the displacement is added to the weights in place. A refresh runs Lanczos with the
+whole basis on every rank (HVP averaged by one allreduce per iteration, nothing else
+communicated), so V comes out whole on every rank.
 
 Per step: one allreduce of n numbers, then two (sgd/momentum/nesterov) or four (Adam) passes
 over the full V [K, n]. State per rank: (slots + 1 + K)·n numbers, plus the m·n float64 Lanczos
@@ -26,6 +27,8 @@ class ReplicatedMode(Mode):
 
     name = "replicated"
     shards_state = False
+    #: Every rank holds the whole Lanczos basis: one allreduce of the HVP per iteration.
+    lanczos_basis = "replicated"
     imports_state_of = ("sharded",)
 
     def step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:

@@ -135,7 +135,9 @@ def check_replicated(comm):
         (w_s, lam_s, coll_s), (w_r, lam_r, coll_r) = runs["sharded"], runs["replicated"]
         rel = np.max(np.abs(w_r - w_s)) / np.max(np.abs(w_s))
         assert rel < 1e-6, f"{base}: replicated differs from sharded: rel {rel:.3g}"
-        np.testing.assert_array_equal(lam_r, lam_s)       # the same Lanczos run
+        # The same Lanczos iteration, with the basis whole (replicated) or split (sharded):
+        # equal up to the summation order of the float32 basis products.
+        np.testing.assert_allclose(lam_r, lam_s, rtol=1e-5, atol=1e-6 * np.max(np.abs(lam_s)))
         assert coll_r == [("allreduce", "dho2/gradient")], coll_r
         expected = [("allgather", "dho2/delta"), ("allreduce", "dho2/project_g"),
                     ("reducescatter", "dho2/gradient")]
