@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--output-dir", default="results")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, tiny data")
+    parser.add_argument("--basis", choices=("replicated", "sharded"), default="replicated",
+                        help="Lanczos basis layout of the refresh timings (default replicated, "
+                             "what mode='auto' uses when the state fits)")
     return parser.parse_args(argv)
 
 
@@ -137,7 +140,7 @@ def hvp_and_refresh(task: dict[str, Any], comm: Any, args: argparse.Namespace
     model, loss, x_r, y_r, _ = build(task, comm)
     n = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     m = 4 * K
-    layout = "replicated" if comm.size == 1 else "sharded"
+    layout = args.basis
     out: dict[str, Any] = {"parameters": n, "lanczos_order": m, "basis_layout": layout,
                            "batches": {}}
     for batch in task["curvature_batches"]:
