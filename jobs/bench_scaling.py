@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warm-steps", type=int, default=3, help="first steps not timed")
     parser.add_argument("--delivery-delay", default="auto",
                         help="pipelined Δ in steps, or 'auto': ⌈1.1·T_refresh/t_step⌉ of the "
-                             "sharded run (reference §5.3), clipped to [4, --max-delay]")
+                             "sharded run (docs/performance.md), clipped to [4, --max-delay]")
     parser.add_argument("--max-delay", type=int, default=150)
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per P")
@@ -533,7 +533,7 @@ def findings(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
     elif c_row:
         out.append(
             f"**pipelined curvature ranks hold optimizer state they never use** "
-            f"({fmt_bytes(c_row['state_bytes'])} at P={top}; reference §7: 0): the base slots, "
+            f"({fmt_bytes(c_row['state_bytes'])} at P={top}; expected: 0): the base slots, "
             "Newton momentum and V shard are allocated with U rank 0's shard size.")
     f_row = get(top, "faithful")
     if f_row and top > 1:

@@ -4,7 +4,7 @@ Every collective the optimizer, the curvature estimator or the prioritized sampl
 through one small interface, :class:`Communicator`, so that the maths runs unchanged in one process
 (:class:`LocalComm`) and across Horovod ranks (:class:`HorovodComm`).
 
-Conventions (see ``shared/STYLE.md`` §2):
+Conventions:
 
 * ``op`` is ``"sum"`` or ``"mean"``.
 * ``process_set`` is ``None`` (all ranks) or a :class:`Group` built by :meth:`Communicator.group`.

@@ -106,7 +106,7 @@ def _mask_or_ones(mask: tf.Tensor | None, x: tf.Tensor) -> tf.Tensor:
 
 
 class ExactScorer:
-    """Full per-example gradients (reference §4.3 a). See ``PrioritizedSampler``.
+    """Full per-example gradients (docs/prioritized.md). See ``PrioritizedSampler``.
 
     Args:
         model: the Keras model.
@@ -141,7 +141,7 @@ class ExactScorer:
 
 
 class LastLayerScorer:
-    """Exact gradients of the final ``Dense`` layer in closed form (reference §4.3 b, c).
+    """Exact gradients of the final ``Dense`` layer in closed form (docs/prioritized.md).
 
     The "last-layer shortcut" for large models: only the penultimate features a_i and the output
     error δ_i are materialised. See ``PrioritizedSampler`` for the priorities.
@@ -203,7 +203,7 @@ class LastLayerScorer:
 
 
 class LossScorer:
-    """Per-example losses only (reference §4.3 d); length and projection are zero.
+    """Per-example losses only (docs/prioritized.md); length and projection are zero.
 
     Args:
         model: the Keras model.

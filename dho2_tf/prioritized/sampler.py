@@ -109,7 +109,7 @@ class PrioritizedSampler(tf.Module):
     References:
         T. Zhou, L. Gao, "Distributed Framework for Accelerating Training of Deep Learning Models
         through Prioritization", IEEE IC2E 2021, DOI 10.1109/IC2E52221.2021.00035;
-        ``shared/reference/prioritized-sgd.md`` §2, §4.
+        Zhou & Gao, "Prioritized SGD", IC2E 2021; docs/prioritized.md.
     """
 
     def __init__(self, k: float = 0.05, r: float = 0.01, *, priority: str = "projection",

@@ -2,7 +2,7 @@
 
 Each rule returns ``(idx, weights)``: local example indices and loss weights such that the
 training loss is Σ_j weights_j·ℓ_{idx_j} (so uniform weights 1/K give the mean). See
-:class:`dho2_tf.prioritized.PrioritizedSampler` for the equations (reference §2.5, §2.6, §4.6).
+:class:`dho2_tf.prioritized.PrioritizedSampler` for the equations (Zhou & Gao, IC2E 2021; docs/prioritized.md).
 
 * :func:`select_topk` — the paper's deterministic top-K (biased, weights 1/K).
 * :func:`select_importance` — K i.i.d. draws from q_i = (1−γ)ψ_i/Σψ + γ/n, weights 1/(K·n·q_i)
