@@ -1,4 +1,4 @@
-"""Scaling benchmark (issue 3): DHO2 state bytes, time and communication per rank vs P and mode.
+"""Scaling benchmark: DHO2 state bytes, time and communication per rank vs P and mode.
 
 Run (≈ 2–6 min on 2 CPU cores, depending on load)::
 
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-MODES = ("faithful", "sharded", "pipelined", "admm")        # reference order (§5)
+MODES = ("faithful", "sharded", "pipelined", "admm")        # docs/algorithm.md §4 order
 RUN_ORDER = ("sharded", "faithful", "admm", "pipelined")    # pipelined last: Δ from sharded
 HIDDEN = (512, 200)
 QUICK = {"refresh_every": 4, "tau": 4, "delivery_delay": "3", "warm_steps": 1,
@@ -340,7 +340,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------ report
-# Reference §6 (ring bytes per rank, leading terms) and §7 (state bytes) as text, per role.
+# docs/algorithm.md §8.2–§8.3 (ring bytes per rank) and §8.4 (state bytes) as text, per role.
 FORMULAS = {
     ("faithful", "all"): ("(12+8+4k)·n", "2(P−1)/P·4n", "m·(4n + 2(P−1)/P·8n′) + (P−1)/P·4kn"),
     ("sharded", "all"): ("(12+4k)·n/P", "(P−1)/P·8n + 2(P−1)/P·12k", "(P−1)/P·8mn"),
@@ -351,10 +351,10 @@ FORMULAS = {
 
 
 def predict(mode: str, role: str, n: int, k: int, m: int, p: int, tau: int) -> dict[str, float]:
-    """Reference §7 state bytes and §6 ring bytes per step and per refresh (leading terms).
+    """State bytes (docs/algorithm.md §8.4), ring bytes per step and refresh (§8.2, §8.3).
 
     Group sizes: P for every mode but ``pipelined`` (U: P_U = P − P//2, C: P_C = P//2).
-    ``basis`` is the transient Lanczos basis 8·m·⌈n/g⌉ (§7; none on U ranks).
+    ``basis`` is the transient Lanczos basis 8·m·⌈n/g⌉ (docs/algorithm.md §8.4; none on U ranks).
     """
     g = {"U": p - p // 2, "C": p // 2}.get(role, p)
     rs, ar = (g - 1) / g, 2 * (g - 1) / g
@@ -495,14 +495,14 @@ The wire traffic of a ring implementation is roughly 2(P−1)/P × payload for a
 (P−1)/P × payload for a reduce-scatter, (P−1) × payload for an all-gather (= (P−1)/P × the
 gathered vector) and ≈ payload for a broadcast; the *ring* columns apply these factors with each
 collective's own process-set size (so they are 0 at P = 1, where `LocalComm` still routes the
-same collectives as identities). The reference's §6 formulas are per-rank ring traffic, so the
+same collectives as identities). docs/algorithm.md §8 gives per-rank ring traffic, so the
 ring columns are the ones to compare with them (leading terms only: O(m²), O(k²) and O(k)
 vectors are omitted from the predictions).
 """
 
 
 def findings(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
-    """Bullet points comparing the measured scaling with the reference (computed from rows)."""
+    """Bullet points comparing the measured scaling with the cost model (computed from rows)."""
     def get(p: int, mode: str, role: str = "all") -> dict[str, Any] | None:
         found = [r for r in rows if r["P"] == p and r["mode"] == mode and r["role"] == role
                  and r["available"]]
@@ -527,7 +527,7 @@ def findings(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
     if c_row and c_row["state_bytes"] < 4 * c_row["n"]:
         out.append(
             f"**pipelined curvature ranks keep no parameter-sized state** "
-            f"({fmt_bytes(c_row['state_bytes'])} at P={top}: λ, Γ, η, c and counters), as §7 "
+            f"({fmt_bytes(c_row['state_bytes'])} at P={top}: λ, Γ, η, c and counters), as §8.4 "
             "predicts. Their curvature memory is the transient Lanczos basis 8·m·n/P_C (not a "
             "variable, so not in `state_bytes`).")
     elif c_row:
@@ -538,16 +538,16 @@ def findings(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
     f_row = get(top, "faithful")
     if f_row and top > 1:
         out.append(
-            f"**faithful refresh traffic is below the reference's 20·m·n** (P={top}: "
+            f"**faithful refresh traffic is below the released pattern's 20·m·n** (P={top}: "
             f"{fmt_bytes(f_row['refresh_ring'])} measured vs "
             f"{fmt_bytes(f_row['predicted']['refresh_ring'])} predicted). dho2_tf's faithful "
             "Lanczos broadcasts rank 0's HVP (4n) like the released code, but keeps the basis "
             "sharded and all-gathers the next Lanczos vector as fp32 shards (≈ (P−1)/P·4n) "
             "instead of the released code's fp64 allreduce of n′ (2(P−1)/P·8n).")
     out.append(
-        "**payload that §6 does not list**: every refresh broadcasts the Lanczos start vector q₀ "
+        "**payload that §8 does not list**: every refresh broadcasts the Lanczos start vector q₀ "
         "as n fp64 (8n) from the group root, and `faithful`/`admm` all-gather V (k·n fp32) "
-        "after the estimate. The sharded step matches §6 exactly (reduce-scatter n + "
+        "after the estimate. The sharded step matches §8.2 exactly (reduce-scatter n + "
         "all-gather n + allreduce 2k + allreduce k: payload 4n′ + 4n′/P + 12k); `faithful` "
         f"sends one allreduce of n per step and `admm` one every τ = {settings['tau']} steps.")
     low = min([p for p in ps if p > 1], default=None)     # not oversubscribed at P = 2
@@ -564,7 +564,7 @@ def findings(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
             f"per rank at every P, yet takes {fmt(sharded['refresh_seconds'])} s at P={low} "
             f"against {fmt(single['refresh_seconds'])} s at P=1 (no Horovod, 2 threads): at "
             f"most ≈ {fmt(per_collective * 1e3)} ms per eager collective "
-            f"({fmt(sharded['refresh_count'])} per refresh). The reference's advice applies: "
+            f"({fmt(sharded['refresh_count'])} per refresh). What helps: "
             "fuse small allreduces and tune `HOROVOD_CYCLE_TIME`.")
     sharded = get(top, "sharded")
     u_row = get(top, "pipelined", "U")
@@ -608,12 +608,12 @@ def markdown(report: dict[str, Any]) -> str:
              fmt_bytes(r["predicted"][f"{ph}_ring"])]
             for ph, i in (("step", 1), ("refresh", 2)) for r in ok]
     half = len(comm) // 2
-    comm_header = ["P", "mode", "collectives", "payload", "ring (est.)", "reference §6",
+    comm_header = ["P", "mode", "collectives", "payload", "ring (est.)", "§8 formula",
                    "predicted ring"]
     lines = [
         "# Scaling benchmark: DHO2 memory, time and communication per rank",
         "",
-        "Issue 3. Generated by `jobs/bench_scaling.py`; every number is the maximum over the "
+        "Generated by `jobs/bench_scaling.py`; every number is the maximum over the "
         "ranks of the row (pipelined: update ranks U and curvature ranks C separately).",
         "",
         f"- Command: `{meta['command']}` (wall time {meta['wall_seconds']:.0f} s)",
@@ -630,7 +630,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"m = {st['m']}, per-rank batch {st['batch_size']} (weak scaling), curvature batch "
         f"{st['curvature_batch']} per rank; refresh every {st['refresh_every']} steps "
         f"(pipelined: triggers every 2Δ, Δ = {', '.join(delays) or 'n/a'}, chosen as "
-        "⌈1.1·T_refresh/t_step⌉ of the sharded run, §5.3), τ = "
+        "⌈1.1·T_refresh/t_step⌉ of the sharded run, docs/algorithm.md §7.3), τ = "
         f"{st['tau']} (admm), P_C = P//2 (pipelined). P = 1 runs as a plain process "
         "(`LocalComm`); P > 1 under `horovodrun --gloo`." + (" **Quick run.**" if st["quick"]
                                                             else ""),
@@ -642,12 +642,12 @@ def markdown(report: dict[str, Any]) -> str:
         "`DHO2.state_bytes()`: all optimizer variables (base slots, Newton momentum, V, λ, Γ, η, "
         "c, mode state such as the window vectors or ADMM's z and π). Excludes θ, gradients, "
         "activations and the transient Lanczos basis (8·m·n/P bytes during a refresh). "
-        "Reference §7 counts Adam (m, v) + Newton momentum = 12n, V = 4kn, window π, θ̃ = 8n "
-        "(faithful), ADMM π = 4n and z = 4n (§7 counts z in the θ row). "
+        "docs/algorithm.md §8.4: Adam (m, v) + Newton momentum = 12n, V = 4kn, window v, θ̃ = 8n "
+        "(faithful), ADMM π = 4n and z = 4n. "
         "÷ P=1: against the same mode at P=1 (pipelined U: against sharded).",
         "",
-        md_table(["P", "mode", "ranks", "measured", "reference §7", "predicted",
-                  "÷ P=1", "+ transient basis 8·m·n/P (§7)"], memory),
+        md_table(["P", "mode", "ranks", "measured", "§8.4 formula", "predicted",
+                  "÷ P=1", "+ transient basis 8·m·n/P (§8.4)"], memory),
         "",
         "## Time per rank",
         "",
@@ -674,7 +674,7 @@ def markdown(report: dict[str, Any]) -> str:
         md_table(comm_header, comm[half:]),
         "",
         NOTES,
-        "### Measured vs the reference's predicted scaling",
+        "### Measured vs the predicted scaling (docs/algorithm.md §8)",
         "",
         *findings(rows, st),
         "",

@@ -1,6 +1,6 @@
 """Which ranks compute curvature and which train in DHO2's ``pipelined`` mode.
 
-Reference §5.3: update set U = {0 … P_U−1}, curvature set C = {P_U … P−1}, bridge
+docs/algorithm.md §7: update set U = {0 … P_U−1}, curvature set C = {P_U … P−1}, bridge
 B = {0} ∪ C (rank 0 of U hands the trigger weights to C), plus the global set for DELIVER.
 Everything here is pure bookkeeping (no collectives), so it is tested without Horovod.
 """

@@ -1,7 +1,7 @@
 """Priority definitions and the running full-gradient estimate ḡ.
 
 See :class:`dho2_tf.prioritized.PrioritizedSampler` for the equations (reference
-``prioritized-sgd.md`` §2.2, §2.3):
+docs/algorithm.md §9.2, §9.3):
 
 * ``length``: p_i = ‖g_i‖²;  ``projection``: p_i = ⟨g_i, ḡ⟩;  ``loss``: p_i = ℓ_i.
 * ḡ ← (1−f)·ḡ + f·G_ref/R (``ema``) or ḡ ← f(1−f)·ḡ + f·G_ref (``as_released``), f = R/n_j.

@@ -1,10 +1,10 @@
 """Staleness estimators: predict a priority computed at step t_i at the current step t.
 
 Each example keeps (p_i, t_i, a_i). See :class:`dho2_tf.prioritized.PrioritizedSampler` for the
-equations (reference ``prioritized-sgd.md`` §2.4):
+equations (docs/algorithm.md §9.4):
 
 * ``keep``: p̂_i(t) = p_i.
-* ``exp-decay`` (the reference's *exp-linear*; aliases ``explinear``, ``exp-linear``):
+* ``exp-decay`` (the released code's *exp-linear*; aliases ``explinear``, ``exp-linear``):
   p̂_i(t) = p_i·exp(a_i (t − t_i)), with a_i fitted by an EMA of log-ratios on every refresh.
 
 All functions are pure: they take the table tensors and return new ones.

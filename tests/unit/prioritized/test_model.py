@@ -1,4 +1,4 @@
-"""PrioritizedModel: Keras fit with any optimizer (reference §4.4, §7 invariant 5)."""
+"""PrioritizedModel: Keras fit with any optimizer (docs/algorithm.md §9.5, §9.9 property 5)."""
 
 from __future__ import annotations
 

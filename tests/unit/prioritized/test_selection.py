@@ -1,4 +1,4 @@
-"""Selection rules (reference §2.5, §2.6, §7 invariants 3, 6)."""
+"""Selection rules (docs/algorithm.md §9.5, §9.6, §9.9 properties 3, 6)."""
 
 from __future__ import annotations
 

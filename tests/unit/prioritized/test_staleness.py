@@ -1,4 +1,4 @@
-"""Staleness estimators (reference §2.4, §7 invariant 2)."""
+"""Staleness estimators (docs/algorithm.md §9.4, §9.9 property 2)."""
 
 from __future__ import annotations
 
