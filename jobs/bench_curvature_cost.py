@@ -54,6 +54,9 @@ TASKS: dict[str, dict[str, Any]] = {
                     "curvature_batches": (250,), "base": "momentum", "learning_rate": 0.1},
     "resnet1d_mnist1d": {"model": "resnet1d", "dataset": "mnist1d", "batch_size": 50,
                          "curvature_batches": (250,), "base": "adam", "learning_rate": 3e-3},
+    "logreg_mnist5k": {"model": "logreg", "dataset": "mnist5k", "batch_size": 500,
+                       "curvature_batches": (500,), "base": "momentum", "learning_rate": 0.3,
+                       "timed_epochs": 10},
     "autoencoder_mnist5k": {"model": "autoencoder", "dataset": "mnist5k", "batch_size": 250,
                             "curvature_batches": (250, 1000), "base": "adam",
                             "learning_rate": 1e-3},
@@ -115,13 +118,16 @@ def gradient_fn(model: tf.keras.Model, loss: Any, x: tf.Tensor, y: tf.Tensor) ->
 
 
 def reductions_fn(comm: Any, n: int, m: int, layout: str) -> Callable:
-    """The m HVP reductions of one refresh alone (what the basis layout communicates)."""
+    """The m HVP reductions of one refresh alone (what the basis layout communicates).
+
+    The start vector is an argument: from a constant, graph optimisation would fold the whole
+    chain of collectives at trace time and the call would time nothing.
+    """
     size = comm.size
     s = -(-n // size)
 
-    @tf.function
-    def reduce_all() -> tf.Tensor:
-        v = tf.ones([n], tf.float32)
+    @tf.function(input_signature=[tf.TensorSpec([n], tf.float32)])
+    def reduce_all(v: tf.Tensor) -> tf.Tensor:
         for i in range(m):
             if layout == "replicated":
                 v = comm.allreduce(v, "mean", name=f"bench/ar{i}")
@@ -159,7 +165,8 @@ def hvp_and_refresh(task: dict[str, Any], comm: Any, args: argparse.Namespace
             first = est.estimate(seed=0)
             one_off[d] = {"compile_seconds": compile_s,
                           "first_refresh_seconds": time.perf_counter() - start}
-        grad(), hvp(v), reduce_all()  # trace
+        v32 = tf.cast(v, tf.float32)
+        grad(), hvp(v), reduce_all(v32)  # trace
         calls = 3 if args.quick else 20
         rows: dict[str, list[float]] = {"gradient": [], "hvp": [], "reductions": [],
                                         "refresh_float32": [], "refresh_float64": []}
@@ -167,7 +174,7 @@ def hvp_and_refresh(task: dict[str, Any], comm: Any, args: argparse.Namespace
         for r in range(args.rounds):
             rows["gradient"].append(seconds_per_call(grad, calls))
             rows["hvp"].append(seconds_per_call(lambda: hvp(v), calls))
-            rows["reductions"].append(seconds_per_call(reduce_all, 1))
+            rows["reductions"].append(seconds_per_call(lambda: reduce_all(v32), 1))
             eig = {}
             for d, est in estimators.items():
                 start = time.perf_counter()
@@ -212,7 +219,7 @@ def step_times(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> dic
     runs: dict[str, tuple[Any, ...]] = {
         "dho2": compiled_model(task, comm, dho2),
         "base": compiled_model(task, comm, comm.data_parallel_optimizer(keras_base))}
-    per_rank_curv = max(1, 250 // comm.size)
+    per_rank_curv = max(1, task["curvature_batches"][0] // comm.size)
     callbacks = {"dho2": [CurvatureRefresh(batch=(runs["dho2"][1][:per_rank_curv],
                                                   runs["dho2"][2][:per_rank_curv]))],
                  "base": []}
@@ -231,9 +238,10 @@ def step_times(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> dic
     for name in runs:
         epoch(name)  # compile, first refresh, warm caches
     seconds: dict[str, list[float]] = {"dho2": [], "base": []}
+    epochs = task.get("timed_epochs", 1)  # small data sets: several epochs per measurement
     for _ in range(args.rounds):
         for name in runs:
-            seconds[name].append(epoch(name))
+            seconds[name].append(epoch(name, epochs))
     return {"resolved_mode": getattr(dho2, "resolved_mode", dho2.mode),
             "refreshes": int(dho2.refresh_index()),
             "seconds_per_step": {k: spread(v) for k, v in seconds.items()},

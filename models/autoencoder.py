@@ -15,7 +15,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from models.resnet import check_input_shape, check_num_classes, kernel_regularizer
+from models.mlp import dense_stack
+from models.resnet import check_input_shape, check_num_classes
 
 HIDDEN = (512, 128, 32, 128, 512)
 
@@ -51,15 +52,7 @@ def autoencoder(input_shape: Sequence[int], num_classes: int | None = None,
             f"hidden={hidden}")
     if num_classes is not None:
         check_num_classes(num_classes)
-    regularizer = kernel_regularizer(weight_decay)
-    layers: list[tf.keras.layers.Layer] = [tf.keras.Input(shape=input_shape, name="features")]
-    if len(input_shape) > 1:
-        layers.append(tf.keras.layers.Flatten(name="flatten"))
-    for i, units in enumerate(hidden):
-        layers.append(tf.keras.layers.Dense(units, activation=activation,
-                                            kernel_regularizer=regularizer, name=f"dense{i + 1}"))
-    layers.append(tf.keras.layers.Dense(math.prod(input_shape), kernel_regularizer=regularizer,
-                                        name="logits"))
+    layers = dense_stack(input_shape, hidden, math.prod(input_shape), activation, weight_decay)
     if len(input_shape) > 1:
         layers.append(tf.keras.layers.Reshape(input_shape, name="unflatten"))
     return tf.keras.Sequential(layers, name=name)

@@ -41,6 +41,16 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (1
     if any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in hidden):
         raise ValueError(f"`hidden` must contain positive integers. Received: hidden={hidden}")
     check_num_classes(num_classes)
+    return tf.keras.Sequential(dense_stack(input_shape, hidden, num_classes, activation,
+                                           weight_decay), name=name)
+
+
+def dense_stack(input_shape: tuple[int, ...], hidden: tuple[int, ...], outputs: int,
+                activation: str, weight_decay: float) -> list[tf.keras.layers.Layer]:
+    """Layers ``h_0 = flatten(x)``, ``h_i = activation(h_{i-1} W_i + b_i)``, logits
+    ``h_L W + b`` of width ``outputs``: the body shared by :func:`mlp` and
+    :func:`models.autoencoder.autoencoder` (arguments already validated).
+    """
     regularizer = kernel_regularizer(weight_decay)
     layers: list[tf.keras.layers.Layer] = [tf.keras.Input(shape=input_shape, name="features")]
     if len(input_shape) > 1:
@@ -48,6 +58,5 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (1
     for i, units in enumerate(hidden):
         layers.append(tf.keras.layers.Dense(units, activation=activation,
                                             kernel_regularizer=regularizer, name=f"dense{i + 1}"))
-    layers.append(tf.keras.layers.Dense(num_classes, kernel_regularizer=regularizer,
-                                        name="logits"))
-    return tf.keras.Sequential(layers, name=name)
+    layers.append(tf.keras.layers.Dense(outputs, kernel_regularizer=regularizer, name="logits"))
+    return layers

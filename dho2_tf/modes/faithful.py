@@ -23,6 +23,8 @@ class FaithfulMode(ReplicatedMode):
 
     name = "faithful"
     hvp_reduce = "root0"
+    #: The released code keeps the basis sharded (1/P of the m·n basis per rank).
+    lanczos_basis = "sharded"
     imports_state_of = ()
 
     def build(self, var_list: list[tf.Variable]) -> None:
