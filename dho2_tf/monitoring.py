@@ -32,7 +32,8 @@ def priority_statistics(model: tf.keras.Model) -> dict[str, float]:
     """Summary of this rank's priority table for a ``PrioritizedModel`` (empty otherwise).
 
     Keys: ``mean``, ``std``, ``min``, ``max`` of the estimated priorities p̂(t), ``step`` and
-    ``evaluations`` (per-example loss/gradient evaluations so far) of the sampler.
+    ``evaluations`` (per-example loss/gradient evaluations so far) of the sampler; with
+    ``selection="adaptive"`` also the switch decision ``tau``, ``tau_ema``, ``importance_on``.
     """
     sampler = getattr(model, "sampler", None)
     if sampler is None or not getattr(sampler, "is_initialized", False):
@@ -40,7 +41,8 @@ def priority_statistics(model: tf.keras.Model) -> dict[str, float]:
     p_hat = np.asarray(sampler.estimated_priorities().numpy(), np.float64)
     return {"mean": float(p_hat.mean()), "std": float(p_hat.std()), "min": float(p_hat.min()),
             "max": float(p_hat.max()), "step": float(sampler.step.numpy()),
-            "evaluations": float(sampler.evaluations.numpy())}
+            "evaluations": float(sampler.evaluations.numpy()),
+            **getattr(sampler, "switch_statistics", dict)()}
 
 
 class TensorBoardMonitor(tf.keras.callbacks.Callback):

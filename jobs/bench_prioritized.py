@@ -4,13 +4,22 @@ Default (≈ 8–12 min on 2 CPU cores)::
 
     python jobs/bench_prioritized.py --out BENCHMARKS.md
 
-launches ``horovodrun --gloo -np P`` for P = 1 and 2, runs on MNIST-1D (4000 train / 1000 test)
-the MLP (40-100-100-10) and a small CNN, 3 seeds each, and prints the table. Methods: PSGD as
-released (k = 5%, r = 1%, length init, projection refresh, exp-decay, top-k), PSGD with the
-aggregated report, mini-batch SGD with the equal-work global batch (k + r)·n = 240, and SGD with
-the best global batch of a sweep (seed 0, then the other seeds); also the unbiased
-importance-sampling mode (exact and last-layer scores). SGD with momentum 0.9 for all; learning
-rates were tuned once per model and method (P = 1, seed 0, grid in ``DEFAULT_LR``'s comment).
+launches ``horovodrun --gloo -np P`` for P = 1 and 2, runs the tasks (``--tasks``: MNIST-1D
+4000 train / 1000 test, the real-MNIST 5,000-image subset 4000 / 1000 (``load_mnist5k``), and
+MNIST-1D with each easy training example repeated 4 times (the easiest half by a
+nearest-class-mean margin; 10,000 training rows), see ``bench.with_redundancy``) with the MLP
+and a small CNN (1-D, or 2-D for 28 × 28 images), 3 seeds each, and prints the table. Methods:
+PSGD as released (``psgd``: k = 5%, r = 1%, length init, projection refresh, exp-decay, top-k),
+PSGD with the aggregated report, the default configuration of ``PrioritizedModel``
+(``psgd-default``: importance sampling only while its variance reduction τ pays, priorities
+refreshed for free), importance sampling with free refresh (``psgd-is-free``), loss-ranked
+selection from a candidate pool (``psgd-pool``), mini-batch SGD with the equal-work global batch
+(k + r)·n and SGD with the best global batch of a sweep (seed 0, then the other seeds); also the
+unbiased importance-sampling mode (exact and last-layer scores). SGD with momentum 0.9 for all;
+learning rates were tuned once per model and method on MNIST-1D (P = 1, seed 0, grid in
+``DEFAULT_LR``'s comment) except where marked untuned there. A quick functional check (no
+timing value) runs e.g. ``--tasks mnist1d --models mlp --ranks 1 --seeds 0 --methods
+psgd-default --sweep 64 --budget mnist1d/mlp=1``.
 Protocol: see :mod:`dho2_tf.prioritized.bench`. ``--out`` replaces only the section between the
 ``prioritized-sgd`` markers of that file.
 """
@@ -26,13 +35,26 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Tuned once (P = 1, seed 0) on 2–5 point grids within {0.02, 0.05, 0.1, 0.2, 0.4}.
+# Tuned once (P = 1, seed 0, MNIST-1D) on 2–5 point grids within {0.02, 0.05, 0.1, 0.2, 0.4}.
+# Untuned so far (set to the closest tuned method: SGD's for psgd-default, which samples
+# uniformly until τ pays; psgd-is-ll's for psgd-is-free and psgd-pool): tune before timing.
+# Keys "model/method" apply to every task; "task/model/method" overrides one task.
 DEFAULT_LR = ("mlp/sgd=0.2,mlp/psgd=0.02,mlp/psgd+a=0.05,mlp/psgd-is=0.05,mlp/psgd-is-ll=0.05,"
-              "cnn/sgd=0.2,cnn/psgd=0.1,cnn/psgd+a=0.1,cnn/psgd-is=0.2,cnn/psgd-is-ll=0.1")
+              "mlp/psgd-default=0.2,mlp/psgd-is-free=0.05,mlp/psgd-pool=0.05,"
+              "cnn/sgd=0.2,cnn/psgd=0.1,cnn/psgd+a=0.1,cnn/psgd-is=0.2,cnn/psgd-is-ll=0.1,"
+              "cnn/psgd-default=0.2,cnn/psgd-is-free=0.1,cnn/psgd-pool=0.1")
+# Per task/model; the MNIST-5k values are provisional (set before the first timed run).
+DEFAULT_TARGET = ("mnist1d/mlp=0.60,mnist1d/cnn=0.85,mnist1d-redundant/mlp=0.60,"
+                  "mnist1d-redundant/cnn=0.85,mnist5k/mlp=0.88,mnist5k/cnn=0.93,"
+                  "mnist5k-redundant/mlp=0.88,mnist5k-redundant/cnn=0.93")
+DEFAULT_BUDGET = ("mnist1d/mlp=8,mnist1d/cnn=20,mnist1d-redundant/mlp=8,mnist1d-redundant/cnn=20,"
+                  "mnist5k/mlp=20,mnist5k/cnn=60,mnist5k-redundant/mlp=20,"
+                  "mnist5k-redundant/cnn=60")
 BEGIN, END = "<!-- prioritized-sgd:begin -->", "<!-- prioritized-sgd:end -->"
 
 
@@ -40,18 +62,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", default="1,2", help="comma-separated P values")
+    parser.add_argument("--tasks", default="mnist1d,mnist5k,mnist1d-redundant",
+                        help="comma-separated keys of bench.TASKS")
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default="psgd,psgd+a,psgd-is,psgd-is-ll",
-                        help="PSGD variants (keys of bench.PSGD_VARIANTS)")
+    parser.add_argument("--methods",
+                        default="psgd,psgd+a,psgd-is,psgd-is-ll,psgd-default,psgd-is-free,"
+                        "psgd-pool",
+                        help="PSGD variants (keys of bench.PSGD_VARIANTS; psgd-default is the "
+                        "default of PrioritizedModel, psgd the paper's released configuration)")
     parser.add_argument("--k", type=float, default=0.05)
     parser.add_argument("--r", type=float, default=0.01)
     parser.add_argument("--sweep", default="64,128,512", help="SGD global batches (plus "
                         "the equal-work batch)")
     parser.add_argument("--lr", default=DEFAULT_LR,
                         help="learning rate per model/method (SGD with momentum 0.9)")
-    parser.add_argument("--target", default="mlp=0.60,cnn=0.85", help="test accuracy per model")
-    parser.add_argument("--budget", default="mlp=8,cnn=20", help="clock seconds per run")
+    parser.add_argument("--target", default=DEFAULT_TARGET,
+                        help="test accuracy per task/model (or per model)")
+    parser.add_argument("--budget", default=DEFAULT_BUDGET,
+                        help="clock seconds per run, per task/model (or per model)")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument("--out", default=None, help="markdown file to update (e.g. BENCHMARKS.md)")
@@ -66,11 +95,18 @@ def per_model(text: str) -> dict[str, float]:
     return {key: float(value) for key, value in (item.split("=") for item in text.split(","))}
 
 
+def lookup(table: dict[str, float], *keys: str) -> float:
+    """The value of the first of ``keys`` found in ``table`` (KeyError naming them all)."""
+    for key in keys:
+        if key in table:
+            return table[key]
+    raise KeyError(f"none of {keys} in {sorted(table)}")
+
+
 def worker(args: argparse.Namespace) -> None:
     """Runs under horovodrun: the whole plan for this P; rank 0 writes the JSON results."""
     import tensorflow as tf
 
-    from dho2_tf.data import load_mnist1d
     from dho2_tf.distributed.comm import default_comm
     from dho2_tf.prioritized import bench
 
@@ -81,38 +117,45 @@ def worker(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
                         format="%(asctime)s %(message)s")
     log = logging.getLogger("bench_prioritized")
-    data = load_mnist1d(num_samples=args.num_samples)
     targets, budgets, lrs = per_model(args.target), per_model(args.budget), per_model(args.lr)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = []
 
-    def run(spec: "bench.RunSpec") -> "bench.RunResult":
-        res = bench.run_once(spec, data, targets[spec.model], budgets[spec.model],
-                             args.eval_every, comm)
-        log.info("P=%d %s: %s in %s s (%d steps, best %.3f)", comm.size, spec.model,
+    def run(spec: "bench.RunSpec", data: Any) -> "bench.RunResult":
+        label = f"{spec.task}/{spec.model}"
+        res = bench.run_once(spec, data, lookup(targets, label, spec.model),
+                             lookup(budgets, label, spec.model), args.eval_every, comm)
+        log.info("P=%d %s: %s in %s s (%d steps, best %.3f)", comm.size, label,
                  f"{spec.method}/b{spec.batch}/seed{spec.seed}", res.time_to_target,
                  res.steps, res.best_accuracy)
         results.append(res)
         return res
 
-    for model in args.models.split(","):
-        eq_batch = bench.equal_work_batch(args.k, args.r, len(data.y_train), comm.size)
-        sweep = sorted({int(b) for b in args.sweep.split(",")} | {eq_batch})
-        base = dict(model=model, method="sgd", learning_rate=lrs[f"{model}/sgd"], seed=seeds[0])
-        first = {b: run(bench.RunSpec(batch=b, **base)) for b in sweep}
-        best = min(sweep, key=lambda b: (first[b].time_to_target or float("inf"), b))
-        for batch in sorted({eq_batch, best}):
-            for seed in seeds[1:]:
-                run(bench.RunSpec(**{**base, "batch": batch, "seed": seed}))
-        for method in args.methods.split(","):
-            for seed in seeds:
-                run(bench.RunSpec(model, method, lrs[f"{model}/{method}"], seed, k=args.k,
-                                  r=args.r))
-        log.info("P=%d %s: equal-work batch %d, best swept batch %d", comm.size, model,
-                 eq_batch, best)
+    for task in args.tasks.split(","):
+        data = bench.load_task(task, args.num_samples)
+        for model in args.models.split(","):
+            lr = {m: lookup(lrs, f"{task}/{model}/{m}", f"{model}/{m}")
+                  for m in ["sgd", *args.methods.split(",")]}
+            eq_batch = bench.equal_work_batch(args.k, args.r, len(data.y_train), comm.size)
+            sweep = sorted({int(b) for b in args.sweep.split(",")} | {eq_batch})
+            base = dict(model=model, method="sgd", learning_rate=lr["sgd"], seed=seeds[0],
+                        task=task)
+            first = {b: run(bench.RunSpec(batch=b, **base), data) for b in sweep}
+            best = min(sweep, key=lambda b: (first[b].time_to_target or float("inf"), b))
+            for batch in sorted({eq_batch, best}):
+                for seed in seeds[1:]:
+                    run(bench.RunSpec(**{**base, "batch": batch, "seed": seed}), data)
+            for method in args.methods.split(","):
+                for seed in seeds:
+                    run(bench.RunSpec(model, method, lr[method], seed, k=args.k, r=args.r,
+                                      task=task), data)
+            log.info("P=%d %s/%s: equal-work batch %d, best swept batch %d", comm.size, task,
+                     model, eq_batch, best)
     if comm.is_root:
+        # The report groups rows by "model": label them task/model.
         rows = [{**dataclasses.asdict(r.spec), **{f.name: getattr(r, f.name) for f in
-                 dataclasses.fields(r) if f.name != "spec"}} for r in results]
+                 dataclasses.fields(r) if f.name != "spec"},
+                 "model": f"{r.spec.task}/{r.spec.model}"} for r in results]
         Path(args.worker_json).write_text(json.dumps(rows, indent=1))
 
 
@@ -157,7 +200,10 @@ def main() -> None:
     if args.rows:
         Path(args.rows).write_text(json.dumps(rows, indent=1))
     command = " ".join(["python jobs/bench_prioritized.py", *run_flags(sys.argv[1:])])
-    markdown = report.markdown(rows, per_model(args.target), per_model(args.budget), command)
+    targets, budgets = per_model(args.target), per_model(args.budget)
+    labels = {row["model"]: row["model"].split("/")[-1] for row in rows}  # task/model → model
+    markdown = report.markdown(rows, {k: lookup(targets, k, m) for k, m in labels.items()},
+                               {k: lookup(budgets, k, m) for k, m in labels.items()}, command)
     print(markdown)
     if args.out:
         report.write_section(Path(args.out), markdown, BEGIN, END)

@@ -6,6 +6,7 @@ Public API:
   round-robin refresh, top-k / importance / global selection).
 * :class:`PrioritizedModel` — Keras wrapper: ``compile`` with any optimizer, ``fit(x, y)``.
 * :func:`per_example_gradients`, :func:`per_example_loss_fn` — vectorised per-example gradients.
+* :mod:`.switch` — the variance-reduction factor τ that switches importance sampling on.
 
 See ``docs/prioritized.md`` for a usage example and the benchmark.
 """
@@ -21,7 +22,7 @@ from dho2_tf.prioritized.per_example import (
     per_example_gradients,
     per_example_loss_fn,
 )
-from dho2_tf.prioritized.sampler import PrioritizedSampler
+from dho2_tf.prioritized.sampler import RECOMMENDED, PrioritizedSampler
 from dho2_tf.prioritized.staleness import PriorityTable, estimate_priorities, refresh_priorities
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "PrioritizedModel",
     "PrioritizedSampler",
     "PriorityTable",
+    "RECOMMENDED",
     "Scores",
     "estimate_priorities",
     "per_example_gradients",

@@ -1,6 +1,6 @@
 """Time-to-target-accuracy harness: prioritized SGD vs data-parallel mini-batch SGD.
 
-Protocol (reference ``prioritized-sgd.md`` §5): every method trains the same model from the same
+Protocol (docs/algorithm.md §9.8): every method trains the same model from the same
 initial weights with the same optimizer (SGD with momentum) on the same shards. The clock covers
 everything a user waits for — the initial priority pass, refreshes, selection, gradients,
 allreduces and Keras' per-step overhead — and excludes only (a) the test evaluations (the clock
@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator
 from dho2_tf.prioritized.model import PrioritizedModel
-from dho2_tf.prioritized.sampler import PrioritizedSampler
+from dho2_tf.prioritized.sampler import RECOMMENDED, PrioritizedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,18 @@ PSGD_VARIANTS: dict[str, dict[str, Any]] = {
     "psgd+a": {"aggregate_report": True},
     "psgd-is": {"selection": "importance", "priority": "length"},
     "psgd-is-ll": {"selection": "importance", "priority": "length", "per_example": "last_layer"},
+    # The default of PrioritizedModel: importance sampling only while τ says it pays, free refresh.
+    "psgd-default": dict(RECOMMENDED),
+    # Importance sampling always on, priorities refreshed for free (no r% pass).
+    "psgd-is-free": {"selection": "importance", "priority": "length", "init_priority": "length",
+                     "estimator": "keep", "per_example": "last_layer", "refresh": "free"},
+    # Loss-ranked selection from a 3K candidate pool (Selective Backprop / online batch selection).
+    "psgd-pool": {"selection": "pool", "priority": "loss", "init_priority": "loss",
+                  "estimator": "keep", "refresh": "free"},
 }
+
+#: Benchmark tasks: the data set and, for ``-redundant``, the easy examples repeated.
+TASKS = ("mnist1d", "mnist5k", "mnist1d-redundant", "mnist5k-redundant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +61,7 @@ class RunSpec:
         batch: global mini-batch of ``"sgd"`` (ignored by PSGD).
         k: PSGD selected fraction.
         r: PSGD refreshed fraction.
+        task: a key of :data:`TASKS` (the caller loads the data; recorded in the results).
     """
 
     model: str
@@ -59,6 +71,7 @@ class RunSpec:
     batch: int = 0
     k: float = 0.05
     r: float = 0.01
+    task: str = "mnist1d"
 
 
 @dataclasses.dataclass
@@ -88,13 +101,79 @@ class RunResult:
 
 
 def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> tf.keras.Model:
-    """BN-free 1-D CNN (two conv 5 + ReLU + pool-2 blocks, then Dense logits), as in the paper."""
+    """BN-free CNN (two conv 5 + ReLU + pool-2 blocks, then Dense logits), as in the paper.
+
+    1-D convolutions over the flattened input, or 2-D ones for 28 × 28 images (784 features).
+    """
     layers = tf.keras.layers
+    if int(np.prod(input_shape)) == 28 * 28:
+        return tf.keras.Sequential([
+            tf.keras.Input(input_shape), layers.Reshape((28, 28, 1)),
+            layers.Conv2D(16, 5, padding="same", activation="relu"), layers.MaxPool2D(2),
+            layers.Conv2D(32, 5, padding="same", activation="relu"), layers.MaxPool2D(2),
+            layers.Flatten(), layers.Dense(num_classes)], name="small_cnn_2d")
     return tf.keras.Sequential([
         tf.keras.Input(input_shape), layers.Reshape((int(np.prod(input_shape)), 1)),
         layers.Conv1D(16, 5, padding="same", activation="relu"), layers.MaxPool1D(2),
         layers.Conv1D(32, 5, padding="same", activation="relu"), layers.MaxPool1D(2),
         layers.Flatten(), layers.Dense(num_classes)], name="small_cnn")
+
+
+def easy_examples(x: np.ndarray, y: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the ``fraction`` of (x, y) that a nearest-class-mean classifier finds easiest.
+
+    The margin of example i is d(x_i, μ_c) − d(x_i, μ_{y_i}) for the nearest other class mean
+    μ_c (class means of (x, y), Euclidean distance); the easy examples are the ⌊fraction·n⌋
+    largest margins (all correctly classified when the margin is positive).
+    """
+    flat = np.reshape(x, (len(x), -1)).astype(np.float64)
+    classes = np.unique(y)
+    means = np.stack([flat[y == c].mean(axis=0) for c in classes])
+    sq = (np.sum(flat ** 2, axis=1)[:, None] - 2.0 * flat @ means.T
+          + np.sum(means ** 2, axis=1)[None])
+    dist = np.sqrt(np.maximum(sq, 0.0))  # [n, C]
+    own = dist[np.arange(len(y)), np.searchsorted(classes, y)]
+    dist[np.arange(len(y)), np.searchsorted(classes, y)] = np.inf
+    margin = dist.min(axis=1) - own
+    return np.sort(np.argsort(-margin, kind="stable")[:math.floor(fraction * len(y))])
+
+
+def with_redundancy(data: Any, repeats: int = 4, easy_fraction: float = 0.5,
+                    seed: int = 0) -> Any:
+    """``data`` whose training set holds each easy example ``repeats`` times (test set unchanged).
+
+    A redundant data set any user can recognise: the easiest ``easy_fraction`` of the training
+    examples (:func:`easy_examples`) appear ``repeats`` times each, the others once, rows in a
+    fixed random order (so contiguous shards mix copies and originals).
+
+    Raises:
+        ValueError: if ``repeats`` < 2 or ``easy_fraction`` is not in (0, 1].
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
+        raise ValueError(f"`repeats` must be an integer ≥ 2. Received: repeats={repeats!r}")
+    if not 0.0 < easy_fraction <= 1.0:
+        raise ValueError("`easy_fraction` must be in (0, 1]. "
+                         f"Received: easy_fraction={easy_fraction!r}")
+    easy = easy_examples(data.x_train, data.y_train, easy_fraction)
+    rows = np.concatenate([np.arange(len(data.y_train))] + [easy] * (repeats - 1))
+    rows = np.random.default_rng(seed).permutation(rows)
+    return dataclasses.replace(data, x_train=data.x_train[rows], y_train=data.y_train[rows],
+                               name=f"{data.name}-redundant")
+
+
+def load_task(task: str, num_samples: int = 5000) -> Any:
+    """The :class:`dho2_tf.data.Dataset` of a benchmark task (a key of :data:`TASKS`).
+
+    ``mnist1d``: MNIST-1D, ``num_samples`` examples, 80/20 split; ``mnist5k``: the 5,000-image
+    MNIST subset (4,000 train / 1,000 test); ``-redundant``: :func:`with_redundancy` of either.
+    """
+    from dho2_tf.data import load_mnist1d, load_mnist5k
+
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}. Received: task={task!r}")
+    base = task.removesuffix("-redundant")
+    data = load_mnist1d(num_samples=num_samples) if base == "mnist1d" else load_mnist5k()
+    return with_redundancy(data) if task.endswith("-redundant") else data
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,

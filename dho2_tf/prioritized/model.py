@@ -9,6 +9,7 @@ from typing import Any
 import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator, default_comm
+from dho2_tf.prioritized.per_example import LastLayerScorer
 from dho2_tf.prioritized.sampler import PrioritizedSampler
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,16 @@ class PrioritizedModel(tf.keras.Model):
         Step t on rank j (see :class:`PrioritizedSampler` for the priorities, the estimator and
         the selection rules): Ref = next R_j examples; refresh p(Ref) and ḡ; (S, w) = select(p̂(t));
         G_j = ∇_w [Σ_{i∈S} w_i ℓ_i (+ (1/R_j) Σ_{i∈Ref} ℓ_i)]; G = (1/P) Σ_j G_j;
-        w ← optimizer(w, G); t ← t + 1.
+        w ← optimizer(w, G); t ← t + 1. With ``refresh="free"`` Ref is empty and p(S) is
+        stored from the step's own forward pass at the weights of step t (last Dense layer in
+        closed form), before the update.
 
     Args:
         model: the Keras model to train (single output).
-        sampler: the :class:`PrioritizedSampler` (default: ``PrioritizedSampler()``).
+        sampler: the :class:`PrioritizedSampler` (default:
+            ``PrioritizedSampler.recommended()``: uniform sampling until importance sampling
+            pays for itself, priorities refreshed for free; pass ``PrioritizedSampler()`` for
+            the paper's released configuration).
         average_gradients: allreduce-average the gradients over ranks before
             ``apply_gradients``. ``None`` (default) averages unless the optimizer has its own
             ``comm`` communicator (as ``dho2_tf.DHO2``, which averages gradients itself).
@@ -60,7 +66,7 @@ class PrioritizedModel(tf.keras.Model):
         # The table is per rank: keep it out of `variables` so that no weight broadcast
         # (Horovod's callback, DHO2's initial broadcast) copies rank 0's table, but keep it in
         # checkpoints (`save_weights`, `tf.train.Checkpoint`).
-        object.__setattr__(self, "_sampler", sampler or PrioritizedSampler())
+        object.__setattr__(self, "_sampler", sampler or PrioritizedSampler.recommended())
         self._track_trackable(self._sampler, name="sampler")
         self.average_gradients = average_gradients
         self._comm = comm
@@ -149,17 +155,35 @@ class PrioritizedModel(tf.keras.Model):
         idx, weights = sampler.select()
         x, y, weights = sampler.training_batch(idx, weights, refreshed)
         batch = tf.cast(tf.shape(weights)[0], tf.float32)
+        free = sampler.refresh_mode == "free"
         with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
+            y_pred, cache = self._training_forward(x, free)
             # Keras divides the weighted sum by the batch size: scale so the loss is Σ w·ℓ.
             loss = self.compute_loss(x, y, y_pred, sample_weight=weights * batch)
         variables = self.model.trainable_variables
         grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        if free:  # the batch's priorities at the weights of this step, before the update
+            sampler.refresh_from_step(idx, y, weights, y_pred, cache)
         if self._should_average() and self.comm.size > 1:
             grads = self.comm.grouped_allreduce(grads, "mean", name="dho2/prioritized/gradients")
         self.optimizer.apply_gradients(zip(grads, variables))
         sampler.advance()
         return self.compute_metrics(x, y, y_pred, tf.cast(weights > 0, tf.float32))
+
+    def _training_forward(self, x: tf.Tensor, free: bool
+                          ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor] | None]:
+        """``(y_pred, cache)`` of the training forward pass.
+
+        With ``refresh="free"`` and a last-layer scorer the forward pass is split at the last
+        Dense layer, y = act(a·K + b), so its features a and pre-activations z are kept
+        (``cache = (a, z)``) for the free priority refresh; otherwise ``cache`` is ``None``.
+        """
+        scorer = self.sampler.scorer
+        if free and isinstance(scorer, LastLayerScorer):
+            a = scorer.features(x, training=True)
+            z = scorer.pre_activation(a)
+            return scorer.layer.activation(z), (a, z)
+        return self(x, training=True), None
 
     def get_config(self) -> dict[str, Any]:
         """Wrapped model, sampler config and ``average_gradients`` (the shard is not config)."""

@@ -1,14 +1,14 @@
 """Per-example losses and gradients, vectorised (no Python loop over examples).
 
-Three scorers share one interface (reference ``prioritized-sgd.md`` §4.3): called on a chunk
+Three scorers share one interface (docs/algorithm.md §9.7): called on a chunk
 ``(x, y)`` with the running full-gradient estimate ḡ and a validity mask, each returns
 :class:`Scores` — ‖g_i‖², ⟨g_i, ḡ⟩, ℓ_i and Σ_i mask_i·g_i — in its own parameter space
 (``scorer.variables``). See :class:`dho2_tf.prioritized.PrioritizedSampler` for the maths.
 
 * :class:`ExactScorer` — full per-example gradients with ``tf.vectorized_map`` over a
-  single-example ``GradientTape`` (§4.3 a). Memory ≈ chunk × n_params floats.
+  single-example ``GradientTape``. Memory ≈ chunk × n_params floats.
 * :class:`LastLayerScorer` — the exact gradient with respect to the final ``Dense`` layer only, in
-  closed form (§4.3 b/c): with layer input a_i and δ_i = ∂ℓ_i/∂z_i at the pre-activation
+  closed form: with layer input a_i and δ_i = ∂ℓ_i/∂z_i at the pre-activation
   z_i = a_iᵀK + b, g_i^K = a_i δ_iᵀ and g_i^b = δ_i, so ‖g_i‖² = ‖δ_i‖²(‖a_i‖² + 1) and
   ⟨g_i, ḡ⟩ = a_iᵀ Ḡ_K δ_i + δ_iᵀ ḡ_b. One batched forward/backward; scales to large models.
 * :class:`LossScorer` — ℓ_i only (forward pass); its parameter space is empty.
@@ -24,7 +24,7 @@ import tensorflow as tf
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
-SCORERS = ("exact", "last_layer")
+SCORERS = ("exact", "last_layer", "auto")
 
 
 class Scores(NamedTuple):
@@ -177,19 +177,37 @@ class LastLayerScorer:
         """Parameter space of ḡ: the last layer's kernel (and bias)."""
         return [self.layer.kernel] + ([self.layer.bias] if self.layer.use_bias else [])
 
-    def __call__(self, x: tf.Tensor, y: tf.Tensor, gbar: Sequence[tf.Tensor],
-                 mask: tf.Tensor | None = None) -> Scores:
-        """Scores of the chunk ``x`` [B, ...], ``y`` [B, ...]; ``mask`` float [B] for grad_sum."""
-        a = tf.cast(self._features(x, training=False), tf.float32)
+    def features(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """a_i, the last layer's input: float32 [B, d]."""
+        return tf.cast(self._features(x, training=training), tf.float32)
+
+    def pre_activation(self, a: tf.Tensor) -> tf.Tensor:
+        """z_i = a_iᵀK + b: float32 [B, out] (differentiable in K, b and a)."""
         z = tf.matmul(a, self.layer.kernel)
         if self.layer.use_bias:
             z = z + self.layer.bias
+        return z
+
+    def __call__(self, x: tf.Tensor, y: tf.Tensor, gbar: Sequence[tf.Tensor],
+                 mask: tf.Tensor | None = None) -> Scores:
+        """Scores of the chunk ``x`` [B, ...], ``y`` [B, ...]; ``mask`` float [B] for grad_sum."""
+        a = self.features(x)
+        return self.scores_from(a, self.pre_activation(a), y, gbar, mask)
+
+    def scores_from(self, a: tf.Tensor, z: tf.Tensor, y: tf.Tensor, gbar: Sequence[tf.Tensor],
+                    mask: tf.Tensor | None = None) -> Scores:
+        """Scores from the features a [B, d] and pre-activations z [B, out] of a forward pass.
+
+        The training step calls this on its own forward pass (``refresh="free"``): only the
+        loss head is re-evaluated, on ``stop_gradient(z)``, to get δ_i = ∂ℓ_i/∂z_i.
+        """
+        a, z = tf.stop_gradient(a), tf.stop_gradient(z)
         with tf.GradientTape() as tape:
             tape.watch(z)
             losses = self.loss_fn(y, self.layer.activation(z))
             total = tf.reduce_sum(losses)
         delta = tape.gradient(total, z)  # [B, out]; per-example because the loss is summed
-        mask = _mask_or_ones(mask, x)
+        mask = _mask_or_ones(mask, a)
         a_sq = tf.reduce_sum(tf.square(a), axis=1)
         delta_sq = tf.reduce_sum(tf.square(delta), axis=1)
         bias_term = 1.0 if self.layer.use_bias else 0.0
@@ -227,9 +245,10 @@ class LossScorer:
 
 def make_scorer(per_example: str, model: tf.keras.Model, loss_fn: LossFn,
                 needs_gradients: bool) -> ExactScorer | LastLayerScorer | LossScorer:
-    """The scorer for ``per_example`` (``"exact"`` or ``"last_layer"``).
+    """The scorer for ``per_example`` (``"exact"``, ``"last_layer"`` or ``"auto"``).
 
-    ``LossScorer`` is returned when no priority needs a gradient.
+    ``"auto"`` is ``"last_layer"`` when the model ends in a reachable ``Dense`` layer, else
+    ``"exact"``. ``LossScorer`` is returned when no priority needs a gradient.
     """
     if not needs_gradients:
         return LossScorer(model, loss_fn)
@@ -237,5 +256,10 @@ def make_scorer(per_example: str, model: tf.keras.Model, loss_fn: LossFn,
         return ExactScorer(model, loss_fn)
     if per_example == "last_layer":
         return LastLayerScorer(model, loss_fn)
+    if per_example == "auto":
+        try:
+            return LastLayerScorer(model, loss_fn)
+        except ValueError:
+            return ExactScorer(model, loss_fn)
     raise ValueError(
         f"`per_example` must be one of {SCORERS}. Received: per_example={per_example!r}")

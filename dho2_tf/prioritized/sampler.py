@@ -11,10 +11,19 @@ import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator, default_comm
 from dho2_tf.prioritized import per_example as _per_example
-from dho2_tf.prioritized import priorities, staleness
+from dho2_tf.prioritized import priorities, staleness, switch
 from dho2_tf.prioritized import selection as _selection
 
 logger = logging.getLogger(__name__)
+
+REFRESHES = ("pass", "free")
+
+#: The conservative configuration of :meth:`PrioritizedSampler.recommended` (the default of
+#: ``PrioritizedModel``): importance sampling switched on only when τ says it pays, priorities
+#: refreshed for free from each step's own forward pass, last-layer gradient norms.
+RECOMMENDED: dict[str, Any] = {"priority": "length", "init_priority": "length",
+                               "estimator": "keep", "selection": "adaptive", "refresh": "free",
+                               "per_example": "auto"}
 
 
 def _check_fraction(name: str, value: Any) -> float:
@@ -65,6 +74,21 @@ class PrioritizedSampler(tf.Module):
                          q_i = (1 − γ)·ψ_i/Σ_l ψ_l + γ/n_j,  ψ = sqrt(p̂⁺) (length) or p̂⁺
             global:      S = argtop_{K} p̂(t) over the union of shards, K = Σ_j K_j,
                          w_i = P/K on the owning rank (mean over the K points after averaging)
+            adaptive:    importance while τ̄ > τ_th, else K_j i.i.d. uniform draws (w_i = 1/K_j);
+                         τ = Σ_ranks V_u / Σ_ranks V_q, τ̄ ← m·τ̄ + (1 − m)·τ, with
+                         V_u = (1/n_j)Σ_i s_i², V_q = (1/n_j²)Σ_i s_i²/q_i, s_i = sqrt of the
+                         norm² priority (length) or ψ_i: from the table after the initial pass
+                         and with refresh="pass", from the batch's fresh scores with
+                         refresh="free" (Katharopoulos & Fleuret, 2018; see
+                         :mod:`dho2_tf.prioritized.switch`)
+            pool:        C_j = min(n_j, ⌈pool·K_j⌉) distinct uniform candidates, one forward
+                         pass, S = the K_j largest ℓ_i among them, w_i = 1/K_j (biased; online
+                         batch selection / Selective Backprop)
+
+        Refresh (``refresh``): ``pass`` re-scores R_j round-robin examples per step (the paper);
+        ``free`` re-scores no extra example: the training step's own forward pass gives ℓ_i and
+        (closed form, last Dense layer) g_i of every example of the batch, which are stored
+        with stamp t, and ḡ ← (1 − f)·ḡ + f·Σ_S w_i g_i/Σ_S w_i with f = min(1, K_j/n_j).
 
         With ``aggregate_report`` the refresh set is added to the step: loss
         Σ_{i∈S} w_i ℓ_i + (1/R_j) Σ_{i∈Ref} ℓ_i, i.e. Δ = −η(G_top/K + G_ref/R) as released.
@@ -89,7 +113,14 @@ class PrioritizedSampler(tf.Module):
         gamma: uniform floor γ of the importance proposal, in (0, 1].
         max_weight: optional clip of n_j·q_i-normalised importance weights (biased when hit).
         gbar_update: ``"ema"`` (default) or ``"as_released"``.
-        per_example: ``"exact"`` (vectorised full gradients) or ``"last_layer"`` (shortcut).
+        per_example: ``"exact"`` (vectorised full gradients), ``"last_layer"`` (shortcut) or
+            ``"auto"`` (last layer when the model ends in ``Dense``, else exact).
+        refresh: ``"pass"`` (default, the paper's r% pass) or ``"free"`` (from the training
+            step's forward pass; needs a last-layer scorer or ``priority="loss"``).
+        pool: candidate-pool factor of ``selection="pool"`` (C_j = ⌈pool·K_j⌉), ≥ 1.
+        tau_threshold: τ_th of ``selection="adaptive"`` (importance sampling while τ̄ > τ_th),
+            ≥ 1.
+        tau_momentum: m, the EMA weight of τ̄, in [0, 1).
         chunk_size: examples scored per vectorised call in the initial pass.
         seed: seed of the importance draws (combined with the rank).
 
@@ -101,7 +132,9 @@ class PrioritizedSampler(tf.Module):
         shard_sizes: n_j of every rank, in rank order (after ``bind``).
         prio, prio_t, prio_a: the table variables p [n_j], t [n_j], a [n_j].
         gbar: ḡ, one variable per parameter of the scorer's space.
-        step: t, the step counter; ``evaluations`` counts per-example gradient evaluations.
+        step: t, the step counter; ``evaluations`` counts per-example gradient evaluations
+            (the forward-only candidates of ``selection="pool"`` are not counted).
+        tau, tau_ema, importance_on: the last τ, τ̄ and the decision (``adaptive``).
 
     Raises:
         ValueError: for a parameter outside its range or an unknown choice.
@@ -116,7 +149,9 @@ class PrioritizedSampler(tf.Module):
                  init_priority: str = "length", estimator: str = "exp-decay",
                  selection: str = "topk", aggregate_report: bool = False, theta_e: float = 0.8,
                  gamma: float = 0.1, max_weight: float | None = None, gbar_update: str = "ema",
-                 per_example: str = "exact", chunk_size: int = 256, seed: int = 0) -> None:
+                 per_example: str = "exact", chunk_size: int = 256, seed: int = 0,
+                 refresh: str = "pass", pool: float = 3.0, tau_threshold: float = 1.5,
+                 tau_momentum: float = 0.9) -> None:
         super().__init__(name="prioritized_sampler")
         self.k = _check_fraction("k", k)
         self.r = _check_fraction("r", r)
@@ -141,6 +176,22 @@ class PrioritizedSampler(tf.Module):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer. Received: seed={seed!r}")
         self.seed = seed
+        self.refresh_mode = priorities.check_choice("refresh", refresh, REFRESHES)
+        if self.refresh_mode == "free" and self.aggregate_report:
+            raise ValueError("`aggregate_report` trains on the refresh set, which "
+                             "`refresh='free'` does not have. Received: aggregate_report=True, "
+                             "refresh='free'")
+        for name, value, low in (("pool", pool, 1.0), ("tau_threshold", tau_threshold, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise ValueError(f"`{name}` must be a number ≥ {low:g}. "
+                                 f"Received: {name}={value!r}")
+        self.pool = float(pool)
+        self.tau_threshold = float(tau_threshold)
+        if isinstance(tau_momentum, bool) or not isinstance(tau_momentum, (int, float)) \
+                or not 0.0 <= tau_momentum < 1.0:
+            raise ValueError("`tau_momentum` must be in [0, 1). "
+                             f"Received: tau_momentum={tau_momentum!r}")
+        self.tau_momentum = float(tau_momentum)
         self.is_bound = False
         self.is_initialized = False
 
@@ -155,7 +206,20 @@ class PrioritizedSampler(tf.Module):
                 "selection": self.selection, "aggregate_report": self.aggregate_report,
                 "theta_e": self.theta_e, "gamma": self.gamma, "max_weight": self.max_weight,
                 "gbar_update": self.gbar_update, "per_example": self.per_example,
-                "chunk_size": self.chunk_size, "seed": self.seed}
+                "chunk_size": self.chunk_size, "seed": self.seed, "refresh": self.refresh_mode,
+                "pool": self.pool, "tau_threshold": self.tau_threshold,
+                "tau_momentum": self.tau_momentum}
+
+    @classmethod
+    def recommended(cls, k: float = 0.05, r: float = 0.01, **overrides: Any
+                    ) -> "PrioritizedSampler":
+        """The conservative configuration :data:`RECOMMENDED` (``overrides`` replace entries).
+
+        Uniform sampling until the variance reduction τ of importance sampling pays for itself,
+        priorities ‖g_i‖² (last layer) refreshed for free by the training steps; ``r`` is
+        unused by the steps (no refresh pass) but must still give ⌊r·n_j⌋ ≥ 1.
+        """
+        return cls(k, r, **{**RECOMMENDED, **overrides})
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "PrioritizedSampler":
@@ -202,6 +266,15 @@ class PrioritizedSampler(tf.Module):
         self.scorer = _per_example.make_scorer(
             self.per_example, model, self.loss_fn,
             priorities.needs_gradients(self.priority, self.init_priority))
+        if self.refresh_mode == "free" and isinstance(self.scorer, _per_example.ExactScorer):
+            raise ValueError(
+                "`refresh='free'` takes gradients from the training step's forward pass, in "
+                "closed form for the last Dense layer only: use per_example='last_layer' or "
+                "'auto' with a model ending in Dense, or priority='loss' and "
+                f"init_priority='loss'. Received: per_example={self.per_example!r}, "
+                f"priority={self.priority!r}, init_priority={self.init_priority!r}")
+        self._forward = _per_example.LossScorer(model, self.loss_fn)  # plain object: untracked
+        self.pool_size = min(n_local, math.ceil(self.pool * self.num_selected))
         self.prio = tf.Variable(tf.zeros([n_local]), trainable=False, name="priority")
         self.prio_t = tf.Variable(tf.zeros([n_local], tf.int32), trainable=False, name="prio_t")
         self.prio_a = tf.Variable(tf.zeros([n_local]), trainable=False, name="prio_a")
@@ -211,6 +284,9 @@ class PrioritizedSampler(tf.Module):
         self.step = tf.Variable(0, trainable=False, name="step")
         self.evaluations = tf.Variable(0, dtype=tf.int64, trainable=False, name="evaluations")
         self.rng = tf.random.Generator.from_seed(self.seed * 65_537 + self.comm.rank)
+        self.tau = tf.Variable(1.0, trainable=False, name="tau")
+        self.tau_ema = tf.Variable(1.0, trainable=False, name="tau_ema")
+        self.importance_on = tf.Variable(False, trainable=False, name="importance_on")
         self._initial_chunk = tf.function(self._score_initial_chunk)
         self.is_bound = True
         self.is_initialized = False
@@ -271,6 +347,12 @@ class PrioritizedSampler(tf.Module):
         self.cursor.assign(0)
         self.step.assign(1)
         self.evaluations.assign(passes * self.n_local)
+        if self.selection == "adaptive":
+            tau = self._update_switch(self.estimated_priorities(), 0.0)[0]  # fresh table
+            if self.comm.is_root:
+                logger.info("Initial variance reduction τ = %.3f (threshold %.3f): %s sampling",
+                            float(tau), self.tau_threshold,
+                            "importance" if bool(self.importance_on.numpy()) else "uniform")
         self.is_initialized = True
         if self.comm.is_root:
             logger.info("Initial priority pass over %d examples (%d pass(es)) in %.2f s",
@@ -278,8 +360,14 @@ class PrioritizedSampler(tf.Module):
 
     # ------------------------------------------------------------------ per step (graph-safe)
     def refresh(self) -> tf.Tensor:
-        """Re-score the next R_j examples of the round robin; returns their indices int32 [R_j]."""
+        """Re-score the next R_j examples of the round robin; returns their indices int32 [R_j].
+
+        With ``refresh="free"`` nothing is re-scored here (the step's forward pass does it, see
+        :meth:`refresh_from_step`) and the result is empty.
+        """
         self._require_bound()
+        if self.refresh_mode == "free":
+            return tf.zeros([0], tf.int32)
         idx = (self.cursor + tf.range(self.num_refreshed)) % self.n_local
         scores = self.scorer(tf.gather(self.x, idx), tf.gather(self.y, idx), self.gbar)
         p_new = priorities.priority_values(scores, self.priority)
@@ -294,6 +382,82 @@ class PrioritizedSampler(tf.Module):
         self.cursor.assign((self.cursor + self.num_refreshed) % self.n_local)
         self.evaluations.assign_add(self.num_refreshed)
         return idx
+
+    def store(self, idx: tf.Tensor, scores: _per_example.Scores,
+              keep: tf.Tensor | None = None) -> None:
+        """Store the ``priority`` column of ``scores`` for the examples ``idx`` at step t.
+
+        Repeated indices (importance draws) carry identical scores, so the result is the same
+        as storing each example once. ``keep`` (bool [B]) restricts the store to those rows.
+        """
+        values = priorities.priority_values(scores, self.priority)
+        if keep is not None:
+            idx, values = tf.boolean_mask(idx, keep), tf.boolean_mask(values, keep)
+        self._assign_table(staleness.refresh_priorities(
+            self.table, idx, values, self.step, self.estimator, self.theta_e))
+
+    def refresh_from_step(self, idx: tf.Tensor, y: tf.Tensor, weights: tf.Tensor,
+                          y_pred: tf.Tensor, cache: tuple[tf.Tensor, tf.Tensor] | None) -> None:
+        """``refresh="free"``: new priorities of the step's batch from its own forward pass.
+
+        Args:
+            idx: int32 [B], the batch's local indices.
+            y: the batch's targets.
+            weights: float32 [B], the loss weights (ḡ update: Σ w_i g_i / Σ w_i).
+            y_pred: the training forward's output (used for ``LossScorer`` priorities).
+            cache: ``(a, z)`` last-layer features and pre-activations of the forward pass, or
+                ``None`` when the scorer needs no gradient.
+        """
+        total = tf.reduce_sum(weights)
+        if cache is None:
+            losses = self.loss_fn(y, tf.stop_gradient(y_pred))
+            zeros = tf.zeros_like(losses)
+            scores = _per_example.Scores(zeros, zeros, losses, [])
+        else:
+            scores = self.scorer.scores_from(cache[0], cache[1], y, self.gbar,
+                                             tf.math.divide_no_nan(weights, total))
+        # Only the examples that were trained on (``global`` also forwards unselected
+        # candidates, weight 0): then P ranks store exactly what one process would.
+        self.store(idx, scores, weights > 0.0)
+        if self.selection == "adaptive":
+            self._decide(switch.sample_variance_terms(
+                self._norm_proxy(priorities.priority_values(scores, self.priority)), weights,
+                self.gamma), self.tau_momentum)
+        if not self.gbar:
+            return
+        fraction = min(1.0, self.num_selected / self.n_local)
+        new_gbar = priorities.update_gbar(self.gbar, scores.grad_sum, 1, fraction, "ema")
+        for g, value in zip(self.gbar, new_gbar):
+            g.assign(tf.where(total > 0.0, value, g))
+
+    def _norm_proxy(self, p: tf.Tensor) -> tf.Tensor:
+        """s = sqrt(p⁺) for ``length`` priorities, else p⁺ (the proposal's ψ)."""
+        p = tf.maximum(p, 0.0)
+        return tf.sqrt(p) if self.priority == "length" else p
+
+    def _update_switch(self, p_hat: tf.Tensor, momentum: float) -> tuple[tf.Tensor, tf.Tensor]:
+        """τ of the current table (summed over ranks), τ̄ and the decision; returns (τ, q)."""
+        use_sqrt = self.priority == "length"
+        q = _selection.importance_proposal(p_hat, self.gamma, use_sqrt)
+        return self._decide(switch.variance_terms(p_hat, q, use_sqrt), momentum), q
+
+    def _decide(self, terms: tf.Tensor, momentum: float) -> tf.Tensor:
+        """τ from this rank's ``[V_u, V_q]`` summed over ranks; updates τ̄ and the decision."""
+        if self.comm.size > 1:
+            terms = self.comm.allreduce(terms, "sum", name="dho2/prioritized/tau_terms")
+        tau = switch.tau_from_terms(terms)
+        tau_ema = momentum * self.tau_ema + (1.0 - momentum) * tau
+        self.tau.assign(tau)
+        self.tau_ema.assign(tau_ema)
+        self.importance_on.assign(tau_ema > self.tau_threshold)
+        return tau
+
+    def switch_statistics(self) -> dict[str, float]:
+        """``{"tau", "tau_ema", "importance_on"}`` of ``selection="adaptive"`` (else empty)."""
+        if self.selection != "adaptive" or not self.is_bound:
+            return {}
+        return {"tau": float(self.tau.numpy()), "tau_ema": float(self.tau_ema.numpy()),
+                "importance_on": float(self.importance_on.numpy())}
 
     def estimated_priorities(self) -> tf.Tensor:
         """p̂_i(t) of every example of the shard at the current step: float32 [n_j]."""
@@ -312,6 +476,22 @@ class PrioritizedSampler(tf.Module):
             idx, weights = _selection.select_importance(
                 p_hat, self.num_selected, self.gamma, self.priority == "length", seed,
                 self.max_weight)
+        elif self.selection == "adaptive":
+            if self.refresh_mode == "free":  # τ̄ comes from the previous steps' fresh scores
+                q = _selection.importance_proposal(p_hat, self.gamma, self.priority == "length")
+            else:
+                _, q = self._update_switch(p_hat, self.tau_momentum)
+            uniform = tf.fill(tf.shape(q), 1.0 / self.n_local)
+            idx, weights = _selection.draw(tf.where(self.importance_on, q, uniform),
+                                           self.num_selected, self.rng.make_seeds(1)[:, 0],
+                                           self.max_weight)
+        elif self.selection == "pool":
+            pool = _selection.uniform_pool(self.n_local, self.pool_size,
+                                           self.rng.make_seeds(1)[:, 0])
+            scores = self._forward(tf.gather(self.x, pool), tf.gather(self.y, pool), [])
+            if self.priority == "loss":
+                self.store(pool, scores)  # the pool's losses are fresh priorities too
+            idx, weights = _selection.select_pool_topk(pool, scores.loss, self.num_selected)
         else:
             idx, weights = _selection.select_global_topk(
                 p_hat, self.shard_sizes, self.num_selected_total, self.comm.rank, self.comm)

@@ -2,11 +2,16 @@
 
 Each rule returns ``(idx, weights)``: local example indices and loss weights such that the
 training loss is Σ_j weights_j·ℓ_{idx_j} (so uniform weights 1/K give the mean). See
-:class:`dho2_tf.prioritized.PrioritizedSampler` for the equations (Zhou & Gao, IC2E 2021; docs/prioritized.md).
+:class:`dho2_tf.prioritized.PrioritizedSampler` for the equations (Zhou & Gao, IC2E 2021;
+docs/prioritized.md).
 
 * :func:`select_topk` — the paper's deterministic top-K (biased, weights 1/K).
 * :func:`select_importance` — K i.i.d. draws from q_i = (1−γ)ψ_i/Σψ + γ/n, weights 1/(K·n·q_i)
   (unbiased).
+* :func:`draw` — i.i.d. draws from any proposal q (``adaptive`` uses q or uniform, see
+  :mod:`dho2_tf.prioritized.switch`).
+* :func:`uniform_pool`, :func:`select_pool_topk` — loss-ranked selection from a random candidate
+  pool (``pool``; Loshchilov & Hutter 2015, Jiang et al. 2019).
 * :func:`select_global_topk` — the exact top-K of the union of all shards: every rank allgathers
   its top-K candidate priorities and computes the same winners (positions identify the owner).
 """
@@ -19,7 +24,7 @@ import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator
 
-SELECTIONS = ("topk", "importance", "global")
+SELECTIONS = ("topk", "importance", "global", "adaptive", "pool")
 
 
 def select_topk(p_hat: tf.Tensor, num_selected: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -67,14 +72,55 @@ def select_importance(p_hat: tf.Tensor, num_selected: int, gamma: float, use_sqr
     Returns:
         ``(idx int32 [K], weights float32 [K])`` with E[Σ_j w_j g_{idx_j}] = (1/n) Σ_i g_i.
     """
-    q = importance_proposal(p_hat, gamma, use_sqrt)
+    return draw(importance_proposal(p_hat, gamma, use_sqrt), num_selected, seed, max_weight)
+
+
+def draw(q: tf.Tensor, num_selected: int, seed: tf.Tensor, max_weight: float | None = None
+         ) -> tuple[tf.Tensor, tf.Tensor]:
+    """K i.i.d. draws i_j ~ q with weights 1/(K·n·q_{i_j}) (optionally K·weight clipped).
+
+    Args:
+        q: float32 [n], a distribution with every q_i > 0.
+        num_selected: K (static).
+        seed: int [2] stateless seed.
+        max_weight: optional clip of K·weight (biased when active).
+
+    Returns:
+        ``(idx int32 [K], weights float32 [K])``.
+    """
     draws = tf.random.stateless_categorical(tf.math.log(q)[None], num_selected, seed,
                                             dtype=tf.int32)[0]
-    n = tf.cast(tf.size(p_hat), tf.float32)
+    n = tf.cast(tf.size(q), tf.float32)
     scale = 1.0 / (n * tf.gather(q, draws))
     if max_weight is not None:
         scale = tf.minimum(scale, max_weight)
     return draws, scale / num_selected
+
+
+def uniform_pool(n: int, pool_size: int, seed: tf.Tensor) -> tf.Tensor:
+    """``pool_size`` distinct indices of ``range(n)``, uniformly at random: int32 [C]."""
+    keys = tf.random.stateless_uniform([n], seed)
+    return tf.math.top_k(keys, k=pool_size, sorted=False).indices
+
+
+def select_pool_topk(pool: tf.Tensor, pool_losses: tf.Tensor, num_selected: int
+                     ) -> tuple[tf.Tensor, tf.Tensor]:
+    """The K examples of the candidate pool with the largest current loss, weights 1/K.
+
+    Online batch selection (Loshchilov & Hutter, 2015) / Selective Backprop (Jiang et al.,
+    2019): a forward pass scores the pool, the backward pass runs on the K highest losses only
+    (biased towards hard examples, like the paper's top-k).
+
+    Args:
+        pool: int32 [C], candidate indices.
+        pool_losses: float32 [C], ℓ_i of the candidates at the current weights.
+        num_selected: K (static, K ≤ C).
+
+    Returns:
+        ``(idx int32 [K], weights float32 [K])``.
+    """
+    top = tf.math.top_k(pool_losses, k=num_selected, sorted=False).indices
+    return tf.gather(pool, top), tf.fill([num_selected], 1.0 / num_selected)
 
 
 def candidate_counts(shard_sizes: Sequence[int], num_selected_total: int) -> list[int]:

@@ -22,6 +22,12 @@ def skewed_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def linear_model(d: int = 10, classes: int = 4) -> tf.keras.Model:
+    """Softmax regression (‖g_i‖ grows with ‖x_i‖), identically initialised on every rank."""
+    tf.keras.utils.set_random_seed(0)
+    return tf.keras.Sequential([tf.keras.Input((d,)), tf.keras.layers.Dense(classes)])
+
+
 class GlobalSelectionTest(common.HorovodTestCase):
 
     def selected_global_ids(self, sampler: PrioritizedSampler, sizes: list[int]) -> set[int]:
@@ -67,6 +73,60 @@ class GlobalSelectionTest(common.HorovodTestCase):
         pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
         pmodel.fit(x_r, y_r, epochs=2, verbose=0)
         self.assert_replicas_equal(pmodel.model)
+
+    def test_free_refresh_global_selection_equals_one_process_on_the_union(self):
+        """P ranks with ``global`` + ``refresh="free"`` = one process with top-k on the union."""
+        sizes = [200] * self.comm.size
+        x, y = skewed_data(sum(sizes))
+        kwargs = dict(k=0.05, r=0.01, priority="length", init_priority="length",
+                      estimator="keep", refresh="free", per_example="last_layer")
+        x_r, y_r = common.contiguous_shard([x, y], sizes, self.comm.rank)
+        pmodel = PrioritizedModel(common.mlp(), PrioritizedSampler(selection="global", **kwargs),
+                                  comm=self.comm)
+        pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
+        pmodel.fit(x_r, y_r, epochs=1, steps_per_epoch=4, verbose=0)
+        reference = PrioritizedModel(common.mlp(), PrioritizedSampler(selection="topk", **kwargs),
+                                     comm=LocalComm())
+        reference.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
+        reference.fit(x, y, epochs=1, steps_per_epoch=4, verbose=0)
+        stamps = np.concatenate(self.comm.allgather_object(
+            pmodel.sampler.prio_t.numpy(), name="dho2/test/free_stamps"))
+        values = np.concatenate(self.comm.allgather_object(
+            pmodel.sampler.prio.numpy(), name="dho2/test/free_values"))
+        np.testing.assert_array_equal(stamps, reference.sampler.prio_t.numpy())
+        num_selected = pmodel.sampler.num_selected_total
+        self.assertEqual(int(np.sum(stamps == 4)), num_selected)  # the last step's K winners
+        np.testing.assert_allclose(values, reference.sampler.prio.numpy(), rtol=1e-4, atol=1e-7)
+        for mine, ref in zip(pmodel.model.get_weights(), reference.model.get_weights()):
+            np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-6)
+        self.assert_replicas_equal(pmodel.model)
+
+    def test_adaptive_switch_decision_is_the_same_on_every_rank(self):
+        """One τ from the sum over ranks: rank 0's skewed shard switches every rank on."""
+        sizes = [200] * self.comm.size
+        x, y = common.classification_data(sum(sizes))
+        x[:20] *= 30.0  # 10% of rank 0's shard has ~30x larger gradients
+        x, y = common.contiguous_shard([x, y], sizes, self.comm.rank)
+        sampler = PrioritizedSampler.recommended(k=0.1, r=0.05, seed=self.comm.rank)
+        sampler.bind(linear_model(), SCCE, x, y, self.comm)
+        sampler.initialize()
+        p_hat = sampler.estimated_priorities().numpy()
+        s = np.sqrt(np.maximum(p_hat, 0.0))
+        q = 0.9 * s / s.sum() + 0.1 / len(s)
+        terms = [np.sum(s ** 2) / len(s), np.sum(s ** 2 / q) / len(s) ** 2]
+        gathered = np.array(self.comm.allgather_object(terms, name="dho2/test/tau_terms"))
+        want = gathered[:, 0].sum() / gathered[:, 1].sum()
+        self.assertAlmostEqual(float(sampler.tau.numpy()), want, delta=1e-4 * want)
+        self.assertGreater(want, sampler.tau_threshold)
+        fitted = PrioritizedModel(linear_model(), PrioritizedSampler.recommended(
+            k=0.1, r=0.05, seed=self.comm.rank), comm=self.comm)
+        fitted.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
+        fitted.fit(x, y, epochs=2, verbose=0)
+        state = fitted.sampler.switch_statistics()
+        for other in self.comm.allgather_object(state, name="dho2/test/switch_state"):
+            self.assertEqual(other, state)
+        self.assertEqual(state["importance_on"], 1.0)
+        self.assert_replicas_equal(fitted.model)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 
+from dho2_tf.data import Dataset
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.prioritized import bench, report
 
@@ -43,7 +44,8 @@ def test_write_section_replaces_only_its_block(tmp_path):
     assert path.read_text() == "# Benchmarks\n\nother section\n<!-- b -->\ntable v2\n<!-- e -->\n"
 
 
-@pytest.mark.parametrize("method, batch", [("sgd", 64), ("psgd-is-ll", 0)])
+@pytest.mark.parametrize("method, batch", [("sgd", 64), ("psgd-is-ll", 0), ("psgd-default", 0),
+                                           ("psgd-pool", 0)])
 def test_run_once_reaches_an_easy_target(method, batch):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 40)).astype(np.float32)
@@ -55,5 +57,31 @@ def test_run_once_reaches_an_easy_target(method, batch):
                             comm=LocalComm())
     assert result.time_to_target is not None and result.best_accuracy >= 0.8
     assert result.steps % 5 == 0 and result.n_train == 300
-    per_step = batch if method == "sgd" else 30 + 15
+    free = bench.PSGD_VARIANTS.get(method, {}).get("refresh") == "free"
+    per_step = batch if method == "sgd" else 30 + (0 if free else 15)  # K (+ R refreshed)
     assert result.evaluations == result.steps * per_step + (0 if method == "sgd" else 300)
+
+
+def test_redundant_task_repeats_exactly_the_easiest_examples():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [4.0, 0.0]])
+    y = np.arange(40) % 2
+    x = (centres[y] + rng.normal(size=(40, 2))).astype(np.float32)
+    data = Dataset(x, y.astype(np.int32), x[:4], y[:4].astype(np.int32), 2, (2,), "toy")
+    # Ground truth: margin = distance to the other class mean − distance to the own one.
+    means = np.stack([x[y == c].mean(axis=0) for c in (0, 1)])
+    dist = np.linalg.norm(x[:, None] - means[None], axis=2)
+    margin = dist[np.arange(40), 1 - y] - dist[np.arange(40), y]
+    easy = np.sort(np.argsort(-margin)[:10])
+    np.testing.assert_array_equal(bench.easy_examples(x, y, 0.25), easy)
+    redundant = bench.with_redundancy(data, repeats=3, easy_fraction=0.25)
+    assert len(redundant.y_train) == 40 + 2 * 10 and redundant.name == "toy-redundant"
+    rows, counts = np.unique(redundant.x_train, axis=0, return_counts=True)
+    assert len(rows) == 40
+    repeated = {tuple(r) for r, c in zip(rows, counts) if c == 3}
+    assert repeated == {tuple(r) for r in x[easy]} and set(counts) == {1, 3}
+    np.testing.assert_array_equal(redundant.x_test, data.x_test)
+    with pytest.raises(ValueError, match=r"`repeats` must be an integer ≥ 2. Received: repeats=1"):
+        bench.with_redundancy(data, repeats=1)
+    with pytest.raises(ValueError, match=r"`task` must be one of"):
+        bench.load_task("cifar")

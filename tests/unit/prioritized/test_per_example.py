@@ -1,4 +1,4 @@
-"""Vectorised per-example gradients and scorers (reference §7 invariant 1)."""
+"""Vectorised per-example gradients and scorers (docs/algorithm.md §9.7, §9.9 property 1)."""
 
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ def test_per_example_loss_fn_keeps_loss_options_and_rejects_multi_output():
 
 
 def test_make_scorer_rejects_unknown_kind():
-    with pytest.raises(ValueError, match=r"`per_example` must be one of \('exact', 'last_layer'\)"):
+    with pytest.raises(ValueError,
+                       match=r"`per_example` must be one of \('exact', 'last_layer', 'auto'\)"):
         per_example.make_scorer("jacobian", helpers.mlp(), per_example.per_example_loss_fn("mse"),
                                 needs_gradients=True)

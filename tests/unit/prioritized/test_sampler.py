@@ -1,4 +1,4 @@
-"""PrioritizedSampler: validation, config, initial pass, refresh, selection (reference §7)."""
+"""PrioritizedSampler: validation, config, initial pass, refresh, selection (algorithm.md §9)."""
 
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ def bound_sampler(n: int = 200, **kwargs) -> tuple[PrioritizedSampler, tf.keras.
                            r"Received: priority='norm'"),
     ({"init_priority": "grad"}, r"`init_priority` must be one of .* Received: init_priority="),
     ({"estimator": "linear"}, r"`estimator` must be one of .* Received: estimator='linear'"),
-    ({"selection": "random"}, r"`selection` must be one of \('topk', 'importance', 'global'\)"),
+    ({"selection": "random"}, r"`selection` must be one of \('topk', 'importance', 'global', "
+                              r"'adaptive', 'pool'\)"),
     ({"gamma": 0.0}, r"`gamma` must be a fraction in \(0, 1\]. Received: gamma=0.0"),
     ({"theta_e": 2.0}, r"`theta_e` must be a fraction in \(0, 1\]. Received: theta_e=2.0"),
     ({"chunk_size": 0}, r"`chunk_size` must be a positive integer. Received: chunk_size=0"),
     ({"max_weight": -1.0}, r"`max_weight` must be None or a positive number"),
     ({"gbar_update": "sum"}, r"`gbar_update` must be one of \('ema', 'as_released'\)"),
-    ({"per_example": "pfor"}, r"`per_example` must be one of \('exact', 'last_layer'\)"),
+    ({"per_example": "pfor"}, r"`per_example` must be one of \('exact', 'last_layer', 'auto'\)"),
 ])
 def test_bad_parameters_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
