@@ -6,10 +6,14 @@ HVDRUN := $(VENV)/bin/horovodrun
 NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test test-fast
+.PHONY: setup setup-test demo test test-fast
 
 setup:
 	bash scripts/setup_env.sh
+
+# The test set-up: the pinned stack plus the Ray launcher's extra (`pip install .[ray]`).
+setup-test:
+	bash scripts/setup_env.sh ray
 
 # DHO2 on the MNIST-1D MLP (4000/1000 split, generated locally) over NP Gloo ranks.
 # A 0.1 ms Horovod cycle suits DHO2's dependent small collectives (see README, Performance).
@@ -18,8 +22,8 @@ demo: setup
 		--model mlp --dataset mnist1d --optimizer dho2 --base momentum --learning-rate 0.1 \
 		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
 
-# The whole suite: unit tests and the multi-process tests that launch real horovodrun.
-test: setup
+# The whole suite: unit tests and the multi-process tests that launch real horovodrun or Ray.
+test: setup-test
 	$(PY) -m pytest -q tests
 
 # Single-process tests only.

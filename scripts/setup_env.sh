@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install the pinned stack.
 #
+# Usage: scripts/setup_env.sh [EXTRA ...]   (extras of setup.cfg, e.g. `ray` for the Ray launcher)
+#
 # Idempotent: a marker file records the installed requirement set, so a second run
 # with the same pins returns in seconds. Horovod is built from its sdist *after*
 # TensorFlow so that its TensorFlow extension links against the installed TF.
@@ -42,3 +44,27 @@ else
 fi
 # The package itself, editable (cheap; always refreshed so new modules are picked up).
 "$VPY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
+
+# Optional extras named on the command line (setup.cfg [options.extras_require]), e.g.
+# `scripts/setup_env.sh ray` (what `make test` runs): installed in one resolver run beside the
+# pinned stack, checked with `pip check`, and skipped while the extra's pins are unchanged.
+for EXTRA in "$@"; do
+    PINS="$(sed -n "s/^$EXTRA = //p" "$ROOT/setup.cfg")"
+    if [ -z "$PINS" ]; then
+        echo "[setup] unknown extra '$EXTRA': see [options.extras_require] in setup.cfg" >&2
+        exit 2
+    fi
+    case "$EXTRA" in
+        ray) MODULE=ray ;; data) MODULE=mnist1d ;; test) MODULE=pytest ;; *) MODULE="" ;;
+    esac
+    EXTRA_STAMP="$VENV/.dho2_stamp_$EXTRA"
+    if [ -f "$EXTRA_STAMP" ] && [ "$(cat "$EXTRA_STAMP")" = "$PINS" ] && { [ -z "$MODULE" ] \
+       || "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$MODULE') is None)"; }; then
+        echo "[setup] extra '$EXTRA' up to date"
+    else
+        echo "[setup] installing extra '$EXTRA' ($PINS)"
+        "$VPY" -m pip install --quiet --no-build-isolation -e "$ROOT[$EXTRA]"
+        "$VPY" -m pip check
+        echo "$PINS" > "$EXTRA_STAMP"
+    fi
+done
