@@ -25,14 +25,22 @@ def first_batch(data: Any) -> tuple[Any, Any]:
         return element[0], element[1]
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
-        if len(x) != len(y):
-            raise ValueError("Curvature batch x and y have different lengths: "
-                             f"{len(x)} and {len(y)}.")
-        if len(x) == 0:
+        rows_x, rows_y = _rows(x), _rows(y)
+        if len(set(rows_x + rows_y)) > 1:
+            raise ValueError("The curvature batch's inputs and labels must all have the same "
+                             f"number of rows. Received: x rows {rows_x}, y rows {rows_y} (for "
+                             "a multi-output model, pass the labels as a tuple or dict of "
+                             "arrays, one per output).")
+        if not rows_x or rows_x[0] == 0:
             raise ValueError("The curvature batch is empty.")
         return x, y
     raise ValueError("`batch` must be an (x, y) pair or a tf.data.Dataset of (x, y). "
                      f"Received: {type(data).__name__}")
+
+
+def _rows(part: Any) -> list[int]:
+    """Number of rows of every array in ``part`` (an array or a tuple/list/dict of them)."""
+    return [len(leaf) for leaf in tf.nest.flatten(part)]
 
 
 class CurvatureRefresh(tf.keras.callbacks.Callback):

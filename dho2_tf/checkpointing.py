@@ -2,7 +2,8 @@
 
 Layout of ``directory``::
 
-    checkpoint.json              manifest: {"format", "name", "epoch", "step", "ranks", "mode"}
+    checkpoint.json              manifest: {"format", "name", "epoch", "step", "ranks", "mode",
+                                 "run"}; ``run`` is the run's configuration (optional)
     ckpt-00003-<id>/shared.npz   state every rank holds the same copy of (optimizer state)
     ckpt-00003-<id>/rank_00000.npz ... one per rank: model variables, rank-local optimizer
                                  state (ADMM), prioritized-sampler table and generator state
@@ -27,6 +28,12 @@ use (``mode="auto"`` resolved); a ``sharded`` checkpoint resumes into ``replicat
 tables are rank-local, so those checkpoints resume only with the world size that wrote them (a
 clear error says so). Every rank reads the folder, so it must be visible to all ranks (shared
 storage).
+
+Protection: :func:`check_checkpoint_dir` rejects a directory that is a file or not writable, and
+one that already holds a checkpoint unless the run resumes it or explicitly overwrites it, before
+any training. :func:`config_changes` lists what differs between the run configuration a
+checkpoint recorded and the resuming run. Every unreadable or corrupted file raises
+:class:`CheckpointError` naming its path and what to do, on every rank.
 """
 
 from __future__ import annotations
@@ -48,6 +55,11 @@ from dho2_tf.validation import check_int
 
 logger = logging.getLogger(__name__)
 
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file cannot be used as asked (the message says what to do)."""
+
+
 MANIFEST = "checkpoint.json"
 FORMAT = 2
 _MANIFEST_KEYS = ("format", "name", "epoch", "step", "ranks", "mode")
@@ -63,6 +75,7 @@ class CheckpointInfo:
         step: optimizer iterations when it was written.
         ranks: number of ranks that wrote it.
         mode: DHO2 layout (the resolved mode), or ``None`` for another optimizer.
+        run: the run configuration recorded with it (a flat mapping), or ``None``.
     """
 
     name: str
@@ -70,14 +83,20 @@ class CheckpointInfo:
     step: int
     ranks: int
     mode: str | None
+    run: dict[str, Any] | None = None
+
+
+def _what_to_do(directory: str) -> str:
+    return (f"Restore the file from a backup, or start a new run with another checkpoint "
+            f"directory or with --overwrite (which replaces the checkpoint in {directory}).")
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> CheckpointInfo | None:
     """The manifest of ``directory``, or None when no checkpoint was committed there yet.
 
     Raises:
-        ValueError: if the manifest exists but is unreadable, of another format, or names a
-            checkpoint folder that is missing.
+        CheckpointError: if the manifest exists but is unreadable, of another format, or names
+            a checkpoint folder that is missing (a ValueError naming the path).
     """
     directory = os.fspath(directory)
     path = os.path.join(directory, MANIFEST)
@@ -89,17 +108,80 @@ def read_manifest(directory: str | os.PathLike[str]) -> CheckpointInfo | None:
         missing = [key for key in _MANIFEST_KEYS if key not in manifest]
         if missing:
             raise KeyError(f"missing keys {missing}")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"The checkpoint manifest {path} is unreadable: {err}") from None
+        run = manifest.get("run")
+        if run is not None and not isinstance(run, dict):
+            raise TypeError(f"'run' is a {type(run).__name__}, not a mapping")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"The checkpoint manifest {path} is unreadable or corrupted: "
+                              f"{err}. {_what_to_do(directory)}") from None
     if manifest["format"] != FORMAT:
-        raise ValueError(f"The checkpoint manifest {path} has format {manifest['format']}; this "
-                         f"version of dho2_tf reads format {FORMAT}.")
+        raise CheckpointError(f"The checkpoint manifest {path} has format {manifest['format']};"
+                              f" this version of dho2_tf reads format {FORMAT}.")
     if not os.path.isdir(os.path.join(directory, manifest["name"])):
-        raise ValueError(f"The checkpoint manifest {path} names {manifest['name']!r}, which is "
-                         f"not a folder in {directory}.")
+        raise CheckpointError(f"The checkpoint manifest {path} names {manifest['name']!r}, "
+                              f"which is not a folder in {directory}. {_what_to_do(directory)}")
     return CheckpointInfo(name=str(manifest["name"]), epoch=int(manifest["epoch"]),
                           step=int(manifest["step"]), ranks=int(manifest["ranks"]),
-                          mode=manifest["mode"])
+                          mode=manifest["mode"], run=run)
+
+
+def check_checkpoint_dir(directory: str | os.PathLike[str], resume: bool = False,
+                         overwrite: bool = False) -> CheckpointInfo | None:
+    """Validate ``directory`` before training; return its checkpoint's manifest (or None).
+
+    Creates the directory if it is missing and proves it writable by creating and removing a
+    file in it. Every rank may call it (it is not collective; the probe's name is unique).
+
+    Raises:
+        CheckpointError: if ``directory`` is a file, cannot be created or written; if it holds
+            a checkpoint and neither ``resume`` nor ``overwrite`` is set (the existing
+            checkpoint is never replaced silently); if both are set; or if its manifest is
+            unreadable (unless ``overwrite``).
+    """
+    directory = os.fspath(directory)
+    if resume and overwrite:
+        raise CheckpointError("Pass at most one of resume (continue the checkpoint in "
+                              f"{directory}) and overwrite (replace it).")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"The checkpoint directory {directory} is a file, not a "
+                              "directory. Choose another --checkpoint-dir.")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".tmp-write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise CheckpointError(f"The checkpoint directory {directory} is not writable "
+                              f"({err.strerror or err}). Fix its permissions or choose another "
+                              "--checkpoint-dir.") from None
+    if overwrite:
+        return None
+    info = read_manifest(directory)
+    if info is not None and not resume:
+        raise CheckpointError(
+            f"The checkpoint directory {directory} already holds a checkpoint (epoch "
+            f"{info.epoch}, step {info.step}, {info.ranks} rank(s)); it is not replaced "
+            "silently. Pass --resume to continue it, --overwrite to replace it, or choose "
+            "another --checkpoint-dir.")
+    return info
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any],
+                   ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """``{key: (checkpoint's value, this run's value)}`` for every key that differs.
+
+    A key present on one side only counts as a change (its missing value is ``"<missing>"``);
+    values compare by their JSON text, so tuples equal lists.
+    """
+    changes = {}
+    for key in sorted(set(saved) | set(current)):
+        if key in ignore:
+            continue
+        old, new = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if json.dumps(old, sort_keys=True, default=repr) != json.dumps(new, sort_keys=True,
+                                                                       default=repr):
+            changes[key] = (old, new)
+    return changes
 
 
 # --------------------------------------------------------------------------- what is saved
@@ -182,7 +264,8 @@ def _write_json_atomically(path: str, payload: dict[str, Any]) -> None:
 
 
 def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, optimizer: Any,
-                    comm: Communicator, epoch: int = 0) -> str | None:
+                    comm: Communicator, epoch: int = 0,
+                    run_config: dict[str, Any] | None = None) -> str | None:
     """Commit the current training state to ``directory``; every rank calls it, rank 0 writes.
 
     Args:
@@ -191,6 +274,8 @@ def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, op
         optimizer: its optimizer, built (DHO2 in any mode but ``pipelined``, or a Keras one).
         comm: communicator of all ranks.
         epoch: completed epochs (where a resumed ``fit`` starts).
+        run_config: the run's configuration (JSON-serialisable flat mapping), recorded in the
+            manifest so that a resume can refuse incompatible changes.
 
     Returns:
         The new checkpoint's folder name on rank 0, None on the other ranks.
@@ -227,7 +312,8 @@ def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, op
         raise
     _write_json_atomically(os.path.join(directory, MANIFEST),  # the commit point
                            {"format": FORMAT, "name": name, "epoch": epoch, "step": step,
-                            "ranks": comm.size, "mode": mode})
+                            "ranks": comm.size, "mode": mode,
+                            **({"run": dict(run_config)} if run_config is not None else {})})
     for entry in os.listdir(directory):  # older checkpoints and leftovers of dead writes
         if entry != name and entry.startswith(("ckpt-", ".tmp-ckpt-")):
             shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
@@ -238,11 +324,19 @@ def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, op
 
 # --------------------------------------------------------------------------- restore
 def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``.
+
+    Raises:
+        CheckpointError: naming ``path`` and what to do when the file is missing, truncated or
+            corrupted (``BadZipFile``, ``EOFError``, ``zlib.error``, bad headers, ...).
+    """
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Checkpoint file {path} is unreadable: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any decoding failure of a corrupted file
+        directory = os.path.dirname(os.path.dirname(path))
+        raise CheckpointError(f"Checkpoint file {path} is unreadable or corrupted "
+                              f"({type(err).__name__}: {err}). {_what_to_do(directory)}") from None
 
 
 def _assign_all(kind: str, variables: list[tf.Variable], arrays: dict[str, np.ndarray],
@@ -281,6 +375,8 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
 
     Raises:
         FileNotFoundError: if ``directory`` has no committed checkpoint.
+        CheckpointError: on every rank when any rank's file is unreadable or corrupted (the
+            message names each path).
         ValueError: on a checkpoint of another model, optimizer or mode, or rank-local state
             (ADMM, prioritized sampler) written by another number of ranks.
     """
@@ -297,7 +393,18 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
     if not same_world and mode == "admm":
         _refuse_rank_local(directory, info.ranks, comm.size, "ADMM iterates")
     source = os.path.join(folder, f"rank_{comm.rank if same_world else 0:05d}.npz")
-    local = _load_npz(source)
+    shared_source = os.path.join(folder, "shared.npz")
+    local, shared, problem = {}, {}, ""
+    try:
+        local = _load_npz(source)
+        if mode != "admm":
+            shared = _load_npz(shared_source)
+    except CheckpointError as err:
+        problem = str(err)
+    # Every rank learns about any rank's unreadable file, so all of them stop here together.
+    problems = [p for p in comm.allgather_object(problem, name="dho2/checkpoint/read") if p]
+    if problems:
+        raise CheckpointError("\n".join(dict.fromkeys(problems)))
     sampler = _sampler(model)
     saved_sampler = any(key.startswith("sampler/") for key in local)
     if saved_sampler != (sampler is not None):
@@ -311,8 +418,7 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
     _assign_all("sampler", sampler_vars, local, source)
     arrays = local  # ADMM's optimizer state is rank-local; the others' is in shared.npz
     if mode != "admm":
-        source = os.path.join(folder, "shared.npz")
-        arrays = _load_npz(source)
+        source, arrays = shared_source, shared
     if mode is None:
         _assign_all("optimizer", list(optimizer.variables), arrays, source)
     else:
@@ -338,21 +444,28 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         directory: checkpoint folder.
         comm: communicator.
         resume: restore the checkpoint named by the manifest in ``on_train_begin``.
+        overwrite: allow replacing a checkpoint already in ``directory`` without resuming it;
+            otherwise ``on_train_begin`` refuses (:func:`check_checkpoint_dir`).
+        run_config: the run's configuration, recorded in every manifest.
     """
 
     def __init__(self, directory: str | os.PathLike[str], comm: Communicator,
-                 resume: bool = False) -> None:
+                 resume: bool = False, overwrite: bool = False,
+                 run_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.directory = os.fspath(directory)
         self.comm = comm
         self.resume = resume
+        self.overwrite = overwrite
+        self.run_config = run_config
         self.restored: CheckpointInfo | None = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        check_checkpoint_dir(self.directory, resume=self.resume, overwrite=self.overwrite)
         if self.resume:
             self.restored = restore_checkpoint(self.directory, self.model, self.model.optimizer,
                                                self.comm)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         save_checkpoint(self.directory, self.model, self.model.optimizer, self.comm,
-                        epoch=epoch + 1)
+                        epoch=epoch + 1, run_config=self.run_config)

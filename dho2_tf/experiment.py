@@ -7,6 +7,13 @@ objective (``models.objective``) says what it is trained on: classifiers on the 
 softmax cross-entropy, the autoencoder on its own inputs with sigmoid cross-entropy. Logs and
 the progress bar appear on rank 0 only. Configurations come from code, from flags or from a
 YAML/JSON file (:func:`load_config_file`, :meth:`TrainConfig.from_dict`).
+
+Before the first training collective the ranks compare the run's fingerprint
+(:func:`run_fingerprint`: every configuration field that must agree, samples per rank, steps per
+epoch, global batch and the model's variable shapes) and stop together on any difference. The checkpoint directory is
+validated before the data is loaded, an existing checkpoint is only continued (``resume``) or
+explicitly replaced (``overwrite``), and a resume refuses configuration changes that would
+change the training (:func:`check_resume_compatible`) unless ``allow_config_change`` names them.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ import tensorflow as tf
 
 from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaSync,
                                TestAccuracyClock)
-from dho2_tf.checkpointing import EpochCheckpoint, read_manifest
+from dho2_tf.checkpointing import (CheckpointError, CheckpointInfo, EpochCheckpoint,
+                                   check_checkpoint_dir, config_changes, read_manifest)
+from dho2_tf.consistency import check_run_consistency, flatten
 from dho2_tf.data import DATASETS, cifar_augment, load_dataset, make_tf_dataset, shard_arrays
 from dho2_tf.distributed.comm import Communicator, Group, default_comm
 from dho2_tf.monitoring import TensorBoardMonitor
@@ -38,6 +47,14 @@ logger = logging.getLogger(__name__)
 OPTIMIZERS = ("dho2", "adam", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine")
 IMAGE_MODELS = ("resnet20", "resnet32", "resnet56", "resnet110")
+# Fields that may differ between ranks: host-local paths and rank-0 logging.
+RANK_LOCAL_FIELDS = ("verbose", "data_dir", "tensorboard_dir")
+# Fields a resume may change freely: they do not change what is trained or how.
+RESUME_FREE_FIELDS = RANK_LOCAL_FIELDS + ("checkpoint_dir", "resume", "overwrite",
+                                          "allow_config_change", "target_accuracy",
+                                          "target_loss")
+# Per-rank layout: a resume on another number of ranks compares the global batch instead.
+LAYOUT_KEYS = ("ranks", "batch_size", "samples_per_rank")
 
 
 @dataclasses.dataclass
@@ -73,8 +90,13 @@ class TrainConfig:
         prioritized: train with prioritized SGD (``dho2_tf.prioritized``).
         prioritized_k, prioritized_r: fractions of the shard selected / re-scored per step.
         tensorboard_dir: write TensorBoard event files here (rank 0).
-        checkpoint_dir: save a checkpoint here after every epoch (rank 0 writes).
+        checkpoint_dir: save a checkpoint here after every epoch (rank 0 writes). A checkpoint
+            already there is refused unless ``resume`` or ``overwrite`` is set.
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        overwrite: start afresh and replace the checkpoint in ``checkpoint_dir`` (the old one
+            is deleted only once the first new one is committed).
+        allow_config_change: comma-separated keys a resume may change deliberately (e.g.
+            ``learning_rate,epochs``); any other change from the checkpoint's run is refused.
         verbose: Keras verbosity on rank 0 (0, 1 progress bar, 2 one line per epoch).
     """
 
@@ -110,6 +132,8 @@ class TrainConfig:
     tensorboard_dir: str | None = None
     checkpoint_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False
+    allow_config_change: str | None = None
     verbose: int = 1
 
     @classmethod
@@ -162,6 +186,13 @@ class TrainConfig:
         if self.resume and not self.checkpoint_dir:
             raise ValueError("`resume` needs `checkpoint_dir`. Received: resume=True, "
                              "checkpoint_dir=None")
+        if self.overwrite and (self.resume or not self.checkpoint_dir):
+            raise ValueError("`overwrite` replaces the checkpoint in `checkpoint_dir` and "
+                             "excludes `resume`. Received: overwrite=True, resume="
+                             f"{self.resume}, checkpoint_dir={self.checkpoint_dir!r}")
+        if self.allow_config_change and not self.resume:
+            raise ValueError("`allow_config_change` applies to a resume; set `resume`. "
+                             f"Received: allow_config_change={self.allow_config_change!r}")
         if self.prioritized:
             make_sampler(self)  # validates k and r
         if self.optimizer == "dho2" and self.mode == "pipelined":
@@ -404,7 +435,8 @@ def load_data(config: TrainConfig) -> Any:
 
 
 def _callbacks(config: TrainConfig, comm: Communicator, x_r: np.ndarray, y_r: np.ndarray,
-               clock: TestAccuracyClock, initial_epoch: int
+               clock: TestAccuracyClock, initial_epoch: int,
+               fingerprint: dict[str, Any] | None = None
                ) -> tuple[list[tf.keras.callbacks.Callback], CurvatureRefresh | None]:
     """Callbacks in the order they must run: initial broadcast / curvature, resume, clock, logs."""
     callbacks: list[tf.keras.callbacks.Callback] = []
@@ -421,10 +453,125 @@ def _callbacks(config: TrainConfig, comm: Communicator, x_r: np.ndarray, y_r: np
     else:
         callbacks.append(clock)
     if config.checkpoint_dir:
-        callbacks.append(EpochCheckpoint(config.checkpoint_dir, comm, resume=initial_epoch > 0))
+        callbacks.append(EpochCheckpoint(config.checkpoint_dir, comm, resume=initial_epoch > 0,
+                                         overwrite=config.overwrite, run_config=fingerprint))
     if config.tensorboard_dir:
         callbacks.append(TensorBoardMonitor(config.tensorboard_dir, comm))
     return callbacks, curvature
+
+
+def validated_checkpoint_dir(config: TrainConfig, comm: Communicator) -> CheckpointInfo | None:
+    """:func:`check_checkpoint_dir` on every rank; the manifest to resume from, or None.
+
+    Collective (one ``allgather_object``, issued by every rank whatever its configuration):
+    when any rank finds a problem, every rank raises, so none is left waiting in a collective.
+
+    Raises:
+        CheckpointError: the problems found, each prefixed by its ranks when not all agree.
+    """
+    existing, problem = None, ""
+    if config.checkpoint_dir:
+        try:
+            existing = check_checkpoint_dir(config.checkpoint_dir, resume=config.resume,
+                                            overwrite=config.overwrite)
+        except CheckpointError as err:
+            problem = str(err)
+    problems = comm.allgather_object(problem, name="dho2/checkpoint/validate")
+    if any(problems):
+        if all(p == problems[0] for p in problems):
+            raise CheckpointError(problems[0])
+        ranks: dict[str, list[int]] = {}
+        for rank, text in enumerate(problems):
+            if text:
+                ranks.setdefault(text, []).append(rank)
+        raise CheckpointError("\n".join(f"rank {','.join(map(str, r))}: {text}"
+                                         for text, r in ranks.items()))
+    return existing
+
+
+def run_fingerprint(config: TrainConfig, comm: Communicator, model: tf.keras.Model,
+                    samples_per_rank: int, steps_per_epoch: int, training_examples: int,
+                    training_ranks: int) -> dict[str, Any]:
+    """Everything the ranks of a run must agree on, as a flat JSON-serialisable mapping.
+
+    Keys: every :class:`TrainConfig` field but :data:`RANK_LOCAL_FIELDS` (``dho2_options``
+    flattened to ``dho2_options.<name>``), ``ranks``, ``training_examples``,
+    ``global_batch`` (= training ranks × ``batch_size``), ``num_trainable_variables`` and
+    ``variable[i]`` (shape and dtype), plus ``samples_per_rank`` and ``steps_per_epoch``
+    when every rank trains (pipelined curvature ranks hold another share).
+    """
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in RANK_LOCAL_FIELDS}
+    fingerprint = flatten(values)
+    fingerprint.update({"ranks": comm.size, "training_examples": int(training_examples),
+                        "global_batch": int(training_ranks * config.batch_size),
+                        "num_trainable_variables": len(model.trainable_variables)})
+    if pipeline_groups(config, comm.size) is None:
+        fingerprint.update({"samples_per_rank": int(samples_per_rank),
+                            "steps_per_epoch": int(steps_per_epoch)})
+    fingerprint.update({f"variable[{i}]": [list(v.shape), v.dtype.name]
+                        for i, v in enumerate(model.trainable_variables)})
+    return fingerprint
+
+
+def check_resume_compatible(info: CheckpointInfo, fingerprint: dict[str, Any],
+                            config: TrainConfig, comm: Communicator) -> None:
+    """Refuse to resume ``info`` when the run configuration changed in a way that matters.
+
+    Compared: every key of the recorded and the current :func:`run_fingerprint` except
+    :data:`RESUME_FREE_FIELDS` and the per-rank :data:`LAYOUT_KEYS` (another number of ranks
+    is fine when ``global_batch`` and ``steps_per_epoch`` are kept, so the learning-rate
+    schedule is the same), and ``epochs`` under a constant schedule. Keys listed in
+    ``config.allow_config_change`` may change (logged on rank 0).
+
+    Raises:
+        CheckpointError: naming each changed key with the checkpoint's and this run's value,
+            how to keep the global batch on this number of ranks when it changed, and the
+            ``--allow-config-change`` that would accept the changes.
+    """
+    if info.run is None:
+        if comm.is_root:
+            logger.warning("The checkpoint in %s records no run configuration (written by an "
+                           "older version): configuration changes cannot be checked.",
+                           config.checkpoint_dir)
+        return
+    ignore = RESUME_FREE_FIELDS + LAYOUT_KEYS
+    if config.schedule == "constant" and info.run.get("schedule") == "constant":
+        ignore += ("epochs",)
+    changes = config_changes(info.run, fingerprint, ignore)
+    allowed = [k.strip() for k in (config.allow_config_change or "").split(",") if k.strip()]
+    known = (set(info.run) | set(fingerprint)) - set(ignore)
+    unknown = [k for k in allowed if k not in known]
+    if unknown:
+        raise CheckpointError(f"`allow_config_change` names unknown key(s) {unknown}. Valid "
+                              f"keys: {', '.join(sorted(known))}")
+    refused = {k: v for k, v in changes.items() if k not in allowed}
+    if refused:
+        lines = [f"  {key}: checkpoint {old!r}, this run {new!r}"
+                 for key, (old, new) in refused.items()]
+        hint = ""
+        if "global_batch" in refused:
+            saved_ranks, saved_global = info.run.get("ranks"), info.run.get("global_batch")
+            hint = (f"\nThe checkpoint was written by {saved_ranks} rank(s) x batch_size "
+                    f"{info.run.get('batch_size')} (global batch {saved_global}); ")
+            ranks = fingerprint["global_batch"] // max(1, config.batch_size)
+            if isinstance(saved_global, int) and saved_global % ranks == 0:
+                hint += (f"on {ranks} training rank(s) pass --batch-size "
+                         f"{saved_global // ranks} to keep the global batch and the "
+                         "learning-rate schedule.")
+            else:
+                hint += (f"no per-rank batch size gives that global batch on {ranks} "
+                         "rank(s); resume on a number of ranks that divides it.")
+        raise CheckpointError(
+            f"Resuming the checkpoint in {config.checkpoint_dir} would change the run:\n"
+            + "\n".join(lines) + hint + "\nRun with the checkpoint's values, or allow the "
+            f"changes deliberately with --allow-config-change {','.join(refused)}.")
+    if comm.is_root:
+        for key, (old, new) in changes.items():
+            logger.warning("Resuming with a deliberate change of %s: %r -> %r", key, old, new)
+        if info.run.get("ranks") != comm.size:
+            logger.info("Resuming on %d rank(s) a checkpoint written by %s: global batch %s "
+                        "and %s steps per epoch kept.", comm.size, info.run.get("ranks"),
+                        fingerprint["global_batch"], fingerprint.get("steps_per_epoch"))
 
 
 def initial_epoch_for(config: TrainConfig) -> int:
@@ -456,11 +603,19 @@ def serve_curvature(model: tf.keras.Model, batch: tuple[Any, Any],
 
 def train(config: TrainConfig, comm: Communicator | None = None,
           extra_callbacks: list[tf.keras.callbacks.Callback] | None = None) -> TrainResult:
-    """Train one model as ``config`` says; every rank must call it with the same config."""
+    """Train one model as ``config`` says; every rank must call it with the same config.
+
+    Raises (on every rank, before training):
+        ValueError: on a bad field (:meth:`TrainConfig.validate`).
+        CheckpointError: on an unusable checkpoint directory, an existing checkpoint without
+            ``resume``/``overwrite``, an incompatible resume or an unreadable checkpoint file.
+        RunConsistencyError: when the ranks' :func:`run_fingerprint` differ.
+    """
     import models
 
     config.validate()
     comm = comm or make_comm(config)
+    existing = validated_checkpoint_dir(config, comm)
     data = load_data(config)
     objective = models.objective(config.model)
     y_train, y_test = (objective.targets(x, y) for x, y in ((data.x_train, data.y_train),
@@ -471,12 +626,19 @@ def train(config: TrainConfig, comm: Communicator | None = None,
     shard, is_training_rank = data_ranks(config, comm)
     x_r, y_r = shard_arrays(data.x_train, y_train, shard, drop_remainder=True)
     if config.prioritized:
-        from dho2_tf.prioritized import PrioritizedModel
-
-        model = PrioritizedModel(model, make_sampler(config), comm=comm)
         steps_per_epoch = -(-len(x_r) // max(1, int(config.prioritized_k * len(x_r))))
     else:
         steps_per_epoch = len(x_r) // config.batch_size
+    training_ranks = shard.size if is_training_rank else comm.size - shard.size
+    fingerprint = run_fingerprint(config, comm, model, len(x_r), steps_per_epoch,
+                                  len(data.x_train), training_ranks)
+    check_run_consistency(comm, fingerprint, what="Training run")  # before training starts
+    if existing is not None and config.resume:
+        check_resume_compatible(existing, fingerprint, config, comm)
+    if config.prioritized:
+        from dho2_tf.prioritized import PrioritizedModel
+
+        model = PrioritizedModel(model, make_sampler(config), comm=comm)
     if steps_per_epoch == 0:
         raise ValueError(f"`batch_size` must not exceed a rank's share of the "
                          f"{len(data.x_train)} training examples over {comm.size} ranks. "
@@ -489,7 +651,7 @@ def train(config: TrainConfig, comm: Communicator | None = None,
     clock = TestAccuracyClock(data.x_test, y_test, config.target_accuracy,
                               train_data=(data.x_train, y_train), target_loss=config.target_loss)
     initial_epoch = initial_epoch_for(config)
-    callbacks, curvature = _callbacks(config, comm, x_r, y_r, clock, initial_epoch)
+    callbacks, curvature = _callbacks(config, comm, x_r, y_r, clock, initial_epoch, fingerprint)
     callbacks += extra_callbacks or []
     if comm.is_root:
         logger.info("training %s on %s with %s over %d rank(s), %d steps/epoch", config.model,

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import numbers
 import time
+import types
 from typing import Any, Callable, Iterator
 
 import tensorflow as tf
@@ -36,6 +37,9 @@ class _Workspace:
         projected: float [K·(1 + buffered)], [V m₀ ; V B] cached by the last applied step.
         projected_at: int64, the refresh count for which ``projected`` is valid (−1: none).
         base_out: float [s], output of an in-place base step (``None`` if the rule has none).
+        consecutive_skips: int64, skipped steps since the last applied one.
+        source_checked: bool, whether a step traced with no curvature source already ran the
+            missing-source check (:meth:`DHO2._check_curvature_source`).
     """
 
     def __init__(self, rule: BaseRule, num_pairs: int, shard_size: int, dtype: tf.DType,
@@ -47,6 +51,9 @@ class _Workspace:
                                         name="dho2_projected_at")
         self.base_out = tf.Variable(tf.zeros([shard_size], dtype), trainable=False,
                                     name="dho2_base_step") if in_place else None
+        self.consecutive_skips = tf.Variable(tf.constant(0, tf.int64), trainable=False,
+                                             name="dho2_consecutive_skips")
+        self.source_checked = tf.Variable(False, trainable=False, name="dho2_source_checked")
 
 
 class _HostState:
@@ -57,12 +64,14 @@ class _HostState:
         refreshes: the refresh counter, or ``None`` when it must be re-read.
         begun_at: the step count :meth:`DHO2.on_step_begin` saw, until :meth:`DHO2.on_step_end`.
         skipped_reported: skipped steps already reported in the log.
+        source_warned: whether the missing-curvature-source warning was given.
     """
 
     def __init__(self) -> None:
         self.refreshes: int | None = None
         self.begun_at: int | None = None
         self.skipped_reported = 0
+        self.source_warned = False
 
 
 class _StatShadows:
@@ -124,7 +133,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
         The curvature refresh needs the model, the loss and a curvature batch. With ``fit``, pass
         ``callbacks=[dho2_tf.CurvatureRefresh(batch=(x, y))]``; in a custom loop call
         :meth:`bind` once, :meth:`on_step_begin` before and :meth:`on_step_end` after each
-        ``apply_gradients``, and :meth:`on_train_end` at the end. Weight
+        ``apply_gradients``, and :meth:`on_train_end` at the end. Without either, every rank
+        logs a warning when the first refresh is due (and DHO2 stays its base optimizer). Weight
         decay must go into the loss (as L2), so the curvature estimate sees the optimised
         function; ``weight_decay`` is therefore rejected. Adam runs in-house on the flat vector
         with ε outside √v̂, as in FOSI (Keras' Adam adds ε to √v).
@@ -195,8 +205,11 @@ class DHO2(tf.keras.optimizers.Optimizer):
             non-trainable statistics are restored inside the step, ``skipped_steps`` counts it;
             every rank decides from the same full displacement, so all agree; a displacement
             so large that its sum overflows counts as non-finite too) or ``"raise"`` (stop
-            with an error). A non-finite curvature estimate always keeps the previous
-            eigenpairs.
+            with an error). Skipped steps are logged (rank 0) and counted on every model. A
+            non-finite curvature estimate always keeps the previous eigenpairs.
+        max_consecutive_skips: with ``nonfinite="skip"``, the number of consecutive skipped
+            steps (≥ 1) that is still tolerated: one more stops training with an error on
+            every rank (the run has diverged or its data is broken). Defaults to 50.
         seed: seed of the Lanczos start vectors (refresh j uses ``seed + j``). Defaults to 0.
         comm: communicator (not serialised). Defaults to Horovod under ``horovodrun``, else local.
         name: optimizer name. Defaults to ``"DHO2"``.
@@ -214,7 +227,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
                  window_sigma: float = 5e-9, curvature_ranks: int = 1,
                  update_ranks: int | None = None, delivery_delay: int | None = None,
                  rho: float = 1e-2, tau: int = 8, x_restart: str = "z",
-                 nonfinite: str = "skip", seed: int = 0,
+                 nonfinite: str = "skip", max_consecutive_skips: int = 50, seed: int = 0,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  comm: Communicator | None = None, name: str = "DHO2", **kwargs: Any) -> None:
         for key in ("weight_decay", "use_ema"):
@@ -269,6 +282,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
             raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}. "
                              f"Received: nonfinite={nonfinite!r}")
         self.nonfinite = nonfinite
+        self.max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips,
+                                               minimum=1)
         self.seed = check_int("seed", seed, minimum=0)
         if isinstance(learning_rate, (numbers.Real, str)):  # schedules and tensors pass through
             check_real("learning_rate", learning_rate, minimum=0.0)
@@ -406,9 +421,51 @@ class DHO2(tf.keras.optimizers.Optimizer):
                                  "it was built.")
             grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                      for g, v in zip(grads, variables)]
+            if self.binding is None:
+                self._check_curvature_source()
             self._mode.step(self._clip_gradients(grads), list(variables))
+            for var in variables:   # as Keras' optimizers do; only constrained variables
+                if getattr(var, "constraint", None) is not None:
+                    var.assign(var.constraint(var))
             self.iterations.assign_add(1)
         return self.iterations
+
+    def _check_curvature_source(self) -> None:
+        """In a step traced before :meth:`bind`: when the first refresh is due (and on every
+        later step until it ran once), call :meth:`_no_curvature_source` eagerly on every rank.
+
+        Only steps traced with no binding carry this check (a cond on two scalars).
+        """
+        due = hybrid.next_refresh_step(0, self.warmup, self.refresh_every)
+        checked = self._workspace.source_checked
+        pending = tf.logical_and(self.iterations >= due, tf.logical_not(checked))
+
+        def check() -> None:
+            tf.py_function(self._no_curvature_source, [], [])
+            checked.assign(True)
+
+        tf.cond(pending, check, lambda: None)
+
+    def _no_curvature_source(self) -> None:
+        """Warn (once, every rank) that no curvature source is bound, and run the rank check.
+
+        Without :class:`CurvatureRefresh` or :meth:`bind` no refresh ever runs and DHO2 is
+        exactly its base optimizer; the rank check (:meth:`verify_consistency`) the
+        ``CurvatureRefresh`` path runs at the start runs here instead.
+        """
+        if self.binding is not None or self._host.source_warned:
+            return
+        self._host.source_warned = True
+        logger.warning(
+            "DHO2 step %d: a curvature refresh is due but no curvature source is bound, so "
+            "DHO2 trains as its plain base optimizer (%r) with no second-order step. Pass "
+            "callbacks=[dho2_tf.CurvatureRefresh(batch=(x, y))] to fit(), or call "
+            "optimizer.bind(model, loss, (x, y)) and the step hooks in a custom loop.",
+            hybrid.next_refresh_step(0, self.warmup, self.refresh_every), self.rule.name)
+        if not getattr(self, "consistency_checked", False):
+            view = types.SimpleNamespace(trainable_variables=list(self.model_variables),
+                                         name="model")
+            self.verify_consistency(view)
 
     def apply_fosi_step(self, g_r: tf.Tensor, variables: list[tf.Variable],
                         gather: Callable[[tf.Tensor], tf.Tensor] | None = None) -> None:
@@ -474,9 +531,17 @@ class DHO2(tf.keras.optimizers.Optimizer):
         def skip() -> None:
             for stat, shadow in stats:
                 stat.assign(shadow)
+            skipped = self._skipped.assign_add(1)
+            run = ws.consecutive_skips.assign_add(1)
+            tf.py_function(self._log_skipped_step, [step, skipped], [])
+            tf.debugging.assert_less_equal(run, tf.constant(self.max_consecutive_skips, tf.int64),
+                                           message=self._too_many_skips_message())
 
-        tf.cond(finite, commit, skip)
-        self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        def reset_run() -> None:
+            commit()
+            ws.consecutive_skips.assign(0)
+
+        tf.cond(finite, reset_run, skip)
 
     def materialize_momentum(self) -> None:
         """Fold the K coordinates into the vectors: m₀ ← Vᵀc + d·m₀, c ← 0, d ← 1, and for
@@ -533,7 +598,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
         loss_fn = resolve_loss(model, loss)
         self.build(model.trainable_variables)
-        key = (id(model), id(loss_fn), tuple(id(part) for part in batch), training)
+        source = model.compiled_loss if loss is None else loss
+        key = (id(model), id(source), tuple(id(part) for part in batch), training)
         if self.binding is not None and self.binding.get("key") == key:
             return  # the same binding (e.g. a second fit call): keep the compiled graphs
         dtype = model.trainable_variables[0].dtype
@@ -600,18 +666,41 @@ class DHO2(tf.keras.optimizers.Optimizer):
             self.sync_stat_shadows()
         return int(self.iterations.numpy())
 
+    def set_weights(self, weights: list[Any]) -> None:
+        """Keras' ``set_weights`` (values in the order of ``variables``), then forget every
+        cache derived from the old values (the projected state, the host copies)."""
+        super().set_weights(weights)
+        self._workspace.projected_at.assign(-1)
+        self._host.refreshes = None
+        self._mode.sync_host_state()
+
     def sync_stat_shadows(self) -> None:
         """Copy the bound model's non-trainable statistics into the copies a skipped step
         restores (after they were changed outside a step, e.g. averaged over ranks)."""
         if self._stat_shadows is not None:
             self._stat_shadows.sync()
 
+    def _too_many_skips_message(self) -> str:
+        return (f"DHO2 skipped more than max_consecutive_skips={self.max_consecutive_skips} "
+                "consecutive steps: the averaged gradient (or the base step) keeps holding "
+                "NaN/Inf, so training stops instead of leaving the weights frozen. Check the "
+                "inputs and labels for NaN/Inf and lower the learning rate; raise "
+                "`max_consecutive_skips` if such runs are expected.")
+
+    def _log_skipped_step(self, step: tf.Tensor, skipped: tf.Tensor) -> None:
+        """Log one skipped step on rank 0 (called from the step graph)."""
+        total = int(skipped.numpy())
+        if self.comm.is_root:
+            logger.warning("DHO2 skipped step %d: the averaged gradient or base step holds "
+                           "NaN/Inf (%d skipped so far)", int(step.numpy()), total)
+        self._host.skipped_reported = max(self._host.skipped_reported, total)
+
     def report_skipped(self) -> int:
         """Log a warning if steps were skipped since the last report; returns the count."""
         if not getattr(self, "_built", False):
             return 0
         skipped = int(self._skipped.numpy())
-        if skipped > self._host.skipped_reported:
+        if skipped > self._host.skipped_reported and self.comm.is_root:
             logger.warning("DHO2 skipped %d step(s) with a non-finite gradient or base step "
                            "(%d so far)", skipped - self._host.skipped_reported, skipped)
         self._host.skipped_reported = skipped
@@ -621,19 +710,20 @@ class DHO2(tf.keras.optimizers.Optimizer):
         """Compare configuration, mode, world size and variable shapes/dtypes across ranks.
 
         Every rank must call it (one ``allgather_object``); a mismatch raises the same
-        ValueError on every rank instead of leaving a later collective hanging.
+        :class:`dho2_tf.consistency.RunConsistencyError` (a ValueError) on every rank, naming
+        each differing key (``optimizer.k``, ``variable[0]``, ...) with each rank's value,
+        instead of leaving a later collective hanging.
         """
+        from dho2_tf.consistency import check_run_consistency, flatten
+
         config = {k: v for k, v in self.get_config().items() if k != "name"}
-        mine = repr((sorted(config.items()), self.resolved_mode, self.comm.size,
-                     [(tuple(v.shape), v.dtype.name) for v in model.trainable_variables]))
-        everyone = self.comm.allgather_object(mine, name="dho2/consistency")
+        fingerprint = flatten(config, "optimizer.")
+        fingerprint.update({"mode": self.resolved_mode, "world_size": self.comm.size,
+                            "num_trainable_variables": len(model.trainable_variables)})
+        fingerprint.update({f"variable[{i}]": [list(v.shape), v.dtype.name]
+                            for i, v in enumerate(model.trainable_variables)})
         self.consistency_checked = True
-        differing = [r for r, fp in enumerate(everyone) if fp != everyone[0]]
-        if differing:
-            raise ValueError(
-                f"DHO2 ranks disagree on the configuration or the model: rank(s) {differing} "
-                f"differ from rank 0.\nrank 0: {everyone[0]}\nrank {differing[0]}: "
-                f"{everyone[differing[0]]}")
+        check_run_consistency(self.comm, fingerprint, what="DHO2")
 
     def on_train_end(self) -> None:
         """Call once when training stops (pipelined: releases the curvature ranks)."""
@@ -832,28 +922,98 @@ class DHO2(tf.keras.optimizers.Optimizer):
             "learning_rate": self._serialize_hyperparameter(self._learning_rate),
             "base": self.rule.name, "k": self.k, "ell": self.ell, "alpha": self.alpha,
             "c_max": self.c_max, "lanczos_order": self.lanczos_order,
-            "lanczos_dtype": self.lanczos_dtype, "refresh_every": self.refresh_every, "warmup": self.warmup,
+            "lanczos_dtype": self.lanczos_dtype, "refresh_every": self.refresh_every,
+            "warmup": self.warmup,
             "eigenvalue_damping": self.eigenvalue_damping, "momentum": self.rule.momentum,
             "beta_1": self.rule.beta_1, "beta_2": self.rule.beta_2,
             "epsilon": self.rule.epsilon, "mode": self.mode, "window_rule": self.window_rule,
             "window_sigma": self.window_sigma, "curvature_ranks": self.curvature_ranks,
             "update_ranks": self.update_ranks, "delivery_delay": self.delivery_delay,
             "rho": self.rho, "tau": self.tau, "x_restart": self.x_restart,
-            "nonfinite": self.nonfinite, "seed": self.seed, "memory_budget": self.memory_budget,
+            "nonfinite": self.nonfinite, "max_consecutive_skips": self.max_consecutive_skips,
+            "seed": self.seed, "memory_budget": self.memory_budget,
         })
         return config
 
 
 def resolve_loss(model: tf.keras.Model, loss: Callable | str | None) -> Callable:
-    """``loss(y_true, y_pred)`` from an explicit loss, a Keras name, or the model's compiled loss.
+    """``loss(y_true, y_pred) -> scalar``, the function whose Hessian DHO2 estimates.
+
+    With ``loss=None``, the loss the compiled model minimises (:class:`CompiledLoss`: per-output
+    losses and loss weights, as ``model.fit`` does). Otherwise a Keras loss name, a
+    ``tf.keras.losses.Loss`` (used as it is) or a callable; a name or callable that returns one
+    value per sample is averaged over them, as Keras' ``SUM_OVER_BATCH_SIZE`` reduction does.
+    (Regularisation terms ``model.losses`` are added by the HVP itself.)
 
     Raises:
-        ValueError: when no single loss can be found (uncompiled or multi-output model).
+        ValueError: for an uncompiled model without ``loss``, or a per-output structure of
+            losses (compile the model with it and pass ``loss=None``).
     """
-    loss = model.loss if loss is None else loss
     if loss is None:
-        raise ValueError("No loss given and the model is not compiled: pass `loss=` explicitly.")
+        if getattr(model, "compiled_loss", None) is None or not getattr(model, "loss", None):
+            raise ValueError("No loss given and the model is not compiled: pass `loss=` "
+                             "explicitly.")
+        return CompiledLoss(model)
     if isinstance(loss, (dict, list, tuple)):
-        raise ValueError("DHO2 needs a single loss function; multi-output losses are not "
-                         f"supported. Received: {loss!r}")
-    return tf.keras.losses.get(loss) if isinstance(loss, str) else loss
+        raise ValueError("`loss` must be a single loss (a name, a tf.keras.losses.Loss or a "
+                         "callable); for per-output losses compile the model with them and "
+                         f"pass loss=None. Received: {loss!r}")
+    fn = tf.keras.losses.get(loss) if isinstance(loss, str) else loss
+    if isinstance(fn, tf.keras.losses.Loss):
+        return fn
+    if not callable(fn):
+        raise ValueError(f"`loss` must be callable. Received: {loss!r}")
+    return lambda y_true, y_pred: tf.reduce_mean(fn(y_true, y_pred))
+
+
+class CompiledLoss:
+    r"""The loss a compiled Keras model minimises, without its loss metrics.
+
+    Math:
+        For outputs i with a loss ℓ_i (``compile(loss=...)``, one loss is used for every output)
+        and weight w_i (``loss_weights``, default 1)::
+
+            L(y, ŷ) = Σ_i w_i · ℓ_i(y_i, ŷ_i)
+
+        each ℓ_i reduced as Keras reduces it (mean over the samples for names and functions),
+        with Keras' dtype/rank matching and output masks. ``model.losses`` is added by the HVP.
+
+    A label structure with another number of entries than the model has outputs raises a
+    ValueError naming both counts.
+    """
+
+    def __init__(self, model: tf.keras.Model) -> None:
+        from keras.src.engine import compile_utils
+
+        self._utils = compile_utils
+        compiled = model.compiled_loss
+        self.num_outputs = len(model.outputs) if getattr(model, "outputs", None) else None
+        self.container = compile_utils.LossesContainer(
+            compiled._user_losses, compiled._user_loss_weights, output_names=model.output_names)
+        if getattr(model, "outputs", None):
+            outputs = model.outputs
+            self.container.build(outputs[0] if len(outputs) == 1 else list(outputs))
+
+    def __call__(self, y_true: Any, y_pred: Any) -> tf.Tensor:
+        from keras.src.utils import losses_utils
+
+        c = self.container
+        y_true = c._conform_to_outputs(y_pred, y_true)
+        if not c.built:
+            c.build(y_pred)
+        trues, preds = tf.nest.flatten(y_true), tf.nest.flatten(y_pred)
+        if len(trues) != len(preds):
+            raise ValueError(f"The curvature labels have {len(trues)} part(s) but the model has "
+                             f"{len(preds)} output(s): pass one label array per output, e.g. "
+                             "batch=(x, (y_1, y_2)).")
+        values = []
+        for y_t, y_p, loss_obj, weight in zip(trues, preds, c._losses, c._loss_weights):
+            if y_t is None or loss_obj is None:
+                continue
+            y_t, y_p, sw = self._utils.match_dtype_and_rank(y_t, y_p, None)
+            sw = losses_utils.apply_mask(y_p, sw, losses_utils.get_mask(y_p))
+            value = loss_obj(y_t, y_p, sample_weight=sw)
+            values.append(value if weight is None else value * weight)
+        if not values:
+            raise ValueError("The compiled model has no loss for any output.")
+        return tf.add_n(losses_utils.cast_losses_to_common_dtype(values))

@@ -12,6 +12,8 @@ Examples::
         --learning-rate 3e-3
     horovodrun --gloo -np 2 -H localhost:2 python jobs/train.py \\
         --config jobs/configs/cifar10_resnet110_dho2.yaml --epochs 5
+    python jobs/train.py --launcher ray --num-workers 2 --optimizer dho2 --mode sharded
+    python jobs/train.py --launcher ray --num-workers 8 --ray-address auto --config run.yaml
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +34,8 @@ from dho2_tf.experiment import (  # noqa: E402
     load_config_file,
 )
 
+LAUNCHERS = ("horovodrun", "ray")
+LAUNCH_KEYS = ("launcher", "num_workers", "ray_address")
 HELP = {
     "model": "model name from the registry (mlp, logreg, autoencoder, resnet20, resnet32, "
              "resnet56, resnet110, resnet1d); autoencoder is trained to reconstruct its input "
@@ -72,7 +77,12 @@ HELP = {
     "prioritized_r": "prioritized SGD: fraction of each rank's shard re-scored per step",
     "tensorboard_dir": "write TensorBoard event files here (rank 0 only)",
     "checkpoint_dir": "save model + optimizer state here after every epoch (rank 0, atomic)",
-    "resume": "continue from the checkpoint in --checkpoint-dir (if there is one)",
+    "resume": "continue from the checkpoint in --checkpoint-dir (if there is one); refused "
+              "when the configuration changed (see --allow-config-change)",
+    "overwrite": "start afresh and replace the checkpoint already in --checkpoint-dir (without "
+                 "--resume or --overwrite an existing checkpoint is refused, never deleted)",
+    "allow_config_change": "comma-separated keys a --resume may change deliberately, e.g. "
+                           "learning_rate,epochs (any other change is refused)",
     "verbose": "Keras verbosity on rank 0: 0 silent, 1 progress bar, 2 one line per epoch",
 }
 
@@ -107,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                "the file. Unknown keys in the file are an error.")
     parser.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or JSON file of "
                         "TrainConfig keys (dashes or underscores)")
+    launch = parser.add_argument_group("launcher (not TrainConfig fields)")
+    launch.add_argument("--launcher", choices=LAUNCHERS, help="horovodrun (default): this "
+                        "process is one rank (start it with horovodrun or plain python); ray: "
+                        "this process starts --num-workers ranks on Ray (dho2_tf.ray_launcher)")
+    launch.add_argument("--num-workers", type=int, metavar="N", help="ray: number of Horovod "
+                        "ranks, one Ray worker each (default: 2)")
+    launch.add_argument("--ray-address", metavar="ADDR", help="ray: cluster address (auto, "
+                        "head:6379, ray://head:10001); default: start a local Ray instance")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         annotation = str(field.type)
@@ -131,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    for key in LAUNCH_KEYS:
+        args.pop(key, None)
     try:
         values = load_config_file(args.pop("config")) if "config" in args else {}
         config = TrainConfig.from_dict(values, source="the config file")
@@ -144,19 +164,62 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return config
 
 
+def launch_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """``launcher``, ``num_workers`` and ``ray_address``, checked (exit 2 on bad input)."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    launch = argparse.Namespace(launcher=args.get("launcher", "horovodrun"),
+                                num_workers=args.get("num_workers"),
+                                ray_address=args.get("ray_address"))
+    if launch.launcher != "ray":
+        if launch.num_workers is not None or launch.ray_address is not None:
+            parser.error("--num-workers and --ray-address need --launcher ray (under "
+                         "horovodrun, -np sets the number of ranks)")
+        return launch
+    if "HOROVOD_RANK" in os.environ:
+        parser.error("--launcher ray starts its own Horovod ranks: run it with plain python, "
+                     "not under horovodrun")
+    if launch.num_workers is None:
+        launch.num_workers = 2
+    if launch.num_workers < 1:
+        parser.error(f"--num-workers must be a positive integer. Received: "
+                     f"num_workers={launch.num_workers}")
+    from dho2_tf.ray_launcher import require_ray
+
+    try:
+        require_ray()
+    except ImportError as err:
+        parser.error(str(err))
+    return launch
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, print the summary line on rank 0."""
     import time
 
     started = time.perf_counter()
     config = parse_args(argv)
-    from dho2_tf.experiment import make_comm, train
+    launch = launch_options(argv)
+    if launch.launcher == "ray":
+        from dho2_tf.ray_launcher import run_on_ray
 
-    comm = make_comm(config)
-    logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    result = train(config, comm)
-    if comm.is_root:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("dho2_tf").setLevel(logging.INFO)  # the workers log as under horovodrun
+        result, is_root = run_on_ray(config, launch.num_workers, launch.ray_address), True
+    else:
+        from dho2_tf.checkpointing import CheckpointError
+        from dho2_tf.consistency import RunConsistencyError
+        from dho2_tf.experiment import make_comm, train
+
+        comm = make_comm(config)
+        logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s")
+        try:
+            result, is_root = train(config, comm), comm.is_root
+        except (CheckpointError, RunConsistencyError) as err:  # every rank reports and stops
+            print(f"train.py: error (rank {comm.rank}): {err}", file=sys.stderr, flush=True)
+            return 2
+    if is_root:
         ttt = "none" if result.time_to_target is None else f"{result.time_to_target:.1f}"
         print(f"RESULT optimizer={config.optimizer} mode={config.mode} model={config.model} "
               f"dataset={config.dataset} ranks={result.ranks} "

@@ -10,7 +10,15 @@ Examples::
     # The same script without elastic flags (or in one process) trains identically.
     horovodrun --gloo -np 2 -H localhost:2 .venv/bin/python jobs/train_elastic.py
 
-Semantics (commits, roll-back, re-partitioning) are in :mod:`dho2_tf.distributed.elastic`.
+    # Recommended: through the launcher, which sets --elastic-timeout (60 s here instead of
+    # horovodrun's 600 s) and exits non-zero with a clear message when the job stops without
+    # finishing (e.g. a lost host never returns and fewer than --min-np workers remain).
+    DHO2_ELASTIC_HOSTS="localhost:1 127.0.0.1:1" .venv/bin/python jobs/elastic/run_elastic.py \\
+        --np 2 --min-np 1 --max-np 2 -- .venv/bin/python jobs/train_elastic.py --epochs 20
+
+Give each worker its own host name (as above): Horovod blacklists the host of a worker that
+fails, and with it every worker on that host. Semantics (commits, roll-back after a worker is
+killed, re-partitioning) are in :mod:`dho2_tf.distributed.elastic`.
 """
 
 from __future__ import annotations

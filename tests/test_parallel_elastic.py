@@ -1,14 +1,18 @@
-"""Horovod Elastic on localhost: a worker killed mid-run, and a worker added mid-run.
+"""Horovod Elastic on localhost: workers killed mid-run (cooperatively and with SIGKILL from
+outside), a worker added mid-run, and a lost host that never comes back.
 
-Two host names for one machine (``localhost:2``, ``127.0.0.1:1``, the trick Horovod's CI uses)
-let the failed worker blacklist only its own "host". Both runs are compared with an
-uninterrupted static run of the same script at np=2.
+Two host names for one machine (``localhost``, ``127.0.0.1``, the trick Horovod's CI uses) let
+the failed worker blacklist only its own "host". The cooperative-kill and grow runs are compared
+with an uninterrupted static run of the same script at np=2; a run recovered from SIGKILL is
+compared with a replay, in one process, from the commit it recovered from.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
 import re
 import signal
 import subprocess
@@ -16,12 +20,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers.launch import REPO, horovodrun_path
 
 SCRIPT = REPO / "tests/parallel/elastic_train_check.py"
 DISCOVERY = REPO / "jobs/elastic/discover_hosts.sh"
+LAUNCHER = REPO / "jobs/elastic/run_elastic.py"
+TWO_HOSTS = {"DHO2_ELASTIC_HOSTS": "localhost:1 127.0.0.1:1"}
+SIGKILL_EPOCHS = 4  # 160 steps
+# A step takes milliseconds: the workers sleep STEP_DELAY before each one, and the kill comes
+# a random 0-KILL_JITTER s after a random commit among KILL_AFTER, so it lands mid-training.
+STEP_DELAY, KILL_JITTER, KILL_AFTER = 0.02, 0.25, (15, 30, 40, 45, 60, 75)
 KILL_STEP, GROW_STEP = 50, 50
 pytestmark = pytest.mark.parallel
 
@@ -142,3 +153,142 @@ def test_added_worker_joins_at_a_commit_and_gets_the_state(tmp_path: Path,
     for result in results:
         assert result["history"] == results[0]["history"]
         assert_same_training_as(result, reference)
+
+
+def start_job(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group (so a hang can be killed whole), output piped."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(REPO), **env}
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish_job(proc: subprocess.Popen, timeout: float) -> str:
+    """Wait for ``proc``; its output. A timeout kills the process group and fails the test."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s (hang):\n{out[-8000:]}") from None
+    return out
+
+
+def sigkill_after_commit(proc: subprocess.Popen, pid_dir: Path, rank: int, min_step: int,
+                         jitter: float, deadline: float = 120) -> dict:
+    """SIGKILL the worker of ``rank`` ``jitter`` seconds after it committed ``min_step``.
+
+    Polls the worker's ``rank<r>.json`` (pid, size and last committed step), waits ``jitter``
+    s more (the victim may then be anywhere: inside a step's collectives, a commit, an
+    evaluation, a sleep) and sends SIGKILL from this process. Returns the record read then.
+    """
+    path = pid_dir / f"rank{rank}.json"
+    start = time.monotonic()
+    while True:
+        record = json.loads(path.read_text()) if path.exists() else None
+        if record and record["size"] == 2 and record["step"] >= min_step:
+            break
+        if proc.poll() is not None or time.monotonic() - start > deadline:
+            out = finish_job(proc, 5)
+            raise AssertionError(f"rank {rank} never reached step {min_step}:\n{out[-8000:]}")
+        time.sleep(0.05)
+    time.sleep(jitter)
+    record = json.loads(path.read_text())
+    assert record["size"] == 2, record
+    os.kill(record["pid"], signal.SIGKILL)
+    return record
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["rank0", "rank1"])
+def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Path,
+                                                                    victim: int) -> None:
+    """kill -9 of a worker from outside: the survivor rolls back to its last commit and
+    finishes alone; its final weights equal a one-process replay from that commit."""
+    pid_dir, commit_dir = tmp_path / "pids", tmp_path / "commits"
+    pid_dir.mkdir()
+    commit_dir.mkdir()
+    rng = random.Random(random.randrange(2**16))
+    after, jitter = rng.choice(KILL_AFTER), rng.uniform(0.0, KILL_JITTER)
+    print(f"kill {jitter:.3f}s after the commit of step {after}")
+    proc = start_job(
+        [horovodrun_path(), "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
+         "--host-discovery-script", str(DISCOVERY), "--network-interface", "lo",
+         "--elastic-timeout", "30", "--gloo-timeout-seconds", "20", sys.executable,
+         str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--pid-dir", str(pid_dir),
+         "--commit-dir", str(commit_dir), "--step-delay", str(STEP_DELAY)], TWO_HOSTS)
+    killed = sigkill_after_commit(proc, pid_dir, victim, after, jitter)
+    out = finish_job(proc, timeout=120)
+    assert proc.returncode == 0, out[-8000:]
+    assert re.search(r"Process \d exit with status code 137", out), out[-8000:]  # SIGKILL
+    detected = [ln for ln in out.splitlines() if "elastic: a collective failed" in ln]
+    assert detected, out[-8000:]  # recognised as a Horovod failure, not a crash
+    print(f"killed {killed}; survivor saw: {detected[0]}")
+    (survivor,) = results_of(out)
+    assert survivor["pid"] != killed["pid"] and survivor["final_size"] == 1
+    schedule = scheduled_commits(survivor)
+    commits = [tuple(c) for c in survivor["commits"]]
+    (first, restart) = [tuple(s) for s in survivor["starts"]]
+    recovered = restart[0]
+    # Started on 2 workers, resumed alone from the last commit it made before the failure,
+    # which is at least the victim's last commit (commits are collective) ...
+    assert first == (0, 2) and restart == (recovered, 1)
+    assert recovered == max(s for s, size in commits if size == 2) >= killed["step"]
+    # ... and every scheduled commit happened exactly once: no committed step was lost.
+    assert [s for s, _ in commits] == schedule
+    assert all(size == (2 if s <= recovered else 1) for s, size in commits)
+    assert survivor["steps"] == SIGKILL_EPOCHS * survivor["steps_per_epoch"]
+
+    # Reference: the same script in one process, from the commit the survivor recovered from.
+    replay_dir = tmp_path / "replay"
+    replay_dir.mkdir()
+    commit_file = commit_dir / f"commit-{survivor['pid']}-{recovered}.pkl"
+    replay = subprocess.run(
+        [sys.executable, str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--replay-from",
+         str(commit_file), "--commit-dir", str(replay_dir)], cwd=REPO, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+                                     "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert replay.returncode == 0, replay.stdout[-4000:] + replay.stderr[-4000:]
+    (want,) = results_of(replay.stdout)
+    assert want["steps"] == survivor["steps"]
+    assert [s for s, _ in want["commits"]] == [s for s in schedule if s > recovered]
+    for got, ref in zip(survivor["history"], want["history"], strict=True):
+        assert got["epoch"] == ref["epoch"]
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), (got, ref)
+    with open(commit_dir / f"final-{survivor['pid']}.pkl", "rb") as f:
+        final = pickle.load(f)
+    with open(replay_dir / f"final-{want['pid']}.pkl", "rb") as f:
+        expected = pickle.load(f)
+    with open(commit_file, "rb") as f:
+        start_weights = pickle.load(f)["weights"]
+    assert len(final) == len(expected)
+    print("max |final - replay|:", max(float(np.max(np.abs(a - b)))
+                                       for a, b in zip(final, expected)))
+    for got_w, want_w, start_w in zip(final, expected, start_weights, strict=True):
+        np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-6)
+        assert not np.array_equal(got_w, start_w)  # training did continue after the commit
+    assert survivor["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=2e-3)
+
+
+def test_lost_host_that_never_returns_fails_loudly_within_the_timeout(tmp_path: Path) -> None:
+    """--min-np 2 on two one-slot hosts: after kill -9 of a worker the job cannot continue;
+    it must end within the elastic timeout with a non-zero status and a clear message."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    timeout_s = 10
+    proc = start_job(
+        [sys.executable, str(LAUNCHER), "--np", "2", "--min-np", "2", "--max-np", "2",
+         "--elastic-timeout", str(timeout_s), "--extra=--gloo-timeout-seconds=20", "--",
+         sys.executable, str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--pid-dir",
+         str(pid_dir), "--step-delay", str(STEP_DELAY)], TWO_HOSTS)
+    killed = sigkill_after_commit(proc, pid_dir, 1, 30, 0.1)
+    killed_at = time.monotonic()
+    out = finish_job(proc, timeout=timeout_s + 60)
+    waited = time.monotonic() - killed_at
+    assert proc.returncode != 0, out[-8000:]
+    assert waited < timeout_s + 45, waited  # the timeout, plus shutting the survivor down
+    (message,) = [ln for ln in out.splitlines() if ln.startswith("run_elastic: error:")]
+    print(f"{message} (after {waited:.0f}s)")
+    assert "fewer than --min-np 2 workers were available for --elastic-timeout 10s" in message
+    last = int(re.search(r"the last commit was at step (\d+)", message).group(1))
+    assert last >= killed["step"]
+    assert "ELASTIC_RESULT" not in out  # nobody claims to have finished

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -9,6 +14,7 @@ import pytest
 from tests.helpers.launch import REPO, run_horovod
 
 SCRIPT = REPO / "tests/parallel/reliability_check.py"
+CONSISTENCY = REPO / "tests/parallel/consistency_run.py"
 pytestmark = pytest.mark.parallel
 
 
@@ -16,8 +22,58 @@ def test_different_model_widths_error_on_every_rank_within_60_seconds():
     start = time.monotonic()
     proc = run_horovod(SCRIPT, 2, args=("mismatch",), timeout=120)
     assert time.monotonic() - start < 60
+    for rank in (0, 1):  # the differing keys are named, not the whole fingerprint dumped
+        assert (f"rank {rank} MISMATCH_ERROR DHO2 ranks disagree on variable[0], variable[1], "
+                "variable[2] (every rank must use the same value)") in proc.stdout
     for rank in (0, 1):
-        assert f"rank {rank} MISMATCH_ERROR DHO2 ranks disagree" in proc.stdout
+        assert ('  variable[0]: rank 0: [[10, 24], "float32"]; rank 1: [[10, 32], "float32"]'
+                in rank_output(proc.stdout, rank))
+
+
+# case -> (key that must be named, the line giving each rank's value)
+RUN_CASES = {
+    "batch_size": "batch_size: rank 0: 50; rank 1: 25",
+    "num_samples": "num_samples: rank 0: 400; rank 1: 600",
+    "weight_decay": "weight_decay: rank 0: 0.0003; rank 1: 0.0",
+    "learning_rate": "learning_rate: rank 0: 0.001; rank 1: 0.002",
+    "k": "k: rank 0: 2; rank 1: 3",
+}
+
+
+def rank_output(text, rank):
+    """The lines horovodrun prefixed with ``[rank]<stdout>:`` / ``<stderr>:``, prefix removed."""
+    out = []
+    for line in text.splitlines():
+        for stream in ("stdout", "stderr"):
+            prefix = f"[{rank}]<{stream}>:"
+            if line.startswith(prefix):
+                out.append(line[len(prefix):])
+    return out
+
+
+def test_ranks_disagreeing_on_the_run_error_on_every_rank_within_30_seconds_naming_the_key():
+    """Batch size, samples, weight decay, baseline lr and DHO2's k differ between the two
+    ranks: `train` raises on both before the first training collective, naming the key."""
+    proc = run_horovod(CONSISTENCY, 2, args=tuple(RUN_CASES), timeout=240)
+    for rank in (0, 1):
+        blocks = "\n".join(rank_output(proc.stdout, rank)).split("CONSISTENCY_ERROR ")[1:]
+        assert [b.split()[0] for b in blocks] == [f"case={c}" for c in RUN_CASES], proc.stdout
+        for block, (case, line) in zip(blocks, RUN_CASES.items()):
+            lines = block.splitlines()
+            assert lines[1].startswith("Training run ranks disagree on "), block
+            assert case in lines[1].split(" on ", 1)[1].split(" (")[0].split(", "), block
+            assert f"  {line}" in lines, block
+            assert float(block.split("seconds=", 1)[1].split()[0]) < 30
+
+
+def test_train_job_with_rank_dependent_flags_exits_2_on_every_rank():
+    proc = run_horovod(CONSISTENCY, 2, args=("cli",), timeout=120)
+    for rank in (0, 1):
+        lines = rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
+        assert f"rank {rank} CLI_STATUS 2" in lines
+        assert any(line.startswith(f"train.py: error (rank {rank}): Training run ranks "
+                                   "disagree on ") for line in lines), lines
+        assert "  batch_size: rank 0: 50; rank 1: 25" in lines, lines
 
 
 def test_nan_batch_on_one_rank_is_skipped_by_every_rank():
@@ -49,3 +105,67 @@ def test_checkpoint_written_with_two_ranks_resumes_with_one_and_three(tmp_path):
                            timeout=240)
         for mode in ("sharded", "replicated"):
             assert proc.stdout.count(f"RESUME_OK mode={mode} P={np_} from=2") == np_
+
+
+# ------------------------------------------------------------------ checkpoints across ranks
+JOB_FLAGS = ("--optimizer", "adam", "--learning-rate", "1e-3", "--num-samples", "500",
+             "--epochs", "2", "--schedule", "cosine", "--verbose", "0")
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(tmp_path_factory):
+    """A checkpoint written by 2 ranks x batch 50 after epoch 1 of 2 (the target stops it)."""
+    folder = tmp_path_factory.mktemp("two_ranks") / "ckpt"
+    proc = run_horovod(CONSISTENCY, 2, args=("job", *JOB_FLAGS, "--batch-size", "50",
+                                             "--checkpoint-dir", str(folder),
+                                             "--target-loss", "100"), timeout=120)
+    assert "rank 0 JOB_STATUS 0" in proc.stdout and "rank 1 JOB_STATUS 0" in proc.stdout
+    return folder
+
+
+def _one_rank_job(*flags):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("HOROVOD_RANK", None)
+    return subprocess.run([sys.executable, str(REPO / "jobs/train.py"), *JOB_FLAGS, *flags],
+                          capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_only_with_the_same_global_batch(
+        two_rank_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(two_rank_checkpoint, folder)
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    assert (manifest["epoch"], manifest["step"], manifest["ranks"]) == (1, 4, 2)
+    assert (manifest["run"]["global_batch"], manifest["run"]["steps_per_epoch"]) == (100, 4)
+    # Same per-rank batch on one rank would halve the global batch: refused, with the fix.
+    proc = _one_rank_job("--batch-size", "50", "--checkpoint-dir", str(folder), "--resume")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "  global_batch: checkpoint 100, this run 50" in proc.stderr
+    assert "  steps_per_epoch: checkpoint 4, this run 8" in proc.stderr
+    assert ("written by 2 rank(s) x batch_size 50 (global batch 100); on 1 training rank(s) "
+            "pass --batch-size 100 to keep the global batch") in proc.stderr
+    assert json.loads((folder / "checkpoint.json").read_text()) == manifest
+    # With --batch-size 100 the global batch and the cosine schedule's steps are kept.
+    proc = _one_rank_job("--batch-size", "100", "--checkpoint-dir", str(folder), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert " ranks=1 epochs=2 " in proc.stdout
+    resumed = json.loads((folder / "checkpoint.json").read_text())
+    assert (resumed["epoch"], resumed["step"], resumed["ranks"]) == (2, 8, 1)
+    assert (resumed["run"]["global_batch"], resumed["run"]["steps_per_epoch"]) == (100, 4)
+
+
+def test_a_corrupted_file_of_one_rank_stops_every_rank_naming_its_path(two_rank_checkpoint,
+                                                                       tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(two_rank_checkpoint, folder)
+    name = json.loads((folder / "checkpoint.json").read_text())["name"]
+    victim = folder / name / "rank_00001.npz"
+    victim.write_bytes(victim.read_bytes()[:100])
+    proc = run_horovod(CONSISTENCY, 2, args=("job", *JOB_FLAGS, "--batch-size", "50",
+                                             "--checkpoint-dir", str(folder), "--resume"),
+                       timeout=120)
+    for rank in (0, 1):
+        lines = rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
+        assert f"rank {rank} JOB_STATUS 2" in lines, lines
+        assert any(line.startswith(f"train.py: error (rank {rank}): Checkpoint file {victim} "
+                                   "is unreadable or corrupted") for line in lines), lines

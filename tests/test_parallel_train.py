@@ -83,6 +83,7 @@ def test_dho2_sharded_with_tensorboard_checkpoint_and_resume(tmp_path):
         "checkpoint.json", next(p for p in os.listdir(ckpt) if p.startswith("ckpt-00001-"))]
 
     resumed = run_horovod(JOB, np=2, args=(*common, "--resume", "--epochs", "2",
+                                           "--allow-config-change", "epochs",  # cosine: longer
                                            "--num-samples", "1000", "--verbose", "2"),
                           timeout=150)
     assert result_line(resumed)["epochs"] == "2"

@@ -64,7 +64,11 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
             hvp(v) = ∇²L(θ) · v = ∂/∂ε ∇L(θ + ε v) |_{ε=0}
 
         computed forward-over-reverse: a ``tf.autodiff.ForwardAccumulator`` with tangents
-        ``unflatten(v)`` around the ``tf.GradientTape`` of the gradient (Pearlmutter 1994). The result is exact up to rounding, never a finite difference.
+        ``unflatten(v)`` around the ``tf.GradientTape`` of the gradient (Pearlmutter 1994).
+        Models with an ``Embedding`` (a gather of a variable, which TensorFlow cannot
+        forward-differentiate in a traced function) take the reverse-over-reverse product
+        ∇_θ ⟨∇_θ L(θ), v⟩ instead; other models are unaffected. The result is exact up to
+        rounding, never a finite difference.
 
     The returned callable is a ``tf.function`` with a fixed input signature
     ``TensorSpec([n], hvp_dtype)``, traced once; the batch is captured as tensors. Every call
@@ -98,25 +102,71 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
     frozen = _frozen_state(model, variables)
     var_dtypes = [v.dtype for v in variables]
 
-    @tf.function(input_signature=[tf.TensorSpec([spec.n], hvp_dtype)])
-    def hvp(v_flat: tf.Tensor) -> tf.Tensor:
-        saved = [v.read_value() for v in frozen]
-        tangents = [tf.cast(t, d) for t, d in zip(unflatten(v_flat, spec), var_dtypes)]
+    def restoring(product: Callable[[list[tf.Tensor]], list[tf.Tensor]]) -> HvpFn:
+        """The traced HVP around ``product`` (tangents -> H·v per variable), restoring the
+        frozen state after the forward pass."""
+
+        @tf.function(input_signature=[tf.TensorSpec([spec.n], hvp_dtype)])
+        def hvp(v_flat: tf.Tensor) -> tf.Tensor:
+            saved = [v.read_value() for v in frozen]
+            tangents = [tf.cast(t, d) for t, d in zip(unflatten(v_flat, spec), var_dtypes)]
+            result = flatten(product(tangents), spec, dtype=hvp_dtype)
+            with tf.control_dependencies([result]):
+                for var, value in zip(frozen, saved):
+                    var.assign(value)
+            return result
+
+        return hvp
+
+    def forward_over_reverse(tangents: list[tf.Tensor]) -> list[tf.Tensor]:
         with tf.autodiff.ForwardAccumulator(primals=variables, tangents=tangents) as acc:
             with tf.GradientTape() as tape:
                 loss = _batch_loss(model, loss_fn, x, y, training)
             grads = tape.gradient(loss, variables,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        hv = acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        result = flatten(hv, spec, dtype=hvp_dtype)
-        with tf.control_dependencies([result]):
-            for var, value in zip(frozen, saved):
-                var.assign(value)
-        return result
+        return acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    logger.debug("HVP function built: n=%d, %d variables, %d frozen, training=%s, dtype=%s",
-                 spec.n, len(variables), len(frozen), training, hvp_dtype.name)
+    def reverse_over_reverse(tangents: list[tf.Tensor]) -> list[tf.Tensor]:
+        return _double_backward(model, loss_fn, x, y, training, variables, tangents)
+
+    hvp = restoring(forward_over_reverse)
+    method = "forward-over-reverse"
+    if _has_gather_lookups(model):
+        # TensorFlow cannot forward-differentiate a resource gather inside a traced function
+        # ("Duplicate node name in graph: '.../embedding_lookup'"): trace now, and take the
+        # reverse-over-reverse product (the same H·v, Pearlmutter 1994) when that happens.
+        try:
+            hvp.get_concrete_function()
+        except ValueError as err:
+            if "Duplicate node name" not in str(err):
+                raise
+            hvp = restoring(reverse_over_reverse)
+            method = "reverse-over-reverse"
+    logger.debug("HVP function built (%s): n=%d, %d variables, %d frozen, training=%s, "
+                 "dtype=%s", method, spec.n, len(variables), len(frozen), training,
+                 hvp_dtype.name)
     return hvp
+
+
+def _has_gather_lookups(model: tf.keras.Model) -> bool:
+    """Whether ``model`` holds a layer that reads its weights by index (``Embedding``)."""
+    return any(isinstance(layer, tf.keras.layers.Embedding) for layer in model.submodules)
+
+
+def _double_backward(model: tf.keras.Model, loss_fn: LossFn, x: Any, y: Any, training: bool,
+                     variables: Sequence[tf.Variable], v_parts: Sequence[tf.Tensor]
+                     ) -> list[tf.Tensor]:
+    """H·v per variable as ∇_θ ⟨∇_θ L(θ), v⟩ (nested tapes; sparse gradients made dense)."""
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = _batch_loss(model, loss_fn, x, y, training)
+        grads = inner.gradient(loss, variables,
+                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        inner_product = tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g) * v)
+                                  for g, v in zip(grads, v_parts)])
+    hv = outer.gradient(inner_product, variables,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [tf.convert_to_tensor(h) for h in hv]
 
 
 def hvp_double_backward(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any],
@@ -147,14 +197,7 @@ def hvp_double_backward(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any
     frozen = _frozen_state(model, variables)
     saved = [tf.identity(v) for v in frozen]
     v_parts = [tf.cast(t, var.dtype) for t, var in zip(unflatten(v_flat, spec), variables)]
-    with tf.GradientTape() as outer:
-        with tf.GradientTape() as inner:
-            loss = _batch_loss(model, loss_fn, x, y, training)
-        grads = inner.gradient(loss, variables,
-                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        inner_product = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, v_parts)])
-    hv = outer.gradient(inner_product, variables,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    hv = _double_backward(model, loss_fn, x, y, training, variables, v_parts)
     for var, value in zip(frozen, saved):
         var.assign(value)
     return flatten(hv, spec, dtype=v_flat.dtype)

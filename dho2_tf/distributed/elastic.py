@@ -24,9 +24,17 @@ job runs. :func:`elastic_train` runs a custom training loop inside Horovod's ela
 Note:
     Horovod's ``hvd.elastic.run`` turns only failed allreduce/allgather/broadcast ops into
     ``HorovodInternalError`` and silently returns ``None`` for a failed reduce-scatter, which is
-    DHO2's gradient collective; :func:`elastic_train` uses its own wrapper
-    (:func:`is_horovod_failure`). Without elastic flags (plain ``horovodrun`` or one process)
-    the same loop runs once, with the same commits.
+    DHO2's gradient collective; a peer killed with SIGKILL also surfaces inside the traced step
+    as a bare Gloo transport error (``Connection reset by peer ... node DHO2/dho2/gradient``).
+    :func:`elastic_train` uses its own wrapper (:func:`is_horovod_failure`) that maps all of
+    these to ``HorovodInternalError``, so the survivors roll back instead of crashing. Without
+    elastic flags (plain ``horovodrun`` or one process) the same loop runs once, with the same
+    commits.
+
+Job-level failures are the launcher's: ``horovodrun`` waits ``--elastic-timeout`` seconds
+(default 600) for enough slots after a host is lost; ``jobs/elastic/run_elastic.py`` launches
+with a short timeout and turns a job that ends without every worker reporting completion into a
+non-zero exit with a clear message.
 
 Only this module and :mod:`dho2_tf.distributed.comm` import Horovod.
 """
@@ -38,6 +46,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -57,9 +66,24 @@ ELASTIC_MODES = ("auto", "replicated", "sharded", "faithful")
 _SHUT_DOWN = "Horovod has been shut down"
 _HOROVOD_OPS = ("HorovodAllreduce", "HorovodAllgather", "HorovodBroadcast",
                 "HorovodReducescatter", "HorovodAlltoall", _SHUT_DOWN)
+#: What a collective reports when a peer process died (SIGKILL, OOM, lost host): the Gloo
+#: transport's errors, which name neither the op type nor Horovod, e.g. ``Connection reset by
+#: peer [[{{node DHO2/dho2/gradient}}]]``.
+_TRANSPORT_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                       "Connection refused", "gloo", "Gloo", "Read error", "Write error",
+                       "Timed out waiting", "Socket closed")
+#: TensorFlow error classes a failed collective surfaces as (eager or inside ``tf.function``).
+_COLLECTIVE_ERRORS = (tf.errors.UnknownError, tf.errors.InternalError, tf.errors.AbortedError,
+                      tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
 
 PerExampleLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 StepHook = Callable[[int, Communicator], None]
+CommitHook = Callable[[dict[str, Any], Communicator], None]
+#: Environment variable naming a file rank 0 writes (the final step) when training finished;
+#: ``jobs/elastic/run_elastic.py`` sets it to tell a finished job from one that stopped early.
+DONE_FILE_ENV = "DHO2_ELASTIC_DONE_FILE"
+#: Keys of a commit (what ``on_commit`` receives and ``resume`` accepts).
+COMMIT_KEYS = ("weights", "optimizer_state", "step", "epoch_loss", "history")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,15 +143,22 @@ def global_batch_rows(step: int, num_rows: int, config: ElasticConfig) -> np.nda
 
 
 def is_horovod_failure(error: BaseException) -> bool:
-    """Whether a TensorFlow error means a Horovod collective failed (a peer died or left).
+    """Whether an error means a Horovod collective failed (a peer died or left the job).
 
-    Horovod's own ``hvd.elastic.run`` only recognises allreduce, allgather and broadcast
-    failures and silently returns ``None`` on a failed reduce-scatter (DHO2's gradient
-    collective), so this check also accepts the reduce-scatter/all-to-all ops and the
-    shut-down message every failed op carries.
+    True for Horovod's own ``HorovodInternalError`` and for a TensorFlow op error (eager or
+    raised from inside a ``tf.function``) that names a Horovod op, says Horovod was shut down,
+    or carries a transport failure of the Gloo controller, such as ``Connection reset by peer``
+    after a peer was killed with SIGKILL (that message names only the graph node, e.g.
+    ``DHO2/dho2/gradient``). Horovod's own ``hvd.elastic.run`` recognises only failed
+    allreduce, allgather and broadcast ops and silently returns ``None`` on a failed
+    reduce-scatter (DHO2's gradient collective), hence this wider check.
     """
-    return isinstance(error, tf.errors.UnknownError) and any(
-        token in str(error) for token in _HOROVOD_OPS)
+    if isinstance(error, HorovodInternalError):
+        return True
+    if not isinstance(error, _COLLECTIVE_ERRORS):
+        return False
+    text = str(error)
+    return any(token in text for token in _HOROVOD_OPS + _TRANSPORT_FAILURES)
 
 
 @dataclasses.dataclass
@@ -319,12 +350,66 @@ class DHO2ElasticState(ObjectState):
         self.weights, self.optimizer_state = snapshot["weights"], snapshot["optimizer_state"]
         super().save()
 
+    def sync(self) -> None:
+        """Broadcast rank 0's commit; a peer lost meanwhile is a ``HorovodInternalError``."""
+        try:
+            super().sync()
+        except HorovodInternalError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- re-raised unless it is a failed collective
+            if not is_horovod_failure(err):
+                raise
+            raise HorovodInternalError(err) from err
+
+    def committed(self) -> dict[str, Any]:
+        """A copy of the last commit: the :data:`COMMIT_KEYS` (what ``resume`` accepts)."""
+        return copy.deepcopy({key: self._saved_state[key] for key in COMMIT_KEYS})
+
+    def load(self, commit: dict[str, Any]) -> None:
+        """Make ``commit`` (from :meth:`committed`, e.g. read back from disk) the last commit.
+
+        Raises:
+            ValueError: when a key of :data:`COMMIT_KEYS` is missing.
+        """
+        missing = [key for key in COMMIT_KEYS if key not in commit]
+        if missing:
+            raise ValueError(f"A commit to resume from needs the keys {list(COMMIT_KEYS)}; "
+                             f"missing: {missing}")
+        for key in COMMIT_KEYS:
+            setattr(self, key, copy.deepcopy(commit[key]))
+        self.step = int(self.step)
+        ObjectState.save(self)  # record it without a snapshot of the (not yet built) trainer
+
+
+def run_fingerprint(trainer: ElasticTrainer) -> dict[str, Any]:
+    """What every rank of an elastic run must agree on: schedule, data, optimizer and model.
+
+    Flat ``{key: value}`` for :func:`dho2_tf.consistency.check_run_consistency`: the
+    :class:`ElasticConfig` fields, the training/test rows and steps per epoch, the DHO2 config
+    (``optimizer.*``) and the name and shape of every model variable (``model.*``).
+    """
+    from dho2_tf.consistency import flatten
+
+    fingerprint = {f"config.{k}": v for k, v in dataclasses.asdict(trainer.config).items()}
+    fingerprint.update({"data.train_rows": len(trainer.x_train),
+                        "data.test_rows": len(trainer.x_test),
+                        "data.input_shape": list(trainer.x_train.shape[1:]),
+                        "steps_per_epoch": trainer.steps_per_epoch})
+    fingerprint.update(flatten(trainer.optimizer_config, "optimizer."))
+    fingerprint.update({f"model.{i}.{v.name}": list(v.shape)
+                        for i, v in enumerate(trainer.model.weights)})
+    return fingerprint
+
 
 def _train(state: DHO2ElasticState, on_step_begin: StepHook | None,
-           log: dict[str, list[tuple[int, int]]]) -> ElasticResult:
+           on_commit: CommitHook | None, log: dict[str, list[tuple[int, int]]]) -> ElasticResult:
     """Train from the state's step to the end; Horovod re-enters it after every reset."""
+    from dho2_tf.consistency import check_run_consistency
+
     trainer, cfg = state.trainer, state.trainer.config
     comm, spe = trainer.comm, trainer.steps_per_epoch
+    # Every (re-)entry, so a worker that joins is checked against the ones that stayed.
+    check_run_consistency(comm, run_fingerprint(trainer), "elastic run")
     trainer.rebuild(state.weights, state.optimizer_state, state.step)
     log["starts"].append((state.step, comm.size))
     if comm.is_root:
@@ -349,8 +434,14 @@ def _train(state: DHO2ElasticState, on_step_begin: StepHook | None,
             log["commits"].append((state.step, comm.size))
             if comm.is_root:
                 logger.info("elastic commit: step=%d size=%d", state.step, comm.size)
+            if on_commit is not None:
+                on_commit(state.committed(), comm)
             state.check_host_updates()  # may raise HostsUpdatedInterrupt (kept: no roll-back)
     trainer.optimizer.on_train_end()
+    done_file = os.environ.get(DONE_FILE_ENV)
+    if done_file and comm.is_root:
+        with open(done_file, "w", encoding="utf-8") as f:
+            f.write(f"{state.step}\n")
     return ElasticResult(state.step, trainer.evaluate(), list(state.history),
                          list(log["commits"]), list(log["starts"]))
 
@@ -363,12 +454,18 @@ def _run_elastic(body: Callable[..., ElasticResult]) -> Callable[..., ElasticRes
     def guarded(state: DHO2ElasticState, *args: Any) -> ElasticResult:
         try:
             return body(state, *args)
-        except tf.errors.UnknownError as err:
+        except HorovodInternalError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- re-raised unless it is a failed collective
             if not is_horovod_failure(err):
                 raise
-            if state.trainer.comm.is_root:
-                logger.warning("elastic: a collective failed at step %d; rolling back to the "
-                               "commit of step %d", state.step, state._saved_state["step"])
+            # Every survivor logs it: which rank is 0 is only known after the re-rendezvous.
+            lines = [re.sub(r"^\s*\[[^\]]*\]:?\s*", "", ln)  # drop a "[file.cc:123]" prefix
+                     for ln in str(err).splitlines()
+                     if any(t in ln for t in _HOROVOD_OPS + _TRANSPORT_FAILURES)]
+            logger.warning("elastic: a collective failed at step %d (%s: %s); rolling back to "
+                           "the commit of step %d", state.step, type(err).__name__,
+                           (lines or [str(err)])[0].strip()[:200], state._saved_state["step"])
             raise HorovodInternalError(err) from err
 
     def reset() -> None:
@@ -382,7 +479,8 @@ def elastic_train(model: tf.keras.Model, optimizer_config: dict[str, Any],
                   data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                   config: ElasticConfig, *, comm: Communicator | None = None,
                   per_example_loss: PerExampleLoss | None = None,
-                  on_step_begin: StepHook | None = None) -> ElasticResult:
+                  on_step_begin: StepHook | None = None, on_commit: CommitHook | None = None,
+                  resume: dict[str, Any] | None = None) -> ElasticResult:
     """Train ``model`` with DHO2, surviving workers that fail or join (Horovod Elastic).
 
     Under ``horovodrun`` with elastic flags (``HOROVOD_ELASTIC=1``) the loop runs inside
@@ -400,6 +498,11 @@ def elastic_train(model: tf.keras.Model, optimizer_config: dict[str, Any],
         per_example_loss: ``loss(y_true, y_pred) -> [b]``. Defaults to sparse categorical
             cross-entropy from logits.
         on_step_begin: ``hook(step, comm)`` called before every update (e.g. fault injection).
+        on_commit: ``hook(commit, comm)`` called on every rank after every commit, with a copy
+            of the commit (:data:`COMMIT_KEYS`), e.g. to persist it.
+        resume: a commit passed to ``on_commit`` earlier: training continues from its step,
+            weights and optimizer state (rank 0's is used; the trajectory is the one the
+            original run would have followed from that commit at this world size).
 
     Returns:
         The :class:`ElasticResult` (the same on every rank, except ``commits``/``starts``,
@@ -407,13 +510,18 @@ def elastic_train(model: tf.keras.Model, optimizer_config: dict[str, Any],
 
     Raises:
         ValueError: on an invalid configuration or an unsupported DHO2 ``mode``.
+        dho2_tf.consistency.RunConsistencyError: on every rank when ranks disagree on the
+            schedule, the data sizes, the optimizer config or the model's variable shapes
+            (checked at every (re-)entry, before the state is used).
     """
     comm = default_comm() if comm is None else comm
     trainer = ElasticTrainer(model, optimizer_config, data, config, comm, per_example_loss)
     state = DHO2ElasticState(trainer, comm)
     state.register_reset_callbacks([trainer.invalidate])
+    if resume is not None:
+        state.load(resume)
     log: dict[str, list[tuple[int, int]]] = {"commits": [], "starts": []}
     if os.environ.get("HOROVOD_ELASTIC") == "1":
-        return _run_elastic(_train)(state, on_step_begin, log)
+        return _run_elastic(_train)(state, on_step_begin, on_commit, log)
     state.sync()
-    return _train(state, on_step_begin, log)
+    return _train(state, on_step_begin, on_commit, log)

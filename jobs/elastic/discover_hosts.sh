@@ -6,7 +6,9 @@
 #   DHO2_ELASTIC_HOSTS       used when no file is given: space-separated "host:slots" entries.
 #                            Defaults to "localhost:2 127.0.0.1:1", two names for this machine
 #                            (the trick Horovod's own CI uses), so a failed worker blacklists
-#                            only one of them.
+#                            only one of them. Horovod blacklists the whole host of a failed
+#                            worker, survivors on it included: to lose only the failed worker,
+#                            give every worker its own name ("localhost:1 127.0.0.1:1").
 #   DHO2_ELASTIC_DRAIN       optional folder: a file named after a host (e.g. "$DIR/127.0.0.1")
 #                            drops that host, which retires its workers at the next commit.
 #

@@ -5,14 +5,18 @@ The multi-worker run (a worker killed mid-job) is ``tests/test_parallel_elastic.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from horovod.common.exceptions import HorovodInternalError
 
+from dho2_tf.consistency import RunConsistencyError
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.distributed.elastic import (
+    COMMIT_KEYS,
     DHO2ElasticState,
     ElasticConfig,
     ElasticTrainer,
@@ -20,7 +24,9 @@ from dho2_tf.distributed.elastic import (
     global_batch_rows,
     is_horovod_failure,
     rank_rows,
+    run_fingerprint,
 )
+from tests.helpers.launch import REPO
 
 SMALL = ElasticConfig(global_batch=20, curvature_batch=40)
 OPT = {"learning_rate": 0.05, "base": "momentum", "k": 2, "refresh_every": 4, "warmup": 3}
@@ -91,6 +97,23 @@ def test_horovod_failures_are_recognised_including_reducescatter() -> None:
     assert is_horovod_failure(tf.errors.UnknownError(None, None, "HorovodAllreduce_x failed"))
     assert not is_horovod_failure(tf.errors.UnknownError(None, None, "disk on fire"))
     assert not is_horovod_failure(tf.errors.InvalidArgumentError(None, None, shut))
+
+
+def test_a_peer_killed_with_sigkill_is_a_horovod_failure() -> None:
+    # What a traced DHO2 step raised on the survivor of a `kill -9` of rank 0: the Gloo
+    # transport error names only the graph node, neither the op type nor Horovod.
+    reset = ("Graph execution error:\n\nDetected at node DHO2/dho2/gradient defined at ...\n"
+             "[/tmp/gloo/transport/tcp/pair.cc:598] Connection reset by peer "
+             "[127.0.0.1]:41234\n\t [[{{node DHO2/dho2/gradient}}]] [Op:__inference_step_fn_1]")
+    assert is_horovod_failure(tf.errors.UnknownError(None, None, reset))
+    assert is_horovod_failure(tf.errors.InternalError(None, None, reset))
+    assert is_horovod_failure(HorovodInternalError("allreduce failed"))
+    closed = "[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv"
+    assert is_horovod_failure(tf.errors.UnavailableError(None, None, closed))
+    # A genuine bug in the step is not retried as a membership change.
+    assert not is_horovod_failure(tf.errors.InvalidArgumentError(None, None, reset))
+    assert not is_horovod_failure(ValueError("Connection reset by peer"))
+    assert not is_horovod_failure(tf.errors.InternalError(None, None, "Blas GEMM launch failed"))
 
 
 @pytest.mark.parametrize("mode", ["admm", "pipelined"])
@@ -164,3 +187,86 @@ def test_elastic_train_in_one_process_commits_on_schedule(mode: str) -> None:
     assert [s for s, _ in result.commits] == [4, 6, 8, 12]
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert 0.0 <= result.test_accuracy <= 1.0 and np.isfinite(result.history[-1]["loss"])
+
+
+def test_resume_from_a_commit_reproduces_the_rest_of_the_run() -> None:
+    """A commit handed to ``on_commit`` and passed back as ``resume`` continues the same
+    trajectory: the final weights equal the uninterrupted run's."""
+    config = ElasticConfig(epochs=2, global_batch=20, curvature_batch=40, commit_every=4)
+    commits = {}
+    model = tiny_model()
+    full = elastic_train(model, OPT, tiny_data(), config, comm=LocalComm(),
+                         on_commit=lambda commit, comm: commits.setdefault(commit["step"],
+                                                                           commit))
+    assert sorted(commits) == [s for s, _ in full.commits] == [4, 6, 8, 12]
+    assert all(sorted(c) == sorted(COMMIT_KEYS) for c in commits.values())
+    assert commits[8]["step"] == 8 and commits[8]["optimizer_state"] is not None
+    want = model.get_weights()
+    resumed_model = tiny_model()  # fresh weights: everything must come from the commit
+    resumed = elastic_train(resumed_model, OPT, tiny_data(), config, comm=LocalComm(),
+                            resume=commits[8])
+    assert resumed.starts == [(8, 1)] and [s for s, _ in resumed.commits] == [12]
+    assert resumed.history == full.history
+    for got, ref in zip(resumed_model.get_weights(), want, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"missing: \['history'\]"):
+        elastic_train(tiny_model(), OPT, tiny_data(), config, comm=LocalComm(),
+                      resume={k: v for k, v in commits[8].items() if k != "history"})
+
+
+class _DisagreeingComm(LocalComm):
+    """Two 'ranks': the other one reports a different global batch (no real peer needed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 2
+
+    def allgather_object(self, obj, *, name):
+        return [obj, {**obj, "config.global_batch": 40}]
+
+
+def test_ranks_disagreeing_on_the_run_fail_before_training() -> None:
+    trainer = make_trainer(SMALL)
+    fingerprint = run_fingerprint(trainer)
+    assert fingerprint["config.global_batch"] == 20 and fingerprint["steps_per_epoch"] == 6
+    assert fingerprint["optimizer.k"] == 2 and fingerprint["data.train_rows"] == 120
+    assert sorted(v for k, v in fingerprint.items() if k.startswith("model.")) == [
+        [3], [6, 8], [8], [8, 3]]
+    with pytest.raises(RunConsistencyError, match=r"config.global_batch: rank 0: 20; rank 1: 40"):
+        elastic_train(tiny_model(), OPT, tiny_data(), SMALL, comm=_DisagreeingComm())
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("run_elastic",
+                                                  REPO / "jobs/elastic/run_elastic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launcher_reports_every_way_a_job_can_end_without_finishing() -> None:
+    launcher = _launcher()
+    args = launcher.parse_args(["--np", "2", "--min-np", "2", "--max-np", "3",
+                                "--elastic-timeout", "7", "--", "python", "train.py"])
+    cmd = launcher.horovodrun_command(args)
+    assert cmd[-2:] == ["python", "train.py"]
+    assert cmd[cmd.index("--elastic-timeout") + 1] == "7" and "--host-discovery-script" in cmd
+    log = "elastic commit: step=15 size=2\nelastic commit: step=30 size=2\n"
+    assert launcher.verdict(0, True, log, args) is None
+    assert launcher.verdict(0, False, log, args) == (
+        "the elastic job ended without finishing training (no worker reported completion); "
+        "the last commit was at step 30.")
+    lost = log + "TimeoutException: Timed out waiting for {activity}. Please check ..."
+    assert launcher.verdict(1, False, lost, args).startswith(
+        "the elastic job stopped: after a worker was lost, fewer than --min-np 2 workers were "
+        "available for --elastic-timeout 7s (the lost host did not come back); the last "
+        "commit was at step 30.")
+    same_host = log + "ERROR:root:blacklisted slots count == 2 -> stop running"
+    assert "every remaining worker ran on a host where a worker failed" in launcher.verdict(
+        1, False, same_host, args)
+    assert launcher.verdict(137, True, "", args) == (
+        "the elastic job failed (horovodrun exit status 137); no commit was made.")
+    for bad in (["--np", "1", "--min-np", "2", "--max-np", "2", "--", "x"],
+                ["--np", "2", "--min-np", "1", "--max-np", "2"]):
+        with pytest.raises(SystemExit):
+            launcher.parse_args(bad)

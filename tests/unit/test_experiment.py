@@ -34,7 +34,8 @@ def test_coerce_rejects_with_the_key_and_value(name, annotation, value):
 
 
 def test_from_dict_rejects_unknown_keys():
-    with pytest.raises(ValueError, match="Unknown key 'lr' in config. Valid keys: alpha"):
+    with pytest.raises(ValueError, match="Unknown key 'lr' in config. Valid keys: "
+                                         "allow_config_change, alpha"):
         TrainConfig.from_dict({"lr": 0.1})
 
 

@@ -106,8 +106,8 @@ def test_bad_flags_exit_2_with_a_message_naming_the_flag(argv, message, capsys):
 def test_bad_config_files(tmp_path, capsys):
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"epochs": 1, "learning_rat": 0.1}))
-    assert "Unknown key 'learning_rat' in the config file. Valid keys: alpha" in \
-        error_of(["--config", str(unknown)], capsys)
+    assert ("Unknown key 'learning_rat' in the config file. Valid keys: allow_config_change, "
+            "alpha") in error_of(["--config", str(unknown)], capsys)
     wrong_type = tmp_path / "type.yaml"
     wrong_type.write_text("epochs: many\n")
     assert "`epochs` must be of type int. Received: epochs='many'" in \
@@ -170,3 +170,46 @@ def test_autoencoder_job_runs_end_to_end_and_reports_the_training_loss():
     assert fields["model"] == "autoencoder" and fields["test_accuracy"] == "nan"
     assert fields["epochs"] == "1" and fields["time_to_target"] != "none"
     assert 0.0 < float(fields["train_loss"]) < 0.7
+
+
+def _run_job(*flags, drop_dac=False):
+    """jobs/train.py in a subprocess; ``drop_dac``: without the capability that lets root
+    write into any directory, so a read-only directory is read-only for it too."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    prefix = []
+    if drop_dac and os.geteuid() == 0:
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    return subprocess.run(
+        [*prefix, sys.executable, str(REPO / "jobs" / "train.py"), "--optimizer", "adam",
+         "--learning-rate", "1e-3", "--num-samples", "200", "--epochs", "1", "--batch-size",
+         "40", "--verbose", "0", *flags],
+        capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+
+
+def test_existing_checkpoint_without_resume_exits_2_and_is_kept(tmp_path):
+    folder = tmp_path / "ckpt"
+    assert _run_job("--checkpoint-dir", str(folder)).returncode == 0
+    manifest = (folder / "checkpoint.json").read_text()
+    proc = _run_job("--checkpoint-dir", str(folder), "--learning-rate", "5e-3")
+    assert proc.returncode == 2 and "RESULT" not in proc.stdout
+    assert (f"train.py: error (rank 0): The checkpoint directory {folder} already holds a "
+            "checkpoint (epoch 1, step 4, 1 rank(s)); it is not replaced silently. Pass "
+            "--resume to continue it, --overwrite to replace it") in proc.stderr
+    assert (folder / "checkpoint.json").read_text() == manifest
+    assert json.loads(manifest)["name"] in os.listdir(folder)
+
+
+def test_read_only_checkpoint_dir_is_rejected_before_training(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        proc = _run_job("--checkpoint-dir", str(folder), drop_dac=True)
+    finally:
+        folder.chmod(0o755)
+    assert proc.returncode == 2 and "RESULT" not in proc.stdout
+    assert (f"train.py: error (rank 0): The checkpoint directory {folder} is not writable "
+            "(Permission denied). Fix its permissions or choose another --checkpoint-dir."
+            ) in proc.stderr
+    assert "training mlp on mnist1d" not in proc.stderr     # before training started
+    assert os.listdir(folder) == []

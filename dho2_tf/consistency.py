@@ -1,0 +1,128 @@
+"""Run-level consistency: every rank must agree on the run before the first collective.
+
+Ranks that disagree on, say, the batch size or the number of samples issue different numbers of
+collectives and hang; ranks that disagree on the weight decay or a learning rate train silently
+wrong. :func:`check_run_consistency` compares a flat *fingerprint* of everything that must agree
+with one ``allgather_object`` and, on a mismatch, raises :class:`RunConsistencyError` on every
+rank, naming each differing key with each rank's value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+_MISSING = "<missing>"
+
+
+class RunConsistencyError(ValueError):
+    """Ranks disagree on the run configuration.
+
+    Attributes:
+        differences: ``{key: [value of rank 0, value of rank 1, ...]}`` for each differing key
+            (``"<missing>"`` where a rank lacks the key).
+    """
+
+    def __init__(self, message: str, differences: Mapping[str, list[Any]]) -> None:
+        super().__init__(message)
+        self.differences = dict(differences)
+
+
+def _canonical(value: Any) -> str:
+    """JSON text of ``value`` with sorted keys (tuples and lists compare equal)."""
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def _describe(values: list[Any]) -> str:
+    """``rank 0,2: 16; rank 1: 32`` — ranks grouped by equal value, in rank order."""
+    groups: dict[str, list[int]] = {}
+    for rank, value in enumerate(values):
+        text = value if value is _MISSING else _canonical(value)
+        groups.setdefault(text, []).append(rank)
+    return "; ".join(f"rank {','.join(map(str, ranks))}: {text}"
+                     for text, ranks in groups.items())
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``config`` as a flat fingerprint: nested mappings become ``prefix.key.subkey`` entries.
+
+    Tuples become lists; values JSON cannot hold (numpy scalars aside, which become numbers)
+    are replaced by their ``repr`` without memory addresses (``<function f>``).
+    """
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+            continue
+        if hasattr(value, "item") and getattr(value, "shape", None) == ():
+            value = value.item()
+        try:
+            out[name] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):  # memory addresses differ between processes
+            out[name] = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+    return out
+
+
+def find_differences(fingerprints: list[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Keys whose values are not identical on every rank, with each rank's value.
+
+    Values are compared by their canonical JSON text; a key absent on some rank counts as
+    different there (its value is reported as ``"<missing>"``).
+    """
+    keys = sorted({key for fp in fingerprints for key in fp})
+    out: dict[str, list[Any]] = {}
+    for key in keys:
+        values = [fp.get(key, _MISSING) for fp in fingerprints]
+        texts = {v if v is _MISSING else _canonical(v) for v in values}
+        if len(texts) > 1:
+            out[key] = values
+    return out
+
+
+def format_differences(what: str, differences: Mapping[str, list[Any]]) -> str:
+    """The error message: a first line naming the keys, then one line per key."""
+    lines = [f"{what} ranks disagree on {', '.join(differences)} "
+             f"(every rank must use the same value):"]
+    lines += [f"  {key}: {_describe(values)}" for key, values in differences.items()]
+    return "\n".join(lines)
+
+
+def check_run_consistency(comm, fingerprint: Mapping[str, Any], what: str = "run") -> None:
+    """Compare ``fingerprint`` across every rank of ``comm``; raise on any difference.
+
+    Collective: every rank must call it, before any other collective whose shape or count
+    depends on the fingerprint (one ``allgather_object``). In a single process it does nothing.
+
+    Args:
+        comm: a :class:`dho2_tf.distributed.Communicator`.
+        fingerprint: flat ``{key: value}``; values must be JSON-serialisable (numbers, strings,
+            booleans, ``None`` and lists of those).
+        what: what is being compared (``"run"``, ``"DHO2"``, ...), used in the message and in
+            the collective's name.
+
+    Raises:
+        TypeError: when ``fingerprint`` is not a flat mapping of JSON-serialisable values
+            (raised before the collective, so on the rank that passed it).
+        RunConsistencyError: on every rank when any key differs; the message names each
+            differing key and every rank's value for it.
+    """
+    if not isinstance(fingerprint, Mapping):
+        raise TypeError(f"`fingerprint` must be a mapping. Received: {type(fingerprint)}")
+    mine = {}
+    for key, value in fingerprint.items():
+        if isinstance(value, Mapping):
+            raise TypeError(f"`fingerprint` must be flat; key {key!r} holds a mapping.")
+        try:
+            mine[str(key)] = json.loads(json.dumps(value))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"fingerprint value of {key!r} is not JSON-serialisable: "
+                            f"{value!r} ({err})") from None
+    if comm.size <= 1:
+        return
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", what)
+    everyone = comm.allgather_object(mine, name=f"dho2/consistency/{tag}")
+    differences = find_differences(everyone)
+    if differences:
+        raise RunConsistencyError(format_differences(what, differences), differences)

@@ -1,0 +1,84 @@
+"""Run under horovodrun: ranks that disagree on the run's configuration stop together.
+
+Usage:
+  consistency_run.py CASE [CASE ...]   for each case the ranks build configurations differing
+                                       in one field and call ``train``; every rank must raise
+                                       RunConsistencyError naming the field, before training
+  consistency_run.py cli               the same through ``jobs/train.py``'s ``main`` (rank-
+                                       dependent flags): exit status 2, message on stderr
+  consistency_run.py job FLAGS...      ``jobs/train.py``'s ``main(FLAGS)`` on every rank; prints
+                                       ``rank R JOB_STATUS S`` (errors go to stderr)
+
+Each case prints ``rank R CONSISTENCY_ERROR case=C seconds=S`` followed by the error message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+from dho2_tf import HorovodComm
+from dho2_tf.consistency import RunConsistencyError
+from dho2_tf.experiment import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[2]
+COMMON = {"num_samples": 400, "epochs": 1, "batch_size": 50, "verbose": 0,
+          "schedule": "constant"}
+# case -> (rank 0's fields, rank 1's fields), on top of COMMON
+CASES = {
+    "batch_size": ({"optimizer": "adam", "learning_rate": 1e-3},
+                   {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 25}),
+    "num_samples": ({"optimizer": "sgd"}, {"optimizer": "sgd", "num_samples": 600}),
+    "weight_decay": ({"optimizer": "momentum", "weight_decay": 3e-4},
+                     {"optimizer": "momentum", "weight_decay": 0.0}),
+    "learning_rate": ({"optimizer": "adam", "learning_rate": 1e-3},
+                      {"optimizer": "adam", "learning_rate": 2e-3}),
+    "k": ({"optimizer": "dho2", "k": 2, "curvature_batch": 50},
+          {"optimizer": "dho2", "k": 3, "curvature_batch": 50}),
+}
+
+
+def run_case(comm, case):
+    fields = {**COMMON, **CASES[case][min(comm.rank, 1)]}
+    start = time.monotonic()
+    try:
+        train(TrainConfig(**fields), comm)
+    except RunConsistencyError as err:
+        print(f"rank {comm.rank} CONSISTENCY_ERROR case={case} "
+              f"seconds={time.monotonic() - start:.1f}\n{err}", flush=True)
+        return
+    raise AssertionError(f"case {case}: no error although the ranks' configurations differ")
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def run_cli(comm):
+    job = load_job()
+    argv = ["--optimizer", "adam", "--learning-rate", "1e-3", "--num-samples", "400",
+            "--epochs", "1", "--schedule", "constant", "--verbose", "0",
+            "--batch-size", "50" if comm.rank == 0 else "25"]
+    status = job.main(argv)
+    print(f"rank {comm.rank} CLI_STATUS {status}", flush=True)
+
+
+def main() -> None:
+    comm = HorovodComm()
+    if sys.argv[1] == "job":
+        print(f"rank {comm.rank} JOB_STATUS {load_job().main(sys.argv[2:])}", flush=True)
+        return
+    for case in sys.argv[1:]:
+        if case == "cli":
+            run_cli(comm)
+        else:
+            run_case(comm, case)
+
+
+if __name__ == "__main__":
+    main()
