@@ -12,6 +12,8 @@ model, data, ranks, per-rank batch and epoch budget. Time is the training wall t
 end of the first epoch that meets the target; evaluation runs after every epoch with the clock
 stopped, everything else (curvature refreshes, collectives, tf.function tracing) is on the
 clock. Methods are interleaved per measurement seed, so drift of the machine hits all alike.
+A DHO2 run whose steps stay non-finite is stopped by DHO2 (``max_consecutive_skips``) and
+counts as a miss marked "diverged"; a diverging base optimizer simply misses.
 
 Tasks and targets:
 
@@ -66,6 +68,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import tensorflow as tf  # noqa: E402
 
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
 from dho2_tf.experiment import TrainConfig, train  # noqa: E402
@@ -170,7 +174,13 @@ def run_one(name: str, task: dict[str, Any], method: str, lr: float, seed: int,
     finite = target_loss is not None and math.isfinite(target_loss)
     config = TrainConfig(**task, **settings, learning_rate=lr, seed=seed,
                          target_loss=target_loss if finite else None)
-    result = train(config)
+    try:
+        result = train(config)
+    except tf.errors.InvalidArgumentError as err:
+        if "max_consecutive_skips" not in str(err):
+            raise
+        # DHO2 stopped a diverged run (every rank at the same step): a miss, not a crash.
+        return diverged_record(task, method, lr, seed, target_loss)
     refresh = sum(r["seconds"] for r in result.refreshes)
     epochs_run = len(result.history)
     steps = epochs_run * result.steps_per_epoch
@@ -193,6 +203,26 @@ def run_one(name: str, task: dict[str, Any], method: str, lr: float, seed: int,
     record["target_loss"] = target_loss
     record["curve"] = [(row["seconds"], row["train_loss"]) for row in result.history]
     return record
+
+
+def diverged_record(task: dict[str, Any], method: str, lr: float, seed: int,
+                    target_loss: float | None) -> dict[str, Any]:
+    """The record of a run DHO2 stopped because its steps kept being non-finite: it never
+    reaches the target and has no step time."""
+    record: dict[str, Any] = {
+        "method": method, "learning_rate": lr, "seed": seed, "time_to_target": None,
+        "best_accuracy": 0.0, "best_train_loss": float("inf"), "train_seconds": None,
+        "epochs": 0, "steps": 0, "refresh_seconds": 0.0, "refreshes": 0,
+        "compile_seconds": 0.0, "step_seconds": None, "diverged": True, "curve": []}
+    if is_loss_task(task):
+        record["target_loss"] = float("inf") if target_loss is None else target_loss
+    return record
+
+
+def median_of(values: Any) -> float:
+    """Median of the values that are not ``None`` (NaN when there are none)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else float("nan")
 
 
 def sweep_key(record: dict[str, Any]) -> tuple[float, float]:
@@ -221,7 +251,8 @@ def describe(record: dict[str, Any]) -> str:
             if "target_loss" in record else f"best={record['best_accuracy']:.3f}")
     return (f"  {record['method']:<13} lr={record['learning_rate']:<7g} seed={record['seed']:<4}"
             f" time_to_target={'miss' if ttt is None else f'{ttt:.1f}s':<7} {best}"
-            f" epochs={record['epochs']} refresh={record['refresh_seconds']:.1f}s")
+            f" epochs={record['epochs']} refresh={record['refresh_seconds']:.1f}s"
+            + (" diverged (DHO2 stopped it)" if record.get("diverged") else ""))
 
 
 def sweep_accuracy(name: str, task: dict[str, Any], comm: Any
@@ -315,7 +346,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         times = padded[method]
         out[method] = {"median": statistics.median(times), "min": min(times), "max": max(times),
                        "reached": sum(math.isfinite(t) for t in times), "seeds": len(times),
-                       "step_seconds": statistics.median(r["step_seconds"] for r in records),
+                       "step_seconds": median_of(r["step_seconds"] for r in records),
                        "refresh_seconds": statistics.median(r["refresh_seconds"]
                                                             for r in records),
                        "refreshes": statistics.median(r["refreshes"] for r in records),

@@ -69,6 +69,36 @@ def test_summary_speedups_per_pair_with_misses():
     assert "1.50x vs adam; 1.00x / 3.00x / inf" in text
 
 
+def test_a_run_dho2_stopped_as_diverged_is_a_miss_without_step_time(monkeypatch):
+    def diverge(config):
+        raise bench.tf.errors.InvalidArgumentError(
+            None, None, "DHO2 skipped more than max_consecutive_skips=50 consecutive steps")
+
+    monkeypatch.setattr(bench, "train", diverge)
+    task = bench.task_settings("logreg_mnist5k", True)
+    record = bench.run_one("logreg_mnist5k", task, "dho2_momentum", 1.0, 0, quick=True,
+                           target_loss=0.3)
+    assert record["diverged"] and record["time_to_target"] is None
+    assert record["target_loss"] == 0.3 and record["step_seconds"] is None
+    assert "diverged" in bench.describe(record)
+    runs = {m: [_record(m, 2.0)] for m in bench.METHODS}
+    runs["dho2_momentum"].append(record)
+    runs["momentum"].append(_record("momentum", 3.0))
+    for m in ("dho2_adam", "adam"):
+        runs[m].append(_record(m, 2.0))
+    summary = bench.summarize(runs)
+    assert summary["dho2_momentum"]["reached"] == 1
+    assert summary["dho2_momentum"]["step_seconds"] == 0.01  # the diverged run has none
+    assert summary["pairs"]["momentum"]["per_seed"] == [1.0, 0.0]
+
+    def other_error(config):
+        raise bench.tf.errors.InvalidArgumentError(None, None, "shapes differ")
+
+    monkeypatch.setattr(bench, "train", other_error)
+    with pytest.raises(bench.tf.errors.InvalidArgumentError, match="shapes differ"):
+        bench.run_one("logreg_mnist5k", task, "dho2_momentum", 1.0, 0, quick=True)
+
+
 def test_git_commit_marks_a_dirty_tree(tmp_path, monkeypatch):
     run = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True,  # noqa: E731
                                        capture_output=True)
