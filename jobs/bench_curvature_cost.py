@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 1
     logging.basicConfig(level=logging.WARNING)
     comm = default_comm()
+    commit = git_commit() if comm.is_root else ""  # before any result file is written
     started = time.perf_counter()
     results = {}
     for name in args.tasks:
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, f"curvature_cost_p{comm.size}.json")
         with open(path, "w", encoding="utf-8") as handle:
-            json.dump({"commit": git_commit(), "command": " ".join(sys.argv),
+            json.dump({"commit": commit, "command": " ".join(sys.argv),
                        "machine": machine(comm), "ranks": comm.size, "rounds": args.rounds,
                        "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
                        "wall_seconds": time.perf_counter() - started, "results": results,
