@@ -733,14 +733,16 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def serve_curvature(self) -> list[dict[str, Any]]:
         """Pipelined mode, curvature ranks: serve refreshes until the update ranks stop.
 
-        Call after :meth:`bind` instead of training; returns one record per refresh served
-        (``round``, ``start``, ``end``, ``seconds``, ``status``).
+        Call after :meth:`bind` instead of training, once per training session of the update
+        ranks (each ``fit()``, ending with :meth:`on_train_end`); returns one record per refresh
+        served (``round``, ``refresh``, ``start``, ``end``, ``seconds``, ``status``).
         """
         if not self.is_curvature_rank:
             raise RuntimeError("serve_curvature() runs only on the curvature ranks of "
                                "mode='pipelined'; update ranks train with fit().")
         self._require_binding()
-        self.verify_consistency(self.binding["model"])
+        if not getattr(self, "consistency_checked", False):  # as the update ranks' first step
+            self.verify_consistency(self.binding["model"])
         return self._mode.serve()
 
     def export_state(self) -> dict[str, Any]:

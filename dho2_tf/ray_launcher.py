@@ -12,6 +12,11 @@ CPU per worker.
 Ray is an optional dependency: ``pip install '.[ray]'`` (Ray 2.9.3 with protobuf < 5, which keeps
 TensorFlow 2.15.1's protobuf and grpcio ranges).
 
+:func:`run_elastic_function_on_ray` runs a Horovod Elastic job (e.g. ``jobs/train_elastic.py``,
+:func:`dho2_tf.distributed.elastic.elastic_train`) on Ray through ``RayExecutor(min_workers=...,
+max_workers=...)``: every Ray node is a host, a failed worker's host is blacklisted and the others
+go on from the last commit.
+
 ``python -m dho2_tf.ray_launcher --check`` checks that a cluster is usable before a long run: one
 allreduce over all workers, the host of every rank, and (``--shared-dir``) that a folder written by
 every rank is seen by every rank. It runs on Ray workers, or in place under ``horovodrun``.
@@ -48,6 +53,10 @@ PASSED_ENV = ("TF_CPP_MIN_LOG_LEVEL", "OMP_NUM_THREADS", "HOROVOD_CYCLE_TIME",
 # the other workers are stuck in a collective and never print theirs, so it waits less.
 OUTPUT_WAIT_S = 15.0
 OUTPUT_WAIT_AFTER_FAILURE_S = 3.0
+# Elastic runs: seconds to wait for --min-workers after a failure (horovodrun's default is 600),
+# and the Gloo interface on a local Ray instance (Horovod needs one, or two hosts, to start).
+ELASTIC_TIMEOUT_S = 60
+LOCAL_NICS = ("lo",)
 
 
 def require_ray() -> tuple[Any, Any]:
@@ -142,6 +151,11 @@ class _OutputWatch:
         finally:
             sys.stdout, sys.stderr = saved
 
+    def expect(self, num_workers: int) -> None:
+        """Wait for the markers of ``num_workers`` workers (elastic runs: those that finished)."""
+        with self._done:
+            self._expected = 2 * num_workers
+
     def record(self, stream: str, line: str) -> bool:
         """Count ``line`` if it is a marker line (then it is not printed)."""
         found = self._pattern.search(line)
@@ -221,6 +235,193 @@ def run_function_on_ray(fn: Callable[..., Any], args: Sequence[Any] = (),
                 watch.wait(OUTPUT_WAIT_S if ranked is not None else OUTPUT_WAIT_AFTER_FAILURE_S)
                 executor.shutdown()
     return [result for _, result in sorted(ranked, key=lambda item: item[0])]
+
+
+def _elastic_call(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any],
+                  marker: str) -> tuple[int, Any]:
+    """``(final Horovod rank of this worker, fn(*args, **kwargs))``; runs inside an elastic worker.
+
+    A worker that finishes ends with ``marker`` and its process id on stdout and stderr (see
+    :class:`_OutputWatch`); ranks change when workers leave or join, the process id does not.
+    """
+    from dho2_tf.distributed.comm import default_comm
+
+    result = fn(*args, **kwargs)
+    rank = default_comm().rank
+    for stream in (sys.stdout, sys.stderr):
+        print(f"{marker} {os.getpid()}", file=stream, flush=True)
+    return rank, result
+
+
+def _stop_elastic(executor: Any) -> None:
+    """Shut ``executor`` down; stops Horovod's elastic driver first if a failure left it running."""
+    adapter = getattr(executor, "adapter", None)
+    if adapter is None:
+        return
+    driver = getattr(adapter, "driver", None)
+    if driver is not None and not driver.finished():
+        driver.stop()
+    executor.shutdown()
+
+
+def run_elastic_function_on_ray(fn: Callable[..., Any], args: Sequence[Any] = (),
+                                kwargs: dict[str, Any] | None = None, *, min_workers: int,
+                                max_workers: int | None = None, address: str | None = None,
+                                cpus_per_worker: int = 1, nics: Sequence[str] | None = None,
+                                elastic_timeout_s: int = ELASTIC_TIMEOUT_S,
+                                discovery: Any = None, start_timeout_s: int = 60) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` under Horovod Elastic on between ``min_workers`` and
+    ``max_workers`` Ray workers.
+
+    Horovod's elastic driver (``RayExecutor(min_workers=..., max_workers=...)``) reads the hosts
+    from Ray (every node is a host with one slot per ``cpus_per_worker`` CPUs), starts one worker
+    (Ray actor, ``HOROVOD_ELASTIC=1``) per slot up to ``max_workers`` and, when a worker fails,
+    blacklists its host and lets the others go on (``fn`` runs an ``hvd.elastic.run`` loop, e.g.
+    :func:`dho2_tf.distributed.elastic.elastic_train`) as long as ``min_workers`` slots remain
+    within ``elastic_timeout_s``; nodes that join the cluster add workers at the next commit.
+    One Ray node is one host: a worker failing there ends the job (all its workers are on the
+    blacklisted host); surviving the loss of a worker needs two nodes or more.
+
+    Args:
+        fn: importable by the workers, as for :func:`run_function_on_ray`.
+        nics: network interfaces for Gloo (e.g. ``["eth0"]``). ``None``: ``lo`` on a local Ray
+            instance; on a cluster Horovod finds the common interfaces, which needs two nodes.
+        discovery: a ``horovod.runner.elastic.discovery.HostDiscovery`` used instead of Ray's
+            node list; each host name ``H`` it returns must be a Ray resource ``node:H``.
+
+    Returns:
+        The results of the workers that finished, ordered by their final Horovod rank.
+
+    Raises:
+        ValueError: on a bad worker count or timeout, before Ray starts.
+        ImportError: when Ray is not installed (names the extra to install).
+        RuntimeError: when the job stopped without finishing (Horovod's message: a worker failed
+            and no host is left, or fewer than ``min_workers`` slots for ``elastic_timeout_s``).
+    """
+    check_int("min_workers", min_workers, minimum=1)
+    if max_workers is not None:
+        check_int("max_workers", max_workers, minimum=min_workers,
+                  hint=f"at least min_workers={min_workers}")
+    check_int("cpus_per_worker", cpus_per_worker, minimum=1)
+    check_int("elastic_timeout_s", elastic_timeout_s, minimum=1)
+    _, ray_executor = require_ray()
+    if nics is None and address is None:
+        nics = LOCAL_NICS
+    with ray_session(address, num_cpus=(max_workers or min_workers) * cpus_per_worker):
+        settings = ray_executor.create_settings(timeout_s=start_timeout_s,
+                                                nics=set(nics) if nics else None)
+        if discovery is not None:
+            settings.discovery = discovery
+        executor = ray_executor(settings, min_workers=min_workers, max_workers=max_workers,
+                                cpus_per_worker=cpus_per_worker,
+                                elastic_timeout=elastic_timeout_s,
+                                override_discovery=discovery is None)
+        marker = f"dho2-ray-output-end-{uuid.uuid4().hex}"
+        watch = _OutputWatch(marker, 0)
+        with watch.installed():
+            ranked = None
+            try:
+                executor.start()
+                ranked = executor.run(_elastic_call,
+                                      args=[fn, list(args), dict(kwargs or {}), marker])
+            finally:
+                # after a failure: wait for markers that never come, i.e. a few seconds
+                watch.expect(len(ranked) if ranked is not None else min_workers)
+                watch.wait(OUTPUT_WAIT_S if ranked is not None else OUTPUT_WAIT_AFTER_FAILURE_S)
+                _stop_elastic(executor)
+    return [result for _, result in sorted(ranked, key=lambda item: item[0])]
+
+
+def run_job_main(script: str, argv: list[str]) -> Any:
+    """``main(argv)`` of the job script ``script``, loaded as a module (its ``__main__`` block
+    does not run); runs inside a Ray worker, as ``horovodrun`` would run the script."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"dho2_job_{Path(script).stem}", script)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"Cannot load the job script {script}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def elastic_launch_parser() -> argparse.ArgumentParser:
+    """The launcher flags of an elastic job script (a parent parser, for its ``--help``)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    group = parser.add_argument_group("launcher")
+    group.add_argument("--launcher", choices=("horovodrun", "ray"), default="horovodrun",
+                       help="horovodrun (default): this process is one worker (start it with "
+                       "horovodrun); ray: this process runs the job on Ray workers under "
+                       "Horovod Elastic (dho2_tf.ray_launcher)")
+    group.add_argument("--min-workers", type=int,
+                       help="ray: go on while at least this many workers remain (default 1)")
+    group.add_argument("--max-workers", type=int,
+                       help="ray: at most this many workers, one per CPU (default 2)")
+    group.add_argument("--ray-address", help="ray: cluster address (auto, head:6379, "
+                       "ray://head:10001); default: start a local Ray instance")
+    group.add_argument("--network-interface", help="ray: network interface for Gloo (e.g. "
+                       "eth0); needed on a one-node cluster")
+    group.add_argument("--elastic-timeout", type=int, help="ray: seconds to wait for "
+                       f"--min-workers after a failure (default {ELASTIC_TIMEOUT_S})")
+    return parser
+
+
+def elastic_launch_options(argv: list[str] | None = None) -> tuple[argparse.Namespace,
+                                                                    list[str]]:
+    """The launcher flags of :func:`elastic_launch_parser`, checked (exit 2 on bad input, before
+    Ray starts), and the job's own flags left over."""
+    parser = elastic_launch_parser()
+    launch, rest = parser.parse_known_args(argv)
+    ray_only = ("min_workers", "max_workers", "ray_address", "network_interface",
+                "elastic_timeout")
+    given = [f"--{name.replace('_', '-')}" for name in ray_only
+             if getattr(launch, name) is not None]
+    if launch.launcher != "ray":
+        if given:
+            parser.error(f"{', '.join(given)} need --launcher ray (under horovodrun, "
+                         f"--min-np/--max-np set the workers)")
+        return launch, rest
+    if launch.min_workers is None:
+        launch.min_workers = 1
+    if launch.max_workers is None:
+        launch.max_workers = max(2, launch.min_workers)
+    if launch.elastic_timeout is None:
+        launch.elastic_timeout = ELASTIC_TIMEOUT_S
+    if not 1 <= launch.min_workers <= launch.max_workers:
+        parser.error(f"need 1 <= --min-workers <= --max-workers. Received: "
+                     f"min_workers={launch.min_workers}, max_workers={launch.max_workers}")
+    if launch.elastic_timeout < 1:
+        parser.error(f"--elastic-timeout must be a positive integer. Received: "
+                     f"elastic_timeout={launch.elastic_timeout}")
+    check_ray_launch(parser)
+    return launch, rest
+
+
+def check_ray_launch(parser: argparse.ArgumentParser) -> None:
+    """Exit 2 through ``parser.error`` when ``--launcher ray`` cannot start: run under
+    ``horovodrun`` (the launcher starts its own Horovod workers), or Ray not installed."""
+    if "HOROVOD_RANK" in os.environ:
+        parser.error("--launcher ray starts its own Horovod workers: run it with plain python, "
+                     "not under horovodrun")
+    try:
+        require_ray()
+    except ImportError as err:
+        parser.error(str(err))
+
+
+def run_elastic_job_on_ray(script: str, launch: argparse.Namespace, job_argv: list[str]) -> None:
+    """Run ``main(job_argv)`` of the job ``script`` on Ray workers under Horovod Elastic, with
+    the options of :func:`elastic_launch_options`; exit 1 with Horovod's message when the job
+    stopped without finishing."""
+    nics = [launch.network_interface] if launch.network_interface else None
+    try:
+        run_elastic_function_on_ray(run_job_main, (str(script), list(job_argv)),
+                                    min_workers=launch.min_workers,
+                                    max_workers=launch.max_workers, address=launch.ray_address,
+                                    nics=nics, elastic_timeout_s=launch.elastic_timeout)
+    except RuntimeError as err:
+        print(f"{Path(script).name}: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def train_worker(config: TrainConfig) -> TrainResult:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -176,20 +175,14 @@ def launch_options(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--num-workers and --ray-address need --launcher ray (under "
                          "horovodrun, -np sets the number of ranks)")
         return launch
-    if "HOROVOD_RANK" in os.environ:
-        parser.error("--launcher ray starts its own Horovod ranks: run it with plain python, "
-                     "not under horovodrun")
     if launch.num_workers is None:
         launch.num_workers = 2
     if launch.num_workers < 1:
         parser.error(f"--num-workers must be a positive integer. Received: "
                      f"num_workers={launch.num_workers}")
-    from dho2_tf.ray_launcher import require_ray
+    from dho2_tf.ray_launcher import check_ray_launch
 
-    try:
-        require_ray()
-    except ImportError as err:
-        parser.error(str(err))
+    check_ray_launch(parser)
     return launch
 
 

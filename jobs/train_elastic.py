@@ -16,9 +16,14 @@ Examples::
     DHO2_ELASTIC_HOSTS="localhost:1 127.0.0.1:1" .venv/bin/python jobs/elastic/run_elastic.py \\
         --np 2 --min-np 1 --max-np 2 -- .venv/bin/python jobs/train_elastic.py --epochs 20
 
+    # On Ray (horovod.ray, elastic): 1 to 4 workers, one per CPU of the cluster's nodes.
+    .venv/bin/python jobs/train_elastic.py --launcher ray --min-workers 1 --max-workers 4 \\
+        --ray-address head:6379 --epochs 20
+
 Give each worker its own host name (as above): Horovod blacklists the host of a worker that
-fails, and with it every worker on that host. Semantics (commits, roll-back after a worker is
-killed, re-partitioning) are in :mod:`dho2_tf.distributed.elastic`.
+fails, and with it every worker on that host. On Ray every node is a host: surviving a failed
+worker needs two Ray nodes or more. Semantics (commits, roll-back after a worker is killed,
+re-partitioning) are in :mod:`dho2_tf.distributed.elastic`.
 """
 
 from __future__ import annotations
@@ -38,13 +43,16 @@ import models
 from dho2_tf.data import load_dataset
 from dho2_tf.distributed.comm import default_comm
 from dho2_tf.distributed.elastic import ELASTIC_MODES, ElasticConfig, elastic_train
+from dho2_tf.ray_launcher import (elastic_launch_options, elastic_launch_parser,
+                                  run_elastic_job_on_ray)
 
 logger = logging.getLogger("train_elastic")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (defaults: the MNIST-1D MLP with DHO2 on a momentum base)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                parents=[elastic_launch_parser()])
     p.add_argument("--dataset", default="mnist1d", help="mnist1d or digits")
     p.add_argument("--model", default="mlp", help="model name from the registry")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 on the kernels")
@@ -71,7 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, build model, optimizer config and schedule, and run ``elastic_train``."""
-    args = parse_args(argv)
+    launch, job_argv = elastic_launch_options(argv)
+    args = parse_args(job_argv)
+    if launch.launcher == "ray":  # start the workers; each runs main(job_argv)
+        run_elastic_job_on_ray(__file__, launch, job_argv)
+        return
     comm = default_comm()  # hvd.init under horovodrun; not a collective
     logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")

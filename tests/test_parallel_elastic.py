@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -174,13 +175,16 @@ def finish_job(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def sigkill_after_commit(proc: subprocess.Popen, pid_dir: Path, rank: int, min_step: int,
-                         jitter: float, deadline: float = 120) -> dict:
-    """SIGKILL the worker of ``rank`` ``jitter`` seconds after it committed ``min_step``.
+def sigkill_after_commit(running: Callable[[], bool], pid_dir: Path, rank: int, min_step: int,
+                         jitter: float, deadline: float = 120,
+                         output: Callable[[], str] = str) -> dict:
+    """SIGKILL the worker of ``rank`` ``jitter`` seconds after it committed ``min_step`` on 2
+    workers.
 
-    Polls the worker's ``rank<r>.json`` (pid, size and last committed step), waits ``jitter``
-    s more (the victim may then be anywhere: inside a step's collectives, a commit, an
-    evaluation, a sleep) and sends SIGKILL from this process. Returns the record read then.
+    Polls the worker's ``rank<r>.json`` (pid, size and last committed step) while ``running()``,
+    waits ``jitter`` s more (the victim may then be anywhere: inside a step's collectives, a
+    commit, an evaluation, a sleep) and sends SIGKILL from this process. Returns the record read
+    then; fails with ``output()`` when the job ended or ``deadline`` passed first.
     """
     path = pid_dir / f"rank{rank}.json"
     start = time.monotonic()
@@ -188,9 +192,9 @@ def sigkill_after_commit(proc: subprocess.Popen, pid_dir: Path, rank: int, min_s
         record = json.loads(path.read_text()) if path.exists() else None
         if record and record["size"] == 2 and record["step"] >= min_step:
             break
-        if proc.poll() is not None or time.monotonic() - start > deadline:
-            out = finish_job(proc, 5)
-            raise AssertionError(f"rank {rank} never reached step {min_step}:\n{out[-8000:]}")
+        if not running() or time.monotonic() - start > deadline:
+            raise AssertionError(f"rank {rank} never reached step {min_step} on 2 workers:\n"
+                                 f"{output()[-8000:]}")
         time.sleep(0.05)
     time.sleep(jitter)
     record = json.loads(path.read_text())
@@ -199,31 +203,11 @@ def sigkill_after_commit(proc: subprocess.Popen, pid_dir: Path, rank: int, min_s
     return record
 
 
-@pytest.mark.parametrize("victim", [0, 1], ids=["rank0", "rank1"])
-def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Path,
-                                                                    victim: int) -> None:
-    """kill -9 of a worker from outside: the survivor rolls back to its last commit and
-    finishes alone; its final weights equal a one-process replay from that commit."""
-    pid_dir, commit_dir = tmp_path / "pids", tmp_path / "commits"
-    pid_dir.mkdir()
-    commit_dir.mkdir()
-    rng = random.Random(random.randrange(2**16))
-    after, jitter = rng.choice(KILL_AFTER), rng.uniform(0.0, KILL_JITTER)
-    print(f"kill {jitter:.3f}s after the commit of step {after}")
-    proc = start_job(
-        [horovodrun_path(), "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
-         "--host-discovery-script", str(DISCOVERY), "--network-interface", "lo",
-         "--elastic-timeout", "30", "--gloo-timeout-seconds", "20", sys.executable,
-         str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--pid-dir", str(pid_dir),
-         "--commit-dir", str(commit_dir), "--step-delay", str(STEP_DELAY)], TWO_HOSTS)
-    killed = sigkill_after_commit(proc, pid_dir, victim, after, jitter)
-    out = finish_job(proc, timeout=120)
-    assert proc.returncode == 0, out[-8000:]
-    assert re.search(r"Process \d exit with status code 137", out), out[-8000:]  # SIGKILL
-    detected = [ln for ln in out.splitlines() if "elastic: a collective failed" in ln]
-    assert detected, out[-8000:]  # recognised as a Horovod failure, not a crash
-    print(f"killed {killed}; survivor saw: {detected[0]}")
-    (survivor,) = results_of(out)
+def assert_recovered_and_matches_replay(survivor: dict, killed: dict, commit_dir: Path,
+                                        replay_dir: Path, epochs: int) -> None:
+    """The survivor of a kill -9 of ``killed`` started on 2 workers, resumed alone from the last
+    commit made before the failure without losing a committed step, and ends with the losses,
+    weights and accuracy of a one-process replay of ``SCRIPT`` from that commit."""
     assert survivor["pid"] != killed["pid"] and survivor["final_size"] == 1
     schedule = scheduled_commits(survivor)
     commits = [tuple(c) for c in survivor["commits"]]
@@ -236,14 +220,13 @@ def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Pa
     # ... and every scheduled commit happened exactly once: no committed step was lost.
     assert [s for s, _ in commits] == schedule
     assert all(size == (2 if s <= recovered else 1) for s, size in commits)
-    assert survivor["steps"] == SIGKILL_EPOCHS * survivor["steps_per_epoch"]
+    assert survivor["steps"] == epochs * survivor["steps_per_epoch"]
 
     # Reference: the same script in one process, from the commit the survivor recovered from.
-    replay_dir = tmp_path / "replay"
     replay_dir.mkdir()
     commit_file = commit_dir / f"commit-{survivor['pid']}-{recovered}.pkl"
     replay = subprocess.run(
-        [sys.executable, str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--replay-from",
+        [sys.executable, str(SCRIPT), "--epochs", str(epochs), "--replay-from",
          str(commit_file), "--commit-dir", str(replay_dir)], cwd=REPO, capture_output=True,
         text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
                                      "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
@@ -269,6 +252,36 @@ def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Pa
     assert survivor["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=2e-3)
 
 
+@pytest.mark.parametrize("victim", [0, 1], ids=["rank0", "rank1"])
+def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Path,
+                                                                    victim: int) -> None:
+    """kill -9 of a worker from outside: the survivor rolls back to its last commit and
+    finishes alone; its final weights equal a one-process replay from that commit."""
+    pid_dir, commit_dir = tmp_path / "pids", tmp_path / "commits"
+    pid_dir.mkdir()
+    commit_dir.mkdir()
+    rng = random.Random(random.randrange(2**16))
+    after, jitter = rng.choice(KILL_AFTER), rng.uniform(0.0, KILL_JITTER)
+    print(f"kill {jitter:.3f}s after the commit of step {after}")
+    proc = start_job(
+        [horovodrun_path(), "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
+         "--host-discovery-script", str(DISCOVERY), "--network-interface", "lo",
+         "--elastic-timeout", "30", "--gloo-timeout-seconds", "20", sys.executable,
+         str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--pid-dir", str(pid_dir),
+         "--commit-dir", str(commit_dir), "--step-delay", str(STEP_DELAY)], TWO_HOSTS)
+    killed = sigkill_after_commit(lambda: proc.poll() is None, pid_dir, victim, after,
+                                  jitter, output=lambda: finish_job(proc, 5))
+    out = finish_job(proc, timeout=120)
+    assert proc.returncode == 0, out[-8000:]
+    assert re.search(r"Process \d exit with status code 137", out), out[-8000:]  # SIGKILL
+    detected = [ln for ln in out.splitlines() if "elastic: a collective failed" in ln]
+    assert detected, out[-8000:]  # recognised as a Horovod failure, not a crash
+    print(f"killed {killed}; survivor saw: {detected[0]}")
+    (survivor,) = results_of(out)
+    assert_recovered_and_matches_replay(survivor, killed, commit_dir, tmp_path / "replay",
+                                        SIGKILL_EPOCHS)
+
+
 def test_lost_host_that_never_returns_fails_loudly_within_the_timeout(tmp_path: Path) -> None:
     """--min-np 2 on two one-slot hosts: after kill -9 of a worker the job cannot continue;
     it must end within the elastic timeout with a non-zero status and a clear message."""
@@ -280,7 +293,8 @@ def test_lost_host_that_never_returns_fails_loudly_within_the_timeout(tmp_path: 
          "--elastic-timeout", str(timeout_s), "--extra=--gloo-timeout-seconds=20", "--",
          sys.executable, str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--pid-dir",
          str(pid_dir), "--step-delay", str(STEP_DELAY)], TWO_HOSTS)
-    killed = sigkill_after_commit(proc, pid_dir, 1, 30, 0.1)
+    killed = sigkill_after_commit(lambda: proc.poll() is None, pid_dir, 1, 30, 0.1,
+                                  output=lambda: finish_job(proc, 5))
     killed_at = time.monotonic()
     out = finish_job(proc, timeout=timeout_s + 60)
     waited = time.monotonic() - killed_at

@@ -9,6 +9,11 @@ each C shard's rows of V to the U ranks that own them, then λ and Γ are broadc
 Only these two cross-set collectives exist, so no rank waits on a collective another rank never
 calls; Δ ≤ T keeps DELIVER j before trigger j+1 on both sides. When U stops it drains a pending
 DELIVER and sends a stop flag over the bridge, which ends the curvature ranks' loop.
+
+Refresh j starts its Lanczos iteration from seed + j, as the other modes do, so a run resumed
+from a checkpoint refreshes exactly as the uninterrupted run. The update ranks count triggers
+from the refreshes already installed when training (re)starts; a trigger whose DELIVER was still
+pending when the checkpoint was written is sent again, with the weights of the first step.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class PipelinedMode(Mode):
 
     def __init__(self, opt) -> None:
         super().__init__(opt)
-        self.triggers_sent = 0
+        self.triggers_sent: int | None = None   # set from the refresh count at the first step
         self.pending_delivery: int | None = None
 
     def required_process_sets(self, world_size: int | None = None) -> list[tuple[int, ...]]:
@@ -91,11 +96,14 @@ class PipelinedMode(Mode):
             # The curvature ranks check in serve_curvature(); match that collective here.
             opt.verify_consistency(opt.binding["model"])
         t = iterations
+        if self.triggers_sent is None:   # first step of this run, fresh or resumed
+            self.triggers_sent = opt.refresh_index()
         if self.pending_delivery is not None and t >= self.pending_delivery:
             self._receive()
         due = hybrid.refresh_count_due(t, opt.warmup, opt.refresh_every)
         if due > self.triggers_sent:
-            self._send_bridge(flatten(opt.model_variables), stop=False)
+            # One trigger, numbered by the refresh it starts: due − 1 (see serve()).
+            self._send_bridge(flatten(opt.model_variables), refresh=due - 1)
             self.triggers_sent = due
             self.pending_delivery = t + opt.delivery_delay
             opt.record_trigger(t)
@@ -107,12 +115,13 @@ class PipelinedMode(Mode):
         if self.pending_delivery is not None:
             self._receive()
         self._send_bridge(tf.zeros([self.opt.spec.n], self.opt.model_variables[0].dtype),
-                          stop=True)
+                          refresh=None)
 
-    def _send_bridge(self, theta: tf.Tensor, stop: bool) -> None:
+    def _send_bridge(self, theta: tf.Tensor, refresh: int | None) -> None:
+        """Rank 0 → C: ``[θ, j + 1]`` for refresh j, ``[0, 0]`` (``refresh=None``) to stop."""
         if self.comm.rank != 0:
             return
-        payload = tf.concat([theta, [0.0 if stop else 1.0]], 0)
+        payload = tf.concat([theta, [0.0 if refresh is None else float(refresh + 1)]], 0)
         self.comm.broadcast(payload, 0, name="dho2/pipeline/theta",
                             process_set=self._group(self.groups.bridge))
 
@@ -138,9 +147,11 @@ class PipelinedMode(Mode):
     def serve(self) -> list[dict[str, Any]]:
         """Curvature-rank loop: receive θ, estimate, DELIVER until the stop flag.
 
+        Refresh j (its number comes with θ) starts Lanczos from seed + j, as in every mode.
+
         Returns:
-            One record per round: ``round``, ``start`` and ``end`` (``time.time()`` around the
-            estimate), ``seconds`` and ``status``.
+            One record per round: ``round`` (served by this call), ``refresh`` (j), ``start``
+            and ``end`` (``time.time()`` around the estimate), ``seconds`` and ``status``.
         """
         opt, groups = self.opt, self.groups
         n, kk = opt.spec.n, opt.num_pairs
@@ -155,13 +166,14 @@ class PipelinedMode(Mode):
                                           process_set=self._group(groups.bridge))
             if float(payload[-1]) == 0.0:
                 return served
+            refresh = int(round(float(payload[-1]))) - 1
             start = time.time()
             assign_flat(variables, payload[:-1], opt)
-            est = opt.binding["estimator"].estimate(seed=opt.seed + len(served))
+            est = opt.binding["estimator"].estimate(seed=opt.seed + refresh)
             ok = est.num_valid > 0 and est.status.startswith(("ok", "breakdown"))
             end = time.time()
             self._deliver(est, c_index, n, kk, dtype, ok)
-            served.append({"round": len(served), "start": start, "end": end,
+            served.append({"round": len(served), "refresh": refresh, "start": start, "end": end,
                            "seconds": end - start, "status": est.status})
 
     def _deliver(self, est: Any, c_index: int, n: int, kk: int, dtype: tf.DType,
@@ -176,5 +188,5 @@ class PipelinedMode(Mode):
         self.comm.broadcast(packed, self.groups.curvature_root, name="dho2/pipeline/spectrum")
 
     def metrics(self) -> dict[str, float]:
-        return {"pipeline_triggers": float(self.triggers_sent)}
+        return {"pipeline_triggers": float(self.triggers_sent or 0)}
 

@@ -1,6 +1,6 @@
 """The Keras optimizer contract, for DHO2 in every mode that runs in a single process
-(``pipelined`` needs a curvature rank besides the update ranks; it is covered by the
-multi-process tests).
+(``pipelined`` needs a curvature rank besides the update ranks: the same checks run on 3
+processes in ``tests/test_parallel_contract.py``).
 
 Before its first curvature refresh DHO2 with ``base="sgd"`` is exactly SGD (the class
 ``Math:``), so the Keras behaviours (gradient clipping, learning-rate schedules) are compared
@@ -67,13 +67,9 @@ def weights(model):
     return [w.numpy().copy() for w in model.trainable_variables]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_iterations_and_none_gradients(mode):
+def check_iterations_and_none_gradients(opt, model, x, y):
     """Each apply_gradients advances ``iterations`` by one and returns it; a variable whose
-    gradient is None does not move; the others take θ − lr·g."""
-    x, y = data()
-    model = model_of()
-    opt = bound(mode, model, x, y)
+    gradient is None does not move; the others take θ − lr·g (lr 0.1)."""
     for step in range(3):
         before = weights(model)
         grads = list(gradients(model, x, y))
@@ -88,12 +84,18 @@ def test_iterations_and_none_gradients(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("clip", [{"clipnorm": 0.05}, {"clipvalue": 0.01},
-                                  {"global_clipnorm": 0.05}])
-def test_gradient_clipping_matches_keras(mode, clip):
+def test_iterations_and_none_gradients(mode):
     x, y = data()
-    model, reference = model_of(), model_of()
-    opt = bound(mode, model, x, y, **clip)
+    model = model_of()
+    check_iterations_and_none_gradients(bound(mode, model, x, y), model, x, y)
+
+
+CLIPS = [{"clipnorm": 0.05}, {"clipvalue": 0.01}, {"global_clipnorm": 0.05}]
+
+
+def check_gradient_clipping(opt, model, x, y, clip):
+    """Two steps equal tf.keras.optimizers.SGD(0.1, **clip) on the same gradients."""
+    reference = model_of()
     sgd = tf.keras.optimizers.SGD(learning_rate=0.1, **clip)
     for _ in range(2):
         grads = gradients(model, x, y)
@@ -105,13 +107,20 @@ def test_gradient_clipping_matches_keras(mode, clip):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_learning_rate_schedule_matches_keras(mode):
+@pytest.mark.parametrize("clip", CLIPS)
+def test_gradient_clipping_matches_keras(mode, clip):
     x, y = data()
-    schedule = tf.keras.optimizers.schedules.ExponentialDecay(0.2, decay_steps=1,
-                                                              decay_rate=0.5)
-    model, reference = model_of(), model_of()
-    opt = bound(mode, model, x, y, learning_rate=schedule)
-    sgd = tf.keras.optimizers.SGD(learning_rate=schedule)
+    model = model_of()
+    check_gradient_clipping(bound(mode, model, x, y, **clip), model, x, y, clip)
+
+
+SCHEDULE = tf.keras.optimizers.schedules.ExponentialDecay(0.2, decay_steps=1, decay_rate=0.5)
+
+
+def check_learning_rate_schedule(opt, model, x, y):
+    """With ``learning_rate=SCHEDULE``, three steps equal Keras SGD with the same schedule."""
+    reference = model_of()
+    sgd = tf.keras.optimizers.SGD(learning_rate=SCHEDULE)
     for step in range(3):
         dho2_step(opt, model, gradients(model, x, y))
         sgd.apply_gradients(zip(gradients(reference, x, y), reference.trainable_variables))
@@ -124,13 +133,15 @@ def test_learning_rate_schedule_matches_keras(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_constraints_applied(mode):
-    """kernel_constraint=NonNeg(): the constrained kernel is max(θ − lr·g, 0); unconstrained
-    variables take the plain step."""
+def test_learning_rate_schedule_matches_keras(mode):
     x, y = data()
-    y = -y                                                 # drives the output kernel negative
-    model = model_of(kernel_constraint=tf.keras.constraints.NonNeg())
-    opt = bound(mode, model, x, y, learning_rate=0.5)
+    model = model_of()
+    check_learning_rate_schedule(bound(mode, model, x, y, learning_rate=SCHEDULE), model, x, y)
+
+
+def check_constraints(opt, model, x, y):
+    """kernel_constraint=NonNeg() on the output layer, learning rate 0.5, labels ``-y``: the
+    constrained kernel is max(θ − lr·g, 0); the other variables take the plain step."""
     for _ in range(2):
         before = weights(model)
         grads = gradients(model, x, y)
@@ -142,6 +153,14 @@ def test_constraints_applied(mode):
         for i in (0, 1, 3):
             np.testing.assert_allclose(after[i], before[i] - 0.5 * grads[i].numpy(),
                                        rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_constraints_applied(mode):
+    x, y = data()
+    y = -y                                                 # drives the output kernel negative
+    model = model_of(kernel_constraint=tf.keras.constraints.NonNeg())
+    check_constraints(bound(mode, model, x, y, learning_rate=0.5), model, x, y)
 
 
 def train(opt, model, x, y, steps):
@@ -199,17 +218,24 @@ def test_set_weights_round_trip(mode):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("schedule", [False, True])
-def test_config_round_trip(mode, schedule):
-    lr = tf.keras.optimizers.schedules.CosineDecay(0.1, decay_steps=50) if schedule else 0.05
-    opt = make_opt(mode, learning_rate=lr, clipnorm=1.5, max_consecutive_skips=9, k=3, ell=1)
+def check_config_round_trip(opt):
+    """from_config(get_config()) and Keras' serialize/deserialize give the same config; the
+    clone from ``from_config``."""
     config = opt.get_config()
     clone = DHO2.from_config(copy.deepcopy(config))   # Keras deserialises in place
     assert clone.get_config() == config
     again = tf.keras.optimizers.deserialize(tf.keras.optimizers.serialize(opt),
                                             use_legacy_optimizer=False)
     assert isinstance(again, DHO2) and again.get_config() == config
+    return clone
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("schedule", [False, True])
+def test_config_round_trip(mode, schedule):
+    lr = tf.keras.optimizers.schedules.CosineDecay(0.1, decay_steps=50) if schedule else 0.05
+    opt = make_opt(mode, learning_rate=lr, clipnorm=1.5, max_consecutive_skips=9, k=3, ell=1)
+    clone = check_config_round_trip(opt)
     assert clone.clipnorm == 1.5 and clone.max_consecutive_skips == 9 and clone.mode == mode
     if schedule:
         assert float(clone.learning_rate) == pytest.approx(0.1)
