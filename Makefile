@@ -11,9 +11,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 setup:
 	bash scripts/setup_env.sh
 
-# The test set-up: the pinned stack plus the Ray launcher's extra (`pip install .[ray]`).
+# The test set-up: the pinned stack plus the Ray launcher's extra (`pip install .[ray]`) and
+# the test extra (pytest, ruff).
 setup-test:
-	bash scripts/setup_env.sh ray
+	bash scripts/setup_env.sh ray test
 
 # DHO2 on the MNIST-1D MLP (4000/1000 split, generated locally) over NP Gloo ranks.
 # A 0.1 ms Horovod cycle suits DHO2's dependent small collectives (see README, Performance).
@@ -22,8 +23,10 @@ demo: setup
 		--model mlp --dataset mnist1d --optimizer dho2 --base momentum --learning-rate 0.1 \
 		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
 
-# The whole suite: unit tests and the multi-process tests that launch real horovodrun or Ray.
+# The whole suite: ruff, then the unit tests and the multi-process tests that launch real
+# horovodrun or Ray.
 test: setup-test
+	$(PY) -m ruff check dho2_tf models jobs tests
 	$(PY) -m pytest -q tests
 
 # Single-process tests only.

@@ -197,7 +197,7 @@ def _can_resume(optimizer: Any, saved_mode: str | None) -> bool:
     mode = _dho2_mode(optimizer)
     if mode is None or saved_mode is None:
         return mode == saved_mode
-    return optimizer._mode.can_import(saved_mode)
+    return optimizer.distribution.can_import(saved_mode)
 
 
 def _sampler(model: tf.keras.Model) -> Any:
@@ -223,10 +223,15 @@ def _model_variables(model: tf.keras.Model, exclude: list[tf.Variable]) -> list[
 
 def _check_savable(optimizer: Any) -> str | None:
     mode = _dho2_mode(optimizer)
-    if mode == "pipelined":
-        raise ValueError("Checkpoints of DHO2 mode='pipelined' are not supported: its curvature "
+    if mode is not None and not optimizer.distribution.checkpointable:
+        raise ValueError(f"Checkpoints of DHO2 mode={mode!r} are not supported: its curvature "
                          "ranks hold no training state. Use mode='sharded' for resumable runs.")
     return mode
+
+
+def _rank_local_state(optimizer: Any) -> bool:
+    """Whether the optimizer's state is saved per rank (DHO2 ``admm``: iterates and duals)."""
+    return _dho2_mode(optimizer) is not None and optimizer.distribution.state_is_rank_local
 
 
 def _optimizer_arrays(optimizer: Any) -> dict[str, np.ndarray]:
@@ -291,7 +296,8 @@ def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, op
     local = {f"model/{i}": np.asarray(v.numpy())
              for i, v in enumerate(_model_variables(model, sampler_vars))}
     local.update({f"sampler/{i}": np.asarray(v.numpy()) for i, v in enumerate(sampler_vars)})
-    if mode == "admm":  # consensus ADMM's iterates and duals are rank-local
+    rank_local = _rank_local_state(optimizer)
+    if rank_local:  # e.g. consensus ADMM's iterates and duals
         local.update({f"optimizer/{k}": v for k, v in opt_arrays.items()})
     per_rank = comm.allgather_object(local, name="dho2/checkpoint/state")
     if not comm.is_root:
@@ -302,7 +308,7 @@ def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, op
     name = f"ckpt-{epoch:05d}-{step:08d}-{uuid.uuid4().hex[:8]}"
     tmp_dir = tempfile.mkdtemp(dir=directory, prefix=".tmp-ckpt-")
     try:
-        shared = {} if mode == "admm" else {f"optimizer/{k}": v for k, v in opt_arrays.items()}
+        shared = {} if rank_local else {f"optimizer/{k}": v for k, v in opt_arrays.items()}
         _fsync_npz(os.path.join(tmp_dir, "shared.npz"), shared)
         for j, arrays in enumerate(per_rank):
             _fsync_npz(os.path.join(tmp_dir, f"rank_{j:05d}.npz"), arrays)
@@ -390,14 +396,15 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
                          f"{info.mode!r}; this run's optimizer has mode {mode!r}.")
     folder = os.path.join(os.fspath(directory), info.name)
     same_world = info.ranks == comm.size
-    if not same_world and mode == "admm":
+    rank_local = _rank_local_state(optimizer)
+    if not same_world and rank_local:
         _refuse_rank_local(directory, info.ranks, comm.size, "ADMM iterates")
     source = os.path.join(folder, f"rank_{comm.rank if same_world else 0:05d}.npz")
     shared_source = os.path.join(folder, "shared.npz")
     local, shared, problem = {}, {}, ""
     try:
         local = _load_npz(source)
-        if mode != "admm":
+        if not rank_local:
             shared = _load_npz(shared_source)
     except CheckpointError as err:
         problem = str(err)
@@ -416,8 +423,8 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
     sampler_vars = _sampler_variables(sampler) if sampler is not None else []
     _assign_all("model", _model_variables(model, sampler_vars), local, source)
     _assign_all("sampler", sampler_vars, local, source)
-    arrays = local  # ADMM's optimizer state is rank-local; the others' is in shared.npz
-    if mode != "admm":
+    arrays = local  # rank-local optimizer state (ADMM); the others' is in shared.npz
+    if not rank_local:
         source, arrays = shared_source, shared
     if mode is None:
         _assign_all("optimizer", list(optimizer.variables), arrays, source)

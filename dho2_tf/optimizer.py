@@ -15,7 +15,9 @@ from dho2_tf import hybrid
 from dho2_tf.base_rules import BaseRule
 from dho2_tf.distributed.comm import Communicator, default_comm
 from dho2_tf.flat import FlatSpec, assign_add_flat
+from dho2_tf.losses import resolve_loss
 from dho2_tf.modes import MODE_CHOICES, choose_layout, make_mode, replicated_state_bytes
+from dho2_tf.optimizer_state import HostState, StatShadows, Workspace
 from dho2_tf.validation import check_int, check_real
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -28,66 +30,6 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 #: Shard length from which Adam updates its slots in place with TF's fused kernel (one pass
 #: instead of eleven element-wise ones; the kernel's fixed cost makes it slower below).
 IN_PLACE_MIN_SIZE = 1 << 16
-
-
-class _Workspace:
-    """Step buffers that are not optimizer state (not checkpointed, not in ``variables``).
-
-    Attributes:
-        projected: float [K·(1 + buffered)], [V m₀ ; V B] cached by the last applied step.
-        projected_at: int64, the refresh count for which ``projected`` is valid (−1: none).
-        base_out: float [s], output of an in-place base step (``None`` if the rule has none).
-        consecutive_skips: int64, skipped steps since the last applied one.
-        source_checked: bool, whether a step traced with no curvature source already ran the
-            missing-source check (:meth:`DHO2._check_curvature_source`).
-    """
-
-    def __init__(self, rule: BaseRule, num_pairs: int, shard_size: int, dtype: tf.DType,
-                 in_place: bool) -> None:
-        size = num_pairs * (2 if rule.linear_buffer else 1)
-        self.projected = tf.Variable(tf.zeros([size], dtype), trainable=False,
-                                     name="dho2_projected_state")
-        self.projected_at = tf.Variable(tf.constant(-1, tf.int64), trainable=False,
-                                        name="dho2_projected_at")
-        self.base_out = tf.Variable(tf.zeros([shard_size], dtype), trainable=False,
-                                    name="dho2_base_step") if in_place else None
-        self.consecutive_skips = tf.Variable(tf.constant(0, tf.int64), trainable=False,
-                                             name="dho2_consecutive_skips")
-        self.source_checked = tf.Variable(False, trainable=False, name="dho2_source_checked")
-
-
-class _HostState:
-    """Python copies the eager hooks keep between steps (a plain object: setting attributes on
-    the optimizer itself goes through Keras' tracking, which costs microseconds per step).
-
-    Attributes:
-        refreshes: the refresh counter, or ``None`` when it must be re-read.
-        begun_at: the step count :meth:`DHO2.on_step_begin` saw, until :meth:`DHO2.on_step_end`.
-        skipped_reported: skipped steps already reported in the log.
-        source_warned: whether the missing-curvature-source warning was given.
-    """
-
-    def __init__(self) -> None:
-        self.refreshes: int | None = None
-        self.begun_at: int | None = None
-        self.skipped_reported = 0
-        self.source_warned = False
-
-
-class _StatShadows:
-    """Copies of the bound model's non-trainable variables (batch-norm statistics), so a skipped
-    step can restore them inside the step graph. A plain object: not tracked by checkpoints."""
-
-    def __init__(self, model: tf.keras.Model) -> None:
-        self.model = model
-        self.pairs = [(var, tf.Variable(var.value(), trainable=False,
-                                        name=f"dho2_shadow_{i}"))
-                      for i, var in enumerate(model.non_trainable_variables)]
-
-    def sync(self) -> None:
-        """shadow ← statistic (eager), after the statistics were changed outside a step."""
-        for var, shadow in self.pairs:
-            shadow.assign(var.value())
 
 
 @tf.keras.utils.register_keras_serializable(package="dho2_tf")
@@ -297,8 +239,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self.binding: dict[str, Any] | None = None
         self.last_refresh: dict[str, Any] | None = None
         self.triggers: list[int] = []
-        self._host = _HostState()
-        self._stat_shadows: _StatShadows | None = None
+        self._host = HostState()
+        self._stat_shadows: StatShadows | None = None
 
     # ----------------------------------------------------------------------------------- state
     @property
@@ -321,6 +263,12 @@ class DHO2(tf.keras.optimizers.Optimizer):
         if self.mode == "auto" and not getattr(self, "_built", False):
             return None
         return self._mode.name
+
+    @property
+    def distribution(self) -> Any:
+        """The distribution mode object (:mod:`dho2_tf.modes`) and its capabilities, e.g.
+        ``state_is_rank_local``, ``checkpointable``, ``can_import(mode)``."""
+        return self._mode
 
     @property
     def is_curvature_rank(self) -> bool:
@@ -362,7 +310,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
             else set()
         self._mode.build(var_list)
         self._in_place = self.rule.updates_in_place and s >= IN_PLACE_MIN_SIZE
-        self._workspace = _Workspace(self.rule, kk, s, dtype, self._in_place)
+        self._workspace = Workspace(self.rule, kk, s, dtype, self._in_place)
         logger.debug("DHO2 built: mode=%s n=%d %r", self.resolved_mode, self.spec.n, self.layout)
 
     def replicated_state_bytes(self, n: int, dtype: tf.DType = tf.float32) -> int:
@@ -576,7 +524,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         model = self.binding["model"] if self.binding else None
         if model is None or (self._stat_shadows is not None and self._stat_shadows.model is model):
             return False
-        self._stat_shadows = _StatShadows(model)
+        self._stat_shadows = StatShadows(model)
         return True
 
     def update_step(self, gradient, variable):  # noqa: D102 - DHO2 updates in apply_gradients
@@ -782,9 +730,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         if not self._mode.can_import(state.get("__mode__")):
             raise ValueError(f"Checkpoint state is for mode={state.get('__mode__')!r}, this "
                              f"optimizer has mode={self.resolved_mode!r}.")
-        if self.mode == "admm" and state.get("__world_size__") != self.comm.size:
-            raise ValueError("admm state is rank-local and cannot be re-partitioned: resume "
-                             f"with {state.get('__world_size__')} ranks.")
+        self._mode.check_import_world(state.get("__world_size__"))
         layout = self.layout
         # States written before the momentum was kept as m = Vᵀc + d·m₀ hold m itself.
         defaults = {self._newton_coeffs.name: tf.zeros_like(self._newton_coeffs),
@@ -808,10 +754,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
     @contextlib.contextmanager
     def evaluation_weights(self) -> Iterator[None]:
         """Context in which the model holds the weights to evaluate (ADMM: the consensus z)."""
-        if self.mode == "admm" and getattr(self, "_built", False):
-            with self._mode.consensus_weights():
-                yield
-        else:
+        with self._mode.evaluation_weights() if getattr(self, "_built", False) \
+                else contextlib.nullcontext():
             yield
 
     def refresh_index(self) -> int:
@@ -936,86 +880,3 @@ class DHO2(tf.keras.optimizers.Optimizer):
             "seed": self.seed, "memory_budget": self.memory_budget,
         })
         return config
-
-
-def resolve_loss(model: tf.keras.Model, loss: Callable | str | None) -> Callable:
-    """``loss(y_true, y_pred) -> scalar``, the function whose Hessian DHO2 estimates.
-
-    With ``loss=None``, the loss the compiled model minimises (:class:`CompiledLoss`: per-output
-    losses and loss weights, as ``model.fit`` does). Otherwise a Keras loss name, a
-    ``tf.keras.losses.Loss`` (used as it is) or a callable; a name or callable that returns one
-    value per sample is averaged over them, as Keras' ``SUM_OVER_BATCH_SIZE`` reduction does.
-    (Regularisation terms ``model.losses`` are added by the HVP itself.)
-
-    Raises:
-        ValueError: for an uncompiled model without ``loss``, or a per-output structure of
-            losses (compile the model with it and pass ``loss=None``).
-    """
-    if loss is None:
-        if getattr(model, "compiled_loss", None) is None or not getattr(model, "loss", None):
-            raise ValueError("No loss given and the model is not compiled: pass `loss=` "
-                             "explicitly.")
-        return CompiledLoss(model)
-    if isinstance(loss, (dict, list, tuple)):
-        raise ValueError("`loss` must be a single loss (a name, a tf.keras.losses.Loss or a "
-                         "callable); for per-output losses compile the model with them and "
-                         f"pass loss=None. Received: {loss!r}")
-    fn = tf.keras.losses.get(loss) if isinstance(loss, str) else loss
-    if isinstance(fn, tf.keras.losses.Loss):
-        return fn
-    if not callable(fn):
-        raise ValueError(f"`loss` must be callable. Received: {loss!r}")
-    return lambda y_true, y_pred: tf.reduce_mean(fn(y_true, y_pred))
-
-
-class CompiledLoss:
-    r"""The loss a compiled Keras model minimises, without its loss metrics.
-
-    Math:
-        For outputs i with a loss ℓ_i (``compile(loss=...)``, one loss is used for every output)
-        and weight w_i (``loss_weights``, default 1)::
-
-            L(y, ŷ) = Σ_i w_i · ℓ_i(y_i, ŷ_i)
-
-        each ℓ_i reduced as Keras reduces it (mean over the samples for names and functions),
-        with Keras' dtype/rank matching and output masks. ``model.losses`` is added by the HVP.
-
-    A label structure with another number of entries than the model has outputs raises a
-    ValueError naming both counts.
-    """
-
-    def __init__(self, model: tf.keras.Model) -> None:
-        from keras.src.engine import compile_utils
-
-        self._utils = compile_utils
-        compiled = model.compiled_loss
-        self.num_outputs = len(model.outputs) if getattr(model, "outputs", None) else None
-        self.container = compile_utils.LossesContainer(
-            compiled._user_losses, compiled._user_loss_weights, output_names=model.output_names)
-        if getattr(model, "outputs", None):
-            outputs = model.outputs
-            self.container.build(outputs[0] if len(outputs) == 1 else list(outputs))
-
-    def __call__(self, y_true: Any, y_pred: Any) -> tf.Tensor:
-        from keras.src.utils import losses_utils
-
-        c = self.container
-        y_true = c._conform_to_outputs(y_pred, y_true)
-        if not c.built:
-            c.build(y_pred)
-        trues, preds = tf.nest.flatten(y_true), tf.nest.flatten(y_pred)
-        if len(trues) != len(preds):
-            raise ValueError(f"The curvature labels have {len(trues)} part(s) but the model has "
-                             f"{len(preds)} output(s): pass one label array per output, e.g. "
-                             "batch=(x, (y_1, y_2)).")
-        values = []
-        for y_t, y_p, loss_obj, weight in zip(trues, preds, c._losses, c._loss_weights):
-            if y_t is None or loss_obj is None:
-                continue
-            y_t, y_p, sw = self._utils.match_dtype_and_rank(y_t, y_p, None)
-            sw = losses_utils.apply_mask(y_p, sw, losses_utils.get_mask(y_p))
-            value = loss_obj(y_t, y_p, sample_weight=sw)
-            values.append(value if weight is None else value * weight)
-        if not values:
-            raise ValueError("The compiled model has no loss for any output.")
-        return tf.add_n(losses_utils.cast_losses_to_common_dtype(values))

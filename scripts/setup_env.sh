@@ -55,7 +55,7 @@ for EXTRA in "$@"; do
         exit 2
     fi
     case "$EXTRA" in
-        ray) MODULE=ray ;; data) MODULE=mnist1d ;; test) MODULE=pytest ;; *) MODULE="" ;;
+        ray) MODULE=ray ;; data) MODULE=mnist1d ;; test) MODULE=ruff ;; *) MODULE="" ;;
     esac
     EXTRA_STAMP="$VENV/.dho2_stamp_$EXTRA"
     if [ -f "$EXTRA_STAMP" ] && [ "$(cat "$EXTRA_STAMP")" = "$PINS" ] && { [ -z "$MODULE" ] \

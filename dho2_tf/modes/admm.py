@@ -15,7 +15,7 @@ n + 1 numbers (plus the batch-norm statistics). State per rank: (slots + 3 + K)Â
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import tensorflow as tf
 
@@ -29,6 +29,7 @@ class AdmmMode(Mode):
 
     name = "admm"
     shards_state = False
+    state_is_rank_local = True
 
     def build(self, var_list: list[tf.Variable]) -> None:
         n, dtype = self.opt.spec.n, var_list[0].dtype
@@ -93,6 +94,10 @@ class AdmmMode(Mode):
             yield
         finally:
             assign_flat(variables, saved, self.opt)
+
+    def evaluation_weights(self) -> Any:
+        """Evaluate the consensus z (see :meth:`consensus_weights`)."""
+        return self.consensus_weights()
 
     def estimate(self):
         with self.consensus_weights():

@@ -17,6 +17,7 @@ memory; otherwise ``replicated`` (one gradient allreduce per step) is faster.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
@@ -153,6 +154,21 @@ class Mode:
     def metrics(self) -> dict[str, float]:
         """Mode-specific scalars for monitoring."""
         return {}
+
+    #: Whether checkpoints of the training state can be written in this mode.
+    checkpointable = True
+    #: Whether the exported state is rank-local (cannot be re-partitioned to another world).
+    state_is_rank_local = False
+
+    def check_import_world(self, saved_world_size: int | None) -> None:
+        """Raise ValueError when a state exported by ``saved_world_size`` ranks cannot load here."""
+        if self.state_is_rank_local and saved_world_size != self.comm.size:
+            raise ValueError(f"{self.name} state is rank-local and cannot be re-partitioned: "
+                             f"resume with {saved_world_size} ranks.")
+
+    def evaluation_weights(self) -> Any:
+        """Context in which the model holds the weights to evaluate (default: its own)."""
+        return contextlib.nullcontext()
 
     def broadcast_group(self) -> Group | None:
         """Ranks among which the initial state is broadcast from their root."""

@@ -38,6 +38,7 @@ class PipelinedMode(Mode):
     """Update ranks run :class:`ShardedMode`'s step within U; curvature ranks serve Lanczos."""
 
     name = "pipelined"
+    checkpointable = False  # the curvature ranks hold no training state
 
     def __init__(self, opt) -> None:
         super().__init__(opt)
