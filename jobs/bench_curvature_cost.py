@@ -44,7 +44,7 @@ import tensorflow as tf  # noqa: E402
 import models  # noqa: E402
 from dho2_tf import DHO2, CurvatureRefresh  # noqa: E402
 from dho2_tf.curvature import SpectrumEstimator, make_hvp_fn  # noqa: E402
-from dho2_tf.data import load_dataset, shard_arrays  # noqa: E402
+from dho2_tf.training.data import load_dataset, shard_arrays  # noqa: E402
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
 from bench_time_to_accuracy import git_commit, machine  # noqa: E402  (same folder)
 

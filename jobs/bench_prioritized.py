@@ -20,7 +20,7 @@ learning rates were tuned once per model and method on MNIST-1D (P = 1, seed 0, 
 ``DEFAULT_LR``'s comment) except where marked untuned there. A quick functional check (no
 timing value) runs e.g. ``--tasks mnist1d --models mlp --ranks 1 --seeds 0 --methods
 psgd-default --sweep 64 --budget mnist1d/mlp=1``.
-Protocol: see :mod:`dho2_tf.prioritized.bench`. ``--out`` replaces only the section between the
+Protocol: see :mod:`dho2_tf.training.prioritized_bench`. ``--out`` replaces only the section between the
 ``prioritized-sgd`` markers of that file.
 """
 
@@ -108,7 +108,7 @@ def worker(args: argparse.Namespace) -> None:
     import tensorflow as tf
 
     from dho2_tf.distributed.comm import default_comm
-    from dho2_tf.prioritized import bench
+    from dho2_tf.training import prioritized_bench as bench
 
     comm = default_comm()
     threads = max(1, (os.cpu_count() or 2) // comm.size)

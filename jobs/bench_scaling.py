@@ -308,7 +308,7 @@ def worker(args: argparse.Namespace) -> None:
     """Runs on every rank (under horovodrun for P > 1): all modes; rank 0 writes the JSON."""
     import tensorflow as tf
 
-    from dho2_tf.data import load_mnist1d
+    from dho2_tf.training.data import load_mnist1d
     from dho2_tf.distributed.comm import default_comm
     from dho2_tf.distributed.pipeline import pipeline_process_sets
 

@@ -72,7 +72,7 @@ sys.path.insert(0, str(REPO))
 import tensorflow as tf  # noqa: E402
 
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
-from dho2_tf.experiment import TrainConfig, train  # noqa: E402
+from dho2_tf.training.experiment import TrainConfig, train  # noqa: E402
 
 # Every optimizer of a task shares these (model, data, per-rank batch, epoch budget, target).
 # A task with ``target_accuracy`` is judged on test accuracy, one without on the training loss.

@@ -1,6 +1,6 @@
 """Train a model with DHO2 or a data-parallel baseline; run with python or horovodrun.
 
-Every field of ``dho2_tf.experiment.TrainConfig`` is a flag. ``--config file.yaml|json`` reads
+Every field of ``dho2_tf.training.experiment.TrainConfig`` is a flag. ``--config file.yaml|json`` reads
 the same keys from a file; flags given on the command line override the file.
 
 Examples::
@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dho2_tf.experiment import (  # noqa: E402
+from dho2_tf.training.experiment import (  # noqa: E402
     TrainConfig,
     coerce,
     load_config_file,
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch = parser.add_argument_group("launcher (not TrainConfig fields)")
     launch.add_argument("--launcher", choices=LAUNCHERS, help="horovodrun (default): this "
                         "process is one rank (start it with horovodrun or plain python); ray: "
-                        "this process starts --num-workers ranks on Ray (dho2_tf.ray_launcher)")
+                        "this process starts --num-workers ranks on Ray (dho2_tf.training.ray_launcher)")
     launch.add_argument("--num-workers", type=int, metavar="N", help="ray: number of Horovod "
                         "ranks, one Ray worker each (default: 2)")
     launch.add_argument("--ray-address", metavar="ADDR", help="ray: cluster address (auto, "
@@ -180,7 +180,7 @@ def launch_options(argv: list[str] | None = None) -> argparse.Namespace:
     if launch.num_workers < 1:
         parser.error(f"--num-workers must be a positive integer. Received: "
                      f"num_workers={launch.num_workers}")
-    from dho2_tf.ray_launcher import check_ray_launch
+    from dho2_tf.training.ray_launcher import check_ray_launch
 
     check_ray_launch(parser)
     return launch
@@ -194,15 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     launch = launch_options(argv)
     if launch.launcher == "ray":
-        from dho2_tf.ray_launcher import run_on_ray
+        from dho2_tf.training.ray_launcher import run_on_ray
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
         logging.getLogger("dho2_tf").setLevel(logging.INFO)  # the workers log as under horovodrun
         result, is_root = run_on_ray(config, launch.num_workers, launch.ray_address), True
     else:
-        from dho2_tf.checkpointing import CheckpointError
+        from dho2_tf.training.checkpointing import CheckpointError
         from dho2_tf.consistency import RunConsistencyError
-        from dho2_tf.experiment import make_comm, train
+        from dho2_tf.training.experiment import make_comm, train
 
         comm = make_comm(config)
         logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,

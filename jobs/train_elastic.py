@@ -23,7 +23,7 @@ Examples::
 Give each worker its own host name (as above): Horovod blacklists the host of a worker that
 fails, and with it every worker on that host. On Ray every node is a host: surviving a failed
 worker needs two Ray nodes or more. Semantics (commits, roll-back after a worker is killed,
-re-partitioning) are in :mod:`dho2_tf.distributed.elastic`.
+re-partitioning) are in :mod:`dho2_tf.training.elastic`.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tensorflow as tf
 
 import models
-from dho2_tf.data import load_dataset
+from dho2_tf.training.data import load_dataset
 from dho2_tf.distributed.comm import default_comm
-from dho2_tf.distributed.elastic import ELASTIC_MODES, ElasticConfig, elastic_train
-from dho2_tf.ray_launcher import (elastic_launch_options, elastic_launch_parser,
+from dho2_tf.training.elastic import ELASTIC_MODES, ElasticConfig, elastic_train
+from dho2_tf.training.ray_launcher import (elastic_launch_options, elastic_launch_parser,
                                   run_elastic_job_on_ray)
 
 logger = logging.getLogger("train_elastic")

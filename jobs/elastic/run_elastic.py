@@ -5,7 +5,7 @@ r"""Launch an elastic ``horovodrun`` job and fail loudly when it does not finish
 never returns it may stop the job without saying that training did not finish. This launcher
 
 * passes ``--elastic-timeout`` (default 60 s) and the host-discovery script of this folder,
-* sets ``DHO2_ELASTIC_DONE_FILE`` (rank 0 of :func:`dho2_tf.distributed.elastic.elastic_train`
+* sets ``DHO2_ELASTIC_DONE_FILE`` (rank 0 of :func:`dho2_tf.training.elastic.elastic_train`
   writes the final step there when training completes),
 * streams the job's output, and exits 0 only when ``horovodrun`` did and training completed;
   otherwise it prints one ``run_elastic: error: ...`` line saying what happened (too few

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dho2_tf import HorovodComm
 from dho2_tf.consistency import RunConsistencyError
-from dho2_tf.experiment import TrainConfig, train
+from dho2_tf.training.experiment import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = {"num_samples": 400, "epochs": 1, "batch_size": 50, "verbose": 0,

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import models
 from dho2_tf import DHO2, CurvatureRefresh, HorovodComm, LocalComm
-from dho2_tf.data import load_mnist1d
+from dho2_tf.training.data import load_mnist1d
 from dho2_tf.distributed.pipeline import PipelineGroups, pipeline_process_sets
 
 EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 15

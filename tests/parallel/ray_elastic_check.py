@@ -1,7 +1,7 @@
 """``tests/parallel/elastic_train_check.py`` on Ray workers under Horovod Elastic.
 
 :func:`elastic_check` runs that script's ``main`` with the given flags in this process (a Ray
-worker started by :func:`dho2_tf.ray_launcher.run_elastic_function_on_ray`) and returns its
+worker started by :func:`dho2_tf.training.ray_launcher.run_elastic_function_on_ray`) and returns its
 ``ELASTIC_RESULT`` record, so that ``tests/test_parallel_ray.py`` checks a Ray run exactly like
 the ``horovodrun`` runs of the same script. :class:`FixedHosts` makes one machine look like
 several hosts to Horovod's elastic driver, which blacklists the host of a failed worker (the

@@ -1,7 +1,7 @@
 """The final weights of a short DHO2 ``sharded`` run of the MNIST-1D MLP, under either launcher.
 
-:func:`final_weights` is one rank of :func:`dho2_tf.experiment.train` (the function both
-``jobs/train.py`` under ``horovodrun`` and ``dho2_tf.ray_launcher`` run) that also returns the
+:func:`final_weights` is one rank of :func:`dho2_tf.training.experiment.train` (the function both
+``jobs/train.py`` under ``horovodrun`` and ``dho2_tf.training.ray_launcher`` run) that also returns the
 model's weights at the end of training. Run as a script under ``horovodrun -np 2`` it saves rank
 0's weights to the ``.npz`` file named by its first argument; ``tests/test_parallel_ray.py`` runs
 the same function on Ray workers and compares. :func:`fail_on_rank` makes one worker fail.
@@ -26,7 +26,7 @@ def final_weights(values: dict[str, Any]) -> list[np.ndarray]:
     """Train the config ``values`` on this rank; the model's weights after the last epoch."""
     import tensorflow as tf
 
-    from dho2_tf.experiment import TrainConfig, make_comm, train
+    from dho2_tf.training.experiment import TrainConfig, make_comm, train
 
     class KeepWeights(tf.keras.callbacks.Callback):
         def on_train_end(self, logs=None):

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import dho2_tf.optimizer as optimizer_module
 from dho2_tf import DHO2, CurvatureRefresh, HorovodComm
-from dho2_tf.checkpointing import restore_checkpoint, save_checkpoint
+from dho2_tf.training.checkpointing import restore_checkpoint, save_checkpoint
 
 D, C, GLOBAL = 10, 4, 12
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dho2_tf import data
+from dho2_tf.training import data
 from dho2_tf.distributed.comm import LocalComm
 
 

@@ -15,7 +15,7 @@ from horovod.common.exceptions import HorovodInternalError
 
 from dho2_tf.consistency import RunConsistencyError
 from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.distributed.elastic import (
+from dho2_tf.training.elastic import (
     COMMIT_KEYS,
     DHO2ElasticState,
     ElasticConfig,

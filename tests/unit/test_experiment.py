@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dho2_tf import checkpointing, experiment
+from dho2_tf.training import checkpointing, experiment
 from dho2_tf.callbacks import ReplicaSync
-from dho2_tf.data import cifar_augment
+from dho2_tf.training.data import cifar_augment
 from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.experiment import TrainConfig, coerce, load_config_file, load_data, train
+from dho2_tf.training.experiment import TrainConfig, coerce, load_config_file, load_data, train
 
 TINY = {"num_samples": 500, "epochs": 1, "batch_size": 50, "verbose": 0}
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 from dho2_tf.callbacks import CurvatureRefresh
 from dho2_tf.callbacks import TestAccuracyClock as AccuracyClock
 from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.monitoring import TensorBoardMonitor, current_learning_rate, priority_statistics
+from dho2_tf.training.monitoring import TensorBoardMonitor, current_learning_rate, priority_statistics
 from dho2_tf.optimizer import DHO2
 
 SCCE = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)

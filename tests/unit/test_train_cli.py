@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from dho2_tf.experiment import TrainConfig
+from dho2_tf.training.experiment import TrainConfig
 from tests.helpers.launch import REPO
 
 

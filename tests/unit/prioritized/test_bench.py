@@ -7,9 +7,9 @@ import types
 import numpy as np
 import pytest
 
-from dho2_tf.data import Dataset
+from dho2_tf.training.data import Dataset
 from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.prioritized import bench, report
+from dho2_tf.training import prioritized_bench as bench, prioritized_report as report
 
 
 def test_equal_work_batch_matches_psgd_work_per_step():

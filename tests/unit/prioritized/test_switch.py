@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.monitoring import TensorBoardMonitor
+from dho2_tf.training.monitoring import TensorBoardMonitor
 from dho2_tf.prioritized import PrioritizedModel, PrioritizedSampler, selection, switch
 from tests.unit.prioritized import helpers
 

@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 
 import models
-from dho2_tf import checkpointing, experiment
-from dho2_tf.checkpointing import CheckpointError
+from dho2_tf.training import checkpointing, experiment
+from dho2_tf.training.checkpointing import CheckpointError
 from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.experiment import TrainConfig, train
+from dho2_tf.training.experiment import TrainConfig, train
 
 TINY = {"num_samples": 500, "epochs": 1, "batch_size": 50, "verbose": 0,
         "optimizer": "adam", "learning_rate": 1e-3}

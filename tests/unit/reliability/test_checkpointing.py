@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dho2_tf import checkpointing
+from dho2_tf.training import checkpointing
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.optimizer import DHO2
 from dho2_tf.prioritized import PrioritizedModel, PrioritizedSampler
@@ -197,7 +197,7 @@ def test_clear_errors_for_wrong_model_mode_manifest_and_arguments(tmp_path):
 WRITER = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
-    from dho2_tf import checkpointing
+    from dho2_tf.training import checkpointing
     from dho2_tf.distributed.comm import LocalComm
     from tests.unit.reliability.test_checkpointing import dho2_model, steps, values
 

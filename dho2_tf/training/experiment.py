@@ -30,12 +30,12 @@ import tensorflow as tf
 
 from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaSync,
                                TestAccuracyClock)
-from dho2_tf.checkpointing import (CheckpointError, CheckpointInfo, EpochCheckpoint,
+from dho2_tf.training.checkpointing import (CheckpointError, CheckpointInfo, EpochCheckpoint,
                                    check_checkpoint_dir, config_changes, read_manifest)
 from dho2_tf.consistency import check_run_consistency, flatten
-from dho2_tf.data import DATASETS, cifar_augment, load_dataset, make_tf_dataset, shard_arrays
+from dho2_tf.training.data import DATASETS, cifar_augment, load_dataset, make_tf_dataset, shard_arrays
 from dho2_tf.distributed.comm import Communicator, Group, default_comm
-from dho2_tf.monitoring import TensorBoardMonitor
+from dho2_tf.training.monitoring import TensorBoardMonitor
 from dho2_tf.optimizer import DHO2
 from dho2_tf.validation import check_int, check_real
 
@@ -423,7 +423,7 @@ def data_ranks(config: TrainConfig, comm: Communicator) -> tuple[Any, bool]:
 
 
 def load_data(config: TrainConfig) -> Any:
-    """The :class:`dho2_tf.data.Dataset` of ``config``."""
+    """The :class:`dho2_tf.training.data.Dataset` of ``config``."""
     if config.dataset == "mnist1d":
         return load_dataset("mnist1d", num_samples=config.num_samples)
     if config.dataset == "digits":

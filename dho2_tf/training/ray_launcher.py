@@ -3,9 +3,9 @@
 ``horovodrun -np N -H host1:2,host2:2`` starts N processes over ssh; on a Ray cluster,
 ``horovod.ray.RayExecutor`` starts N Ray actors instead, sets the same Horovod environment
 (``HOROVOD_RANK``, ``HOROVOD_SIZE``, the Gloo rendezvous) in each and runs a function on all of
-them. :func:`run_on_ray` runs :func:`dho2_tf.experiment.train` that way: every worker trains with
-the same :class:`~dho2_tf.experiment.TrainConfig` exactly as under ``horovodrun`` (same seeds, same
-data shards by rank, logs on rank 0 only) and rank 0's :class:`~dho2_tf.experiment.TrainResult`
+them. :func:`run_on_ray` runs :func:`dho2_tf.training.experiment.train` that way: every worker trains with
+the same :class:`~dho2_tf.training.experiment.TrainConfig` exactly as under ``horovodrun`` (same seeds, same
+data shards by rank, logs on rank 0 only) and rank 0's :class:`~dho2_tf.training.experiment.TrainResult`
 is returned. Without an address a local Ray instance is started (and stopped at the end) with one
 CPU per worker.
 
@@ -13,11 +13,11 @@ Ray is an optional dependency: ``pip install '.[ray]'`` (Ray 2.9.3 with protobuf
 TensorFlow 2.15.1's protobuf and grpcio ranges).
 
 :func:`run_elastic_function_on_ray` runs a Horovod Elastic job (e.g. ``jobs/train_elastic.py``,
-:func:`dho2_tf.distributed.elastic.elastic_train`) on Ray through ``RayExecutor(min_workers=...,
+:func:`dho2_tf.training.elastic.elastic_train`) on Ray through ``RayExecutor(min_workers=...,
 max_workers=...)``: every Ray node is a host, a failed worker's host is blacklisted and the others
 go on from the last commit.
 
-``python -m dho2_tf.ray_launcher --check`` checks that a cluster is usable before a long run: one
+``python -m dho2_tf.training.ray_launcher --check`` checks that a cluster is usable before a long run: one
 allreduce over all workers, the host of every rank, and (``--shared-dir``) that a folder written by
 every rank is seen by every rank. It runs on Ray workers, or in place under ``horovodrun``.
 """
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from dho2_tf.validation import check_int
 
 if TYPE_CHECKING:
-    from dho2_tf.experiment import TrainConfig, TrainResult
+    from dho2_tf.training.experiment import TrainConfig, TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_EXTRA = "pip install '.[ray]'"
@@ -277,7 +277,7 @@ def run_elastic_function_on_ray(fn: Callable[..., Any], args: Sequence[Any] = ()
     from Ray (every node is a host with one slot per ``cpus_per_worker`` CPUs), starts one worker
     (Ray actor, ``HOROVOD_ELASTIC=1``) per slot up to ``max_workers`` and, when a worker fails,
     blacklists its host and lets the others go on (``fn`` runs an ``hvd.elastic.run`` loop, e.g.
-    :func:`dho2_tf.distributed.elastic.elastic_train`) as long as ``min_workers`` slots remain
+    :func:`dho2_tf.training.elastic.elastic_train`) as long as ``min_workers`` slots remain
     within ``elastic_timeout_s``; nodes that join the cluster add workers at the next commit.
     One Ray node is one host: a worker failing there ends the job (all its workers are on the
     blacklisted host); surviving the loss of a worker needs two nodes or more.
@@ -352,7 +352,7 @@ def elastic_launch_parser() -> argparse.ArgumentParser:
     group.add_argument("--launcher", choices=("horovodrun", "ray"), default="horovodrun",
                        help="horovodrun (default): this process is one worker (start it with "
                        "horovodrun); ray: this process runs the job on Ray workers under "
-                       "Horovod Elastic (dho2_tf.ray_launcher)")
+                       "Horovod Elastic (dho2_tf.training.ray_launcher)")
     group.add_argument("--min-workers", type=int,
                        help="ray: go on while at least this many workers remain (default 1)")
     group.add_argument("--max-workers", type=int,
@@ -426,7 +426,7 @@ def run_elastic_job_on_ray(script: str, launch: argparse.Namespace, job_argv: li
 
 def train_worker(config: TrainConfig) -> TrainResult:
     """One rank of a training run: what ``jobs/train.py`` does under ``horovodrun``."""
-    from dho2_tf.experiment import make_comm, train
+    from dho2_tf.training.experiment import make_comm, train
 
     comm = make_comm(config)
     logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
@@ -517,7 +517,7 @@ def summary_line(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dho2_tf.ray_launcher --check``: the cluster check (see the module doc)."""
+    """``python -m dho2_tf.training.ray_launcher --check``: the cluster check (see the module doc)."""
     parser = argparse.ArgumentParser(description="Check that a Horovod cluster is usable: an "
                                      "allreduce over every rank, and a shared checkpoint folder.")
     parser.add_argument("--check", action="store_true", required=True,

@@ -162,12 +162,12 @@ def with_redundancy(data: Any, repeats: int = 4, easy_fraction: float = 0.5,
 
 
 def load_task(task: str, num_samples: int = 5000) -> Any:
-    """The :class:`dho2_tf.data.Dataset` of a benchmark task (a key of :data:`TASKS`).
+    """The :class:`dho2_tf.training.data.Dataset` of a benchmark task (a key of :data:`TASKS`).
 
     ``mnist1d``: MNIST-1D, ``num_samples`` examples, 80/20 split; ``mnist5k``: the 5,000-image
     MNIST subset (4,000 train / 1,000 test); ``-redundant``: :func:`with_redundancy` of either.
     """
-    from dho2_tf.data import load_mnist1d, load_mnist5k
+    from dho2_tf.training.data import load_mnist1d, load_mnist5k
 
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}. Received: task={task!r}")
@@ -331,7 +331,7 @@ def run_once(spec: RunSpec, data: Any, target: float, budget_s: float, eval_ever
 
     Args:
         spec: the run.
-        data: a :class:`dho2_tf.data.Dataset` (identical on every rank).
+        data: a :class:`dho2_tf.training.data.Dataset` (identical on every rank).
         target: test accuracy to reach.
         budget_s: clock budget in seconds.
         eval_every: steps between test evaluations.

@@ -1,7 +1,7 @@
 """Markdown report of the prioritized-SGD benchmark (rows written by ``jobs/bench_prioritized.py``).
 
-A row is one run: the fields of :class:`~dho2_tf.prioritized.bench.RunSpec` and
-:class:`~dho2_tf.prioritized.bench.RunResult`. Times are medians over seeds; a run that missed the
+A row is one run: the fields of :class:`~dho2_tf.training.prioritized_bench.RunSpec` and
+:class:`~dho2_tf.training.prioritized_bench.RunResult`. Times are medians over seeds; a run that missed the
 target counts as the model's clock budget, so a speed-up involving a miss is a bound. Speed-up =
 median T_SGD / median T_method; the bracket is the min–max of the per-seed ratios.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dho2_tf.prioritized import bench
+from dho2_tf.training import prioritized_bench as bench
 
 Row = dict[str, Any]
 Key = tuple[str, int, str, int]  # (model, ranks, method, batch)
