@@ -126,3 +126,20 @@ def check_run_consistency(comm, fingerprint: Mapping[str, Any], what: str = "run
     differences = find_differences(everyone)
     if differences:
         raise RunConsistencyError(format_differences(what, differences), differences)
+
+
+def verify_optimizer_consistency(comm, config: Mapping[str, Any], mode: str | None,
+                                 model: Any) -> None:
+    """Compare an optimizer's configuration (``name`` aside), resolved mode, world size and the
+    model's trainable variables (shape, dtype) across ranks.
+
+    Every rank must call it (one ``allgather_object``); a mismatch raises the same
+    :class:`RunConsistencyError` (a ValueError) on every rank, naming each differing key
+    (``optimizer.k``, ``variable[0]``, ...) with each rank's value.
+    """
+    fingerprint = flatten({k: v for k, v in config.items() if k != "name"}, "optimizer.")
+    fingerprint.update({"mode": mode, "world_size": comm.size,
+                        "num_trainable_variables": len(model.trainable_variables)})
+    fingerprint.update({f"variable[{i}]": [list(v.shape), v.dtype.name]
+                        for i, v in enumerate(model.trainable_variables)})
+    check_run_consistency(comm, fingerprint, what="DHO2")

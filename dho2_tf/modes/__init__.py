@@ -25,7 +25,8 @@ run resumed with another world size, makes the same choice.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 from dho2_tf.modes.admm import AdmmMode
 from dho2_tf.modes.base import Mode, ShardedMode
@@ -35,6 +36,8 @@ from dho2_tf.modes.replicated import ReplicatedMode
 
 if TYPE_CHECKING:
     from dho2_tf.optimizer import DHO2
+
+logger = logging.getLogger(__name__)
 
 MODES: dict[str, type[Mode]] = {
     "sharded": ShardedMode,
@@ -63,10 +66,28 @@ def choose_layout(needed_bytes: int, memory_budget: int) -> str:
     return "replicated" if needed_bytes <= memory_budget else "sharded"
 
 
+def resolve_layout(needed_bytes: int, hp: Any, n: int, num_slots: int, log: bool) -> str:
+    """``mode="auto"`` at ``build``: :func:`choose_layout` for the replicated layout's
+    ``needed_bytes`` and ``hp.memory_budget``, logged when ``log`` (rank 0)."""
+    chosen = choose_layout(needed_bytes, hp.memory_budget)
+    if log:
+        logger.info("DHO2 mode='auto' chose %r: replicated state %.1f MiB per rank "
+                    "(n=%d, K=%d, %d base slots, Lanczos basis %d rows in float64) %s "
+                    "memory_budget %.1f MiB", chosen, needed_bytes / 2**20, n, hp.num_pairs,
+                    num_slots, hp.lanczos_order, "<=" if chosen == "replicated" else ">",
+                    hp.memory_budget / 2**20)
+    return chosen
+
+
+def window_rules(mode: str) -> tuple[str, ...]:
+    """The ``window_rule`` values ``mode`` accepts, its default first (``auto``: sharded's)."""
+    return MODES.get(mode, ShardedMode).window_rules
+
+
 def make_mode(name: str, opt: "DHO2") -> Mode:
     """The mode object of ``opt`` (``name`` is validated by the optimizer)."""
     return MODES[name](opt)
 
 
 __all__ = ["MODES", "MODE_CHOICES", "Mode", "choose_layout", "make_mode",
-           "replicated_state_bytes"]
+           "replicated_state_bytes", "resolve_layout", "window_rules"]

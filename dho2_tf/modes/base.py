@@ -45,6 +45,10 @@ class Mode:
     hvp_reduce = "mean"
     #: Modes whose exported state (:meth:`DHO2.export_state`) this mode can import.
     imports_state_of: tuple[str, ...] = ()
+    #: The ``window_rule`` values this mode accepts, its default first.
+    window_rules: tuple[str, ...] = ("none",)
+    #: Whether this rank computes curvature instead of training (pipelined curvature ranks).
+    is_curvature_rank = False
 
     def __init__(self, opt: "DHO2") -> None:
         self.opt = opt
@@ -78,6 +82,10 @@ class Mode:
 
     def validate_world(self) -> None:
         """Raise ValueError before any collective when the world does not fit the mode."""
+
+    def required_process_sets(self, world_size: int | None = None) -> list[tuple[int, ...]]:
+        """Process sets the communicator must register when Horovod starts (none)."""
+        return []
 
     # ------------------------------------------------------------------ graph-safe step
     def step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:

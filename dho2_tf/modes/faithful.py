@@ -26,6 +26,7 @@ class FaithfulMode(ReplicatedMode):
     #: The released code keeps the basis sharded (1/P of the m·n basis per rank).
     lanczos_basis = "sharded"
     imports_state_of = ()
+    window_rules = ("extrapolate", "none")
 
     def build(self, var_list: list[tf.Variable]) -> None:
         n, dtype = self.opt.spec.n, var_list[0].dtype

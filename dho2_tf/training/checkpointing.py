@@ -196,7 +196,7 @@ def _can_resume(optimizer: Any, saved_mode: str | None) -> bool:
     """Whether a checkpoint written with ``saved_mode`` loads into the (built) ``optimizer``."""
     mode = _dho2_mode(optimizer)
     if mode is None or saved_mode is None:
-        return mode == saved_mode
+        return mode is None and saved_mode is None
     return optimizer.distribution.can_import(saved_mode)
 
 

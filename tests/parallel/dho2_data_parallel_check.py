@@ -51,16 +51,16 @@ def main() -> None:
     ref.fit(x, y, batch_size=p * B, epochs=1, shuffle=False, verbose=0,
             callbacks=[CurvatureRefresh(batch=(x_ese, y_ese))])
 
-    assert int(opt._refreshes.numpy()) == 2 == int(ref_opt._refreshes.numpy())  # t = 2, 6
+    assert int(opt.state.refreshes.numpy()) == 2 == int(ref_opt.state.refreshes.numpy())  # t = 2, 6
     w = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
     w_ref = np.concatenate([v.numpy().ravel() for v in ref.trainable_variables])
     rel = np.max(np.abs(w - w_ref)) / np.max(np.abs(w_ref))
     assert rel < 1e-5, f"weights differ from single process: rel {rel:.3g}"
-    lam, lam_ref = opt._eigenvalues.numpy(), ref_opt._eigenvalues.numpy()
+    lam, lam_ref = opt.state.eigenvalues.numpy(), ref_opt.state.eigenvalues.numpy()
     np.testing.assert_allclose(lam, lam_ref, rtol=1e-5)
-    v = opt._eigenvectors.numpy() if opt.resolved_mode == "replicated" else \
-        gather_vectors(opt._eigenvectors, w.size, comm).numpy()
-    v_ref = ref_opt._eigenvectors.numpy()
+    v = opt.state.eigenvectors.numpy() if opt.resolved_mode == "replicated" else \
+        gather_vectors(opt.state.eigenvectors, w.size, comm).numpy()
+    v_ref = ref_opt.state.eigenvectors.numpy()
     np.testing.assert_allclose(v.T @ v, v_ref.T @ v_ref, atol=1e-5)
     every = comm.allgather(tf.constant(np.r_[w, lam][None, :]), name="test/compare").numpy()
     assert np.all(every == every[0]), "ranks hold different weights or eigenvalues"

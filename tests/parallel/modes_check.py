@@ -12,7 +12,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-import dho2_tf.optimizer as optimizer_module
+import dho2_tf.optimizer_state as optimizer_module
 from dho2_tf import DHO2, CurvatureRefresh, HorovodComm, LocalComm
 from dho2_tf.curvature.hvp import make_hvp_fn
 from dho2_tf.curvature.spectrum import estimate_spectrum, gather_vectors
@@ -73,9 +73,9 @@ def check_sharded(comm):
     for got, want, what in ((w, w_ref, "weights"), (dw, dw_ref, "last update")):
         rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
         assert rel < 1e-5, f"{what} differ from single process: rel {rel:.3g}"
-    np.testing.assert_allclose(opt._eigenvalues.numpy(), ref_opt._eigenvalues.numpy(),
+    np.testing.assert_allclose(opt.state.eigenvalues.numpy(), ref_opt.state.eigenvalues.numpy(),
                                rtol=1e-5)
-    same_on_all_ranks(comm, np.r_[w, opt._eigenvalues.numpy()], "weights+eigenvalues")
+    same_on_all_ranks(comm, np.r_[w, opt.state.eigenvalues.numpy()], "weights+eigenvalues")
     return f"sharded P={p}"
 
 
@@ -128,10 +128,10 @@ def check_replicated(comm):
             model.fit(x[mine], y[mine], batch_size=B, shuffle=False, verbose=0,
                       callbacks=[CurvatureRefresh(batch=ese)])
             assert opt.refresh_index() == 1 and int(opt.iterations.numpy()) == steps
-            assert opt._in_place == (base == "adam")
-            assert opt._eigenvectors.shape[1] == (opt.spec.n if mode == "replicated" else
+            assert opt.state.in_place == (base == "adam")
+            assert opt.state.eigenvectors.shape[1] == (opt.spec.n if mode == "replicated" else
                                                   opt.layout.shard_size)
-            runs[mode] = (flat(model), opt._eigenvalues.numpy(), step_collectives(counting))
+            runs[mode] = (flat(model), opt.state.eigenvalues.numpy(), step_collectives(counting))
         (w_s, lam_s, coll_s), (w_r, lam_r, coll_r) = runs["sharded"], runs["replicated"]
         rel = np.max(np.abs(w_r - w_s)) / np.max(np.abs(w_s))
         assert rel < 1e-6, f"{base}: replicated differs from sharded: rel {rel:.3g}"
@@ -177,10 +177,10 @@ def check_faithful(comm):
     model.fit(x_r, y_r, batch_size=B, shuffle=False, verbose=0,
               callbacks=[CurvatureRefresh(batch=(x_r[:B], y_r[:B]))])
     opt = model.optimizer
-    assert int(opt._mode.jumps.numpy()) == 4 and opt.refresh_index() == 5   # t = 0, 9, ..., 39
-    assert opt._eigenvectors.shape[1] == opt.spec.n        # full V on every rank
-    same_on_all_ranks(comm, np.r_[flat(model), opt._eigenvalues.numpy(),
-                                  opt._eigenvectors.numpy().ravel()], "faithful state")
+    assert int(opt.distribution.jumps.numpy()) == 4 and opt.refresh_index() == 5   # t = 0, 9, ..., 39
+    assert opt.state.eigenvectors.shape[1] == opt.spec.n        # full V on every rank
+    same_on_all_ranks(comm, np.r_[flat(model), opt.state.eigenvalues.numpy(),
+                                  opt.state.eigenvectors.numpy().ravel()], "faithful state")
     return f"faithful P={comm.size}"
 
 
@@ -201,7 +201,7 @@ def check_pipelined(comm, curvature_ranks):
     opt = DHO2(learning_rate=0.05, base="momentum", k=3, mode="pipelined",
                curvature_ranks=curvature_ranks, refresh_every=10, warmup=5, delivery_delay=5,
                comm=comm)
-    groups = opt._mode.groups
+    groups = opt.distribution.groups
     model = mlp()
     model.compile(optimizer=opt, loss=LOSS)
     x, y = data(2 * 40 * B)
@@ -241,15 +241,15 @@ def check_pipelined(comm, curvature_ranks):
         ys = np.concatenate([b[1] for b in c_batches])
         ref = estimate_spectrum(make_hvp_fn(ref_model, LOSS, (xs, ys)), offset, 3, 0,
                                 LocalComm(), seed=opt.seed + 3)
-        np.testing.assert_allclose(opt._eigenvalues.numpy(), ref.eigenvalues.numpy(),
+        np.testing.assert_allclose(opt.state.eigenvalues.numpy(), ref.eigenvalues.numpy(),
                                    rtol=1e-5)
-        v = gather_vectors(opt._eigenvectors.value(), offset, comm,
-                           process_set=opt._mode.group).numpy()
+        v = gather_vectors(opt.state.eigenvectors.value(), offset, comm,
+                           process_set=opt.distribution.group).numpy()
         v_ref = ref.vectors_r.numpy()
         np.testing.assert_allclose(v.T @ v, v_ref.T @ v_ref, atol=1e-5)
         same_on_all_ranks_u = comm.allgather(
             tf.constant(flat(model)[None, :]), name="test/pipelined/weights",
-            process_set=opt._mode.group).numpy()
+            process_set=opt.distribution.group).numpy()
         assert np.all(same_on_all_ranks_u == same_on_all_ranks_u[0])
     comm.barrier("test/pipelined/end")
     return f"pipelined P={comm.size} P_C={curvature_ranks} steps_during_refresh=" + ",".join(
@@ -289,11 +289,11 @@ def check_admm(comm):
             if t == 4 * tau:
                 counts[mode] = counting.count("allreduce") / (4 * tau - 1 + 1)
         if mode == "admm":
-            z = opt._mode.z.numpy()
+            z = opt.distribution.z.numpy()
             err = np.max(np.abs(z - w_star[:, 0]))
             assert err < 1e-4, f"z is {err:.3g} from the least-squares solution"
             same_on_all_ranks(comm, z, "z")
-            dual_sum = comm.allreduce(opt._mode.dual.value(), "sum", name="test/dual").numpy()
+            dual_sum = comm.allreduce(opt.distribution.dual.value(), "sum", name="test/dual").numpy()
             assert np.max(np.abs(dual_sum)) < 1e-4, dual_sum
     assert counts["admm"] * tau == 1.0, counts
     assert counts["admm"] <= counts["sharded"] / tau, counts

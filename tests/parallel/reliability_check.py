@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-import dho2_tf.optimizer as optimizer_module
+import dho2_tf.optimizer_state as optimizer_module
 from dho2_tf import DHO2, CurvatureRefresh, HorovodComm
 from dho2_tf.training.checkpointing import restore_checkpoint, save_checkpoint
 
@@ -67,10 +67,10 @@ def check_poisoned(comm):
                   callbacks=[CurvatureRefresh(batch=(x_r[:16], y_r[:16]) if comm.rank == 0
                                               else (x_r[16:32], y_r[16:32]))])
         w = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
-        assert np.all(np.isfinite(w)) and np.all(np.isfinite(opt._eigenvalues.numpy()))
+        assert np.all(np.isfinite(w)) and np.all(np.isfinite(opt.state.eigenvalues.numpy()))
         assert all(np.all(np.isfinite(v.numpy())) for v in opt.variables)
         assert opt.curvature_metrics()["skipped_steps"] == 1.0
-        assert opt._in_place == (base == "adam")
+        assert opt.state.in_place == (base == "adam")
         every = comm.allgather(tf.constant(w[None, :]), name="test/poisoned").numpy()
         assert np.all(every == every[0]), "ranks diverged after the skipped step"
         print(f"rank {comm.rank} POISONED_OK mode={mode} base={base} skipped=1", flush=True)

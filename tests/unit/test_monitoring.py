@@ -73,12 +73,12 @@ def test_dho2_run_logs_loss_lr_step_time_and_eigenvalues_with_exact_values(tmp_p
 
     # One refresh ran (before update 12): its eigenvalues are the optimizer's final ones.
     assert len(refresh.refreshes) == 1
-    eigenvalues = opt._eigenvalues.numpy()
+    eigenvalues = opt.state.eigenvalues.numpy()
     for j, value in enumerate(eigenvalues):
         assert scalars[f"refresh/eigenvalue_{j}"] == [(11, pytest.approx(float(value)))]
         assert scalars[f"curvature/eigenvalue_{j}"][-1][1] == pytest.approx(float(value))
     assert scalars["refresh/seconds"][0][1] == pytest.approx(refresh.refreshes[0]["seconds"])
-    assert scalars["refresh/scale"][0][1] == pytest.approx(float(opt._scale.numpy()))
+    assert scalars["refresh/scale"][0][1] == pytest.approx(float(opt.state.scale.numpy()))
     assert histograms["refresh/ritz_values"] == [11]
     # Every key the optimizer reports (eigenvalues, scale, ADMM residuals, ...) is logged.
     for key, value in opt.curvature_metrics().items():

@@ -57,8 +57,8 @@ def test_t8_window_jump_equals_accumulated_window_displacements():
         velocity = velocity + (before - starts[-1])           # v_{j-1} = Σ D_i
         np.testing.assert_allclose(after - before, velocity, rtol=1e-5, atol=1e-7)
         starts.append(after)                                  # θ̃_j = θ_end + v
-    assert int(opt._mode.jumps.numpy()) == 4
-    np.testing.assert_allclose(opt._mode.velocity.numpy(), velocity, rtol=1e-5, atol=1e-7)
+    assert int(opt.distribution.jumps.numpy()) == 4
+    np.testing.assert_allclose(opt.distribution.velocity.numpy(), velocity, rtol=1e-5, atol=1e-7)
     # Between boundaries on_step_begin changes nothing.
     for t, before, after, _ in record:
         if t not in refresh_steps:
@@ -80,9 +80,9 @@ def test_t11_admm_single_rank_keeps_zero_dual_and_z_equals_x():
     opt = DHO2(learning_rate=0.05, base="momentum", k=2, mode="admm", rho=0.1, tau=3,
                refresh_every=6, warmup=2, comm=LocalComm())
     run_custom_loop(opt, model, x, y, steps=12)
-    assert int(opt._mode.rounds.numpy()) == 4
-    np.testing.assert_allclose(opt._mode.dual.numpy(), 0.0, atol=1e-6)
-    np.testing.assert_allclose(opt._mode.z.numpy(), flat_weights(model), atol=1e-6)
+    assert int(opt.distribution.rounds.numpy()) == 4
+    np.testing.assert_allclose(opt.distribution.dual.numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(opt.distribution.z.numpy(), flat_weights(model), atol=1e-6)
     metrics = opt.curvature_metrics()
     assert metrics["admm_rounds"] == 4.0 and metrics["admm_primal_residual"] < 1e-2
 
@@ -93,8 +93,8 @@ def test_admm_eigen_rates_use_hessian_plus_rho():
     opt = DHO2(learning_rate=0.05, base="sgd", k=2, mode="admm", rho=0.5, tau=2,
                refresh_every=4, warmup=1, comm=LocalComm())
     run_custom_loop(opt, model, x, y, steps=2)
-    lam = opt._eigenvalues.numpy()
-    np.testing.assert_allclose(opt._rates.numpy(), 1.0 / np.abs(lam + 0.5), rtol=1e-5)
+    lam = opt.state.eigenvalues.numpy()
+    np.testing.assert_allclose(opt.state.rates.numpy(), 1.0 / np.abs(lam + 0.5), rtol=1e-5)
 
 
 @pytest.mark.parametrize("n,world,curv", [(10, 3, 1), (11, 4, 2), (7, 5, 3), (100, 4, 1)])
@@ -173,7 +173,7 @@ def test_auto_mode_resolves_by_memory_budget_and_logs_the_choice(caplog):
         assert opt.mode == "auto" and opt.resolved_mode is None
         assert opt.replicated_state_bytes(n) == needed
         caplog.clear()
-        with caplog.at_level("INFO", logger="dho2_tf.optimizer"):
+        with caplog.at_level("INFO", logger="dho2_tf"):
             opt.build(model.trainable_variables)
         chosen[budget] = opt.resolved_mode
         logs = [r.getMessage() for r in caplog.records if "mode='auto' chose" in r.getMessage()]
@@ -204,7 +204,7 @@ def test_explicit_modes_ignore_the_budget():
         opt = DHO2(mode=mode, memory_budget=1, comm=LocalComm())
         assert opt.resolved_mode == mode
         opt.build(model.trainable_variables)
-        assert opt.resolved_mode == mode and opt._mode.shards_state == (mode == "sharded")
+        assert opt.resolved_mode == mode and opt.distribution.shards_state == (mode == "sharded")
 
 
 def test_replicated_and_sharded_one_process_runs_are_identical():

@@ -85,7 +85,7 @@ def test_skipped_steps_logged_and_counted_without_statistics(caplog, bound):
     with caplog.at_level(logging.WARNING, logger="dho2_tf"):
         model.fit(x, y_bad, batch_size=32, epochs=2, shuffle=False, verbose=0,
                   callbacks=callbacks)
-    assert int(opt._skipped.numpy()) == 2
+    assert int(opt.state.skipped.numpy()) == 2
     assert opt.curvature_metrics()["skipped_steps"] == 2.0
     logged = dho2_warnings(caplog, "skipped step")
     assert sorted(int(r.args[0]) for r in logged) == [2, 6]   # steps counted from 1
@@ -103,7 +103,7 @@ def test_too_many_consecutive_skips_stop_training():
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_consecutive_skips=2"):
         model.fit(x, y_bad, batch_size=32, epochs=2, shuffle=False, verbose=0)
     # Steps 2 and 3 were skipped and tolerated; the third consecutive skip (step 4) stopped.
-    assert int(opt._skipped.numpy()) == 3
+    assert int(opt.state.skipped.numpy()) == 3
     # The weights are those of the only applied step (step 1), not NaN.
     assert all(np.all(np.isfinite(w.numpy())) for w in model.trainable_variables)
 
@@ -116,7 +116,7 @@ def test_isolated_skips_below_the_limit_keep_training():
     opt = make_opt(max_consecutive_skips=1, refresh_every=100)
     model.compile(optimizer=opt, loss="mse")
     model.fit(x, y_bad, batch_size=32, epochs=3, shuffle=False, verbose=0)
-    assert int(opt._skipped.numpy()) == 3 and int(opt.iterations.numpy()) == 12
+    assert int(opt.state.skipped.numpy()) == 3 and int(opt.iterations.numpy()) == 12
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, None, True])

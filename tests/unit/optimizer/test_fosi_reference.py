@@ -82,7 +82,7 @@ def test_fosi_update_matches_numpy_over_two_refreshes(base, lr, mode):
         opt.apply_gradients(zip(grads, model.trainable_variables))
         got.append(model.trainable_variables[0].numpy().copy())
     want = fosi_numpy(a, b, theta0, base, lr, alpha=0.3, c_max=opt.c_max)
-    assert int(opt._refreshes.numpy()) == 2
+    assert int(opt.state.refreshes.numpy()) == 2
     scale = np.max(np.abs(want), axis=1, keepdims=True)
     np.testing.assert_array_less(np.max(np.abs(np.array(got) - want), axis=1), 1e-6 * scale[:, 0])
     # The run is not trivially the base optimizer: the refreshes changed the trajectory.
@@ -144,7 +144,7 @@ def test_lean_step_matches_numpy_when_the_curvature_changes(base, lr, mode, monk
     heavy-ball buffer kept in the basis of V must be re-based correctly. Each numpy step uses
     the gradient DHO2 saw at that step, so errors cannot compound; Adam runs its in-place
     kernel (the size threshold is lowered) and the out-of-place formula alike."""
-    import dho2_tf.optimizer as optimizer_module
+    import dho2_tf.optimizer_state as optimizer_module
 
     monkeypatch.setattr(optimizer_module, "IN_PLACE_MIN_SIZE", 1 if mode == "sharded" else 1 << 30)
     x, y = toy_data()
@@ -171,7 +171,7 @@ def test_lean_step_matches_numpy_when_the_curvature_changes(base, lr, mode, monk
         before = opt.refresh_index()
         opt.on_step_begin()
         if opt.refresh_index() > before:
-            curv = (opt._eigenvectors.numpy(), opt._rates.numpy(), float(opt._scale.numpy()))
+            curv = (opt.state.eigenvectors.numpy(), opt.state.rates.numpy(), float(opt.state.scale.numpy()))
             seen.append(curv[1])
         theta = flat()
         # Γ of the estimate equals V Vᵀ to ~1e-8, hence the tolerance.
@@ -180,4 +180,4 @@ def test_lean_step_matches_numpy_when_the_curvature_changes(base, lr, mode, monk
         theta_ref = numpy_fosi_step(g, theta, state, curv, base, lr, 0.4, t + 1)
     np.testing.assert_allclose(flat(), theta_ref, rtol=0, atol=1e-7 * np.max(np.abs(theta_ref)))
     assert len(seen) == 4 and not np.allclose(seen[0], seen[1])   # t = 1, 5, 9, 13: V changed
-    assert opt._in_place == (base == "adam" and mode == "sharded")
+    assert opt.state.in_place == (base == "adam" and mode == "sharded")

@@ -64,5 +64,5 @@ def test_dho2_sgd_needs_at_most_a_fifth_of_sgd_steps():
     assert dho2_steps is not None, f"DHO2 did not reach {TARGET} within {budget} steps " \
                                    f"(SGD needs {sgd_steps}); last loss {loss:.3g}"
     # Curvature was really used: the estimated extremes match the true ones.
-    lam = opt._eigenvalues.numpy()
+    lam = opt.state.eigenvalues.numpy()
     np.testing.assert_allclose(np.sort(lam), np.sort(np.r_[eig[:5], eig[-10:]]), rtol=1e-6)

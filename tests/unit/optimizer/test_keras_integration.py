@@ -54,7 +54,7 @@ def test_compile_fit_trains_and_refreshes():
     assert [r["index"] for r in cb.refreshes] == [0, 1, 2]
     assert all(r["installed"] for r in cb.refreshes)
     assert int(model.optimizer.iterations.numpy()) == 24
-    assert np.all(model.optimizer._eigenvalues.numpy() > 0)
+    assert np.all(model.optimizer.state.eigenvalues.numpy() > 0)
 
 
 def test_fit_equals_custom_loop():
@@ -100,7 +100,7 @@ def test_save_load_and_continue(tmp_path):
     for m in (model, loaded):
         m.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
               callbacks=[CurvatureRefresh(batch=(x[:64], y[:64]))])
-    assert int(loaded.optimizer._refreshes.numpy()) == 4   # 32 steps, W=4, T=8
+    assert int(loaded.optimizer.state.refreshes.numpy()) == 4   # 32 steps, W=4, T=8
     for wa, wb in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
 
@@ -115,9 +115,9 @@ def test_checkpoint_carries_curvature_state(tmp_path):
     model2 = compiled(make_opt())
     model2.optimizer.build(model2.trainable_variables)
     tf.train.Checkpoint(model=model2, optimizer=model2.optimizer).read(path).assert_consumed()
-    np.testing.assert_array_equal(model.optimizer._eigenvectors.numpy(),
-                                  model2.optimizer._eigenvectors.numpy())
-    assert int(model2.optimizer._refreshes.numpy()) == int(model.optimizer._refreshes.numpy())
+    np.testing.assert_array_equal(model.optimizer.state.eigenvectors.numpy(),
+                                  model2.optimizer.state.eigenvectors.numpy())
+    assert int(model2.optimizer.state.refreshes.numpy()) == int(model.optimizer.state.refreshes.numpy())
 
 
 @pytest.mark.parametrize("learning_rate", [

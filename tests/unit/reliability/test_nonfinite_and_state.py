@@ -30,7 +30,7 @@ def test_poisoned_batch_is_skipped_and_nothing_turns_non_finite(batch_norm):
     assert opt.curvature_metrics()["skipped_steps"] == 2.0          # batch 3 of each epoch
     for var in model.variables + opt.variables:
         assert np.all(np.isfinite(var.numpy())), var.name
-    assert opt.refresh_index() == 4 and np.any(opt._eigenvalues.numpy() != 0)
+    assert opt.refresh_index() == 4 and np.any(opt.state.eigenvalues.numpy() != 0)
 
 
 def test_skipped_step_changes_no_weight_and_no_slot():
@@ -64,14 +64,14 @@ def test_non_finite_curvature_batch_keeps_previous_eigenpairs():
     opt = DHO2(learning_rate=0.05, k=2, refresh_every=100, comm=LocalComm())
     opt.bind(model, LOSS, (x[:64], y[:64]))
     opt.refresh_curvature()
-    good = opt._eigenvalues.numpy().copy()
+    good = opt.state.eigenvalues.numpy().copy()
     x_bad = x[:64].copy()
     x_bad[0, 0] = np.inf
     opt.bind(model, LOSS, (x_bad, y[:64]))
     info = opt.refresh_curvature()
     assert info["status"].startswith("non-finite") and not info["installed"]
-    np.testing.assert_array_equal(opt._eigenvalues.numpy(), good)
-    assert np.all(np.isfinite(opt._eigenvectors.numpy()))
+    np.testing.assert_array_equal(opt.state.eigenvalues.numpy(), good)
+    assert np.all(np.isfinite(opt.state.eigenvectors.numpy()))
 
 
 def test_bad_nonfinite_policy_is_rejected():
@@ -124,14 +124,14 @@ def test_in_place_adam_skips_a_non_finite_gradient_without_touching_its_slots(
         value, refreshed, monkeypatch):
     """Adam's fused in-place kernel runs only once every rank knows Ḡ is finite (from V Ḡ,
     also with the zero V before the first refresh)."""
-    import dho2_tf.optimizer as optimizer_module
+    import dho2_tf.optimizer_state as optimizer_module
 
     monkeypatch.setattr(optimizer_module, "IN_PLACE_MIN_SIZE", 1)
     x, y = toy_data()
     model = toy_model()
     opt = DHO2(learning_rate=0.05, base="adam", k=2, refresh_every=100, comm=LocalComm())
     opt.bind(model, LOSS, (x[:64], y[:64]))
-    assert opt._in_place
+    assert opt.state.in_place
     step = tf.function(lambda grads: opt.apply_gradients(zip(grads, model.trainable_variables)))
     good = [tf.ones_like(v) * 0.01 for v in model.trainable_variables]
     step(good)
@@ -146,7 +146,7 @@ def test_in_place_adam_skips_a_non_finite_gradient_without_touching_its_slots(
     changed = sorted(n for n, b, a in zip(names, before, after) if not np.array_equal(a, b))
     assert changed == ["iteration:0", "skipped_steps:0"]
     step(good)                                  # and the next finite step is applied
-    assert int(opt._skipped.numpy()) == 1
+    assert int(opt.state.skipped.numpy()) == 1
     assert not np.array_equal(model.trainable_variables[0].numpy(), after[0])
 
 
@@ -175,7 +175,7 @@ def test_batch_norm_statistics_of_a_skipped_step_are_restored_in_a_custom_loop()
         if t == 4:
             for before, var in zip(stats, model.non_trainable_variables):
                 np.testing.assert_array_equal(before, var.numpy())
-    assert int(opt._skipped.numpy()) == 1
+    assert int(opt.state.skipped.numpy()) == 1
     assert all(np.all(np.isfinite(v.numpy())) for v in model.variables)
 
 

@@ -1,0 +1,115 @@
+"""DHO2's hyper-parameters: validated once, before any variable or collective exists.
+
+Every field is a constructor argument of :class:`dho2_tf.DHO2` under the same name (its meaning
+is documented there); ``None`` defaults are resolved here, so the fields hold the values in use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dho2_tf.modes import MODE_CHOICES, window_rules
+from dho2_tf.validation import check_int, check_real
+
+NONFINITE_POLICIES = ("skip", "raise")
+
+#: Default ``memory_budget`` of ``mode="auto"``: 1 GiB of replicated state per rank.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """The optimizer's configuration besides the learning rate and the base rule's constants.
+
+    Construct it with :meth:`resolve`, which checks every value and fills the defaults that
+    depend on others: ``c_max`` (1 for Adam, else 3), ``lanczos_order`` = 4(k+ℓ), ``warmup`` =
+    ``refresh_every``, ``window_rule`` (``"extrapolate"`` for ``faithful``, else ``"none"``),
+    ``delivery_delay`` = ⌈refresh_every/2⌉.
+    """
+
+    k: int
+    ell: int
+    alpha: float
+    c_max: float
+    lanczos_order: int
+    lanczos_dtype: str | None
+    refresh_every: int
+    warmup: int
+    eigenvalue_damping: float
+    mode: str
+    memory_budget: int
+    window_rule: str
+    window_sigma: float
+    curvature_ranks: int
+    update_ranks: int | None
+    delivery_delay: int
+    rho: float
+    tau: int
+    x_restart: str
+    nonfinite: str
+    max_consecutive_skips: int
+    seed: int
+
+    @property
+    def num_pairs(self) -> int:
+        """K = k + ℓ."""
+        return self.k + self.ell
+
+    @classmethod
+    def resolve(cls, *, default_c_max: float, k: int, ell: int, alpha: float,
+                c_max: float | None, lanczos_order: int | None, lanczos_dtype: str | None,
+                refresh_every: int, warmup: int | None, eigenvalue_damping: float, mode: str,
+                memory_budget: int, window_rule: str | None, window_sigma: float,
+                curvature_ranks: int, update_ranks: int | None, delivery_delay: int | None,
+                rho: float, tau: int, x_restart: str, nonfinite: str,
+                max_consecutive_skips: int, seed: int) -> "Hyperparameters":
+        """Check every argument (ValueError naming the first bad one) and fill the defaults."""
+        k = check_int("k", k, minimum=1)
+        ell = check_int("ell", ell, minimum=0)
+        if lanczos_dtype not in (None, "float32", "float64"):
+            raise ValueError("`lanczos_dtype` must be None, 'float32' or 'float64'. "
+                             f"Received: lanczos_dtype={lanczos_dtype!r}")
+        refresh_every = check_int("refresh_every", refresh_every, minimum=1)
+        if mode not in MODE_CHOICES:
+            raise ValueError(f"`mode` must be one of {MODE_CHOICES}. Received: mode={mode!r}")
+        allowed = window_rules(mode)
+        rule = allowed[0] if window_rule is None else window_rule
+        if rule not in allowed:
+            raise ValueError("`window_rule` must be 'none', or 'extrapolate' with "
+                             f"mode='faithful'. Received: window_rule={window_rule!r}, "
+                             f"mode={mode!r}")
+        if x_restart not in ("keep", "z"):
+            raise ValueError(
+                f"`x_restart` must be 'keep' or 'z'. Received: x_restart={x_restart!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}. "
+                             f"Received: nonfinite={nonfinite!r}")
+        return cls(
+            k=k, ell=ell, alpha=check_real("alpha", alpha, minimum=0.0),
+            c_max=default_c_max if c_max is None else check_real("c_max", c_max, minimum=1.0),
+            lanczos_order=4 * (k + ell) if lanczos_order is None else check_int(
+                "lanczos_order", lanczos_order, minimum=k + ell,
+                hint="it must be at least k + ell"),
+            lanczos_dtype=lanczos_dtype, refresh_every=refresh_every,
+            warmup=refresh_every if warmup is None else check_int("warmup", warmup, minimum=0),
+            eigenvalue_damping=check_real("eigenvalue_damping", eigenvalue_damping,
+                                          minimum=0.0),
+            mode=mode, memory_budget=check_int("memory_budget", memory_budget, minimum=1),
+            window_rule=rule, window_sigma=check_real("window_sigma", window_sigma, minimum=0.0),
+            curvature_ranks=check_int("curvature_ranks", curvature_ranks, minimum=1),
+            update_ranks=None if update_ranks is None else check_int(
+                "update_ranks", update_ranks, minimum=1),
+            delivery_delay=-(-refresh_every // 2) if delivery_delay is None else check_int(
+                "delivery_delay", delivery_delay, minimum=1, maximum=refresh_every),
+            rho=check_real("rho", rho, minimum=0.0, open_min=True),
+            tau=check_int("tau", tau, minimum=1), x_restart=x_restart, nonfinite=nonfinite,
+            max_consecutive_skips=check_int("max_consecutive_skips", max_consecutive_skips,
+                                            minimum=1),
+            seed=check_int("seed", seed, minimum=0))
+
+    def config(self) -> dict:
+        """The fields as ``get_config`` entries."""
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(Hyperparameters))
