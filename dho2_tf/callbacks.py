@@ -102,7 +102,7 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
         if self.broadcast_initial_state:
             opt.broadcast_state(self.model)
         opt.bind(self.model, self.loss, self.batch, training=self.training)
-        if opt.ensure_stat_shadows() and self.model.non_trainable_variables:
+        if opt.hooks.ensure_shadows() and self.model.non_trainable_variables:
             # A train function traced before the copies existed would not restore the
             # statistics of a skipped step: use a new one (fit looks it up every step).
             self.model.train_function = self.model.make_train_function(force=True)
@@ -135,7 +135,7 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
             self.refreshes.append(dict(opt.last_refresh))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self._opt.report_skipped()
+        self._opt.hooks.report_skipped()
 
     def on_train_end(self, logs: dict | None = None) -> None:
         (self._opt or self._optimizer()).on_train_end()

@@ -11,6 +11,7 @@ from dho2_tf import hybrid
 from dho2_tf.base_rules import BaseRule
 from dho2_tf.distributed.comm import Communicator, Group
 from dho2_tf.flat import FlatSpec, assign_add_flat
+from dho2_tf.hyperparameters import Hyperparameters
 from dho2_tf.optimizer_state import OptimizerState, Workspace
 
 logger = logging.getLogger(__name__)
@@ -32,11 +33,13 @@ class FosiStep:
     """
 
     def __init__(self, state: OptimizerState, workspace: Workspace, rule: BaseRule,
-                 spec: FlatSpec, alpha: float, nonfinite: str, max_consecutive_skips: int,
+                 spec: FlatSpec, hp: Hyperparameters,
                  log_skip: Callable[[tf.Tensor, tf.Tensor], None]) -> None:
+        """``hp`` gives α, the ``nonfinite`` policy and ``max_consecutive_skips``; ``log_skip``
+        is called eagerly with (step, skipped so far) for each skipped step."""
         self.state, self.workspace, self.rule, self.spec = state, workspace, rule, spec
-        self.alpha, self.nonfinite = alpha, nonfinite
-        self.max_consecutive_skips = max_consecutive_skips
+        self.alpha, self.nonfinite = hp.alpha, hp.nonfinite
+        self.max_consecutive_skips = hp.max_consecutive_skips
         self.log_skip = log_skip
 
     def __call__(self, g_r: tf.Tensor, variables: list[tf.Variable], learning_rate: tf.Tensor,

@@ -112,4 +112,15 @@ class Hyperparameters:
         return dataclasses.asdict(self)
 
 
+def reject_unsupported(kwargs: dict) -> dict:
+    """``kwargs`` without Keras' ``weight_decay`` and ``use_ema`` when they are off; ValueError
+    when one is set (weight decay belongs in the loss, so the curvature estimate sees it)."""
+    for key in ("weight_decay", "use_ema"):
+        if kwargs.pop(key, None):
+            raise ValueError(f"`{key}` is not supported by DHO2" + (
+                ": add an L2 term to the loss so the curvature estimate sees it"
+                if key == "weight_decay" else "") + ".")
+    return kwargs
+
+
 FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(Hyperparameters))

@@ -138,7 +138,7 @@ class Workspace:
         base_out: float [s], output of an in-place base step (``None`` if the rule has none).
         consecutive_skips: int64, skipped steps since the last applied one.
         source_checked: bool, whether a step traced with no curvature source already ran the
-            missing-source check (:meth:`dho2_tf.optimizer.DHO2._check_curvature_source`).
+            missing-source check (:meth:`dho2_tf.step_hooks.StepHooks.check_source`).
     """
 
     def __init__(self, rule: BaseRule, num_pairs: int, shard_size: int, dtype: tf.DType,
@@ -153,24 +153,6 @@ class Workspace:
         self.consecutive_skips = tf.Variable(tf.constant(0, tf.int64), trainable=False,
                                              name="dho2_consecutive_skips")
         self.source_checked = tf.Variable(False, trainable=False, name="dho2_source_checked")
-
-
-class HostState:
-    """Python copies the eager hooks keep between steps (a plain object: setting attributes on
-    the optimizer itself goes through Keras' tracking, which costs microseconds per step).
-
-    Attributes:
-        refreshes: the refresh counter, or ``None`` when it must be re-read.
-        begun_at: the step count :meth:`dho2_tf.optimizer.DHO2.on_step_begin` saw, until :meth:`dho2_tf.optimizer.DHO2.on_step_end`.
-        skipped_reported: skipped steps already reported in the log.
-        source_warned: whether the missing-curvature-source warning was given.
-    """
-
-    def __init__(self) -> None:
-        self.refreshes: int | None = None
-        self.begun_at: int | None = None
-        self.skipped_reported = 0
-        self.source_warned = False
 
 
 class StatShadows:

@@ -1,10 +1,11 @@
-"""The curvature refresh's pieces around the Lanczos run: what it is bound to, what it reports.
+"""The curvature refresh of one optimizer: its binding, schedule, estimate, install and record.
 
-A refresh reads top-down: :meth:`dho2_tf.DHO2.on_step_begin` asks the mode, whose schedule
-(:func:`dho2_tf.hybrid.next_refresh_step`) says a refresh is due; the mode folds the momentum
-out of the old basis and runs the compiled estimator of the :func:`bind_curvature` binding; the
-optimizer installs the eigenpairs (:meth:`dho2_tf.optimizer_state.OptimizerState.install`) and
-records the refresh (:func:`refresh_record`).
+A refresh reads top-down: before each update the mode asks :meth:`Curvature.due` (the schedule
+of :func:`dho2_tf.hybrid.next_refresh_step`, from a Python copy of the refresh counter) and
+calls :meth:`Curvature.refresh`, which runs the mode's estimate (the compiled Lanczos of the
+:meth:`Curvature.bind` binding, after folding the momenta out of the old basis), installs the
+eigenpairs (:meth:`dho2_tf.optimizer_state.OptimizerState.install`, η and c from λ + the mode's
+shift) and records what happened (:func:`refresh_record`, ``last_refresh``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from dho2_tf import hybrid
 from dho2_tf.losses import resolve_loss
 
 logger = logging.getLogger(__name__)
@@ -79,3 +81,112 @@ def warn_no_curvature_source(step: int, base: str) -> None:
         "DHO2 trains as its plain base optimizer (%r) with no second-order step. Pass "
         "callbacks=[dho2_tf.CurvatureRefresh(batch=(x, y))] to fit(), or call "
         "optimizer.bind(model, loss, (x, y)) and the step hooks in a custom loop.", step, base)
+
+
+class Curvature:
+    """The refresh path of one optimizer (attached to its state at ``build``).
+
+    Attributes:
+        binding: what :meth:`bind` compiled (``None`` until then): ``model``, ``dtype``,
+            ``hvp``, ``estimator``, ``key``, ``batch``.
+        last_refresh: the record of the latest refresh (:func:`refresh_record`), or ``None``.
+        triggers: pipelined mode: the steps at which weights were handed over.
+        compile_seconds: the one-off cost of tracing the HVP and Lanczos graphs in :meth:`bind`.
+    """
+
+    def __init__(self, hp: Any) -> None:
+        self.hp = hp
+        self.binding: dict[str, Any] | None = None
+        self.last_refresh: dict[str, Any] | None = None
+        self.triggers: list[int] = []
+        self.compile_seconds = 0.0
+        self.host_refreshes: int | None = None   # Python copy of state.refreshes (None: re-read)
+
+    def attach(self, state: Any, workspace: Any, mode: Any, comm: Any) -> None:
+        """Use the built optimizer's state, step buffers, mode and communicator."""
+        self.state, self.workspace, self.mode, self.comm = state, workspace, mode, comm
+
+    def bind(self, model: tf.keras.Model, loss: Callable | str | None, batch: tuple,
+             training: bool) -> None:
+        """Bind the model, loss and batch (a no-op for the same ones) and trace the graphs."""
+        if self.binding is not None and self.binding["key"] == binding_key(model, loss, batch,
+                                                                           training):
+            return  # the same binding (e.g. a second fit call): keep the compiled graphs
+        self.binding = bind_curvature(model, loss, batch, training, self.mode.make_estimator,
+                                      self.hp.lanczos_dtype)
+        self.compile_seconds = self.binding["compile_seconds"]
+        estimator = self.binding["estimator"]
+        if self.comm.is_root and estimator is not None:
+            program = estimator.program
+            logger.info("DHO2 compiled the curvature graphs in %.2fs (n=%d, m=%d, %s %s basis)",
+                        self.compile_seconds, program.n, program.m, estimator.basis_layout,
+                        program.basis_dtype.name)
+
+    def require_binding(self) -> None:
+        """RuntimeError unless :meth:`bind` ran."""
+        if self.binding is None:
+            raise RuntimeError(MISSING_BINDING)
+
+    def index(self) -> int:
+        """Refreshes done so far (also the next refresh's seed offset)."""
+        return int(self.state.refreshes.numpy())
+
+    def forget(self) -> None:
+        """Re-read the refresh counter next time (it may have been restored)."""
+        self.host_refreshes = None
+
+    def due(self, iterations: int) -> bool:
+        """Whether a refresh is due before update ``iterations`` (no variable read once the
+        counter's Python copy exists)."""
+        if self.host_refreshes is None:
+            self.host_refreshes = self.index()
+        return iterations >= hybrid.next_refresh_step(self.host_refreshes, self.hp.warmup,
+                                                      self.hp.refresh_every)
+
+    def materialize_momentum(self) -> None:
+        """Fold the momenta out of the basis of V before V changes and drop cached projections."""
+        self.state.materialize_momentum()
+        self.workspace.projected_at.assign(-1)
+
+    def refresh(self) -> dict[str, Any]:
+        """Estimate the extreme eigenpairs at the current weights (the mode's estimate, every
+        rank at the same step) and install them; a non-finite estimate keeps the old ones."""
+        self.require_binding()
+        start = time.perf_counter()
+        est = self.mode.estimate()
+        if est.num_valid > 0 and est.status.startswith(("ok", "breakdown")):
+            self.install(est.eigenvalues, self.mode.vectors_for_state(est.vectors_r), est.gram,
+                         status=est.status, start=start)
+        else:
+            logger.warning("DHO2 curvature refresh %d kept the previous eigenpairs: %s",
+                           self.index(), est.status)
+            self.count(installed=False, status=est.status, start=start)
+        return self.last_refresh
+
+    def install(self, eigenvalues: tf.Tensor, vectors: tf.Tensor, gram: tf.Tensor, status: str,
+                start: float | None = None) -> None:
+        """Install (λ, V in the state layout, Γ), derive η and c, and count the refresh."""
+        self.state.install(eigenvalues, vectors, gram, self.mode.eigenvalue_shift(),
+                           self.hp.eigenvalue_damping, self.hp.ell, self.hp.c_max)
+        self.count(installed=True, status=status, start=start)
+
+    def count(self, installed: bool, status: str, start: float | None = None) -> None:
+        """Advance the refresh counter and record what happened (logged on rank 0)."""
+        index = self.index()
+        self.state.refreshes.assign_add(1)
+        self.host_refreshes = index + 1
+        self.last_refresh = refresh_record(index, status, installed, start,
+                                           self.state.eigenvalues, self.state.scale,
+                                           self.comm.is_root)
+
+    def metrics(self) -> dict[str, float]:
+        """eigenvalue_j, lr_scale, refreshes, skipped_steps, refresh and compile seconds."""
+        st = self.state
+        out = {f"eigenvalue_{j}": float(v) for j, v in enumerate(st.eigenvalues.numpy())}
+        out.update(lr_scale=float(st.scale.numpy()), refreshes=float(st.refreshes.numpy()),
+                   skipped_steps=float(st.skipped.numpy()))
+        if self.last_refresh is not None:
+            out["refresh_seconds"] = float(self.last_refresh["seconds"])
+        if self.compile_seconds:
+            out["curvature_compile_seconds"] = float(self.compile_seconds)
+        return out

@@ -57,6 +57,35 @@ def import_state(variables: list[tf.Variable], sharded: set[int], layout: ShardL
         var.assign(value)
 
 
+def export_optimizer_state(opt: Any) -> dict[str, Any]:
+    """:func:`export_state` of a built :class:`dho2_tf.DHO2`: its variables, the parameter-sized
+    ones gathered over the mode's group, and its resolved mode."""
+    return export_state(opt.variables, sharded_ids(opt), opt.spec.n, opt.comm,
+                        opt.distribution.group, opt.resolved_mode)
+
+
+def import_optimizer_state(opt: Any, state: dict[str, Any]) -> None:
+    """:func:`import_state` into a built :class:`dho2_tf.DHO2`, after checking that its mode can
+    load a state of ``state["__mode__"]`` written by ``state["__world_size__"]`` ranks.
+
+    Raises:
+        ValueError: on a mode mismatch, or a rank-local state from another world size.
+    """
+    mode = opt.distribution
+    if not mode.can_import(state.get("__mode__")):
+        raise ValueError(f"Checkpoint state is for mode={state.get('__mode__')!r}, this "
+                         f"optimizer has mode={opt.resolved_mode!r}.")
+    mode.check_import_world(state.get("__world_size__"))
+    import_state(opt.variables, sharded_ids(opt), opt.layout, state,
+                 opt.state.coordinate_defaults())
+
+
+def sharded_ids(opt: Any) -> set[int]:
+    """``id`` of the optimizer's variables that its mode shards (none when it does not)."""
+    return {id(v) for v in opt.state.parameter_sized} if opt.distribution.shards_state \
+        else set()
+
+
 def broadcast_weights(variables: list[tf.Variable], comm: Communicator, group: Group | None,
                       root: int = 0) -> None:
     """Copy every variable from rank ``root`` of ``group`` to its other members (a no-op on a

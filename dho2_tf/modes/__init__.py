@@ -79,9 +79,16 @@ def resolve_layout(needed_bytes: int, hp: Any, n: int, num_slots: int, log: bool
     return chosen
 
 
+def mode_class(mode: str) -> type[Mode]:
+    """The class of ``mode``, whose class-level capabilities (``checkpointable``,
+    ``all_ranks_train``, ``process_sets_for``, ``rank_groups``, ``window_rules``) hold before
+    an optimizer exists; ``"auto"`` shares those of ``sharded`` and ``replicated``."""
+    return MODES.get(mode, ShardedMode)
+
+
 def window_rules(mode: str) -> tuple[str, ...]:
-    """The ``window_rule`` values ``mode`` accepts, its default first (``auto``: sharded's)."""
-    return MODES.get(mode, ShardedMode).window_rules
+    """The ``window_rule`` values ``mode`` accepts, its default first."""
+    return mode_class(mode).window_rules
 
 
 def make_mode(name: str, opt: "DHO2") -> Mode:
@@ -90,4 +97,4 @@ def make_mode(name: str, opt: "DHO2") -> Mode:
 
 
 __all__ = ["MODES", "MODE_CHOICES", "Mode", "choose_layout", "make_mode",
-           "replicated_state_bytes", "resolve_layout", "window_rules"]
+           "mode_class", "replicated_state_bytes", "resolve_layout", "window_rules"]

@@ -75,14 +75,14 @@ class AdmmMode(Mode):
             assign_flat(opt.model_variables, result.z, opt)
         self.residuals.assign(tf.stack([result.primal_residual, result.dual_residual]))
         self.rounds.assign_add(1)
-        model = opt.binding["model"] if opt.binding else None
+        model = opt.curvature.binding["model"] if opt.curvature.binding else None
         stats = list(model.non_trainable_variables) if model is not None else []
         if stats:
             averaged = self.comm.grouped_allreduce([v.value() for v in stats], "mean",
                                                    name="dho2/admm/bn_stats")
             for var, value in zip(stats, averaged):
                 var.assign(value)
-            opt.sync_stat_shadows()
+            opt.hooks.sync_shadows()
 
     @contextlib.contextmanager
     def consensus_weights(self) -> Iterator[None]:

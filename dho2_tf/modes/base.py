@@ -49,6 +49,19 @@ class Mode:
     window_rules: tuple[str, ...] = ("none",)
     #: Whether this rank computes curvature instead of training (pipelined curvature ranks).
     is_curvature_rank = False
+    #: Whether every rank trains on its data shard (``pipelined``: the curvature ranks do not).
+    all_ranks_train = True
+
+    @staticmethod
+    def process_sets_for(curvature_ranks: int, update_ranks: int | None,
+                         world_size: int | None = None) -> list[tuple[int, ...]]:
+        """Process sets a run of this mode registers when Horovod starts (none)."""
+        return []
+
+    @staticmethod
+    def rank_groups(world_size: int, curvature_ranks: int, update_ranks: int | None) -> Any:
+        """Which ranks train and which compute curvature (``None``: every rank trains)."""
+        return None
 
     def __init__(self, opt: "DHO2") -> None:
         self.opt = opt
@@ -84,8 +97,9 @@ class Mode:
         """Raise ValueError before any collective when the world does not fit the mode."""
 
     def required_process_sets(self, world_size: int | None = None) -> list[tuple[int, ...]]:
-        """Process sets the communicator must register when Horovod starts (none)."""
-        return []
+        """Process sets this optimizer's communicator must register when Horovod starts."""
+        return self.process_sets_for(self.opt.curvature_ranks, self.opt.update_ranks,
+                                     world_size)
 
     # ------------------------------------------------------------------ graph-safe step
     def step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
@@ -107,8 +121,8 @@ class Mode:
     # ------------------------------------------------------------------ eager hooks
     def on_step_begin(self, iterations: int) -> None:
         """Before update ``iterations`` (0-based): refresh when the schedule says so."""
-        if self.opt.refresh_due(iterations):
-            self.opt.refresh_curvature()
+        if self.opt.curvature.due(iterations):
+            self.opt.curvature.refresh()
 
     def on_step_end(self, iterations: int) -> None:
         """After the update(s); ``iterations`` is the step count afterwards."""
@@ -118,6 +132,11 @@ class Mode:
 
     def sync_host_state(self) -> None:
         """Forget Python-side copies of variables (they may have been restored)."""
+
+    def serve(self) -> list[dict[str, Any]]:
+        """The curvature ranks' loop (``pipelined`` only)."""
+        raise RuntimeError("serve_curvature() runs only on the curvature ranks of "
+                           "mode='pipelined'; update ranks train with fit().")
 
     #: Layout of the Lanczos basis during a refresh ("sharded": 1/P of it per rank).
     lanczos_basis = "sharded"
@@ -141,11 +160,11 @@ class Mode:
         """Lanczos + Ritz pairs at the current weights (every rank of the world calls it).
 
         First folds the Newton momentum out of the basis of the current V
-        (:meth:`DHO2.materialize_momentum`), since the refresh may replace V.
+        (:meth:`dho2_tf.refresh.Curvature.materialize_momentum`), since the refresh may replace V.
         """
-        opt = self.opt
-        opt.materialize_momentum()
-        return opt.binding["estimator"].estimate(seed=opt.seed + int(opt.refresh_index()))
+        curvature = self.opt.curvature
+        curvature.materialize_momentum()
+        return curvature.binding["estimator"].estimate(seed=self.opt.seed + curvature.index())
 
     def vectors_for_state(self, vectors_r: tf.Tensor) -> tf.Tensor:
         """Convert the Lanczos shard of V into this mode's layout (full V when not sharded)."""

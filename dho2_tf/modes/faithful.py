@@ -47,16 +47,16 @@ class FaithfulMode(ReplicatedMode):
     def on_step_begin(self, iterations: int) -> None:
         """At a window boundary: jump (from the second window on), refresh, then θ̃ ← θ."""
         opt = self.opt
-        if not opt.refresh_due(iterations):
+        if not opt.curvature.due(iterations):
             return
         variables = opt.model_variables
-        if self.uses_window and int(opt.refresh_index()) > 0:
+        if self.uses_window and int(opt.curvature.index()) > 0:
             theta, velocity = window_jump(flatten(variables), self.window_start.value(),
                                           self.velocity.value())
             self.velocity.assign(velocity)
             assign_flat(variables, theta, opt)
             self.jumps.assign_add(1)
-        opt.refresh_curvature()
+        opt.curvature.refresh()
         self.window_start.assign(flatten(variables))
 
     def metrics(self) -> dict[str, float]:

@@ -45,13 +45,23 @@ class PipelinedMode(Mode):
         self.triggers_sent: int | None = None   # set from the refresh count at the first step
         self.pending_delivery: int | None = None
 
-    def required_process_sets(self, world_size: int | None = None) -> list[tuple[int, ...]]:
-        """Process sets the communicator must register at Horovod start-up."""
-        return pipeline_process_sets(self.opt.curvature_ranks, self.opt.update_ranks, world_size)
+    all_ranks_train = False
+
+    @staticmethod
+    def process_sets_for(curvature_ranks: int, update_ranks: int | None,
+                         world_size: int | None = None) -> list[tuple[int, ...]]:
+        """The update, curvature and bridge sets (:func:`pipeline_process_sets`)."""
+        return pipeline_process_sets(curvature_ranks, update_ranks, world_size)
+
+    @staticmethod
+    def rank_groups(world_size: int, curvature_ranks: int,
+                    update_ranks: int | None) -> PipelineGroups:
+        """The update ranks (first) and curvature ranks (last) of the world."""
+        return PipelineGroups.of(world_size, curvature_ranks, update_ranks)
 
     @property
     def groups(self) -> PipelineGroups:
-        return PipelineGroups.of(self.comm.size, self.opt.curvature_ranks, self.opt.update_ranks)
+        return self.rank_groups(self.comm.size, self.opt.curvature_ranks, self.opt.update_ranks)
 
     def validate_world(self) -> None:
         groups = self.groups
@@ -95,10 +105,10 @@ class PipelinedMode(Mode):
         opt = self.opt
         if not getattr(opt, "consistency_checked", False):
             # The curvature ranks check in serve_curvature(); match that collective here.
-            opt.verify_consistency(opt.binding["model"])
+            opt.verify_consistency(opt.curvature.binding["model"])
         t = iterations
         if self.triggers_sent is None:   # first step of this run, fresh or resumed
-            self.triggers_sent = opt.refresh_index()
+            self.triggers_sent = opt.curvature.index()
         if self.pending_delivery is not None and t >= self.pending_delivery:
             self._receive()
         due = hybrid.refresh_count_due(t, opt.warmup, opt.refresh_every)
@@ -107,7 +117,7 @@ class PipelinedMode(Mode):
             self._send_bridge(flatten(opt.model_variables), refresh=due - 1)
             self.triggers_sent = due
             self.pending_delivery = t + opt.delivery_delay
-            opt.record_trigger(t)
+            opt.curvature.triggers.append(t)
 
     def on_train_end(self) -> None:
         """Drain a pending DELIVER, then tell the curvature ranks to stop."""
@@ -136,12 +146,12 @@ class PipelinedMode(Mode):
         self.pending_delivery = None
         if float(packed[-1]) == 0.0:
             logger.warning("pipelined refresh failed on the curvature ranks; keeping eigenpairs")
-            opt.count_refresh(installed=False, status="failed on curvature ranks")
+            opt.curvature.count(installed=False, status="failed on curvature ranks")
             return
         missing = opt.layout.shard_size - int(rows.shape[0])   # padding rows of the last shard
         vectors_r = tf.transpose(tf.pad(rows, [[0, missing], [0, 0]]))
-        opt.materialize_momentum()                              # V is about to change
-        opt.install_curvature(packed[:kk], vectors_r, tf.reshape(packed[kk:-1], [kk, kk]),
+        opt.curvature.materialize_momentum()                    # V is about to change
+        opt.curvature.install(packed[:kk], vectors_r, tf.reshape(packed[kk:-1], [kk, kk]),
                               status="ok (pipelined)")
 
     # ----------------------------------------------------------------------- curvature side
@@ -155,6 +165,11 @@ class PipelinedMode(Mode):
             and ``end`` (``time.time()`` around the estimate), ``seconds`` and ``status``.
         """
         opt, groups = self.opt, self.groups
+        if not self.is_curvature_rank:
+            return super().serve()
+        opt.curvature.require_binding()
+        if not getattr(opt, "consistency_checked", False):  # as the update ranks' first step
+            opt.verify_consistency(opt.curvature.binding["model"])
         n, kk = opt.spec.n, opt.num_pairs
         variables = opt.model_variables
         dtype = variables[0].dtype
@@ -170,7 +185,7 @@ class PipelinedMode(Mode):
             refresh = int(round(float(payload[-1]))) - 1
             start = time.time()
             assign_flat(variables, payload[:-1], opt)
-            est = opt.binding["estimator"].estimate(seed=opt.seed + refresh)
+            est = opt.curvature.binding["estimator"].estimate(seed=opt.seed + refresh)
             ok = est.num_valid > 0 and est.status.startswith(("ok", "breakdown"))
             end = time.time()
             self._deliver(est, c_index, n, kk, dtype, ok)

@@ -22,40 +22,35 @@ job runs. :func:`elastic_train` runs a custom training loop inside Horovod's ela
   follows the same trajectory (up to float summation order) as one that never did.
 
 Note:
-    Horovod's ``hvd.elastic.run`` turns only failed allreduce/allgather/broadcast ops into
-    ``HorovodInternalError`` and silently returns ``None`` for a failed reduce-scatter, which is
-    DHO2's gradient collective; a peer killed with SIGKILL also surfaces inside the traced step
-    as a bare Gloo transport error (``Connection reset by peer ... node DHO2/dho2/gradient``).
-    :func:`elastic_train` uses its own wrapper (:func:`is_horovod_failure`) that maps all of
-    these to ``HorovodInternalError``, so the survivors roll back instead of crashing. Without
-    elastic flags (plain ``horovodrun`` or one process) the same loop runs once, with the same
-    commits.
+    A failed reduce-scatter (DHO2's gradient collective) or a bare Gloo transport error after a
+    peer was killed also counts as a failed collective
+    (:func:`dho2_tf.distributed.elastic_state.is_horovod_failure`), so the survivors roll back
+    instead of crashing. Without elastic flags (plain ``horovodrun`` or one process) the same
+    loop runs once, with the same commits.
 
 Job-level failures are the launcher's: ``horovodrun`` waits ``--elastic-timeout`` seconds
 (default 600) for enough slots after a host is lost; ``jobs/elastic/run_elastic.py`` launches
 with a short timeout and turns a job that ends without every worker reporting completion into a
 non-zero exit with a clear message.
 
-Only this module and :mod:`dho2_tf.distributed.comm` import Horovod.
+What talks to Horovod Elastic (its ``ObjectState``, the retry loop) is
+:mod:`dho2_tf.distributed.elastic_state`; this module imports no Horovod.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import logging
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from horovod.common.elastic import ObjectState, run_fn
-from horovod.common.exceptions import HorovodInternalError
 
 from dho2_tf.distributed.comm import Communicator, HorovodComm, default_comm
+from dho2_tf.distributed.elastic_state import CommittedState, failure_summary, run_elastic
 from dho2_tf.optimizer import DHO2
 from dho2_tf.validation import check_int
 
@@ -63,19 +58,6 @@ logger = logging.getLogger(__name__)
 
 #: DHO2 modes whose state :func:`elastic_train` can re-partition for a new world size.
 ELASTIC_MODES = ("auto", "replicated", "sharded", "faithful")
-_SHUT_DOWN = "Horovod has been shut down"
-_HOROVOD_OPS = ("HorovodAllreduce", "HorovodAllgather", "HorovodBroadcast",
-                "HorovodReducescatter", "HorovodAlltoall", _SHUT_DOWN)
-#: What a collective reports when a peer process died (SIGKILL, OOM, lost host): the Gloo
-#: transport's errors, which name neither the op type nor Horovod, e.g. ``Connection reset by
-#: peer [[{{node DHO2/dho2/gradient}}]]``.
-_TRANSPORT_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
-                       "Connection refused", "gloo", "Gloo", "Read error", "Write error",
-                       "Timed out waiting", "Socket closed")
-#: TensorFlow error classes a failed collective surfaces as (eager or inside ``tf.function``).
-_COLLECTIVE_ERRORS = (tf.errors.UnknownError, tf.errors.InternalError, tf.errors.AbortedError,
-                      tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
-
 PerExampleLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 StepHook = Callable[[int, Communicator], None]
 CommitHook = Callable[[dict[str, Any], Communicator], None]
@@ -140,25 +122,6 @@ def global_batch_rows(step: int, num_rows: int, config: ElasticConfig) -> np.nda
     epoch, j = divmod(step, config.steps_per_epoch(num_rows))
     order = np.random.default_rng([config.seed, epoch]).permutation(num_rows)
     return order[j * config.global_batch:(j + 1) * config.global_batch]
-
-
-def is_horovod_failure(error: BaseException) -> bool:
-    """Whether an error means a Horovod collective failed (a peer died or left the job).
-
-    True for Horovod's own ``HorovodInternalError`` and for a TensorFlow op error (eager or
-    raised from inside a ``tf.function``) that names a Horovod op, says Horovod was shut down,
-    or carries a transport failure of the Gloo controller, such as ``Connection reset by peer``
-    after a peer was killed with SIGKILL (that message names only the graph node, e.g.
-    ``DHO2/dho2/gradient``). Horovod's own ``hvd.elastic.run`` recognises only failed
-    allreduce, allgather and broadcast ops and silently returns ``None`` on a failed
-    reduce-scatter (DHO2's gradient collective), hence this wider check.
-    """
-    if isinstance(error, HorovodInternalError):
-        return True
-    if not isinstance(error, _COLLECTIVE_ERRORS):
-        return False
-    text = str(error)
-    return any(token in text for token in _HOROVOD_OPS + _TRANSPORT_FAILURES)
 
 
 @dataclasses.dataclass
@@ -322,7 +285,7 @@ class ElasticTrainer:
         return float(np.mean(np.argmax(logits.numpy(), axis=-1) == self.y_test))
 
 
-class DHO2ElasticState(ObjectState):
+class DHO2ElasticState(CommittedState):
     """Elastic state of a DHO2 run: weights, optimizer state, step, epoch loss and history.
 
     The attributes are ``weights``, ``optimizer_state``, ``step`` (global steps done, i.e. the
@@ -339,10 +302,8 @@ class DHO2ElasticState(ObjectState):
 
     def __init__(self, trainer: ElasticTrainer, comm: Communicator) -> None:
         self.trainer = trainer
-        bcast = functools.partial(comm.broadcast_object, root=0, name="dho2/elastic/state")
-        super().__init__(bcast_object=bcast, get_rank=lambda: comm.rank,
-                         weights=trainer.model.get_weights(), optimizer_state=None, step=0,
-                         epoch_loss=0.0, history=[])
+        super().__init__(comm, weights=trainer.model.get_weights(), optimizer_state=None,
+                         step=0, epoch_loss=0.0, history=[])
 
     def save(self) -> None:
         """Capture weights and optimizer state from the trainer, then keep every attribute."""
@@ -350,20 +311,9 @@ class DHO2ElasticState(ObjectState):
         self.weights, self.optimizer_state = snapshot["weights"], snapshot["optimizer_state"]
         super().save()
 
-    def sync(self) -> None:
-        """Broadcast rank 0's commit; a peer lost meanwhile is a ``HorovodInternalError``."""
-        try:
-            super().sync()
-        except HorovodInternalError:
-            raise
-        except Exception as err:  # noqa: BLE001 -- re-raised unless it is a failed collective
-            if not is_horovod_failure(err):
-                raise
-            raise HorovodInternalError(err) from err
-
     def committed(self) -> dict[str, Any]:
         """A copy of the last commit: the :data:`COMMIT_KEYS` (what ``resume`` accepts)."""
-        return copy.deepcopy({key: self._saved_state[key] for key in COMMIT_KEYS})
+        return copy.deepcopy({key: self.saved(key) for key in COMMIT_KEYS})
 
     def load(self, commit: dict[str, Any]) -> None:
         """Make ``commit`` (from :meth:`committed`, e.g. read back from disk) the last commit.
@@ -378,7 +328,7 @@ class DHO2ElasticState(ObjectState):
         for key in COMMIT_KEYS:
             setattr(self, key, copy.deepcopy(commit[key]))
         self.step = int(self.step)
-        ObjectState.save(self)  # record it without a snapshot of the (not yet built) trainer
+        self.keep()  # record it without a snapshot of the (not yet built) trainer
 
 
 def run_fingerprint(trainer: ElasticTrainer) -> dict[str, Any]:
@@ -446,33 +396,11 @@ def _train(state: DHO2ElasticState, on_step_begin: StepHook | None,
                          list(log["commits"]), list(log["starts"]))
 
 
-def _run_elastic(body: Callable[..., ElasticResult]) -> Callable[..., ElasticResult]:
-    """``hvd.elastic.run`` with failure detection that also covers reduce-scatter."""
-    import horovod.tensorflow as hvd
-
-    @functools.wraps(body)
-    def guarded(state: DHO2ElasticState, *args: Any) -> ElasticResult:
-        try:
-            return body(state, *args)
-        except HorovodInternalError:
-            raise
-        except Exception as err:  # noqa: BLE001 -- re-raised unless it is a failed collective
-            if not is_horovod_failure(err):
-                raise
-            # Every survivor logs it: which rank is 0 is only known after the re-rendezvous.
-            lines = [re.sub(r"^\s*\[[^\]]*\]:?\s*", "", ln)  # drop a "[file.cc:123]" prefix
-                     for ln in str(err).splitlines()
-                     if any(t in ln for t in _HOROVOD_OPS + _TRANSPORT_FAILURES)]
-            logger.warning("elastic: a collective failed at step %d (%s: %s); rolling back to "
-                           "the commit of step %d", state.step, type(err).__name__,
-                           (lines or [str(err)])[0].strip()[:200], state._saved_state["step"])
-            raise HorovodInternalError(err) from err
-
-    def reset() -> None:
-        hvd.shutdown()
-        hvd.init()
-
-    return run_fn(guarded, reset)
+def _log_failure(state: DHO2ElasticState, error: BaseException) -> None:
+    """Every survivor logs a failed collective (which rank is 0 is known only afterwards)."""
+    logger.warning("elastic: a collective failed at step %d (%s: %s); rolling back to the "
+                   "commit of step %d", state.step, type(error).__name__,
+                   failure_summary(error), state.saved("step"))
 
 
 def elastic_train(model: tf.keras.Model, optimizer_config: dict[str, Any],
@@ -522,6 +450,6 @@ def elastic_train(model: tf.keras.Model, optimizer_config: dict[str, Any],
         state.load(resume)
     log: dict[str, list[tuple[int, int]]] = {"commits": [], "starts": []}
     if os.environ.get("HOROVOD_ELASTIC") == "1":
-        return _run_elastic(_train)(state, on_step_begin, on_commit, log)
+        return run_elastic(_train, _log_failure)(state, on_step_begin, on_commit, log)
     state.sync()
     return _train(state, on_step_begin, on_commit, log)

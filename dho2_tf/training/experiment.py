@@ -35,6 +35,7 @@ from dho2_tf.training.checkpointing import (CheckpointError, CheckpointInfo, Epo
 from dho2_tf.consistency import check_run_consistency, flatten
 from dho2_tf.training.data import DATASETS, cifar_augment, load_dataset, make_tf_dataset, shard_arrays
 from dho2_tf.distributed.comm import Communicator, Group, default_comm
+from dho2_tf.modes import mode_class
 from dho2_tf.training.monitoring import TensorBoardMonitor
 from dho2_tf.optimizer import DHO2
 from dho2_tf.validation import check_int, check_real
@@ -195,10 +196,12 @@ class TrainConfig:
                              f"Received: allow_config_change={self.allow_config_change!r}")
         if self.prioritized:
             make_sampler(self)  # validates k and r
-        if self.optimizer == "dho2" and self.mode == "pipelined":
-            for name in ("checkpoint_dir", "prioritized"):
-                if getattr(self, name):
-                    raise ValueError(f"`{name}` is not supported with mode='pipelined' (the "
+        if self.optimizer == "dho2":
+            mode = mode_class(self.mode)
+            for name, supported in (("checkpoint_dir", mode.checkpointable),
+                                    ("prioritized", mode.all_ranks_train)):
+                if getattr(self, name) and not supported:
+                    raise ValueError(f"`{name}` is not supported with mode={self.mode!r} (the "
                                      f"curvature ranks do not train). Received: "
                                      f"{name}={getattr(self, name)!r}")
         if self.optimizer == "dho2":
@@ -373,26 +376,22 @@ def make_sampler(config: TrainConfig) -> Any:
 
 
 def pipeline_groups(config: TrainConfig, world_size: int) -> Any:
-    """The curvature/update rank sets of a pipelined DHO2 run, ``None`` for any other run."""
-    if config.optimizer != "dho2" or config.mode != "pipelined":
+    """Which ranks train and which compute curvature in this run (the mode's ``rank_groups``),
+    ``None`` when every rank trains."""
+    if config.optimizer != "dho2":
         return None
-    from dho2_tf.distributed.pipeline import PipelineGroups
-
     options = config.dho2_options
-    return PipelineGroups.of(world_size, options.get("curvature_ranks", 1),
-                             options.get("update_ranks"))
+    return mode_class(config.mode).rank_groups(world_size, options.get("curvature_ranks", 1),
+                                               options.get("update_ranks"))
 
 
 def make_comm(config: TrainConfig) -> Communicator:
-    """The run's communicator; a pipelined DHO2 run registers its process sets at start-up."""
-    if config.optimizer == "dho2" and config.mode == "pipelined" and "HOROVOD_RANK" in os.environ:
-        from dho2_tf.distributed.comm import HorovodComm
-        from dho2_tf.distributed.pipeline import pipeline_process_sets
-
-        options = config.dho2_options
-        return HorovodComm(process_sets=pipeline_process_sets(
-            options.get("curvature_ranks", 1), options.get("update_ranks")))
-    return default_comm()
+    """The run's communicator, registering at start-up the process sets its mode needs."""
+    if config.optimizer != "dho2":
+        return default_comm()
+    options = config.dho2_options
+    return default_comm(process_sets=mode_class(config.mode).process_sets_for(
+        options.get("curvature_ranks", 1), options.get("update_ranks")))
 
 
 def training_group(config: TrainConfig, comm: Communicator) -> Any:

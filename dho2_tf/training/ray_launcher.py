@@ -36,15 +36,13 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from dho2_tf.distributed.ray_executor import require_ray
 from dho2_tf.validation import check_int
 
 if TYPE_CHECKING:
     from dho2_tf.training.experiment import TrainConfig, TrainResult
 
-REPO = Path(__file__).resolve().parents[1]
-RAY_EXTRA = "pip install '.[ray]'"
-MISSING_RAY = ("The Ray launcher needs Ray and horovod.ray ({error}). Install the project's Ray "
-               "extra from the repository root: `{extra}` (ray==2.9.3, protobuf<5).")
+REPO = Path(__file__).resolve().parents[2]
 # Driver settings that the workers get too (Horovod tuning, TensorFlow and OpenMP threads).
 PASSED_ENV = ("TF_CPP_MIN_LOG_LEVEL", "OMP_NUM_THREADS", "HOROVOD_CYCLE_TIME",
               "HOROVOD_FUSION_THRESHOLD", "HOROVOD_LOG_LEVEL", "HOROVOD_TIMELINE")
@@ -57,23 +55,6 @@ OUTPUT_WAIT_AFTER_FAILURE_S = 3.0
 # and the Gloo interface on a local Ray instance (Horovod needs one, or two hosts, to start).
 ELASTIC_TIMEOUT_S = 60
 LOCAL_NICS = ("lo",)
-
-
-def require_ray() -> tuple[Any, Any]:
-    """``(ray, horovod.ray.RayExecutor)``.
-
-    Raises:
-        ImportError: naming the Ray extra to install when either import fails.
-    """
-    # Every line of every rank, as under horovodrun (Ray would fold similar lines of
-    # different workers into one); read when ray is first imported.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    try:
-        import ray
-        from horovod.ray import RayExecutor
-    except ImportError as err:
-        raise ImportError(MISSING_RAY.format(error=err, extra=RAY_EXTRA)) from err
-    return ray, RayExecutor
 
 
 def worker_env() -> dict[str, str]:

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from dho2_tf import DHO2
 from dho2_tf.distributed import LocalComm
+from dho2_tf.refresh import basis_dtype
 
 
 def _model_and_batch():
@@ -39,9 +40,9 @@ def test_basis_dtype_follows_the_model_unless_set() -> None:
     opt = DHO2(k=3, comm=LocalComm())
     opt.bind(model, loss, batch)
     assert opt.binding["estimator"].program.basis_dtype == tf.float32
-    assert opt.basis_dtype_for(tf.float64) == "float64"
+    assert basis_dtype(opt.lanczos_dtype, tf.float64) == "float64"
     forced = DHO2(k=3, lanczos_dtype="float64", comm=LocalComm())
-    assert forced.basis_dtype_for(tf.float32) == "float64"
+    assert basis_dtype(forced.lanczos_dtype, tf.float32) == "float64"
     assert DHO2.from_config(forced.get_config()).lanczos_dtype == "float64"
 
 

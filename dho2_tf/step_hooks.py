@@ -1,0 +1,142 @@
+"""The eager side of a training loop with DHO2: what runs before and after each update.
+
+``fit`` drives it through :class:`dho2_tf.CurvatureRefresh`; a custom loop calls the optimizer's
+``bind``, ``on_step_begin``, ``on_step_end`` and ``on_train_end``, which delegate here. The hooks
+receive the step count as a Python int when the caller keeps one, so a step with nothing due
+reads no variable.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import TYPE_CHECKING
+
+import tensorflow as tf
+
+from dho2_tf import hybrid, refresh
+from dho2_tf.fosi_step import SkipLog
+from dho2_tf.optimizer_state import StatShadows
+
+if TYPE_CHECKING:
+    from dho2_tf.optimizer import DHO2
+
+
+class StepHooks:
+    """Host-side bookkeeping of one optimizer's eager hooks.
+
+    Attributes:
+        begun_at: the step count :meth:`begin` saw, until :meth:`end`.
+        skips: the skipped steps already reported (:class:`dho2_tf.fosi_step.SkipLog`).
+        shadows: copies of the bound model's non-trainable variables a skipped step restores.
+        source_warned: whether the missing-curvature-source warning was given.
+    """
+
+    def __init__(self, opt: "DHO2") -> None:
+        self.opt = opt
+        self.begun_at: int | None = None
+        self.skips = SkipLog()
+        self.shadows: StatShadows | None = None
+        self.source_warned = False
+
+    def begin(self, iterations: int | None) -> None:
+        """Before an update: the mode's refresh, window jump or pipeline hand-over."""
+        opt = self.opt
+        if iterations is None:
+            iterations = int(opt.iterations.numpy())
+            opt.curvature.forget()
+            self.ensure_shadows()
+        self.begun_at = iterations
+        opt.distribution.on_step_begin(iterations)
+
+    def end(self, iterations: int | None) -> None:
+        """After an update: the mode's ADMM round; logs skipped steps when counting itself."""
+        if iterations is None:
+            begun = self.begun_at
+            iterations = int(self.opt.iterations.numpy()) if begun is None else begun + 1
+            self.begun_at = None
+            self.report_skipped()
+        self.opt.distribution.on_step_end(iterations)
+
+    def sync(self) -> int:
+        """Re-read what is kept in Python after variables changed outside a step (restored,
+        averaged) and copy the statistics; returns the step count."""
+        opt = self.opt
+        opt.curvature.forget()
+        opt.distribution.sync_host_state()
+        if not self.ensure_shadows():
+            self.sync_shadows()
+        return int(opt.iterations.numpy())
+
+    def train_end(self) -> None:
+        """When training stops: the mode's end (pipelined: release the curvature ranks), then
+        the last skipped-step report."""
+        self.opt.distribution.on_train_end()
+        self.report_skipped()
+
+    def forget_caches(self) -> None:
+        """After the optimizer's variables were replaced: drop the cached projections and
+        re-read everything kept in Python (:meth:`sync`)."""
+        self.opt.workspace.projected_at.assign(-1)
+        self.sync()
+
+    def bound_model(self) -> tf.keras.Model | None:
+        """The model of the curvature binding, if any."""
+        binding = self.opt.curvature.binding
+        return binding["model"] if binding else None
+
+    def ensure_shadows(self) -> bool:
+        """Create the statistics' copies for the bound model (a no-op while it is unchanged);
+        returns whether they were created now. Steps traced before they existed do not restore
+        statistics, so this runs after ``bind`` and before the first step."""
+        model = self.bound_model()
+        if model is None or (self.shadows is not None and self.shadows.model is model):
+            return False
+        self.shadows = StatShadows(model)
+        return True
+
+    def sync_shadows(self) -> None:
+        """copy ← statistic, after the statistics were changed outside a step."""
+        if self.shadows is not None:
+            self.shadows.sync()
+
+    def shadow_pairs(self) -> list[tuple[tf.Variable, tf.Variable]]:
+        """(statistic, copy) pairs a step restores when skipped (none for an unbound model)."""
+        model, shadows = self.bound_model(), self.shadows
+        return shadows.pairs if shadows is not None and shadows.model is model else []
+
+    def log_skipped_step(self, step: tf.Tensor, skipped: tf.Tensor) -> None:
+        """Log one skipped step on rank 0 (called from the step graph)."""
+        self.skips.log_step(step, skipped, self.opt.comm.is_root)
+
+    def report_skipped(self) -> int:
+        """Log a warning if steps were skipped since the last report; returns the count."""
+        opt = self.opt
+        if not hasattr(opt, "state"):
+            return 0
+        return self.skips.report(int(opt.state.skipped.numpy()), opt.comm.is_root)
+
+    def check_source(self) -> None:
+        """In a step traced before ``bind``: once the first refresh is due, warn (every rank,
+        eagerly, once) that nothing is bound and run the rank check the ``fit`` path runs.
+        A cond on two scalars; only steps traced with no binding carry it."""
+        opt = self.opt
+        due = hybrid.next_refresh_step(0, opt.hp.warmup, opt.hp.refresh_every)
+        checked = opt.workspace.source_checked
+        pending = tf.logical_and(opt.iterations >= due, tf.logical_not(checked))
+
+        def check() -> None:
+            tf.py_function(self._warn_no_source, [], [])
+            checked.assign(True)
+
+        tf.cond(pending, check, lambda: None)
+
+    def _warn_no_source(self) -> None:
+        opt = self.opt
+        if opt.curvature.binding is not None or self.source_warned:
+            return
+        self.source_warned = True
+        refresh.warn_no_curvature_source(
+            hybrid.next_refresh_step(0, opt.hp.warmup, opt.hp.refresh_every), opt.rule.name)
+        if not getattr(opt, "consistency_checked", False):
+            opt.verify_consistency(types.SimpleNamespace(
+                trainable_variables=list(opt.model_variables), name="model"))
