@@ -21,7 +21,14 @@ repeating ``--rounds`` times (the table gives min / median / max of each ratio):
   during the timed epochs) against the same epoch with the base optimizer's Keras
   implementation (heavy ball or Adam, made data-parallel with Horovod), per step.
 
-Rank 0 prints the table and writes ``<output-dir>/curvature_cost_p<P>.json``.
+Rank 0 prints the table and writes ``<output-dir>/curvature_cost_p<P>.json`` with the run's
+command, commit and date under ``meta``. ``--report BENCHMARKS.md`` also writes the rendered
+tables between the ``<!-- BEGIN bench_curvature_cost_p<P> -->`` and
+``<!-- END bench_curvature_cost_p<P> -->`` lines of that file. ``--render-only JSON`` renders an
+existing results file without measuring anything (with ``--report``: into that file)::
+
+    python jobs/bench_curvature_cost.py --render-only results/curvature_cost_p1.json \
+        --report BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -46,7 +53,10 @@ from dho2_tf import DHO2, CurvatureRefresh  # noqa: E402
 from dho2_tf.curvature import SpectrumEstimator, make_hvp_fn  # noqa: E402
 from dho2_tf.training.data import load_dataset, shard_arrays  # noqa: E402
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
-from bench_time_to_accuracy import git_commit, machine  # noqa: E402  (same folder)
+from dho2_tf.training import report  # noqa: E402
+from bench_time_to_accuracy import machine  # noqa: E402  (same folder)
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Per-rank batch sizes are the time-to-accuracy benchmark's.
 TASKS: dict[str, dict[str, Any]] = {
@@ -75,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--basis", choices=("replicated", "sharded"), default="replicated",
                         help="Lanczos basis layout of the refresh timings (default replicated, "
                              "what mode='auto' uses when the state fits)")
+    parser.add_argument("--report", default=None,
+                        help="Markdown file whose bench_curvature_cost_p<P> section to replace "
+                             "(e.g. BENCHMARKS.md)")
+    parser.add_argument("--render-only", default=None, metavar="JSON",
+                        help="render this results file (no measurement); with --report, into it")
     return parser.parse_args(argv)
 
 
@@ -242,7 +257,7 @@ def step_times(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> dic
     for _ in range(args.rounds):
         for name in runs:
             seconds[name].append(epoch(name, epochs))
-    return {"resolved_mode": getattr(dho2, "resolved_mode", dho2.mode),
+    return {"base": base, "resolved_mode": getattr(dho2, "resolved_mode", dho2.mode),
             "refreshes": int(dho2.refresh_index()),
             "seconds_per_step": {k: spread(v) for k, v in seconds.items()},
             "dho2_over_base": spread([a / b for a, b in zip(seconds["dho2"], seconds["base"])])}
@@ -255,9 +270,13 @@ def fmt(s: dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def table(results: dict[str, Any], size: int) -> str:
+    """The printed report: the world size, then :func:`tables`."""
+    return f"P = {size}\n\n" + tables(results)
+
+
+def tables(results: dict[str, Any]) -> str:
     """Markdown tables: HVP and refresh costs, then step costs."""
-    lines = [f"P = {size}", "",
-             "| task | curv. batch | gradient (ms) | HVP (ms) | HVP / gradient | refresh fp32 (s) "
+    lines = ["| task | curv. batch | gradient (ms) | HVP (ms) | HVP / gradient | refresh fp32 (s) "
              "| refresh fp32 / (m·HVP) | refresh fp64 / (m·HVP) | fp32 split HVPs / coll. / rest "
              "(s) | compile + first refresh (s) | fp32 vs fp64 Ritz max rel |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -276,20 +295,61 @@ def table(results: dict[str, Any], size: int) -> str:
               "DHO2 / base |", "|---|---|---|---|---|---|"]
     for name, res in results.items():
         st = res["steps"]
-        lines.append(f"| {name} | {st['resolved_mode']} | {TASKS[name]['base']} | "
+        base = st.get("base", TASKS[name]["base"])  # results files before "base" was kept
+        lines.append(f"| {name} | {st['resolved_mode']} | {base} | "
                      f"{fmt(st['seconds_per_step']['dho2'], 1e3)} | "
                      f"{fmt(st['seconds_per_step']['base'], 1e3)} | {fmt(st['dho2_over_base'])} |")
     return "\n".join(lines)
 
 
+def render(payload: dict[str, Any], results: str) -> str:
+    """The report section of a results file (``results``: its path as shown in the text)."""
+    lines = report.provenance_lines(payload.get("meta"), results, payload.get("wall_seconds"))
+    return "\n".join([*lines, "", tables(payload["results"])]) + "\n"
+
+
+def render_only(args: argparse.Namespace) -> None:
+    """Print the section of ``--render-only`` and write it into ``--report`` if given."""
+    payload = json.loads(Path(args.render_only).read_text(encoding="utf-8"))
+    text = render(payload, report.display_path(args.render_only, REPO))
+    print(text)
+    if args.report:
+        name = report.update_report(args.report, args.render_only, text)
+        print(f"wrote section {name} of {args.report}")
+
+
+def write_results(path: str, meta: dict[str, str], results: dict[str, Any], text: str,
+                  args: argparse.Namespace, comm: Any, seconds: float) -> None:
+    """Write the results file (rank 0), then its section into ``--report`` if given."""
+    payload = {"meta": meta, "machine": machine(comm), "ranks": comm.size,
+               "rounds": args.rounds, "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
+               "wall_seconds": seconds, "results": results, "table": text}
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1)
+    print(f"wrote {path}", flush=True)
+    if args.report:
+        section = render(json.loads(Path(path).read_text(encoding="utf-8")),
+                         report.display_path(path, REPO))
+        print(f"wrote section {report.update_report(args.report, path, section)} of "
+              f"{args.report}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Measure every task; rank 0 prints and writes the results."""
+    """Measure every task; rank 0 prints and writes the results (``--render-only``: only
+    render a results file)."""
     args = parse_args(argv)
+    if args.render_only:
+        render_only(args)
+        return 0
     if args.quick:
         args.rounds = 1
     logging.basicConfig(level=logging.WARNING)
     comm = default_comm()
-    commit = git_commit() if comm.is_root else ""  # before any result file is written
+    if args.report and comm.is_root:
+        report.check_report(args.report, f"curvature_cost_p{comm.size}.json")
+    typed = None if argv is None else [report.display_path(__file__, REPO), *argv]
+    # Read before any result file is written (that would mark the tree dirty).
+    meta = report.run_metadata(typed, REPO, report.horovod_launcher()) if comm.is_root else {}
     started = time.perf_counter()
     results = {}
     for name in args.tasks:
@@ -303,13 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + text, flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, f"curvature_cost_p{comm.size}.json")
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump({"commit": commit, "command": " ".join(sys.argv),
-                       "machine": machine(comm), "ranks": comm.size, "rounds": args.rounds,
-                       "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
-                       "wall_seconds": time.perf_counter() - started, "results": results,
-                       "table": text}, handle, indent=1)
-        print(f"wrote {path}", flush=True)
+        write_results(path, meta, results, text, args, comm, time.perf_counter() - started)
     return 0
 
 

@@ -20,8 +20,20 @@ learning rates were tuned once per model and method on MNIST-1D (P = 1, seed 0, 
 ``DEFAULT_LR``'s comment) except where marked untuned there. A quick functional check (no
 timing value) runs e.g. ``--tasks mnist1d --models mlp --ranks 1 --seeds 0 --methods
 psgd-default --sweep 64 --budget mnist1d/mlp=1``.
-Protocol: see :mod:`dho2_tf.training.prioritized_bench`. ``--out`` replaces only the section between the
-``prioritized-sgd`` markers of that file.
+Protocol: see :mod:`dho2_tf.training.prioritized_bench`.
+
+Every run is saved with the run's command, commit and date (``meta``), the targets and budgets
+to ``--rows`` (default ``results/bench_prioritized.json``). ``--out`` (alias ``--report``)
+replaces only the text between the ``<!-- BEGIN bench_prioritized -->`` and
+``<!-- END bench_prioritized -->`` lines of that file (the section is named after the results
+file, see :func:`dho2_tf.training.report.section_name`). ``--from-rows`` (alias
+``--render-only``) renders a saved results file without running anything::
+
+    python jobs/bench_prioritized.py --render-only results/bench_prioritized.json \
+        --report BENCHMARKS.md
+
+A results file in the older format (a bare list of rows) renders with the targets and budgets
+of the command line and without provenance.
 """
 
 from __future__ import annotations
@@ -55,7 +67,7 @@ DEFAULT_TARGET = ("mnist1d/mlp=0.60,mnist1d/cnn=0.85,mnist1d-redundant/mlp=0.60,
 DEFAULT_BUDGET = ("mnist1d/mlp=8,mnist1d/cnn=20,mnist1d-redundant/mlp=8,mnist1d-redundant/cnn=20,"
                   "mnist5k/mlp=20,mnist5k/cnn=60,mnist5k-redundant/mlp=20,"
                   "mnist5k-redundant/cnn=60")
-BEGIN, END = "<!-- prioritized-sgd:begin -->", "<!-- prioritized-sgd:end -->"
+RESULTS = "results/bench_prioritized.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,9 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="clock seconds per run, per task/model (or per model)")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--num-samples", type=int, default=5000)
-    parser.add_argument("--out", default=None, help="markdown file to update (e.g. BENCHMARKS.md)")
-    parser.add_argument("--rows", default=None, help="also save every run as JSON here")
-    parser.add_argument("--from-rows", default=None, help="only render the report of a --rows file")
+    parser.add_argument("--out", "--report", dest="out", default=None,
+                        help="markdown file whose section to replace (e.g. BENCHMARKS.md)")
+    parser.add_argument("--rows", default=RESULTS,
+                        help="results file: every run, with the command, commit and date")
+    parser.add_argument("--from-rows", "--render-only", dest="from_rows", default=None,
+                        metavar="JSON", help="only render the report of a results file")
     parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -159,13 +174,16 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.worker_json).write_text(json.dumps(rows, indent=1))
 
 
+OUTPUT_FLAGS = ("--out", "--report", "--rows", "--from-rows", "--render-only")
+
+
 def run_flags(argv: list[str]) -> list[str]:
-    """``argv`` without the output-only flags (--out, --rows, --from-rows and their values)."""
+    """``argv`` without the output-only flags (``OUTPUT_FLAGS`` and their values)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg.split("=")[0] in ("--out", "--rows", "--from-rows"):
+        elif arg.split("=")[0] in OUTPUT_FLAGS:
             skip = "=" not in arg
         else:
             kept.append(arg)
@@ -183,30 +201,67 @@ def launch(args: argparse.Namespace, ranks: int, json_path: Path) -> None:
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
 
 
+def resolved(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Targets and budgets of the command line for every task/model label of ``rows``."""
+    targets, budgets = per_model(args.target), per_model(args.budget)
+    labels = {row["model"]: row["model"].split("/")[-1] for row in rows}  # task/model → model
+    return {"targets": {k: lookup(targets, k, m) for k, m in labels.items()},
+            "budgets": {k: lookup(budgets, k, m) for k, m in labels.items()}}
+
+
+def load_results(path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A results file as ``{"meta", "targets", "budgets", "rows"}``; a bare list of rows (the
+    older format) gets the command line's targets and budgets and no ``meta``."""
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(payload, list):
+        return {"meta": None, **resolved(payload, args), "rows": payload}
+    return payload
+
+
+def render(payload: dict[str, Any], results: str) -> str:
+    """The report section of a results file (``results``: its path as shown in the text)."""
+    from dho2_tf.training import prioritized_report
+
+    return prioritized_report.markdown(payload["rows"], payload["targets"], payload["budgets"],
+                                       payload["meta"], results)
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One ``horovodrun`` worker per P of ``--ranks``; their rows."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ranks in [int(p) for p in args.ranks.split(",")]:
+            path = Path(tmp) / f"np{ranks}.json"
+            launch(args, ranks, path)
+            rows += json.loads(path.read_text())
+    return rows
+
+
 def main() -> None:
-    """Driver (launches one worker per P and writes the report) or worker (under horovodrun)."""
+    """Driver (launches one worker per P, saves the results and writes the report), worker
+    (under horovodrun) or renderer (``--from-rows``)."""
     args = parse_args()
     if args.worker_json:
         worker(args)
         return
-    from dho2_tf.prioritized import report
+    from dho2_tf.training import report
 
-    rows = json.loads(Path(args.from_rows).read_text()) if args.from_rows else []
-    with tempfile.TemporaryDirectory() as tmp:
-        for ranks in [] if args.from_rows else [int(p) for p in args.ranks.split(",")]:
-            path = Path(tmp) / f"np{ranks}.json"
-            launch(args, ranks, path)
-            rows += json.loads(path.read_text())
-    if args.rows:
-        Path(args.rows).write_text(json.dumps(rows, indent=1))
-    command = " ".join(["python jobs/bench_prioritized.py", *run_flags(sys.argv[1:])])
-    targets, budgets = per_model(args.target), per_model(args.budget)
-    labels = {row["model"]: row["model"].split("/")[-1] for row in rows}  # task/model → model
-    markdown = report.markdown(rows, {k: lookup(targets, k, m) for k, m in labels.items()},
-                               {k: lookup(budgets, k, m) for k, m in labels.items()}, command)
+    if args.from_rows:
+        source = args.from_rows
+        payload = load_results(source, args)
+    else:
+        if args.out:
+            report.check_report(args.out, args.rows)
+        meta = report.run_metadata(repo=REPO)  # before any result file is written
+        rows = run_all(args)
+        payload = {"meta": meta, **resolved(rows, args), "rows": rows}
+        source = args.rows
+        Path(source).parent.mkdir(parents=True, exist_ok=True)
+        Path(source).write_text(json.dumps(payload, indent=1) + "\n")
+    markdown = render(payload, report.display_path(source, REPO))
     print(markdown)
     if args.out:
-        report.write_section(Path(args.out), markdown, BEGIN, END)
+        print(f"wrote section {report.update_report(args.out, source, markdown)} of {args.out}")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,14 @@ global (split across the ranks).
 
 Rank 0 prints the table (per pair: the speed-up of DHO2 over its base as the ratio of median
 times and the min/median/max of the per-seed ratios; per optimizer: step time and DHO2's refresh
-time) and writes ``<output-dir>/time_to_accuracy_p<P>.json`` (with the git commit and the
-command line) and ``.png``.
+time) and writes ``<output-dir>/time_to_accuracy_p<P>.json`` (the run's command, commit and date
+under ``meta``) and ``.png``. ``--report BENCHMARKS.md`` also writes the rendered table between
+the ``<!-- BEGIN bench_time_to_accuracy_p<P> -->`` and ``<!-- END bench_time_to_accuracy_p<P> -->``
+lines of that file. ``--render-only JSON`` renders an existing results file without training
+(with ``--report``: into that file)::
+
+    python jobs/bench_time_to_accuracy.py --render-only results/time_to_accuracy_p2.json \
+        --report BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -58,9 +64,7 @@ import logging
 import math
 import os
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,6 +76,7 @@ sys.path.insert(0, str(REPO))
 import tensorflow as tf  # noqa: E402
 
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
+from dho2_tf.training import report  # noqa: E402
 from dho2_tf.training.experiment import TrainConfig, train  # noqa: E402
 
 # Every optimizer of a task shares these (model, data, per-rank batch, epoch budget, target).
@@ -131,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tasks to run (default: all)")
     parser.add_argument("--output-dir", default="results",
                         help="folder for time_to_accuracy_p<P>.json and .png (default results/)")
+    parser.add_argument("--report", default=None,
+                        help="Markdown file whose bench_time_to_accuracy_p<P> section to replace "
+                             "(e.g. BENCHMARKS.md)")
+    parser.add_argument("--render-only", default=None, metavar="JSON",
+                        help="render this results file (no training); with --report, into it")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be a positive integer. Received: {args.seeds}")
@@ -389,12 +399,11 @@ def fmt_target(res: dict[str, Any], method: str) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    """Markdown table of all tasks, the speed-up per pair, and where DHO2's time goes."""
+    """Markdown table of all tasks with the speed-up per pair."""
     lines = ["| task | target | optimizer | lr | time to target (s), median [min, max] | reached "
              "| best (median) | step time (ms) | refresh total (s) | speed-up of DHO2 over its "
              "base: ratio of medians; per seed min / median / max |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    notes = []
     for name, res in results.items():
         summary = res["summary"]
         for method in METHODS:
@@ -412,15 +421,40 @@ def table(results: dict[str, Any]) -> str:
                 f"{fmt_seconds(s['median'])} [{fmt_seconds(s['min'])}, {fmt_seconds(s['max'])}]"
                 f" | {s['reached']}/{s['seeds']} | {best} | {1e3 * s['step_seconds']:.1f} | "
                 f"{s['refresh_seconds']:.1f} | {speedup} |")
+    return "\n".join(lines)
+
+
+def notes(results: dict[str, Any]) -> list[str]:
+    """Where DHO2's time goes, one line per task and pair."""
+    out = []
+    for name, res in results.items():
+        summary = res["summary"]
         for pair in summary["pairs"].values():
             d, b = summary[pair["dho2"]], summary[pair["base"]]
-            notes.append(
+            out.append(
                 f"{name}: {pair['dho2']} time goes to {d['refreshes']:.0f} curvature refreshes "
                 f"totalling {d['refresh_seconds']:.1f}s (median per run), a one-off compile of "
                 f"{d['compile_seconds']:.1f}s and steps of "
                 f"{1e3 * d['step_seconds']:.1f} ms vs {1e3 * b['step_seconds']:.1f} ms for "
                 f"{pair['base']} ({d['step_seconds'] / b['step_seconds']:.2f}x per step).")
-    return "\n".join(lines + [""] + notes)
+    return out
+
+
+def render(payload: dict[str, Any], results: str) -> str:
+    """The report section of a results file (``results``: its path as shown in the text)."""
+    lines = report.provenance_lines(payload.get("meta"), results, payload.get("wall_seconds"))
+    where = [f"- {line}" for line in notes(payload["results"])]
+    return "\n".join([*lines, "", table(payload["results"]), "", *where]) + "\n"
+
+
+def render_only(args: argparse.Namespace) -> None:
+    """Print the section of ``--render-only`` and write it into ``--report`` if given."""
+    payload = json.loads(Path(args.render_only).read_text(encoding="utf-8"))
+    text = render(payload, report.display_path(args.render_only, REPO))
+    print(text)
+    if args.report:
+        name = report.update_report(args.report, args.render_only, text)
+        print(f"wrote section {name} of {args.report}")
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -459,18 +493,6 @@ def plot(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def git_commit() -> str:
-    """``git rev-parse HEAD`` of the repository, with ``-dirty`` if the tree has changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True, timeout=30).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                                text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("-dirty" if status else "")
-
-
 def machine(comm: Any) -> dict[str, Any]:
     """What the numbers were measured on."""
     import horovod
@@ -489,14 +511,33 @@ def machine(comm: Any) -> dict[str, Any]:
             "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME", "default (1)")}
 
 
+def write_results(path: str, payload: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write ``path``.json and .png (rank 0), then the section into ``--report`` if given."""
+    with open(path + ".json", "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1, default=str)
+    plot(payload["results"], path + ".png")
+    print(f"wrote {path}.json and {path}.png", flush=True)
+    if args.report:
+        saved = json.loads(Path(path + ".json").read_text(encoding="utf-8"))
+        text = render(saved, report.display_path(path + ".json", REPO))
+        name = report.update_report(args.report, path + ".json", text)
+        print(f"wrote section {name} of {args.report}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run every task and write the results on rank 0."""
+    """Run every task and write the results on rank 0 (``--render-only``: only render a
+    results file)."""
     args = parse_args(argv)
-    command = shlex.join([sys.executable, *sys.argv]) if argv is None else \
-        shlex.join([sys.executable, str(Path(__file__)), *argv])
+    if args.render_only:
+        render_only(args)
+        return 0
+    typed = None if argv is None else [report.display_path(__file__, REPO), *argv]
     comm = default_comm()
     logging.basicConfig(level=logging.WARNING)
-    commit = git_commit() if comm.is_root else ""
+    if args.report and comm.is_root:
+        report.check_report(args.report, f"time_to_accuracy_p{comm.size}.json")
+    # Read before any result file is written (that would mark the tree dirty).
+    meta = report.run_metadata(typed, REPO, report.horovod_launcher()) if comm.is_root else {}
     started, load_start = time.perf_counter(), os.getloadavg()
     train(TrainConfig(**{**task_settings("mlp_mnist1d", True), "epochs": 1,
                          "optimizer": "adam", "learning_rate": 1e-3}))  # warm TensorFlow up
@@ -504,19 +545,17 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     if comm.is_root:
         text = table(results)
-        print("\n" + text + f"\n\nbenchmark wall time: {wall:.0f}s at P={comm.size}; load "
+        print("\n" + "\n".join([text, "", *notes(results)])
+              + f"\n\nbenchmark wall time: {wall:.0f}s at P={comm.size}; load "
               f"average (1/5/15 min) at start {load_start}, at end {os.getloadavg()}", flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
-        path = os.path.join(args.output_dir, f"time_to_accuracy_p{comm.size}")
-        payload = {"machine": machine(comm), "git_commit": commit, "command": command,
+        payload = {"meta": meta, "machine": machine(comm),
                    "launcher": "horovodrun" if "HOROVOD_RANK" in os.environ else "python",
                    "world_size": comm.size, "quick": args.quick, "wall_seconds": wall,
                    "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
                    "methods": METHODS, "results": results, "table": text}
-        with open(path + ".json", "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1, default=str)
-        plot(results, path + ".png")
-        print(f"wrote {path}.json and {path}.png", flush=True)
+        write_results(os.path.join(args.output_dir, f"time_to_accuracy_p{comm.size}"), payload,
+                      args)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``jobs/bench_scaling.py --quick`` end to end for P ∈ {1, 2} (real horovodrun at P = 2)."""
+"""``jobs/bench_scaling.py --quick`` end to end for P ∈ {1, 2} (real horovodrun at P = 2), with
+its report section written into a Markdown file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dho2_tf.training import report as report_lib
 from tests.helpers.launch import REPO
 
 pytestmark = pytest.mark.parallel
@@ -20,9 +22,12 @@ MODES = ("faithful", "sharded", "pipelined", "admm")
 
 def test_quick_benchmark_reports_every_mode_and_sharded_state_halves(tmp_path: Path) -> None:
     out_json, out_md = tmp_path / "bench_scaling.json", tmp_path / "scaling.md"
+    target = tmp_path / "REPORT.md"
+    target.write_text("# R\n<!-- BEGIN bench_scaling -->\nold\n<!-- END bench_scaling -->\nend\n")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "jobs/bench_scaling.py"), "--quick", "--ranks", "1,2",
-           "--timeout", "420", "--output-json", str(out_json), "--output-md", str(out_md)]
+           "--timeout", "420", "--output-json", str(out_json), "--output-md", str(out_md),
+           "--report", str(target)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -51,4 +56,9 @@ def test_quick_benchmark_reports_every_mode_and_sharded_state_halves(tmp_path: P
     assert sharded_step["reducescatter"]["count"] == 1 and sharded_step["allgather"]["count"] == 1
     text = out_md.read_text()
     assert "pipelined at P=1" in text and "Per refresh" in text
+    assert report_lib.read_section(target, "bench_scaling") == text
+    assert target.read_text().startswith("# R\n") and target.read_text().endswith("-->\nend\n")
+    meta = report["meta"]
+    assert meta["command"].startswith("python ") and "--quick --ranks 1,2" in meta["command"]
+    assert meta["commit"] != "unknown" and meta["date"] in text and f"`{meta['command']}`" in text
     assert "sharded" in stdout and "wall time" in stdout

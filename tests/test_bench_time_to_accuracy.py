@@ -1,8 +1,9 @@
-"""``jobs/bench_time_to_accuracy.py``: the summary algebra, the git stamp, and ``--quick`` on the
-logistic-regression task end to end at P = 1 (plain python, no horovodrun)."""
+"""``jobs/bench_time_to_accuracy.py``: the summary algebra, the rendered report section, and
+``--quick`` on the logistic-regression task end to end at P = 1 (plain python, no horovodrun)."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import math
@@ -10,9 +11,11 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from dho2_tf.training import report
 from tests.helpers.launch import REPO
 
 
@@ -99,18 +102,52 @@ def test_a_run_dho2_stopped_as_diverged_is_a_miss_without_step_time(monkeypatch)
         bench.run_one("logreg_mnist5k", task, "dho2_momentum", 1.0, 0, quick=True)
 
 
-def test_git_commit_marks_a_dirty_tree(tmp_path, monkeypatch):
-    run = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True,  # noqa: E731
-                                       capture_output=True)
-    run("init", "-q")
-    (tmp_path / "a.txt").write_text("a")
-    run("add", "a.txt")
-    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
-    monkeypatch.setattr(bench, "REPO", tmp_path)
-    head = bench.git_commit()
-    assert re.fullmatch(r"[0-9a-f]{40}", head)
-    (tmp_path / "a.txt").write_text("b")
-    assert bench.git_commit() == head + "-dirty"
+def _payload():
+    runs = {m: [_record(m, t) for t in (1.0, 2.0)] for m in bench.METHODS}
+    result = {"task": {"target_accuracy": 0.5}, "metric": "test_accuracy",
+              "chosen_learning_rates": dict.fromkeys(bench.METHODS, 0.1),
+              "summary": bench.summarize(runs)}
+    meta = {"command": "python jobs/bench_time_to_accuracy.py --seeds 2",
+            "commit": "0123456789abcdef0123456789abcdef01234567",
+            "date": "2026-12-01T00:00:00+00:00"}
+    return {"meta": meta, "wall_seconds": 12.0, "results": {"t": result}}
+
+
+def test_render_gives_provenance_table_and_where_the_time_goes():
+    payload = _payload()
+    text = bench.render(payload, "results/time_to_accuracy_p1.json")
+    provenance, table, notes = text.rstrip("\n").split("\n\n")
+    assert provenance.splitlines() == report.provenance_lines(
+        payload["meta"], "results/time_to_accuracy_p1.json", 12.0)
+    assert table == bench.table(payload["results"])
+    assert notes.splitlines() == [f"- {line}" for line in bench.notes(payload["results"])]
+    assert len(notes.splitlines()) == len(bench.PAIRS)
+
+
+def test_render_only_replaces_the_section_named_after_the_results_file(tmp_path, capsys):
+    results = tmp_path / "time_to_accuracy_p1.json"
+    results.write_text(json.dumps(_payload()))
+    target = tmp_path / "REPORT.md"
+    target.write_text("a\n<!-- BEGIN bench_time_to_accuracy_p1 -->\n"
+                      "<!-- END bench_time_to_accuracy_p1 -->\nb\n")
+    bench.render_only(SimpleNamespace(render_only=str(results), report=str(target)))
+    assert report.read_section(target, "bench_time_to_accuracy_p1") == \
+        bench.render(_payload(), str(results))
+    assert "wrote section bench_time_to_accuracy_p1" in capsys.readouterr().out
+    target.write_text("no markers\n")
+    with pytest.raises(ValueError, match="BEGIN bench_time_to_accuracy_p1 -->' is missing"):
+        bench.render_only(SimpleNamespace(render_only=str(results), report=str(target)))
+
+
+def test_a_report_without_the_markers_fails_before_any_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("HOROVOD_SIZE", raising=False)
+    monkeypatch.setattr(bench, "train", lambda config: pytest.fail("trained"))
+    target = tmp_path / "REPORT.md"
+    target.write_text("<!-- BEGIN bench_time_to_accuracy_p2 -->\n"
+                      "<!-- END bench_time_to_accuracy_p2 -->\n")
+    with pytest.raises(ValueError, match="bench_time_to_accuracy_p1 -->' is missing"):
+        bench.main(["--quick", "--output-dir", str(tmp_path), "--report", str(target)])
+    assert not (tmp_path / "time_to_accuracy_p1.json").exists()
 
 
 def test_bad_seeds_flag_is_refused(capsys):
@@ -122,17 +159,29 @@ def test_bad_seeds_flag_is_refused(capsys):
 def test_quick_logreg_run_at_p1_writes_the_p1_result(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
     env.pop("HOROVOD_RANK", None)
+    env.pop("HOROVOD_SIZE", None)
+    target = tmp_path / "REPORT.md"
+    target.write_text("kept\n<!-- BEGIN bench_time_to_accuracy_p1 -->\nold\n"
+                      "<!-- END bench_time_to_accuracy_p1 -->\nkept too\n")
     proc = subprocess.run([sys.executable, str(REPO / "jobs/bench_time_to_accuracy.py"),
                            "--quick", "--tasks", "logreg_mnist5k", "--output-dir",
-                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=170)
+                           str(tmp_path), "--report", str(target)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "| logreg_mnist5k | loss " in proc.stdout and "vs momentum;" in proc.stdout
     payload = json.loads((tmp_path / "time_to_accuracy_p1.json").read_text())
     assert (tmp_path / "time_to_accuracy_p1.png").stat().st_size > 10_000
     assert payload["world_size"] == 1 and payload["launcher"] == "python"
-    assert re.fullmatch(r"([0-9a-f]{40}(-dirty)?|unknown)", payload["git_commit"])
-    assert "--quick --tasks logreg_mnist5k" in payload["command"]
+    meta = payload["meta"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", meta["commit"]) and meta["commit"][:40] == head
+    assert meta["command"].startswith("python ") and \
+        "jobs/bench_time_to_accuracy.py --quick --tasks logreg_mnist5k" in meta["command"]
+    datetime.datetime.fromisoformat(meta["date"])
+    section = report.read_section(target, "bench_time_to_accuracy_p1")
+    assert section == bench.render(payload, str(tmp_path / "time_to_accuracy_p1.json"))
+    assert target.read_text().startswith("kept\n") and target.read_text().endswith("kept too\n")
     result = payload["results"]["logreg_mnist5k"]
     runs = result["runs"]
     assert list(runs) == ["dho2_momentum", "momentum", "dho2_adam", "adam"]

@@ -8,12 +8,13 @@ median T_SGD / median T_method; the bracket is the min–max of the per-seed rat
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from dho2_tf.training import prioritized_bench as bench
+from dho2_tf.training.report import provenance_lines
 
 Row = dict[str, Any]
 Key = tuple[str, int, str, int]  # (model, ranks, method, batch)
@@ -80,11 +81,12 @@ def _row(key: Key, runs: list[Row], groups: dict[Key, list[Row]], target: float,
 
 
 def markdown(rows: list[Row], targets: dict[str, float], budgets: dict[str, float],
-             command: str) -> str:
-    """The benchmark section: the command, one table row per method, the sweep and scaling."""
+             meta: Mapping[str, Any] | None, results: str) -> str:
+    """The benchmark section: the run's command, commit, date and results file (``meta``, see
+    :func:`~dho2_tf.training.report.run_metadata`; ``None`` if not recorded), one table row
+    per method, the SGD batch sweep and the strong scaling."""
     groups = group_runs(rows)
-    lines = ["### Prioritized SGD vs mini-batch SGD (time to target test accuracy)",
-             "", f"Reproduce: `{command}`", "", HEADER]
+    lines = [*provenance_lines(meta, results), "", HEADER]
     for model, ranks in sorted({key[:2] for key in groups}):
         psgd = next(r for r in rows if r["model"] == model and r["ranks"] == ranks
                     and r["method"] != "sgd")
@@ -124,14 +126,3 @@ def scaling_note(groups: dict[Key, list[Row]], budgets: dict[str, float]) -> str
     return ("Strong scaling T(1)/T(2) (P ranks share the same 2 cores): " + "; ".join(parts)
             + ". * includes misses counted at the budget.")
 
-
-def write_section(path: Path, section: str, begin: str, end: str) -> None:
-    """Replace the text between ``begin`` and ``end`` in ``path`` (append both if absent)."""
-    text = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{section}{end}\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text + ("\n" if text and not text.endswith("\n") else "") + block
-    path.write_text(text)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
 import types
 
 import numpy as np
@@ -10,6 +13,21 @@ import pytest
 from dho2_tf.training.data import Dataset
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.training import prioritized_bench as bench, prioritized_report as report
+from dho2_tf.training.report import REPO, read_section
+
+META = {"command": "python jobs/x.py", "commit": "0123456789abcdef0123456789abcdef01234567",
+        "date": "2026-12-01T11:39:53+00:00"}
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("bench_prioritized_job",
+                                                  REPO / "jobs" / "bench_prioritized.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+job = load_job()
 
 
 def test_equal_work_batch_matches_psgd_work_per_step():
@@ -28,20 +46,63 @@ def test_report_speedups_count_misses_as_the_budget():
     rows = ([row("sgd", s, 2.0, batch=240) for s in range(3)]
             + [row("sgd", 0, 1.0, batch=64)]
             + [row("psgd", 0, 1.0), row("psgd", 1, 1.0), row("psgd", 2, None)])
-    text = report.markdown(rows, {"mlp": 0.6}, {"mlp": 8.0}, "python jobs/x.py")
+    text = report.markdown(rows, {"mlp": 0.6}, {"mlp": 8.0}, META, "results/x.json")
     psgd_line = next(line for line in text.splitlines() if "| psgd |" in line)
     assert "| 2/3 |" in psgd_line
     assert "2.00× [0.25–2.00]" in psgd_line  # medians 2.0 / 1.0; worst seed 2.0 / 8.0
     assert "sgd b=240 (equal work, best)" in text
-    assert "b=64: 1.00 s" in text and "Reproduce: `python jobs/x.py`" in text
+    assert "b=64: 1.00 s" in text
+    assert text.startswith("- Command: `python jobs/x.py`\n- Commit and date: 0123456, "
+                           "2026-12-01T11:39:53+00:00\n- Results: `results/x.json`\n")
 
 
-def test_write_section_replaces_only_its_block(tmp_path):
-    path = tmp_path / "BENCHMARKS.md"
-    path.write_text("# Benchmarks\n\nother section\n")
-    report.write_section(path, "table v1\n", "<!-- b -->", "<!-- e -->")
-    report.write_section(path, "table v2\n", "<!-- b -->", "<!-- e -->")
-    assert path.read_text() == "# Benchmarks\n\nother section\n<!-- b -->\ntable v2\n<!-- e -->\n"
+def test_render_only_writes_the_section_of_the_results_file(tmp_path, monkeypatch, capsys):
+    rows = [row("sgd", s, 2.0, batch=240) for s in range(3)] + [row("psgd", 0, 1.0)]
+    results = tmp_path / "bench_prioritized.json"
+    results.write_text(json.dumps({"meta": META, "targets": {"mlp": 0.6},
+                                   "budgets": {"mlp": 8.0}, "rows": rows}))
+    target = tmp_path / "REPORT.md"
+    target.write_text("head\n<!-- BEGIN bench_prioritized -->\nold\n"
+                      "<!-- END bench_prioritized -->\ntail\n")
+    monkeypatch.setattr(sys, "argv", ["jobs/bench_prioritized.py", "--render-only",
+                                      str(results), "--report", str(target)])
+    job.main()
+    expected = report.markdown(rows, {"mlp": 0.6}, {"mlp": 8.0}, META, str(results))
+    assert read_section(target, "bench_prioritized") == expected
+    assert target.read_text().startswith("head\n<!-- BEGIN") and \
+        target.read_text().endswith("<!-- END bench_prioritized -->\ntail\n")
+    assert "wrote section bench_prioritized" in capsys.readouterr().out
+
+
+def test_a_report_without_the_markers_fails_before_any_run(tmp_path, monkeypatch):
+    target = tmp_path / "REPORT.md"
+    target.write_text("no markers\n")
+    monkeypatch.setattr(job, "run_all", lambda args: pytest.fail("ran"))
+    monkeypatch.setattr(sys, "argv", ["jobs/bench_prioritized.py", "--out", str(target),
+                                      "--rows", str(tmp_path / "bench_prioritized.json")])
+    with pytest.raises(ValueError, match="'<!-- BEGIN bench_prioritized -->' is missing"):
+        job.main()
+    assert target.read_text() == "no markers\n"
+
+
+def test_older_results_files_render_with_the_command_line_settings(tmp_path):
+    rows = [{**r, "model": "mnist1d/mlp"}
+            for r in [row("sgd", s, 2.0, batch=240) for s in range(3)] + [row("psgd", 0, 1.0)]]
+    results = tmp_path / "rows.json"
+    results.write_text(json.dumps(rows))
+    payload = job.load_results(str(results), job.parse_args([]))
+    assert payload["meta"] is None and payload["rows"] == rows
+    assert payload["targets"] == {"mnist1d/mlp": 0.6} and payload["budgets"] == {"mnist1d/mlp": 8}
+    assert job.render(payload, "rows.json").startswith("- Command, commit and date: not recorded")
+
+
+def test_output_flags_and_their_aliases():
+    args = job.parse_args(["--report", "R.md", "--render-only", "r.json"])
+    assert (args.out, args.from_rows) == ("R.md", "r.json")
+    assert job.parse_args([]).rows == "results/bench_prioritized.json"
+    assert job.run_flags(["--seeds", "0", "--report", "R.md", "--out=R.md", "--rows", "x",
+                          "--render-only", "y", "--ranks", "1"]) == ["--seeds", "0", "--ranks",
+                                                                     "1"]
 
 
 @pytest.mark.parametrize("method, batch", [("sgd", 64), ("psgd-is-ll", 0), ("psgd-default", 0),

@@ -1,0 +1,166 @@
+"""``dho2_tf.training.report``: marker sections of a Markdown file and the provenance of a run."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dho2_tf.training import report
+
+DOCUMENT = ("# Title\r\n\nprose “unicode” before\n<!-- BEGIN other -->\nother body\n"
+            "<!-- END other -->\n\n<!-- BEGIN demo -->\nold line 1\nold line 2\n"
+            "<!-- END demo -->\ntrailing prose, no final newline")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "REPORT.md"
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def split_around(data: bytes, name: str) -> tuple[bytes, bytes]:
+    """The bytes up to and including the BEGIN line, and from the END line on."""
+    begin, end = (m.encode() for m in report.markers(name))
+    head = data[:data.index(begin) + len(begin) + 1]
+    return head, data[data.index(end):]
+
+
+def test_replace_section_round_trip_leaves_the_rest_byte_identical(tmp_path):
+    path = write(tmp_path, DOCUMENT)
+    original = path.read_bytes()
+    report.replace_section(path, "demo", "new | table\nsecond line\n")
+    changed = path.read_bytes()
+    assert report.read_section(path, "demo") == "new | table\nsecond line\n"
+    assert split_around(changed, "demo") == split_around(original, "demo")
+    assert report.read_section(path, "other") == "other body\n"
+    report.replace_section(path, "demo", "old line 1\nold line 2\n")
+    assert path.read_bytes() == original
+
+
+def test_replace_section_adds_a_final_newline_and_accepts_empty_text(tmp_path):
+    path = write(tmp_path, DOCUMENT)
+    report.replace_section(path, "demo", "no newline")
+    assert "\nno newline\n<!-- END demo -->\n" in path.read_text()
+    report.replace_section(path, "demo", "")
+    assert "<!-- BEGIN demo -->\n<!-- END demo -->\n" in path.read_text()
+    assert report.read_section(path, "demo") == ""
+
+
+def test_replace_section_keeps_the_file_mode_and_leaves_no_temporary_file(tmp_path):
+    path = write(tmp_path, DOCUMENT)
+    path.chmod(0o640)
+    report.replace_section(path, "demo", "x\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["REPORT.md"]
+
+
+@pytest.mark.parametrize("text, problem", [
+    (DOCUMENT.replace("<!-- BEGIN demo -->\n", ""), r"'<!-- BEGIN demo -->' is missing"),
+    (DOCUMENT.replace("<!-- END demo -->\n", ""), r"'<!-- END demo -->' is missing"),
+    ("no markers at all\n", r"'<!-- BEGIN demo -->' is missing; '<!-- END demo -->' is missing"),
+    (DOCUMENT + "\n<!-- BEGIN demo -->\n",
+     r"'<!-- BEGIN demo -->' appears 2 times \(lines 8, 13\)"),
+    (DOCUMENT + "\n<!-- END demo -->\n", r"'<!-- END demo -->' appears 2 times"),
+    ("<!-- END demo -->\nbody\n<!-- BEGIN demo -->\n",
+     r"'<!-- END demo -->' \(line 1\) comes before '<!-- BEGIN demo -->' \(line 3\)"),
+])
+def test_bad_markers_raise_naming_file_and_marker_without_touching_the_file(tmp_path, text,
+                                                                            problem):
+    path = write(tmp_path, text)
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": .*" + problem):
+        report.replace_section(path, "demo", "new\n")
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["REPORT.md"]
+    with pytest.raises(ValueError, match=problem):
+        report.read_section(path, "demo")
+
+
+def test_a_marker_must_be_a_whole_line_and_names_are_checked(tmp_path):
+    path = write(tmp_path, "text <!-- BEGIN demo --> inline\n<!-- END demo -->\n")
+    with pytest.raises(ValueError, match="'<!-- BEGIN demo -->' is missing"):
+        report.replace_section(path, "demo", "x")
+    with pytest.raises(ValueError, match="section name must match"):
+        report.markers("two words")
+
+
+def test_check_report_names_the_section_of_a_results_file(tmp_path):
+    path = write(tmp_path, "<!-- BEGIN bench_x_p2 -->\n<!-- END bench_x_p2 -->\n")
+    report.check_report(path, "results/x_p2.json")
+    with pytest.raises(ValueError, match="'<!-- BEGIN bench_x_p1 -->' is missing"):
+        report.check_report(path, "results/x_p1.json")
+
+
+def test_run_metadata_records_command_commit_and_utc_date():
+    argv = ["jobs/bench_scaling.py", "--ranks", "1,2", "--note", "with space"]
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    meta = report.run_metadata(argv)
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert set(meta) == {"command", "commit", "date"}
+    assert meta["command"] == "python jobs/bench_scaling.py --ranks 1,2 --note 'with space'"
+    assert shlex.split(meta["command"]) == ["python", *argv]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=report.REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", meta["commit"])
+    assert meta["commit"].startswith(head)
+    date = datetime.datetime.fromisoformat(meta["date"])
+    assert date.utcoffset() == datetime.timedelta(0) and before <= date <= after
+    launched = report.run_metadata(["x.py"], launcher=["horovodrun", "-np", "2"])
+    assert launched["command"] == "horovodrun -np 2 python x.py"
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                   check=True, capture_output=True)
+
+
+def test_git_commit_marks_changes_to_tracked_files_only(tmp_path):
+    git(tmp_path, "init", "-q")
+    (tmp_path / "a.txt").write_text("a")
+    git(tmp_path, "add", "a.txt")
+    git(tmp_path, "commit", "-q", "-m", "a")
+    head = report.git_commit(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", head)
+    (tmp_path / "untracked.txt").write_text("u")
+    assert report.git_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("b")
+    assert report.git_commit(tmp_path) == head + "+dirty"
+    assert report.run_metadata(["x.py"], repo=tmp_path)["commit"] == head + "+dirty"
+
+
+def test_git_commit_is_unknown_outside_a_repository(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    (tmp_path / "not_a_repo").mkdir()
+    assert report.git_commit(tmp_path / "not_a_repo") == "unknown"
+    assert report.git_commit(tmp_path / "missing") == "unknown"
+
+
+def test_horovod_launcher_rebuilds_the_launch_from_the_environment():
+    assert report.horovod_launcher({}) == []
+    assert report.horovod_launcher({"HOROVOD_SIZE": "1"}) == []
+    env = {"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CYCLE_TIME": "0.1",
+           "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1"}
+    assert report.horovod_launcher(env) == ["HOROVOD_CYCLE_TIME=0.1", "horovodrun", "--gloo",
+                                            "-np", "2", "-H", "localhost:2"]
+    assert report.horovod_launcher({"HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "2"}) == \
+        ["horovodrun", "-np", "4"]
+
+
+def test_section_names_and_provenance():
+    assert report.section_name("results/curvature_cost_p2.json") == "bench_curvature_cost_p2"
+    assert report.section_name("/tmp/bench_scaling.json") == "bench_scaling"
+    assert report.display_path(report.REPO / "results" / "x.json") == "results/x.json"
+    assert report.display_path("/elsewhere/x.json") == "/elsewhere/x.json"
+    meta = {"command": "python a.py", "commit": "0123456789abcdef0123456789abcdef01234567+dirty",
+            "date": "2026-12-01T11:39:53+00:00", "backfilled": True}
+    assert report.provenance_lines(meta, "results/a.json", 61.2) == [
+        "- Command: `python a.py`",
+        "- Commit and date: 0123456+dirty, 2026-12-01T11:39:53+00:00, wall time 61 s",
+        "- Results: `results/a.json` (metadata backfilled after the run)"]
+    assert report.provenance_lines(None, "r.json")[0] == "- Command, commit and date: not recorded"
