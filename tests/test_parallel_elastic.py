@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from tests.helpers.launch import REPO, horovodrun_path
+from tests.helpers.launch import REPO, finish, horovod_env, run_horovod, start_horovod
 
 SCRIPT = REPO / "tests/parallel/elastic_train_check.py"
 DISCOVERY = REPO / "jobs/elastic/discover_hosts.sh"
@@ -40,27 +40,15 @@ pytestmark = pytest.mark.parallel
 
 def run_job(horovod_args: list[str], script_args: list[str], timeout: float,
             env: dict[str, str] | None = None) -> tuple[str, float]:
-    """Run ``horovodrun --gloo <horovod_args> python SCRIPT <script_args>``; (stdout, seconds).
+    """Run ``horovodrun --gloo <horovod_args> python SCRIPT <script_args>``; (output, seconds).
 
     The launcher and its workers run in their own process group, which is killed on a timeout,
     so a hang fails the test and leaves no process behind.
     """
-    cmd = [horovodrun_path(), "--gloo", *horovod_args, sys.executable, str(SCRIPT), *script_args]
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": str(REPO), **(env or {})}
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(
-            f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-8000:]}") from None
-    if proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-8000:]}")
-    return out, time.monotonic() - start
+    proc = run_horovod(SCRIPT, None, script_args, timeout=timeout, env=env,
+                       horovod_args=horovod_args)
+    return proc.stdout + proc.stderr, time.monotonic() - start
 
 
 def results_of(out: str) -> list[dict]:
@@ -156,23 +144,17 @@ def test_added_worker_joins_at_a_commit_and_gets_the_state(tmp_path: Path,
         assert_same_training_as(result, reference)
 
 
-def start_job(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """Start ``cmd`` in its own process group (so a hang can be killed whole), output piped."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": str(REPO), **env}
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start_job(horovod_args: list[str], script_args: list[str], env: dict[str, str],
+              command: list[str] | None = None) -> subprocess.Popen:
+    """Start ``horovodrun --gloo <horovod_args> python SCRIPT <script_args>`` (or ``command``)
+    in its own process group (so a hang can be killed whole), output piped."""
+    return start_horovod(SCRIPT, None, script_args, horovod_args=horovod_args, env=env,
+                         command=command)
 
 
 def finish_job(proc: subprocess.Popen, timeout: float) -> str:
     """Wait for ``proc``; its output. A timeout kills the process group and fails the test."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s (hang):\n{out[-8000:]}") from None
-    return out
+    return finish(proc, timeout)[0]
 
 
 def sigkill_after_commit(running: Callable[[], bool], pid_dir: Path, rank: int, min_step: int,
@@ -228,8 +210,7 @@ def assert_recovered_and_matches_replay(survivor: dict, killed: dict, commit_dir
     replay = subprocess.run(
         [sys.executable, str(SCRIPT), "--epochs", str(epochs), "--replay-from",
          str(commit_file), "--commit-dir", str(replay_dir)], cwd=REPO, capture_output=True,
-        text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-                                     "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+        text=True, timeout=120, env=horovod_env())
     assert replay.returncode == 0, replay.stdout[-4000:] + replay.stderr[-4000:]
     (want,) = results_of(replay.stdout)
     assert want["steps"] == survivor["steps"]
@@ -264,11 +245,11 @@ def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Pa
     after, jitter = rng.choice(KILL_AFTER), rng.uniform(0.0, KILL_JITTER)
     print(f"kill {jitter:.3f}s after the commit of step {after}")
     proc = start_job(
-        [horovodrun_path(), "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
-         "--host-discovery-script", str(DISCOVERY), "--network-interface", "lo",
-         "--elastic-timeout", "30", "--gloo-timeout-seconds", "20", sys.executable,
-         str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--pid-dir", str(pid_dir),
-         "--commit-dir", str(commit_dir), "--step-delay", str(STEP_DELAY)], TWO_HOSTS)
+        ["-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
+         str(DISCOVERY), "--network-interface", "lo", "--elastic-timeout", "30",
+         "--gloo-timeout-seconds", "20"],
+        ["--epochs", str(SIGKILL_EPOCHS), "--pid-dir", str(pid_dir), "--commit-dir",
+         str(commit_dir), "--step-delay", str(STEP_DELAY)], TWO_HOSTS)
     killed = sigkill_after_commit(lambda: proc.poll() is None, pid_dir, victim, after,
                                   jitter, output=lambda: finish_job(proc, 5))
     out = finish_job(proc, timeout=120)
@@ -288,11 +269,12 @@ def test_lost_host_that_never_returns_fails_loudly_within_the_timeout(tmp_path: 
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     timeout_s = 10
-    proc = start_job(
-        [sys.executable, str(LAUNCHER), "--np", "2", "--min-np", "2", "--max-np", "2",
-         "--elastic-timeout", str(timeout_s), "--extra=--gloo-timeout-seconds=20", "--",
-         sys.executable, str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--pid-dir",
-         str(pid_dir), "--step-delay", str(STEP_DELAY)], TWO_HOSTS)
+    # The project's elastic launcher builds the horovodrun command line itself.
+    proc = start_job([], [], TWO_HOSTS, command=[
+        sys.executable, str(LAUNCHER), "--np", "2", "--min-np", "2", "--max-np", "2",
+        "--elastic-timeout", str(timeout_s), "--extra=--gloo-timeout-seconds=20", "--",
+        sys.executable, str(SCRIPT), "--epochs", str(SIGKILL_EPOCHS), "--pid-dir",
+        str(pid_dir), "--step-delay", str(STEP_DELAY)])
     killed = sigkill_after_commit(lambda: proc.poll() is None, pid_dir, 1, 30, 0.1,
                                   output=lambda: finish_job(proc, 5))
     killed_at = time.monotonic()

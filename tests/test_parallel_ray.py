@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.launch import REPO, horovodrun_path, run_horovod
+from tests.helpers.launch import REPO, run_horovod
 from tests.test_parallel_elastic import (assert_recovered_and_matches_replay, results_of,
                                          scheduled_commits, sigkill_after_commit)
 
@@ -129,11 +129,8 @@ def test_cluster_check_on_ray(local_ray, tmp_path):
 
 
 def test_cluster_check_under_horovodrun(tmp_path):
-    cmd = [horovodrun_path(), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, "-m",
-           "dho2_tf.training.ray_launcher", "--check", "--shared-dir", str(tmp_path)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = run_horovod(None, 2, ("--check", "--shared-dir", str(tmp_path)), timeout=120,
+                       module="dho2_tf.training.ray_launcher")
     lines = [line for line in proc.stdout.splitlines() if "CLUSTER OK" in line]
     assert len(lines) == 1 and lines[0].startswith("[0]"), proc.stdout[-4000:]
     assert re.search(r"CLUSTER OK ranks=2 hosts=\S+:2 allreduce=3 shared_dir=", lines[0])

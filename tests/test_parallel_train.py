@@ -11,12 +11,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
 from dho2_tf.modes import MODE_CHOICES
-from tests.helpers.launch import REPO, horovodrun_path, run_horovod
+from tests.helpers.launch import REPO, run_horovod
 
 pytestmark = pytest.mark.parallel
 
@@ -102,10 +101,7 @@ def test_prioritized_sgd():
 def test_bad_config_fails_before_training(tmp_path):
     config = tmp_path / "bad.json"
     config.write_text('{"epochs": 1, "learnin_rate": 0.1}')
-    cmd = [horovodrun_path(), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
-           str(JOB), "--config", str(config)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_horovod(JOB, np=2, args=("--config", str(config)), timeout=120, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Unknown key 'learnin_rate' in the config file" in output

@@ -1,13 +1,22 @@
 """Run under horovodrun: DHO2's distribution modes against single-process references.
 
-Usage: modes_check.py {sharded|replicated|auto|memory|faithful|pipelined|admm|misconfig}. Rank 0
-prints ``MODES_CHECK_OK <what>`` when every assertion held on every rank.
+Usage: ``modes_check.py [--curvature-ranks P_C] CHECK [CHECK ...]`` with CHECK one of
+comm (HorovodComm's collectives against numpy), sharded, replicated, auto, memory, faithful,
+admm, pipelined, misconfig, or ``all`` (every check, in that order). ``pipelined`` (and
+``comm``, on the pipelined process sets) uses P_C curvature ranks (default max(1, P // 2)),
+which must leave at least one update rank. The checks run one after another in the same
+processes (one Horovod start-up for all of them). Rank 0 prints ``MODES_CHECK_OK <check> P=<P>
+...`` once every rank passed that check; a rank whose check raises prints
+``MODES_CHECK_FAIL <check> P=<P> rank=<r>`` with the traceback and exits non-zero (horovodrun
+then ends the other ranks).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import os
 import time
+import traceback
 
 import numpy as np
 import tensorflow as tf
@@ -17,7 +26,8 @@ from dho2_tf import DHO2, CurvatureRefresh, HorovodComm, LocalComm
 from dho2_tf.curvature.hvp import make_hvp_fn
 from dho2_tf.curvature.spectrum import estimate_spectrum, gather_vectors
 from dho2_tf.distributed.comm import CountingComm
-from dho2_tf.distributed.pipeline import pipeline_process_sets
+from dho2_tf.distributed.pipeline import PipelineGroups, pipeline_process_sets
+from dho2_tf.distributed.sharding import ShardLayout
 
 D, C, B = 10, 4, 16
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -44,6 +54,63 @@ def same_on_all_ranks(comm, array, what):
     every = comm.allgather(tf.constant(np.asarray(array, np.float32).ravel()[None, :]),
                            name=f"test/same/{what}").numpy()
     assert np.all(every == every[0]), f"ranks differ in {what}"
+
+
+def check_comm(comm, curvature_ranks):
+    """HorovodComm's collectives against numpy at this world size, on all ranks and on the
+    pipelined mode's process sets (n = 11: not divisible by P = 2, 3 or 4, so shards pad)."""
+    p, r = comm.size, comm.rank
+    n = 11
+    rng = np.random.default_rng(42)                   # the same numbers on every rank
+    xs = rng.standard_normal((p, n))
+    total = xs.sum(0)
+
+    def close(got, want, what):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12,
+                                   err_msg=f"rank {r}: {what}")
+
+    mine = tf.constant(xs[r])
+    close(comm.allreduce(mine, "sum", name="test/comm/sum"), total, "allreduce sum")
+    close(comm.allreduce(mine, "mean", name="test/comm/mean"), total / p, "allreduce mean")
+    a, b = comm.grouped_allreduce([mine, tf.constant(xs[r, :3] * (r + 1))], "sum",
+                                  name="test/comm/grouped")
+    close(a, total, "grouped allreduce [0]")
+    close(b, sum(xs[j, :3] * (j + 1) for j in range(p)), "grouped allreduce [1]")
+    layout = ShardLayout(n, p, r)
+    for op, want in (("sum", total), ("mean", total / p)):
+        block = comm.reducescatter(layout.pad(mine), op, name=f"test/comm/rs_{op}")
+        close(block, layout.local(tf.constant(want)), f"reducescatter {op}")
+        whole = layout.unpad(comm.allgather(block, name=f"test/comm/ag_{op}"))
+        close(whole, want, f"allgather of the reduce-scattered blocks ({op})")
+    rows = tf.constant(np.full((r + 1, 2), float(r)))          # rank r sends r + 1 rows
+    close(comm.allgather(rows, name="test/comm/ag_rows"),
+          np.concatenate([np.full((j + 1, 2), float(j)) for j in range(p)]), "allgather rows")
+    close(comm.broadcast(mine, p - 1, name="test/comm/bcast"), xs[p - 1], "broadcast")
+    # alltoall: rank s sends j + 1 rows valued 100 s + j to member j.
+    sent = np.concatenate([np.full((j + 1, 2), 100.0 * r + j) for j in range(p)])
+    got = comm.alltoall(tf.constant(sent), [j + 1 for j in range(p)], name="test/comm/a2a")
+    close(got, np.concatenate([np.full((r + 1, 2), 100.0 * s + r) for s in range(p)]),
+          "alltoall")
+    assert comm.broadcast_object({"root": r}, 1, name="test/comm/bo") == {"root": 1}
+    assert comm.allgather_object(("rank", r), name="test/comm/go") == [("rank", j)
+                                                                       for j in range(p)]
+    # Collectives restricted to each process set of the pipelined mode.
+    groups = PipelineGroups.of(p, curvature_ranks)
+    for ranks in groups.process_sets():
+        group = comm.group(ranks)
+        assert comm.group_size(group) == len(ranks)
+        if not group.includes(r):
+            continue
+        sub = xs[list(ranks)]
+        close(comm.allreduce(mine, "sum", name=f"test/comm/set{ranks}", process_set=group),
+              sub.sum(0), f"allreduce over {ranks}")
+        g_layout = ShardLayout(n, len(ranks), comm.group_rank(group))
+        block = comm.reducescatter(g_layout.pad(mine), "sum", name=f"test/comm/set_rs{ranks}",
+                                   process_set=group)
+        close(block, g_layout.local(tf.constant(sub.sum(0))), f"reducescatter over {ranks}")
+        close(comm.allgather(mine[None, :], name=f"test/comm/set_ag{ranks}", process_set=group),
+              sub, f"allgather over {ranks}")
+    return f"comm P={p} sets={groups.process_sets()}"
 
 
 def check_sharded(comm):
@@ -204,7 +271,7 @@ def check_pipelined(comm, curvature_ranks):
     groups = opt.distribution.groups
     model = mlp()
     model.compile(optimizer=opt, loss=LOSS)
-    x, y = data(2 * 40 * B)
+    x, y = data(len(groups.update) * 40 * B)      # 40 steps on every update rank
     c_batches = [data(2 * B, seed=1000 + c) for c in range(curvature_ranks)]
     record = StepTimes()
     if opt.is_curvature_rank:
@@ -315,21 +382,39 @@ def check_misconfig(comm):
     return f"misconfig P={comm.size}"
 
 
+CHECKS = {"comm": check_comm, "sharded": check_sharded, "replicated": check_replicated, "auto": check_auto,
+          "memory": check_memory, "faithful": check_faithful, "admm": check_admm,
+          "pipelined": check_pipelined, "misconfig": check_misconfig}
+
+
 def main() -> None:
-    what = sys.argv[1]
-    if what == "pipelined":
-        curvature_ranks = int(sys.argv[2])
-        comm = HorovodComm(process_sets=pipeline_process_sets(curvature_ranks))
-        message = check_pipelined(comm, curvature_ranks)
-    else:
-        comm = HorovodComm()
-        message = {"sharded": check_sharded, "replicated": check_replicated,
-                   "auto": check_auto, "memory": check_memory, "faithful": check_faithful,
-                   "admm": check_admm, "misconfig": check_misconfig}[what](comm)
-    if what != "misconfig":
-        comm.barrier("test/end")
-    if comm.rank == 0:
-        print(f"MODES_CHECK_OK {message}", flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checks", nargs="+", choices=["all", *CHECKS])
+    parser.add_argument("--curvature-ranks", type=int, default=None)
+    args = parser.parse_args()
+    checks = list(CHECKS) if "all" in args.checks else args.checks
+    world = int(os.environ["HOROVOD_SIZE"])
+    curvature_ranks = args.curvature_ranks or max(1, world // 2)
+    # Horovod registers process sets at start-up only: the pipelined mode's, for every check.
+    comm = HorovodComm(process_sets=pipeline_process_sets(curvature_ranks))
+    for name in checks:
+        if comm.rank == 0:
+            print(f"MODES_CHECK_START {name} P={comm.size}", flush=True)
+        in_place_min_size = optimizer_module.IN_PLACE_MIN_SIZE
+        try:
+            if name in ("comm", "pipelined"):
+                message = CHECKS[name](comm, curvature_ranks)
+            else:
+                message = CHECKS[name](comm)
+        except BaseException:
+            print(f"MODES_CHECK_FAIL {name} P={comm.size} rank={comm.rank}\n"
+                  f"{traceback.format_exc()}", flush=True)
+            raise
+        finally:
+            optimizer_module.IN_PLACE_MIN_SIZE = in_place_min_size   # checks stay independent
+        comm.barrier(f"test/end/{name}")
+        if comm.rank == 0:
+            print(f"MODES_CHECK_OK {message}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Mode algebra in one process: window rule, ADMM with P = 1, pipeline groups, validation."""
+"""Mode algebra in one process: window rule, ADMM with P = 1, validation. (The pure
+functions of dho2_tf.distributed: tests/unit/distributed/.)"""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import pytest
 import tensorflow as tf
 
 from dho2_tf import DHO2, LocalComm
-from dho2_tf.distributed.admm import window_jump
-from dho2_tf.distributed.pipeline import PipelineGroups
-from dho2_tf.distributed.sharding import ShardLayout
 from tests.unit.optimizer.test_keras_integration import LOSS, toy_data, toy_model
 
 
@@ -65,15 +63,6 @@ def test_t8_window_jump_equals_accumulated_window_displacements():
             np.testing.assert_array_equal(before, after)
 
 
-def test_window_jump_function_algebra():
-    theta_start, theta_end = np.array([1.0, 2.0]), np.array([1.5, 1.0])
-    v_prev = np.array([0.25, -0.5])
-    new_theta, v = window_jump(tf.constant(theta_end), tf.constant(theta_start),
-                               tf.constant(v_prev))
-    np.testing.assert_allclose(v.numpy(), v_prev + theta_end - theta_start)
-    np.testing.assert_allclose(new_theta.numpy(), theta_end + v_prev + theta_end - theta_start)
-
-
 def test_t11_admm_single_rank_keeps_zero_dual_and_z_equals_x():
     x, y = toy_data()
     model = toy_model()
@@ -97,29 +86,6 @@ def test_admm_eigen_rates_use_hessian_plus_rho():
     np.testing.assert_allclose(opt.state.rates.numpy(), 1.0 / np.abs(lam + 0.5), rtol=1e-5)
 
 
-@pytest.mark.parametrize("n,world,curv", [(10, 3, 1), (11, 4, 2), (7, 5, 3), (100, 4, 1)])
-def test_deliver_splits_cover_each_update_shard_exactly(n, world, curv):
-    groups = PipelineGroups.of(world, curv)
-    p_u = len(groups.update)
-    received = {u: [] for u in groups.update}
-    for c in range(curv):
-        c_layout = ShardLayout(n, curv, c)
-        for rank, (a, b) in enumerate(groups.deliver_splits(n, c)):
-            if rank in groups.curvature:
-                assert (a, b) == (0, 0)
-            elif b > a:
-                received[rank].extend(range(c_layout.start + a, c_layout.start + b))
-    for u in groups.update:
-        start, stop = ShardLayout(n, p_u, u).bounds(u)
-        assert received[u] == list(range(start, min(stop, n)))
-
-
-def test_pipeline_groups_and_process_sets():
-    g = PipelineGroups.of(4, 2)
-    assert (g.update, g.curvature, g.bridge, g.curvature_root) == ((0, 1), (2, 3), (0, 2, 3), 2)
-    assert PipelineGroups.of(2, 1).process_sets() == [(0,), (1,)]   # bridge = world: global set
-
-
 @pytest.mark.parametrize("kwargs,message", [
     (dict(mode="admm", tau=0), "`tau` must be a positive integer. Received: tau=0"),
     (dict(mode="admm", rho=0.0), "`rho` must be a finite number in (0.0, inf). Received: rho=0.0"),
@@ -136,14 +102,6 @@ def test_mode_misconfiguration_is_rejected_at_construction(kwargs, message):
     with pytest.raises(ValueError) as err:
         DHO2(**kwargs)
     assert message in str(err.value)
-
-
-def test_pipeline_group_sizes_must_fit_world():
-    with pytest.raises(ValueError, match=r"`update_ranks` \+ `curvature_ranks` must equal the "
-                                         r"world size 4. Received: update_ranks=3"):
-        PipelineGroups.of(4, 2, update_ranks=3)
-    with pytest.raises(ValueError, match="must leave at least one update rank"):
-        PipelineGroups.of(3, 3)
 
 
 @pytest.mark.parametrize("mode", ["auto", "sharded", "replicated", "faithful", "pipelined",

@@ -199,7 +199,7 @@ WRITER = textwrap.dedent("""
     import numpy as np
     from dho2_tf.training import checkpointing
     from dho2_tf.distributed.comm import LocalComm
-    from tests.unit.reliability.test_checkpointing import dho2_model, steps, values
+    from tests.unit.training.test_checkpointing import dho2_model, steps, values
 
     folder, kill_at = sys.argv[1], sys.argv[2]
     model, opt = dho2_model()
