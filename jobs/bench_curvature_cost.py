@@ -308,16 +308,6 @@ def render(payload: dict[str, Any], results: str) -> str:
     return "\n".join([*lines, "", tables(payload["results"])]) + "\n"
 
 
-def render_only(args: argparse.Namespace) -> None:
-    """Print the section of ``--render-only`` and write it into ``--report`` if given."""
-    payload = json.loads(Path(args.render_only).read_text(encoding="utf-8"))
-    text = render(payload, report.display_path(args.render_only, REPO))
-    print(text)
-    if args.report:
-        name = report.update_report(args.report, args.render_only, text)
-        print(f"wrote section {name} of {args.report}")
-
-
 def write_results(path: str, meta: dict[str, str], results: dict[str, Any], text: str,
                   args: argparse.Namespace, comm: Any, seconds: float) -> None:
     """Write the results file (rank 0), then its section into ``--report`` if given."""
@@ -339,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     render a results file)."""
     args = parse_args(argv)
     if args.render_only:
-        render_only(args)
+        report.render_results_file(args.render_only, args.report, render, REPO)
         return 0
     if args.quick:
         args.rounds = 1

@@ -54,6 +54,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dho2_tf.modes import mode_class  # noqa: E402
 from dho2_tf.training import report as report_lib  # noqa: E402
 
 
@@ -205,7 +206,7 @@ class ModeRun:
             [tf.keras.Input((40,))] + [tf.keras.layers.Dense(h, activation="relu")
                                        for h in HIDDEN] + [tf.keras.layers.Dense(10)])
         self.loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        pipelined = mode == "pipelined"
+        pipelined = not mode_class(mode).all_ranks_train   # a curvature set of its own
         refresh_every = 2 * delay if pipelined else args.refresh_every
         self.opt = DHO2(learning_rate=1e-3, base="adam", k=args.k, lanczos_order=args.m,
                         refresh_every=refresh_every, warmup=1, mode=mode, tau=args.tau,
@@ -226,7 +227,7 @@ class ModeRun:
                 "shard_size": self.opt.layout.shard_size}
         if self.opt.is_curvature_rank:
             return {**base, "role": "C", **self.serve()}
-        role = "U" if self.mode == "pipelined" else "all"
+        role = "all" if mode_class(self.mode).all_ranks_train else "U"
         return {**base, "role": role, **self.train()}
 
     def traced_step(self) -> tuple[Any, list[tuple[str, str, int, int]]]:
@@ -248,7 +249,7 @@ class ModeRun:
     def schedule(self) -> tuple[int, list[tuple[int, int]]]:
         """Number of steps and the refresh windows [first, last] (inclusive; the first, with
         tracing, is not timed). Steps are a multiple of τ, so ADMM rounds amortise exactly."""
-        if self.mode == "pipelined":
+        if not mode_class(self.mode).all_ranks_train:
             d = self.delay                  # triggers at 0, 2Δ, 4Δ; deliveries Δ later
             return 6 * d, [(0, d), (2 * d, 3 * d), (4 * d, 5 * d)]
         r = self.args.refresh_every         # refreshes before steps 0, R, 2R
@@ -259,7 +260,7 @@ class ModeRun:
         self.opt.verify_consistency(self.model)     # as CurvatureRefresh (C: serve_curvature)
         train_step, graph_calls = self.traced_step()
         steps, windows = self.schedule()
-        pipelined = self.mode == "pipelined"
+        pipelined = not mode_class(self.mode).all_ranks_train
         warm = max(self.args.warm_steps, windows[0][1] + 1)
         starts, ends = {a for a, _ in windows}, {b for _, b in windows}
         in_window = {t for a, b in windows for t in range(a, b + 1)}
@@ -341,7 +342,7 @@ def worker(args: argparse.Namespace) -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     delay = 0
     for mode in RUN_ORDER:
-        if mode == "pipelined":
+        if not mode_class(mode).all_ranks_train:   # needs a curvature and an update set
             if comm.size < 2:
                 continue
             delay = auto_delay(results["sharded"], args)
@@ -377,19 +378,39 @@ def predict(mode: str, role: str, n: int, k: int, m: int, p: int, tau: int) -> d
             "basis": 0.0 if role == "U" else 8.0 * m * -(-n // g)}
 
 
-def _predict(mode: str, role: str, n: int, k: int, m: int, g: int, tau: int, rs: float,
-             ar: float) -> dict[str, float]:
-    if mode == "faithful":
-        return {"state": (20 + 4 * k) * n, "step_ring": ar * 4 * n,
-                "refresh_ring": m * ((4 * n if g > 1 else 0) + ar * 8 * n) + rs * 4 * k * n}
-    if mode == "sharded" or role == "U":
-        return {"state": (12 + 4 * k) * n / g, "step_ring": rs * 8 * n + ar * 12 * k,
-                "refresh_ring": rs * 8 * m * n if role == "all" else 4 * n}
-    if role == "C":
-        return {"state": 0.0, "step_ring": 0.0,
-                "refresh_ring": rs * 8 * m * n + 4 * n + 4 * k * n / g}
+def _cost_faithful(role: str, n: int, k: int, m: int, g: int, tau: int, rs: float,
+                   ar: float) -> dict[str, float]:
+    return {"state": (20 + 4 * k) * n, "step_ring": ar * 4 * n,
+            "refresh_ring": m * ((4 * n if g > 1 else 0) + ar * 8 * n) + rs * 4 * k * n}
+
+
+def _cost_sharded(role: str, n: int, k: int, m: int, g: int, tau: int, rs: float,
+                  ar: float) -> dict[str, float]:
+    return {"state": (12 + 4 * k) * n / g, "step_ring": rs * 8 * n + ar * 12 * k,
+            "refresh_ring": rs * 8 * m * n if role == "all" else 4 * n}
+
+
+def _cost_pipelined(role: str, n: int, k: int, m: int, g: int, tau: int, rs: float,
+                    ar: float) -> dict[str, float]:
+    if role == "U":
+        return _cost_sharded(role, n, k, m, g, tau, rs, ar)
+    return {"state": 0.0, "step_ring": 0.0, "refresh_ring": rs * 8 * m * n + 4 * n + 4 * k * n / g}
+
+
+def _cost_admm(role: str, n: int, k: int, m: int, g: int, tau: int, rs: float,
+               ar: float) -> dict[str, float]:
     return {"state": (20 + 4 * k) * n, "step_ring": ar * 4 * n / tau,
             "refresh_ring": rs * (8 * m * n + 4 * k * n)}
+
+
+#: The cost model of each mode (docs/algorithm.md §8.2–§8.4), per role of a rank.
+COST_MODELS = {"faithful": _cost_faithful, "sharded": _cost_sharded,
+               "pipelined": _cost_pipelined, "admm": _cost_admm}
+
+
+def _predict(mode: str, role: str, n: int, k: int, m: int, g: int, tau: int, rs: float,
+             ar: float) -> dict[str, float]:
+    return COST_MODELS[mode](role, n, k, m, g, tau, rs, ar)
 
 
 def largest(records: list[dict[str, Any]], *path: str) -> float | None:

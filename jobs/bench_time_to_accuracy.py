@@ -447,16 +447,6 @@ def render(payload: dict[str, Any], results: str) -> str:
     return "\n".join([*lines, "", table(payload["results"]), "", *where]) + "\n"
 
 
-def render_only(args: argparse.Namespace) -> None:
-    """Print the section of ``--render-only`` and write it into ``--report`` if given."""
-    payload = json.loads(Path(args.render_only).read_text(encoding="utf-8"))
-    text = render(payload, report.display_path(args.render_only, REPO))
-    print(text)
-    if args.report:
-        name = report.update_report(args.report, args.render_only, text)
-        print(f"wrote section {name} of {args.report}")
-
-
 def plot(results: dict[str, Any], path: str) -> None:
     """Target metric vs training wall time, one panel per task, one colour per optimizer."""
     import matplotlib
@@ -529,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     results file)."""
     args = parse_args(argv)
     if args.render_only:
-        render_only(args)
+        report.render_results_file(args.render_only, args.report, render, REPO)
         return 0
     typed = None if argv is None else [report.display_path(__file__, REPO), *argv]
     comm = default_comm()

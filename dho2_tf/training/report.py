@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import re
 import shlex
@@ -23,7 +24,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,16 @@ def update_report(report: str | os.PathLike[str], results: str | os.PathLike[str
     name = section_name(results)
     replace_section(report, name, text)
     return name
+
+
+def render_results_file(results: str | os.PathLike[str], report: str | os.PathLike[str] | None,
+                        render: Callable[[dict[str, Any], str], str],
+                        repo: str | os.PathLike[str] = REPO) -> str:
+    """Render the section of an existing ``results`` json with ``render(payload, shown_path)``,
+    print it and, when ``report`` is given, write it between its markers (no benchmark runs)."""
+    payload = json.loads(Path(results).read_text(encoding="utf-8"))
+    text = render(payload, display_path(results, repo))
+    print(text)
+    if report:
+        print(f"wrote section {update_report(report, results, text)} of {report}")
+    return text

@@ -15,6 +15,7 @@ from horovod.common.exceptions import HorovodInternalError
 
 from dho2_tf.consistency import RunConsistencyError
 from dho2_tf.distributed.comm import LocalComm
+from dho2_tf.distributed.elastic_state import is_horovod_failure
 from dho2_tf.training.elastic import (
     COMMIT_KEYS,
     DHO2ElasticState,
@@ -22,7 +23,6 @@ from dho2_tf.training.elastic import (
     ElasticTrainer,
     elastic_train,
     global_batch_rows,
-    is_horovod_failure,
     rank_rows,
     run_fingerprint,
 )
