@@ -26,7 +26,7 @@ demo: setup
 # The whole suite: ruff, then the unit tests and the multi-process tests that launch real
 # horovodrun or Ray.
 test: setup-test
-	$(PY) -m ruff check dho2_tf models jobs tests
+	$(PY) -m ruff check dho2_tf jobs tests
 	$(PY) -m pytest -q tests
 
 # Single-process tests only.

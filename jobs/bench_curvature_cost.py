@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import models  # noqa: E402
+from dho2_tf import models  # noqa: E402
 from dho2_tf import DHO2, CurvatureRefresh  # noqa: E402
 from dho2_tf.curvature import SpectrumEstimator, make_hvp_fn  # noqa: E402
 from dho2_tf.training.data import load_dataset, shard_arrays  # noqa: E402

@@ -54,6 +54,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dho2_tf.distributed.comm import CountingComm  # noqa: E402
 from dho2_tf.modes import mode_class  # noqa: E402
 from dho2_tf.training import report as report_lib  # noqa: E402
 
@@ -103,53 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------ worker
-def make_counting_comm(inner: Any) -> Any:
-    """A ``CountingComm`` that also notes each collective's process-set size (for ring bytes)."""
-    from dho2_tf.distributed.comm import CountingComm
-
-    class GroupCountingComm(CountingComm):
-        def __init__(self, inner_comm: Any) -> None:
-            super().__init__(inner_comm)
-            self.group_sizes: list[int] = []
-
-        def _note(self, process_set: Any) -> None:
-            self.group_sizes.append(self.group_size(process_set))
-
-        def reset(self) -> None:
-            super().reset()
-            self.group_sizes.clear()
-
-        def records(self, start: int = 0) -> list[tuple[str, str, int, int]]:
-            """``(kind, name, payload bytes, group size)`` of the calls from index ``start``."""
-            return [c + (g,) for c, g in zip(self.calls[start:], self.group_sizes[start:])]
-
-        def allreduce(self, x, op="sum", *, name, process_set=None):
-            self._note(process_set)
-            return super().allreduce(x, op, name=name, process_set=process_set)
-
-        def grouped_allreduce(self, xs, op="sum", *, name, process_set=None):
-            self._note(process_set)
-            return super().grouped_allreduce(xs, op, name=name, process_set=process_set)
-
-        def reducescatter(self, x, op="sum", *, name, process_set=None):
-            self._note(process_set)
-            return super().reducescatter(x, op, name=name, process_set=process_set)
-
-        def allgather(self, x, *, name, process_set=None):
-            self._note(process_set)
-            return super().allgather(x, name=name, process_set=process_set)
-
-        def broadcast(self, x, root=0, *, name, process_set=None):
-            self._note(process_set)
-            return super().broadcast(x, root, name=name, process_set=process_set)
-
-        def alltoall(self, x, splits, *, name, process_set=None):
-            self._note(process_set)
-            return super().alltoall(x, splits, name=name, process_set=process_set)
-
-    return GroupCountingComm(inner)
-
-
 def ring_bytes(kind: str, payload: float, group: int) -> float:
     """Bytes one rank sends for a collective on a ring of ``group`` ranks (payload = its input).
 
@@ -200,7 +154,7 @@ class ModeRun:
         from dho2_tf import DHO2
 
         self.tf, self.mode, self.args = tf, mode, args
-        self.counting = make_counting_comm(comm)
+        self.counting = CountingComm(comm)
         tf.keras.utils.set_random_seed(0)
         self.model = tf.keras.Sequential(
             [tf.keras.Input((40,))] + [tf.keras.layers.Dense(h, activation="relu")
@@ -326,10 +280,10 @@ def worker(args: argparse.Namespace) -> None:
 
     from dho2_tf.training.data import load_mnist1d
     from dho2_tf.distributed.comm import default_comm
-    from dho2_tf.distributed.pipeline import pipeline_process_sets
 
     size = int(os.environ.get("HOROVOD_SIZE", "1"))
-    comm = default_comm(pipeline_process_sets(size // 2) if size > 1 else ())
+    comm = default_comm(mode_class("pipelined").process_sets_for(size // 2, None)
+                        if size > 1 else ())
     threads = max(1, (os.cpu_count() or 2) // comm.size)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorflow as tf
 
-import models
+from dho2_tf import models
 from dho2_tf.training.data import load_dataset
 from dho2_tf.distributed.comm import default_comm
 from dho2_tf.training.elastic import ELASTIC_MODES, ElasticConfig, elastic_train

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -130,13 +129,13 @@ def test_render_only_replaces_the_section_named_after_the_results_file(tmp_path,
     target = tmp_path / "REPORT.md"
     target.write_text("a\n<!-- BEGIN bench_time_to_accuracy_p1 -->\n"
                       "<!-- END bench_time_to_accuracy_p1 -->\nb\n")
-    bench.render_only(SimpleNamespace(render_only=str(results), report=str(target)))
+    report.render_results_file(str(results), str(target), bench.render, bench.REPO)
     assert report.read_section(target, "bench_time_to_accuracy_p1") == \
         bench.render(_payload(), str(results))
     assert "wrote section bench_time_to_accuracy_p1" in capsys.readouterr().out
     target.write_text("no markers\n")
     with pytest.raises(ValueError, match="BEGIN bench_time_to_accuracy_p1 -->' is missing"):
-        bench.render_only(SimpleNamespace(render_only=str(results), report=str(target)))
+        report.render_results_file(str(results), str(target), bench.render, bench.REPO)
 
 
 def test_a_report_without_the_markers_fails_before_any_training(tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ def test_ray_sharded_weights_equal_horovodrun(local_ray, tmp_path):
     # The run trained: the weights moved away from the seed's initial values.
     import tensorflow as tf
 
-    import models
+    from dho2_tf import models
 
     tf.keras.utils.set_random_seed(CONFIG["seed"])
     initial = models.get("mlp", (40,), 10, weight_decay=3e-4).get_weights()
@@ -203,7 +203,7 @@ def test_ray_elastic_weights_equal_horovodrun(local_ray, tmp_path):
     weights and losses of a horovodrun -np 2 run of the same script and seed."""
     import tensorflow as tf
 
-    import models
+    from dho2_tf import models
     from dho2_tf.training.ray_launcher import run_elastic_function_on_ray
     from tests.parallel.ray_elastic_check import elastic_check
 

@@ -308,19 +308,27 @@ class CountingComm(Communicator):
 
     Attributes:
         calls: list of ``(kind, name, nbytes)`` in call order.
+        group_sizes: the number of ranks taking part in each call (its process set's size).
     """
 
     def __init__(self, inner: Communicator) -> None:
         self.inner = inner
         self.rank, self.size = inner.rank, inner.size
         self.calls: list[tuple[str, str, int]] = []
+        self.group_sizes: list[int] = []
 
     def __repr__(self) -> str:
         return f"CountingComm({self.inner!r}, calls={len(self.calls)})"
 
-    def _record(self, kind: str, name: str, *tensors: tf.Tensor) -> None:
+    def _record(self, kind: str, name: str, process_set: Group | None,
+                *tensors: tf.Tensor) -> None:
         nbytes = sum(int(t.shape.num_elements() or 0) * t.dtype.size for t in tensors)
         self.calls.append((kind, name, nbytes))
+        self.group_sizes.append(self.inner.group_size(process_set))
+
+    def records(self, start: int = 0) -> list[tuple[str, str, int, int]]:
+        """``(kind, name, nbytes, group size)`` of the calls from index ``start``."""
+        return [c + (g,) for c, g in zip(self.calls[start:], self.group_sizes[start:])]
 
     def count(self, kind: str | None = None) -> int:
         """Number of recorded collectives (of ``kind`` if given)."""
@@ -333,29 +341,30 @@ class CountingComm(Communicator):
     def reset(self) -> None:
         """Forget the recorded calls."""
         self.calls.clear()
+        self.group_sizes.clear()
 
     def allreduce(self, x, op="sum", *, name, process_set=None):
-        self._record("allreduce", name, x)
+        self._record("allreduce", name, process_set, x)
         return self.inner.allreduce(x, op, name=name, process_set=process_set)
 
     def grouped_allreduce(self, xs, op="sum", *, name, process_set=None):
-        self._record("allreduce", name, *xs)
+        self._record("allreduce", name, process_set, *xs)
         return self.inner.grouped_allreduce(xs, op, name=name, process_set=process_set)
 
     def reducescatter(self, x, op="sum", *, name, process_set=None):
-        self._record("reducescatter", name, x)
+        self._record("reducescatter", name, process_set, x)
         return self.inner.reducescatter(x, op, name=name, process_set=process_set)
 
     def allgather(self, x, *, name, process_set=None):
-        self._record("allgather", name, x)
+        self._record("allgather", name, process_set, x)
         return self.inner.allgather(x, name=name, process_set=process_set)
 
     def broadcast(self, x, root=0, *, name, process_set=None):
-        self._record("broadcast", name, x)
+        self._record("broadcast", name, process_set, x)
         return self.inner.broadcast(x, root, name=name, process_set=process_set)
 
     def alltoall(self, x, splits, *, name, process_set=None):
-        self._record("alltoall", name, x)
+        self._record("alltoall", name, process_set, x)
         return self.inner.alltoall(x, splits, name=name, process_set=process_set)
 
     def broadcast_object(self, obj, root=0, *, name):

@@ -41,7 +41,7 @@ from dho2_tf.optimizer import DHO2
 from dho2_tf.validation import check_int, check_real
 
 if TYPE_CHECKING:
-    from models import Objective
+    from dho2_tf.models import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError on any bad field, before data is loaded or a collective runs."""
-        import models
+        from dho2_tf import models
 
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "dataset": DATASETS,
                    "model": tuple(models.available())}
@@ -610,7 +610,7 @@ def train(config: TrainConfig, comm: Communicator | None = None,
             ``resume``/``overwrite``, an incompatible resume or an unreadable checkpoint file.
         RunConsistencyError: when the ranks' :func:`run_fingerprint` differ.
     """
-    import models
+    from dho2_tf import models
 
     config.validate()
     comm = comm or make_comm(config)

@@ -178,12 +178,12 @@ def load_task(task: str, num_samples: int = 5000) -> Any:
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
                 seed: int) -> tf.keras.Model:
-    """The ``"mlp"`` (MNIST-1D reference MLP of :mod:`models`) or ``"cnn"`` (:func:`small_cnn`)."""
+    """The ``"mlp"`` (MNIST-1D reference MLP of :mod:`dho2_tf.models`) or ``"cnn"`` (:func:`small_cnn`)."""
     tf.keras.utils.set_random_seed(seed)
     if name == "cnn":
         return small_cnn(input_shape, num_classes)
     if name == "mlp":
-        import models  # the repository's model zoo
+        from dho2_tf import models  # the repository's model zoo
 
         return models.get("mlp", input_shape, num_classes)
     raise ValueError(f"`model` must be one of ('mlp', 'cnn'). Received: model={name!r}")

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import tensorflow as tf
 
-import models
+from dho2_tf import models
 from dho2_tf.training.data import load_mnist1d
 from dho2_tf.distributed.comm import Communicator, HorovodComm, LocalComm
 from dho2_tf.training.elastic import ElasticConfig, elastic_train

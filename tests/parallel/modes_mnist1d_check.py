@@ -14,7 +14,7 @@ import sys
 
 import tensorflow as tf
 
-import models
+from dho2_tf import models
 from dho2_tf import DHO2, CurvatureRefresh, HorovodComm, LocalComm
 from dho2_tf.training.data import load_mnist1d
 from dho2_tf.distributed.pipeline import PipelineGroups, pipeline_process_sets

@@ -1,6 +1,6 @@
 """Citations stay inside the repository: no pointer to a text users cannot read.
 
-Every file under dho2_tf/, models/, jobs/, tests/ and docs/, plus README.md and BENCHMARKS.md,
+Every file under dho2_tf/, jobs/, tests/ and docs/, plus README.md and BENCHMARKS.md,
 is scanned for the phrases of citations into documents outside the repository (or into how the
 work was organised), and every "docs/algorithm.md §N.M" citation must name a section heading
 that exists in docs/algorithm.md.
@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SCANNED_DIRS = ("dho2_tf", "models", "jobs", "tests", "docs")
+SCANNED_DIRS = ("dho2_tf", "jobs", "tests", "docs")
 SCANNED_FILES = ("README.md", "BENCHMARKS.md")
 SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".txt", ".toml", ".cfg", ".json"}
 ALGORITHM = REPO / "docs" / "algorithm.md"

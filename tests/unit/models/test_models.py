@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import models
-from models.resnet import ZeroPadShortcut
+from dho2_tf import models
+from dho2_tf.models.resnet import ZeroPadShortcut
 
 # name -> (input shape used for the count, exact total parameters).
 # MLP 40→100→100→10: 40·100+100 + 100·100+100 + 100·10+10 = 15,210.

@@ -57,7 +57,7 @@ def test_results_are_written_with_meta_and_their_section(tmp_path: Path, capsys)
     payload = json.loads(Path(path).read_text())
     assert payload["meta"] == META and payload["ranks"] == 1 and payload["wall_seconds"] == 12.5
     assert report.read_section(target, "bench_curvature_cost_p1") == bench.render(payload, path)
-    bench.render_only(argparse.Namespace(render_only=path, report=None))
+    report.render_results_file(path, None, bench.render, bench.REPO)
     assert "- Command: `python jobs/bench_curvature_cost.py --rounds 3`" in capsys.readouterr().out
 
 

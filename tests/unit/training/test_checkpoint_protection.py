@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import models
+from dho2_tf import models
 from dho2_tf.training import checkpointing, experiment
 from dho2_tf.training.checkpointing import CheckpointError
 from dho2_tf.distributed.comm import LocalComm

@@ -8,13 +8,13 @@ metrics of ``models.objective(name)``.
 
 from __future__ import annotations
 
-from models.autoencoder import autoencoder
-from models.logistic_regression import logistic_regression
-from models.mlp import mlp
-from models.objectives import CLASSIFICATION, RECONSTRUCTION, Objective
-from models.registry import available, get, objective, register
-from models.resnet import ZeroPadShortcut, resnet, resnet20, resnet32, resnet56, resnet110
-from models.resnet1d import resnet1d
+from dho2_tf.models.autoencoder import autoencoder
+from dho2_tf.models.logistic_regression import logistic_regression
+from dho2_tf.models.mlp import mlp
+from dho2_tf.models.objectives import CLASSIFICATION, RECONSTRUCTION, Objective
+from dho2_tf.models.registry import available, get, objective, register
+from dho2_tf.models.resnet import ZeroPadShortcut, resnet, resnet20, resnet32, resnet56, resnet110
+from dho2_tf.models.resnet1d import resnet1d
 
 __all__ = [
     "CLASSIFICATION",

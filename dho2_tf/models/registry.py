@@ -13,12 +13,12 @@ from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
-from models.autoencoder import autoencoder
-from models.logistic_regression import logistic_regression
-from models.mlp import mlp
-from models.objectives import CLASSIFICATION, RECONSTRUCTION, Objective
-from models.resnet import resnet20, resnet32, resnet56, resnet110
-from models.resnet1d import resnet1d
+from dho2_tf.models.autoencoder import autoencoder
+from dho2_tf.models.logistic_regression import logistic_regression
+from dho2_tf.models.mlp import mlp
+from dho2_tf.models.objectives import CLASSIFICATION, RECONSTRUCTION, Objective
+from dho2_tf.models.resnet import resnet20, resnet32, resnet56, resnet110
+from dho2_tf.models.resnet1d import resnet1d
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from models.mlp import mlp
+from dho2_tf.models.mlp import mlp
 
 
 def logistic_regression(input_shape: Sequence[int], num_classes: int,

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from models.resnet import blocks_per_stage, check_num_classes, kernel_regularizer, residual_stages
+from dho2_tf.models.resnet import blocks_per_stage, check_num_classes, kernel_regularizer, residual_stages
 
 logger = logging.getLogger(__name__)
 

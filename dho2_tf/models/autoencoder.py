@@ -15,8 +15,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from models.mlp import dense_stack
-from models.resnet import check_input_shape, check_num_classes
+from dho2_tf.models.mlp import dense_stack
+from dho2_tf.models.resnet import check_input_shape, check_num_classes
 
 HIDDEN = (512, 128, 32, 128, 512)
 

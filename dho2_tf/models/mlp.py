@@ -7,7 +7,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from models.resnet import check_input_shape, check_num_classes, kernel_regularizer
+from dho2_tf.models.resnet import check_input_shape, check_num_classes, kernel_regularizer
 
 logger = logging.getLogger(__name__)
 
