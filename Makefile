@@ -27,7 +27,7 @@ demo: setup
 # horovodrun or Ray.
 test: setup-test
 	$(PY) -m ruff check dho2_tf jobs tests
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Single-process tests only.
 test-fast: setup

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from dho2_tf.numerics import scalar
+
 BASE_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
 
@@ -117,14 +119,14 @@ class BaseRule:
         if not self.updates_in_place:
             raise ValueError(f"Base {self.name!r} (epsilon={self.epsilon}) has no in-place step.")
         dtype = g.dtype
-        b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        b1, b2 = scalar(self.beta_1, dtype), scalar(self.beta_2, dtype)
         t = tf.cast(step, dtype)
         b1_power, b2_power = tf.pow(b1, t), tf.pow(b2, t)
         out.assign(tf.zeros_like(g))
         tf.raw_ops.ResourceApplyAdam(
             var=out.handle, m=slots[0].handle, v=slots[1].handle, beta1_power=b1_power,
             beta2_power=b2_power, lr=lr, beta1=b1, beta2=b2,
-            epsilon=tf.cast(self.epsilon, dtype) * tf.sqrt(1.0 - b2_power), grad=g)
+            epsilon=scalar(self.epsilon, dtype) * tf.sqrt(1.0 - b2_power), grad=g)
         return out.read_value()
 
     def displacement(self, g: tf.Tensor, slots: Sequence[tf.Tensor], lr: tf.Tensor,
@@ -144,17 +146,17 @@ class BaseRule:
         if self.name == "sgd":
             return -lr * g, []
         if self.name in ("momentum", "nesterov"):
-            beta = tf.cast(self.momentum, dtype)
+            beta = scalar(self.momentum, dtype)
             buf = g + beta * slots[0]
             if self.name == "momentum":
                 return -lr * buf, [buf]
             return -lr * (g + beta * buf), [buf]
         # m̂/(√v̂ + ε) = [√(1−β₂ᵗ)/(1−β₁ᵗ)]·m/(√v + ε·√(1−β₂ᵗ)): the bias corrections become
         # two scalars, leaving four element-wise operations for u.
-        b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        b1, b2 = scalar(self.beta_1, dtype), scalar(self.beta_2, dtype)
         t = tf.cast(step, dtype)
         root_c2 = tf.sqrt(1.0 - tf.pow(b2, t))
         m = b1 * slots[0] + (1.0 - b1) * g
         v = b2 * slots[1] + (1.0 - b2) * tf.square(g)
         step_size = -lr * root_c2 / (1.0 - tf.pow(b1, t))
-        return step_size * m / (tf.sqrt(v) + tf.cast(self.epsilon, dtype) * root_c2), [m, v]
+        return step_size * m / (tf.sqrt(v) + scalar(self.epsilon, dtype) * root_c2), [m, v]

@@ -42,6 +42,7 @@ import tensorflow as tf
 
 from dho2_tf.base_rules import BaseRule
 from dho2_tf.distributed.comm import Communicator, Group
+from dho2_tf.numerics import scalar
 
 
 class Curvature(NamedTuple):
@@ -162,12 +163,12 @@ def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: Curvature, 
     decay = a_m * state.momentum_decay
     e = tf.linalg.matvec(gram, coeffs) + decay * cached[:k]
     lr = tf.cast(learning_rate, dtype) * curvature.scale                     # L
-    newton = tf.cast(alpha, dtype) * curvature.rates * e
+    newton = scalar(alpha, dtype) * curvature.rates * e
     if rule.linear:
         slots, q, cached_new = [], state.slot_coeffs, cached
         w, w_q, w_p = g_r, a, a
         if buffered:
-            beta = tf.cast(rule.momentum, dtype)
+            beta = scalar(rule.momentum, dtype)
             buf = g_r + beta * state.slots_r[0]                                # B ← G + βB
             q = a + beta * state.slot_coeffs                                   # q ← a + βq
             p = a + beta * cached[k:]                                          # P ← a + βP
@@ -244,12 +245,12 @@ def newton_rates(eigenvalues: tf.Tensor, valid: tf.Tensor, damping: float, ell: 
     Returns:
         ``(rates [K], scale [])``; scale is 1 unless both index ℓ and K−1 are valid.
     """
-    shifted = eigenvalues + tf.cast(damping, eigenvalues.dtype)
+    shifted = eigenvalues + scalar(damping, eigenvalues.dtype)
     safe = tf.where(valid & (shifted != 0), shifted, tf.ones_like(shifted))
     rates = tf.where(valid & (shifted != 0), tf.abs(1.0 / safe), tf.zeros_like(shifted))
     top, kth = rates[-1], rates[ell]
     ratio = tf.where((top > 0) & (kth > 0), kth / tf.where(top > 0, top, 1.0), 1.0)
-    scale = tf.clip_by_value(ratio, 1.0, tf.cast(c_max, rates.dtype))
+    scale = tf.clip_by_value(ratio, 1.0, scalar(c_max, rates.dtype))
     return rates, scale
 
 

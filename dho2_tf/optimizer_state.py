@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from dho2_tf import hybrid
 from dho2_tf.base_rules import BaseRule
+from dho2_tf.numerics import scalar
 
 #: Shard length from which Adam updates its slots in place with TF's fused kernel (one pass
 #: instead of eleven element-wise ones; the kernel's fixed cost makes it slower below).
@@ -120,7 +121,7 @@ class OptimizerState:
         eigenvalues = tf.cast(eigenvalues, dtype)
         gram = tf.cast(gram, dtype)
         valid = tf.linalg.diag_part(gram) > 0.5
-        rates, scale = hybrid.newton_rates(eigenvalues + tf.cast(shift, dtype), valid, damping,
+        rates, scale = hybrid.newton_rates(eigenvalues + scalar(shift, dtype), valid, damping,
                                            ell, c_max)
         self.eigenvalues.assign(eigenvalues)
         self.eigenvectors.assign(tf.cast(vectors, dtype))

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator
+from dho2_tf.numerics import scalar
 
 
 def window_jump(theta: tf.Tensor, theta_start: tf.Tensor,
@@ -67,7 +68,7 @@ def consensus_round(x: tf.Tensor, dual: tf.Tensor, z_old: tf.Tensor, rho: float,
         comm: communicator over all ranks.
         name: collective name.
     """
-    rho_t = tf.cast(rho, x.dtype)
+    rho_t = scalar(rho, x.dtype)
     packed = tf.concat([x + dual / rho_t, tf.reshape(tf.reduce_sum(tf.square(x)), [1])], 0)
     mean = comm.allreduce(packed, "mean", name=f"{name}/consensus")
     z = mean[:-1]

@@ -22,6 +22,7 @@ import tensorflow as tf
 from dho2_tf.distributed.admm import consensus_round
 from dho2_tf.flat import flatten
 from dho2_tf.modes.base import Mode, assign_flat
+from dho2_tf.numerics import scalar
 
 
 class AdmmMode(Mode):
@@ -47,7 +48,7 @@ class AdmmMode(Mode):
         """G = ∇f_i(x) + π + ρ(x − z); x ← x + c·u − α·d, all local (no collective)."""
         opt = self.opt
         x = flatten(variables)
-        g = flatten(grads, opt.spec, x.dtype) + self.dual + tf.cast(opt.rho, x.dtype) * (x - self.z)
+        g = flatten(grads, opt.spec, x.dtype) + self.dual + scalar(opt.rho, x.dtype) * (x - self.z)
         opt.apply_fosi_step(g, variables)
 
     def sync_host_state(self) -> None:

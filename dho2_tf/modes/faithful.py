@@ -16,6 +16,7 @@ from dho2_tf.distributed.admm import window_jump
 from dho2_tf.flat import flatten
 from dho2_tf.modes.base import assign_flat
 from dho2_tf.modes.replicated import ReplicatedMode
+from dho2_tf.numerics import scalar
 
 
 class FaithfulMode(ReplicatedMode):
@@ -41,7 +42,7 @@ class FaithfulMode(ReplicatedMode):
     def adjust_gradient(self, g: tf.Tensor) -> tf.Tensor:
         """G = allreduce_mean(g) + σ_w·v (the window's gradient offset)."""
         if self.uses_window:
-            return g + tf.cast(self.opt.window_sigma, g.dtype) * self.velocity
+            return g + scalar(self.opt.window_sigma, g.dtype) * self.velocity
         return g
 
     def on_step_begin(self, iterations: int) -> None:
