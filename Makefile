@@ -6,7 +6,7 @@ HVDRUN := $(VENV)/bin/horovodrun
 NP ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup setup-test demo test test-fast
+.PHONY: setup setup-test demo test test-slow test-fast
 
 setup:
 	bash scripts/setup_env.sh
@@ -23,12 +23,18 @@ demo: setup
 		--model mlp --dataset mnist1d --optimizer dho2 --base momentum --learning-rate 0.1 \
 		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
 
-# The whole suite: ruff, then the unit tests and the multi-process tests that launch real
-# horovodrun or Ray.
+# The suite (about 15 min on 2 cores): ruff, then the unit tests and the multi-process tests
+# that launch real horovodrun or Ray, without the long scenarios marked `slow`.
 test: setup-test
 	$(PY) -m ruff check dho2_tf jobs tests
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q --durations=25 -m "not slow" tests
+
+# The long multi-process scenarios (marked `slow`): elastic and Ray recovery from kill -9 of
+# rank 0, a worker killed or added, a lost host, checkpoints across 1 and 3 ranks, every mode at
+# P = 4 and on MNIST-1D, the quick scaling and time-to-target benchmarks. CI runs them too.
+test-slow: setup-test
+	$(PY) -m pytest -q --durations=25 -m slow tests
 
 # Single-process tests only.
 test-fast: setup
-	$(PY) -m pytest -q -m "not parallel" tests
+	$(PY) -m pytest -q -m "not parallel and not slow" tests

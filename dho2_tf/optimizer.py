@@ -112,8 +112,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
                  seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  comm: Communicator | None = None, name: str = "DHO2", **kwargs: Any) -> None:
         super().__init__(name=name, **reject_unsupported(kwargs))
-        self.rule = BaseRule(base, momentum=momentum, beta_1=beta_1, beta_2=beta_2,
-                             epsilon=epsilon)
+        self.rule = BaseRule(base, momentum=momentum, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
         arguments = locals()   # every hyper-parameter is an argument of the same name
         self.hp = Hyperparameters.resolve(default_c_max=self.rule.default_c_max,
                                           **{key: arguments[key] for key in FIELD_NAMES})
@@ -151,6 +150,11 @@ class DHO2(tf.keras.optimizers.Optimizer):
         return None if self._layout_pending else self._mode.name
 
     @property
+    def built(self) -> bool:
+        """Whether ``build`` has created the state (Keras' own ``_built`` flag, set last)."""
+        return bool(getattr(self, "_built", False))
+
+    @property
     def distribution(self) -> Any:
         """The mode object (:mod:`dho2_tf.modes`): its capabilities, e.g. ``checkpointable``."""
         return self._mode
@@ -158,7 +162,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def build(self, var_list: list[tf.Variable]) -> None:
         """Create the state in the mode's layout (:class:`OptimizerState`)."""
         super().build(var_list)
-        if hasattr(self, "state"):
+        if self.built:
             return
         self.spec = FlatSpec.of(var_list)
         dtype = var_list[0].dtype
@@ -167,7 +171,6 @@ class DHO2(tf.keras.optimizers.Optimizer):
                 self.replicated_state_bytes(self.spec.n, dtype), self.hp, self.spec.n,
                 len(self.rule.slot_names), self.comm.is_root), self), False
         self._mode.validate_world()
-        self._built = True   # Keras' flag (set_weights, variables)
         self.model_variables = list(var_list)
         self.layout = self._mode.layout(self.spec.n)
         # Pipelined curvature ranks never update weights: they keep no parameter-sized state.
@@ -179,6 +182,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self.curvature.attach(self.state, self.workspace, self._mode, self.comm)
         self._fosi_step = FosiStep(self.state, self.workspace, self.rule, self.spec, self.hp,
                                    self.hooks.log_skipped_step)
+        self._built = True   # Keras' own flag (set_weights, variables): see ``built``
 
     def replicated_state_bytes(self, n: int, dtype: tf.DType = tf.float32) -> int:
         """Bytes per rank of the ``replicated`` layout for n parameters (see ``mode="auto"``)."""
@@ -193,8 +197,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
     def curvature_metrics(self) -> dict[str, float]:
         """Scalars worth monitoring: eigenvalue_j, lr_scale, refreshes, refresh_seconds, mode's."""
-        built = hasattr(self, "state")
-        return {**self.curvature.metrics(), **self._mode.metrics()} if built else {}
+        return {**self.curvature.metrics(), **self._mode.metrics()} if self.built else {}
 
     def apply_gradients(self, grads_and_vars, name: str | None = None,
                         skip_gradients_aggregation: bool = False, **kwargs: Any) -> tf.Variable:
@@ -256,8 +259,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self.hooks.train_end()
 
     def sync_host_state(self) -> int:
-        """Re-read what the hooks keep in Python after variables changed outside a step
-        (restored, averaged) and copy the statistics; returns the step count."""
+        """Re-read the hooks' Python state after variables changed outside a step; step count."""
         return self.hooks.sync()
 
     def set_weights(self, weights: list[Any]) -> None:
@@ -288,13 +290,12 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
     def evaluation_weights(self) -> Any:
         """Context in which the model holds the weights to evaluate (ADMM: the consensus z)."""
-        return self._mode.evaluation_weights() if hasattr(self, "state") \
-            else contextlib.nullcontext()
+        return self._mode.evaluation_weights() if self.built else contextlib.nullcontext()
 
     def broadcast_state(self, model: tf.keras.Model, root: int = 0) -> None:
         """At step 0, copy the model weights from ``root`` to the training ranks (the optimizer
         state is identical there at step 0, and sharded or rank-local later)."""
-        if not (hasattr(self, "state") and int(self.iterations.numpy()) > 0):
+        if not (self.built and int(self.iterations.numpy()) > 0):
             state_transfer.broadcast_weights(model.variables, self.comm,
                                              self._mode.broadcast_group(), root)
 

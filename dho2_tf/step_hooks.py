@@ -111,7 +111,7 @@ class StepHooks:
     def report_skipped(self) -> int:
         """Log a warning if steps were skipped since the last report; returns the count."""
         opt = self.opt
-        if not hasattr(opt, "state"):
+        if not opt.built:
             return 0
         return self.skips.report(int(opt.state.skipped.numpy()), opt.comm.is_root)
 

@@ -328,7 +328,7 @@ def predict(mode: str, role: str, n: int, k: int, m: int, p: int, tau: int) -> d
     """
     g = {"U": p - p // 2, "C": p // 2}.get(role, p)
     rs, ar = (g - 1) / g, 2 * (g - 1) / g
-    return {**_predict(mode, role, n, k, m, g, tau, rs, ar),
+    return {**COST_MODELS[mode](role, n, k, m, g, tau, rs, ar),
             "basis": 0.0 if role == "U" else 8.0 * m * -(-n // g)}
 
 
@@ -360,11 +360,6 @@ def _cost_admm(role: str, n: int, k: int, m: int, g: int, tau: int, rs: float,
 #: The cost model of each mode (docs/algorithm.md §8.2–§8.4), per role of a rank.
 COST_MODELS = {"faithful": _cost_faithful, "sharded": _cost_sharded,
                "pipelined": _cost_pipelined, "admm": _cost_admm}
-
-
-def _predict(mode: str, role: str, n: int, k: int, m: int, g: int, tau: int, rs: float,
-             ar: float) -> dict[str, float]:
-    return COST_MODELS[mode](role, n, k, m, g, tau, rs, ar)
 
 
 def largest(records: list[dict[str, Any]], *path: str) -> float | None:

@@ -15,7 +15,7 @@ import pytest
 from dho2_tf.training import report as report_lib
 from tests.helpers.launch import REPO
 
-pytestmark = pytest.mark.parallel
+pytestmark = [pytest.mark.parallel, pytest.mark.slow]
 
 MODES = ("faithful", "sharded", "pipelined", "admm")
 

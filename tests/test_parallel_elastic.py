@@ -84,6 +84,7 @@ def reference() -> dict:
     return results[0]
 
 
+@pytest.mark.slow
 def test_killed_worker_job_finishes_without_losing_committed_steps(tmp_path: Path,
                                                                    reference: dict) -> None:
     drain = tmp_path / "drain"
@@ -112,6 +113,7 @@ def test_killed_worker_job_finishes_without_losing_committed_steps(tmp_path: Pat
         assert_same_training_as(result, reference)
 
 
+@pytest.mark.slow
 def test_added_worker_joins_at_a_commit_and_gets_the_state(tmp_path: Path,
                                                            reference: dict) -> None:
     hosts = tmp_path / "hosts"
@@ -233,7 +235,7 @@ def assert_recovered_and_matches_replay(survivor: dict, killed: dict, commit_dir
     assert survivor["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=2e-3)
 
 
-@pytest.mark.parametrize("victim", [0, 1], ids=["rank0", "rank1"])
+@pytest.mark.parametrize("victim", [pytest.param(0, marks=pytest.mark.slow), 1], ids=["rank0", "rank1"])
 def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Path,
                                                                     victim: int) -> None:
     """kill -9 of a worker from outside: the survivor rolls back to its last commit and
@@ -263,6 +265,7 @@ def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Pa
                                         SIGKILL_EPOCHS)
 
 
+@pytest.mark.slow
 def test_lost_host_that_never_returns_fails_loudly_within_the_timeout(tmp_path: Path) -> None:
     """--min-np 2 on two one-slot hosts: after kill -9 of a worker the job cannot continue;
     it must end within the elastic timeout with a non-zero status and a clear message."""

@@ -198,6 +198,7 @@ def _final_weights(folder: Path, pid: int) -> list[np.ndarray]:
         return pickle.load(f)
 
 
+@pytest.mark.slow
 def test_ray_elastic_weights_equal_horovodrun(local_ray, tmp_path):
     """elastic_train on 2 Ray workers (HOROVOD_ELASTIC=1, Ray's own host discovery) ends with the
     weights and losses of a horovodrun -np 2 run of the same script and seed."""
@@ -239,7 +240,7 @@ def test_ray_elastic_weights_equal_horovodrun(local_ray, tmp_path):
     assert max(float(np.abs(a - b).max()) for a, b in zip(initial, expected)) > 1e-2
 
 
-@pytest.mark.parametrize("victim", [0, 1], ids=["rank0", "rank1"])
+@pytest.mark.parametrize("victim", [pytest.param(0, marks=pytest.mark.slow), 1], ids=["rank0", "rank1"])
 def test_ray_elastic_sigkill_recovers_and_matches_a_replay(local_ray, tmp_path, victim):
     """kill -9 of one Ray worker actor mid-run: Horovod blacklists its host, the survivor rolls
     back to its last commit, finishes alone, and ends with the weights of a one-process replay
@@ -298,6 +299,7 @@ def test_elastic_launcher_flags_are_checked(argv, message, capsys):
     assert rest == ["--epochs", "3", "--k", "4"]  # the job's own flags, for every worker
 
 
+@pytest.mark.slow
 def test_train_elastic_cli_ray_launcher(tmp_path):
     output = tmp_path / "result.json"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",

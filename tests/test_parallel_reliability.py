@@ -95,6 +95,7 @@ def test_fifteen_steps_checkpoint_new_process_fifteen_equal_thirty_straight(tmp_
         assert proc.stdout.count(f"RESUME_OK mode={mode} P={ranks} from={ranks}") == ranks
 
 
+@pytest.mark.slow
 def test_checkpoint_written_with_two_ranks_resumes_with_one_and_three(tmp_path):
     """The sharded state is re-partitioned (the replicated one loaded whole); the loss
     trajectory matches np=2's (1e-5)."""

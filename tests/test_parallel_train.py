@@ -108,6 +108,7 @@ def test_bad_config_fails_before_training(tmp_path):
     assert "Epoch" not in output and "RESULT" not in output
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_benchmark_quick(tmp_path):
     bench = REPO / "jobs" / "bench_time_to_accuracy.py"
     proc = run_horovod(bench, np=2, args=("--quick", "--tasks", "mlp_mnist1d", "--output-dir",

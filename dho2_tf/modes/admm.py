@@ -76,7 +76,7 @@ class AdmmMode(Mode):
             assign_flat(opt.model_variables, result.z, opt)
         self.residuals.assign(tf.stack([result.primal_residual, result.dual_residual]))
         self.rounds.assign_add(1)
-        model = opt.curvature.binding["model"] if opt.curvature.binding else None
+        model = opt.hooks.bound_model()
         stats = list(model.non_trainable_variables) if model is not None else []
         if stats:
             averaged = self.comm.grouped_allreduce([v.value() for v in stats], "mean",

@@ -12,7 +12,9 @@ What is saved: the model's variables (weights, batch-norm statistics); DHO2's st
 layout-independent form of :meth:`DHO2.export_state` (base-optimizer slots, Newton momentum,
 eigenvalues, eigenvectors gathered to full length, step counter, refresh counter, ADMM duals and
 consensus snapshot); a Keras baseline optimizer's variables; a bound ``PrioritizedSampler``'s
-priority table, average gradient, round-robin cursor and random-generator state; and the
+priority table, average gradient, round-robin cursor, random-generator state and the adaptive
+selection's switch (τ, τ̄ and the decision; absent from older checkpoints, which resume with a
+fresh switch); and the
 position in the data as ``epoch`` (completed epochs) and ``step`` (optimizer iterations).
 
 Atomicity: rank 0 writes every file into a fresh temporary folder, fsyncs them, renames the
@@ -211,6 +213,11 @@ def _sampler_variables(sampler: Any) -> list[tf.Variable]:
             sampler.step, sampler.evaluations, sampler.rng.state]
 
 
+def _switch_variables(sampler: Any) -> list[tf.Variable]:
+    """The adaptive selection's switch: the last τ, its average τ̄ and the decision."""
+    return [sampler.tau, sampler.tau_ema, sampler.importance_on]
+
+
 def _model_variables(model: tf.keras.Model, exclude: list[tf.Variable]) -> list[tf.Variable]:
     """``model.variables`` without ``exclude`` (the sampler's), each variable once."""
     skip = {id(v) for v in exclude}
@@ -296,6 +303,9 @@ def save_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model, op
     local = {f"model/{i}": np.asarray(v.numpy())
              for i, v in enumerate(_model_variables(model, sampler_vars))}
     local.update({f"sampler/{i}": np.asarray(v.numpy()) for i, v in enumerate(sampler_vars)})
+    if sampler is not None:
+        local.update({f"sampler_switch/{i}": np.asarray(v.numpy())
+                      for i, v in enumerate(_switch_variables(sampler))})
     rank_local = _rank_local_state(optimizer)
     if rank_local:  # e.g. consensus ADMM's iterates and duals
         local.update({f"optimizer/{k}": v for k, v in opt_arrays.items()})
@@ -423,6 +433,8 @@ def restore_checkpoint(directory: str | os.PathLike[str], model: tf.keras.Model,
     sampler_vars = _sampler_variables(sampler) if sampler is not None else []
     _assign_all("model", _model_variables(model, sampler_vars), local, source)
     _assign_all("sampler", sampler_vars, local, source)
+    if sampler is not None and "sampler_switch/0" in local:
+        _assign_all("sampler_switch", _switch_variables(sampler), local, source)
     arrays = local  # rank-local optimizer state (ADMM); the others' is in shared.npz
     if not rank_local:
         source, arrays = shared_source, shared

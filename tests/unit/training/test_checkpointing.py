@@ -96,29 +96,55 @@ def test_keras_optimizer_slots_round_trip(tmp_path):
         np.testing.assert_array_equal(got.numpy(), ref.numpy())
 
 
-def prioritized(seed=0):
-    pmodel = PrioritizedModel(mlp(seed), PrioritizedSampler(k=0.1, r=0.05, selection="importance",
-                                                           seed=2), comm=LocalComm())
+def prioritized(seed=0, selection="importance"):
+    sampler = PrioritizedSampler(k=0.1, r=0.05, selection=selection, seed=2) \
+        if selection == "importance" else PrioritizedSampler.recommended(k=0.1, r=0.05, seed=2)
+    pmodel = PrioritizedModel(mlp(seed), sampler, comm=LocalComm())
     pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=LOSS)
     return pmodel
 
 
-def test_prioritized_sampler_table_and_generator_resume_exactly(tmp_path):
-    """2 epochs straight == 1 epoch, checkpoint, a new model resumes for the 2nd epoch."""
+@pytest.mark.parametrize("selection", ["importance", "adaptive"])
+def test_prioritized_sampler_table_and_generator_resume_exactly(tmp_path, selection):
+    """2 epochs straight == 1 epoch, checkpoint, a new model resumes for the 2nd epoch; the
+    adaptive sampler's switch (τ, its average τ̄ and the decision) resumes too."""
     x, y = data()
-    straight = prioritized()
+    straight = prioritized(selection=selection)
     straight.fit(x, y, epochs=2, verbose=0)
-    first = prioritized()
+    first = prioritized(selection=selection)
     first.fit(x, y, epochs=1, verbose=0,
               callbacks=[checkpointing.EpochCheckpoint(tmp_path, LocalComm())])
-    resumed = prioritized(seed=5)
+    resumed = prioritized(seed=5, selection=selection)
     resumed.fit(x, y, epochs=2, initial_epoch=1, verbose=0,
                 callbacks=[checkpointing.EpochCheckpoint(tmp_path, LocalComm(), resume=True)])
     sampler, want = resumed.sampler, straight.sampler
     assert int(sampler.step.numpy()) == int(want.step.numpy()) > 1
-    for got, ref in zip([sampler.prio, sampler.prio_t, sampler.rng.state, *resumed.variables],
-                        [want.prio, want.prio_t, want.rng.state, *straight.variables]):
+    for got, ref in zip([sampler.prio, sampler.prio_t, sampler.rng.state, sampler.tau,
+                         sampler.tau_ema, sampler.importance_on, *resumed.variables],
+                        [want.prio, want.prio_t, want.rng.state, want.tau, want.tau_ema,
+                         want.importance_on, *straight.variables]):
         np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-6, atol=1e-7)
+    if selection == "adaptive":   # the switch did move away from its initial τ̄ = 1
+        assert float(want.tau_ema.numpy()) != 1.0
+
+
+def test_a_checkpoint_without_the_switch_resumes_with_a_fresh_one(tmp_path):
+    """Checkpoints written before the switch was saved still load: table restored, τ̄ fresh."""
+    x, y = data()
+    first = prioritized(selection="adaptive")
+    first.fit(x, y, epochs=1, verbose=0)
+    checkpointing.save_checkpoint(tmp_path, first, first.optimizer, LocalComm(), epoch=1)
+    (rank_file,) = tmp_path.glob("ckpt-*/rank_00000.npz")
+    with np.load(rank_file) as saved:
+        older = {k: saved[k] for k in saved.files if not k.startswith("sampler_switch/")}
+    assert len(older) < len(np.load(rank_file).files)   # the switch was in the file
+    np.savez(rank_file, **older)
+    resumed = prioritized(seed=5, selection="adaptive")
+    resumed.fit(x, y, epochs=1, initial_epoch=1, verbose=0,   # binds, restores, trains nothing
+                callbacks=[checkpointing.EpochCheckpoint(tmp_path, LocalComm(), resume=True)])
+    np.testing.assert_array_equal(resumed.sampler.prio.numpy(), first.sampler.prio.numpy())
+    # τ̄ is the fresh table's, not the one the first run had reached after an epoch
+    assert float(resumed.sampler.tau_ema.numpy()) != float(first.sampler.tau_ema.numpy())
 
 
 class _TwoRanks(LocalComm):
