@@ -55,14 +55,15 @@ sys.path.insert(0, str(REPO))
 # Tuned once per model and method (P = 1, seed 0, MNIST-1D) on 2–5 point grids within
 # {0.02, 0.05, 0.1, 0.2, 0.4}; psgd-default, psgd-is-free and psgd-pool on {0.05, 0.1, 0.2, 0.4}
 # (time to target in s, "miss" = not within the budget):
-#   psgd-default  mlp 0.93 / 1.02 / miss / miss   cnn 1.18 / 1.21 / 0.56 / miss
+#   psgd-default  mlp 0.93 / 1.02 / miss / miss   cnn 1.18 / 1.21 / 0.56 / miss   (γ = 0.1)
+#   psgd-default  mlp    – / 0.50 / 0.45 / miss   cnn    – / 0.89 / 0.66 / miss   (γ = 0.5, now)
 #   psgd-is-free  mlp 0.80 / 3.09 / miss / miss   cnn 1.81 / 0.73 / 0.48 / miss
 #   psgd-pool     mlp 1.64 / 1.05 / 0.83 / 0.44   cnn 1.78 / 1.03 / 1.31 / miss
 # MNIST-5k CNN: SGD at 0.2 stalls (best test accuracy 0.54 in 25 s); 0.05 and 0.1 reach 0.978
 # and 0.975 in 15 s (P = 1, seed 0), so every method uses 0.05 on that task.
 # Keys "model/method" apply to every task; "task/model/method" overrides one task.
 DEFAULT_LR = ("mlp/sgd=0.2,mlp/psgd=0.02,mlp/psgd+a=0.05,mlp/psgd-is=0.05,mlp/psgd-is-ll=0.05,"
-              "mlp/psgd-default=0.05,mlp/psgd-is-free=0.05,mlp/psgd-pool=0.4,"
+              "mlp/psgd-default=0.2,mlp/psgd-is-free=0.05,mlp/psgd-pool=0.4,"
               "cnn/sgd=0.2,cnn/psgd=0.1,cnn/psgd+a=0.1,cnn/psgd-is=0.2,cnn/psgd-is-ll=0.1,"
               "cnn/psgd-default=0.2,cnn/psgd-is-free=0.2,cnn/psgd-pool=0.1,"
               + ",".join(f"mnist5k/cnn/{m}=0.05" for m in

@@ -23,7 +23,7 @@ REFRESHES = ("pass", "free")
 #: refreshed for free from each step's own forward pass, last-layer gradient norms.
 RECOMMENDED: dict[str, Any] = {"priority": "length", "init_priority": "length",
                                "estimator": "keep", "selection": "adaptive", "refresh": "free",
-                               "per_example": "auto"}
+                               "per_example": "auto", "gamma": 0.5}
 
 
 def _check_fraction(name: str, value: Any) -> float:
