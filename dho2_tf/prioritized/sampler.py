@@ -20,7 +20,9 @@ REFRESHES = ("pass", "free")
 
 #: The conservative configuration of :meth:`PrioritizedSampler.recommended` (the default of
 #: ``PrioritizedModel``): importance sampling switched on only when τ says it pays, priorities
-#: refreshed for free from each step's own forward pass, last-layer gradient norms.
+#: refreshed for free from each step's own forward pass, last-layer gradient norms, and a
+#: proposal half uniform (γ = 0.5): with γ = 0.1 switching on at SGD's learning rate made the
+#: MNIST-1D MLP's test accuracy fall from 0.57 to 0.41–0.47.
 RECOMMENDED: dict[str, Any] = {"priority": "length", "init_priority": "length",
                                "estimator": "keep", "selection": "adaptive", "refresh": "free",
                                "per_example": "auto", "gamma": 0.5}
@@ -216,7 +218,8 @@ class PrioritizedSampler(tf.Module):
         """The conservative configuration :data:`RECOMMENDED` (``overrides`` replace entries).
 
         Uniform sampling until the variance reduction τ of importance sampling pays for itself,
-        priorities ‖g_i‖² (last layer) refreshed for free by the training steps; ``r`` is
+        then draws from q_i = ½·‖g_i‖/Σ‖g_l‖ + ½/n; priorities ‖g_i‖² (last layer) refreshed
+        for free by the training steps; ``r`` is
         unused by the steps (no refresh pass) but must still give ⌊r·n_j⌋ ≥ 1.
         """
         return cls(k, r, **{**RECOMMENDED, **overrides})

@@ -112,7 +112,8 @@ class GlobalSelectionTest(common.HorovodTestCase):
         sampler.initialize()
         p_hat = sampler.estimated_priorities().numpy()
         s = np.sqrt(np.maximum(p_hat, 0.0))
-        q = 0.9 * s / s.sum() + 0.1 / len(s)
+        gamma = sampler.gamma   # the recommended uniform floor γ
+        q = (1.0 - gamma) * s / s.sum() + gamma / len(s)
         terms = [np.sum(s ** 2) / len(s), np.sum(s ** 2 / q) / len(s) ** 2]
         gathered = np.array(self.comm.allgather_object(terms, name="dho2/test/tau_terms"))
         want = gathered[:, 0].sum() / gathered[:, 1].sum()

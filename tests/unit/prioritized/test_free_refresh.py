@@ -113,7 +113,7 @@ def test_free_refresh_trains_and_skips_the_pass():
 def test_default_model_sampler_is_the_recommended_configuration():
     pmodel = PrioritizedModel(helpers.mlp(), comm=LocalComm())
     config = pmodel.sampler.get_config()
-    assert (config["selection"], config["refresh"]) == ("adaptive", "free")
+    assert (config["selection"], config["refresh"], config["gamma"]) == ("adaptive", "free", 0.5)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

@@ -104,7 +104,8 @@ def test_initial_tau_uses_explicit_gradient_norms():
     sampler.initialize()
     grads = helpers.flat_gradients(helpers.loop_gradients(model, sampler.loss_fn, x, y))
     s = np.linalg.norm(grads, axis=1)
-    q = 0.9 * s / s.sum() + 0.1 / N
+    gamma = sampler.gamma   # the recommended uniform floor γ
+    q = (1.0 - gamma) * s / s.sum() + gamma / N
     np.testing.assert_allclose(float(sampler.tau_ema.numpy()), numpy_tau(s, q), rtol=1e-4)
     assert bool(sampler.importance_on.numpy()) == (numpy_tau(s, q) > 1.5)
     assert numpy_tau(s, q) > 1.5
