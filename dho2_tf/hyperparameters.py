@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dho2_tf.curvature.hvp import check_hvp_method
 from dho2_tf.modes import MODE_CHOICES, window_rules
 from dho2_tf.validation import check_int, check_real
 
@@ -33,6 +34,7 @@ class Hyperparameters:
     c_max: float
     lanczos_order: int
     lanczos_dtype: str | None
+    hvp_method: str
     refresh_every: int
     warmup: int
     eigenvalue_damping: float
@@ -58,11 +60,12 @@ class Hyperparameters:
     @classmethod
     def resolve(cls, *, default_c_max: float, k: int, ell: int, alpha: float,
                 c_max: float | None, lanczos_order: int | None, lanczos_dtype: str | None,
-                refresh_every: int, warmup: int | None, eigenvalue_damping: float, mode: str,
-                memory_budget: int, window_rule: str | None, window_sigma: float,
-                curvature_ranks: int, update_ranks: int | None, delivery_delay: int | None,
-                rho: float, tau: int, x_restart: str, nonfinite: str,
-                max_consecutive_skips: int, seed: int) -> "Hyperparameters":
+                hvp_method: str, refresh_every: int, warmup: int | None,
+                eigenvalue_damping: float, mode: str, memory_budget: int,
+                window_rule: str | None, window_sigma: float, curvature_ranks: int,
+                update_ranks: int | None, delivery_delay: int | None, rho: float, tau: int,
+                x_restart: str, nonfinite: str, max_consecutive_skips: int,
+                seed: int) -> "Hyperparameters":
         """Check every argument (ValueError naming the first bad one) and fill the defaults."""
         k = check_int("k", k, minimum=1)
         ell = check_int("ell", ell, minimum=0)
@@ -90,7 +93,8 @@ class Hyperparameters:
             lanczos_order=4 * (k + ell) if lanczos_order is None else check_int(
                 "lanczos_order", lanczos_order, minimum=k + ell,
                 hint="it must be at least k + ell"),
-            lanczos_dtype=lanczos_dtype, refresh_every=refresh_every,
+            lanczos_dtype=lanczos_dtype, hvp_method=check_hvp_method(hvp_method),
+            refresh_every=refresh_every,
             warmup=refresh_every if warmup is None else check_int("warmup", warmup, minimum=0),
             eigenvalue_damping=check_real("eigenvalue_damping", eigenvalue_damping,
                                           minimum=0.0),

@@ -66,13 +66,13 @@ class DHO2(tf.keras.optimizers.Optimizer):
         base: ``"sgd"``, ``"momentum"``, ``"nesterov"`` or ``"adam"`` (default).
         k: number of largest eigenpairs (10). ell: number of smallest eigenpairs (0).
         alpha: Newton step size α ≥ 0 (0.1). c_max: clip of c, ≥ 1 (1 for Adam, else 3).
-        lanczos_order: Lanczos iterations m ≥ k+ℓ (4(k+ℓ)).
-        lanczos_dtype: the Lanczos basis, ``"float32"``, ``"float64"`` or ``None`` (the model's
-            precision); T is float64 (float32 agrees to ~1e-5 of |λ_max|, BENCHMARKS.md).
+        lanczos_order: Lanczos iterations m ≥ k+ℓ (4(k+ℓ)). lanczos_dtype: the basis,
+            ``"float32"``, ``"float64"`` or ``None`` (the model's; T is float64, BENCHMARKS.md).
+        hvp_method: H·v ``"reverse-over-reverse"`` (default) or ``"forward-over-reverse"`` (the
+            same product; compiles 2-3x slower, may use less memory, dho2_tf.curvature.hvp).
         refresh_every: refresh interval T > 0 (100). warmup: W ≥ 0 (``refresh_every``).
-        eigenvalue_damping: σ_d ≥ 0 added to λ before inverting (0).
-        momentum: β of ``momentum``/``nesterov`` (0.9). beta_1, beta_2, epsilon: Adam's
-            (0.9, 0.999, 1e-8).
+        eigenvalue_damping: σ_d ≥ 0 added to λ before inverting (0). momentum: β of
+            ``momentum``/``nesterov`` (0.9). beta_1, beta_2, epsilon: Adam's (0.9, 0.999, 1e-8).
         mode: ``"replicated"`` (full state, one allreduce per step) and ``"sharded"`` (state
             1/P, 3-4 collectives per step) are exactly FOSI on the union of the ranks' batches;
             ``"auto"`` (default) picks ``"replicated"`` if it fits ``memory_budget`` (at
@@ -102,10 +102,10 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def __init__(self, learning_rate: float | Any = 1e-3, base: str = "adam", k: int = 10,
                  ell: int = 0, alpha: float = 0.1, c_max: float | None = None,
                  lanczos_order: int | None = None, lanczos_dtype: str | None = None,
-                 refresh_every: int = 100, warmup: int | None = None,
-                 eigenvalue_damping: float = 0.0, momentum: float = 0.9, beta_1: float = 0.9,
-                 beta_2: float = 0.999, epsilon: float = 1e-8, mode: str = "auto",
-                 window_rule: str | None = None, window_sigma: float = 5e-9,
+                 hvp_method: str = "reverse-over-reverse", refresh_every: int = 100,
+                 warmup: int | None = None, eigenvalue_damping: float = 0.0, momentum: float = 0.9,
+                 beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
+                 mode: str = "auto", window_rule: str | None = None, window_sigma: float = 5e-9,
                  curvature_ranks: int = 1, update_ranks: int | None = None,
                  delivery_delay: int | None = None, rho: float = 1e-2, tau: int = 8,
                  x_restart: str = "z", nonfinite: str = "skip", max_consecutive_skips: int = 50,

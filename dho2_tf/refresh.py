@@ -41,8 +41,9 @@ def binding_key(model: tf.keras.Model, loss: Any, batch: tuple, training: bool) 
 
 def bind_curvature(model: tf.keras.Model, loss: Callable | str | None, batch: tuple,
                    training: bool, make_estimator: Callable[..., Any],
-                   lanczos_dtype: str | None) -> dict[str, Any]:
-    """The HVP of ``loss`` at ``model`` on ``batch`` and the mode's compiled estimator.
+                   lanczos_dtype: str | None, hvp_method: str) -> dict[str, Any]:
+    """The HVP of ``loss`` at ``model`` on ``batch`` (computed ``hvp_method``, see
+    :func:`~dho2_tf.curvature.hvp.make_hvp_fn`) and the mode's compiled estimator.
 
     Traces the HVP and the Lanczos loop now (no HVP runs, no collective), so the first refresh
     costs what later ones do; ``compile_seconds`` in the result is that one-off cost.
@@ -55,7 +56,8 @@ def bind_curvature(model: tf.keras.Model, loss: Callable | str | None, batch: tu
 
     loss_fn = resolve_loss(model, loss)
     dtype = model.trainable_variables[0].dtype
-    hvp = make_hvp_fn(model, loss_fn, batch, training=training, hvp_dtype=dtype)
+    hvp = make_hvp_fn(model, loss_fn, batch, training=training, hvp_dtype=dtype,
+                      method=hvp_method)
     estimator = make_estimator(hvp, dtype, basis_dtype(lanczos_dtype, dtype))
     return {"model": model, "dtype": dtype, "hvp": hvp, "estimator": estimator,
             "key": binding_key(model, loss, batch, training), "batch": batch,
@@ -113,7 +115,7 @@ class Curvature:
                                                                            training):
             return  # the same binding (e.g. a second fit call): keep the compiled graphs
         self.binding = bind_curvature(model, loss, batch, training, self.mode.make_estimator,
-                                      self.hp.lanczos_dtype)
+                                      self.hp.lanczos_dtype, self.hp.hvp_method)
         self.compile_seconds = self.binding["compile_seconds"]
         estimator = self.binding["estimator"]
         if self.comm.is_root and estimator is not None:

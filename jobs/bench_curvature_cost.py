@@ -17,6 +17,12 @@ repeating ``--rounds`` times (the table gives min / median / max of each ratio):
   float64 basis, split into HVPs, collectives (the same reductions timed alone) and the rest;
   the one-off compile time and the first refresh are reported apart. The float32 basis's Ritz
   values are compared with the float64 basis's on the same start vector.
+* **HVP formulations**: reverse-over-reverse (DHO2's default) against forward-over-reverse,
+  each on a fresh model per round (the order alternates between rounds): the one-off cost of a
+  bind (building and compiling the HVP and the float32 Lanczos graphs, plus what the first
+  refresh costs beyond a later one) and the HVP time. The first round of the first task also
+  pays what a new process pays once (TensorFlow's own caches), so the max column is the cost a
+  freshly launched job sees.
 * **step / base step**: one epoch of ``model.fit`` with DHO2 (after its first refresh, none
   during the timed epochs) against the same epoch with the base optimizer's Keras
   implementation (heavy ball or Adam, made data-parallel with Horovod), per step.
@@ -51,6 +57,7 @@ import tensorflow as tf  # noqa: E402
 from dho2_tf import models  # noqa: E402
 from dho2_tf import DHO2, CurvatureRefresh  # noqa: E402
 from dho2_tf.curvature import SpectrumEstimator, make_hvp_fn  # noqa: E402
+from dho2_tf.curvature.hvp import HVP_METHODS  # noqa: E402
 from dho2_tf.training.data import load_dataset, shard_arrays  # noqa: E402
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
 from dho2_tf.training import report  # noqa: E402
@@ -216,6 +223,37 @@ def hvp_and_refresh(task: dict[str, Any], comm: Any, args: argparse.Namespace
     return out
 
 
+def hvp_methods(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Per HVP formulation: one-off bind cost (compile + first refresh − a later refresh) and
+    the HVP time, on a fresh model per round, the order of the formulations alternating."""
+    seconds: dict[str, dict[str, list[float]]] = {
+        method: {"one_off": [], "hvp": []} for method in HVP_METHODS}
+    calls = 3 if args.quick else 10
+    for r in range(args.rounds):
+        for method in (HVP_METHODS if r % 2 == 0 else HVP_METHODS[::-1]):
+            model, loss, x_r, y_r, _ = build(task, comm, seed=r)
+            per_rank = max(1, task["curvature_batches"][0] // comm.size)
+            x, y = tf.constant(x_r[:per_rank]), tf.constant(y_r[:per_rank])
+            n = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+            start = time.perf_counter()
+            hvp = make_hvp_fn(model, loss, (x, y), method=method)
+            est = SpectrumEstimator(hvp, n, K, 0, comm, m=4 * K, basis_dtype="float32",
+                                    basis_layout=args.basis, name=f"bench/{method}/{r}")
+            est.trace()
+            est.estimate(seed=0)
+            bind_and_first = time.perf_counter() - start
+            start = time.perf_counter()
+            est.estimate(seed=1)
+            seconds[method]["one_off"].append(bind_and_first - (time.perf_counter() - start))
+            v = tf.random.stateless_normal([n], seed=[1, 2])
+            hvp(v)  # a standalone call instantiates the function once
+            seconds[method]["hvp"].append(seconds_per_call(lambda: hvp(v), calls))
+    rev, fwd = (seconds[m]["one_off"] for m in HVP_METHODS)
+    return {"seconds": {m: {k: spread(v) for k, v in rows.items()}
+                        for m, rows in seconds.items()},
+            "one_off_reverse_over_forward": spread([a / b for a, b in zip(rev, fwd)])}
+
+
 def compiled_model(task: dict[str, Any], comm: Any, optimizer: Any) -> tuple[Any, ...]:
     """A fresh model compiled with ``optimizer``, and this rank's first batches."""
     model, loss, x_r, y_r, objective = build(task, comm)
@@ -291,6 +329,18 @@ def tables(results: dict[str, Any]) -> str:
                 f" | {split['hvps']:.3f} / {split['collectives']:.3f} / {split['rest']:.3f} | "
                 f"{one['compile_seconds']:.2f} + {one['first_refresh_seconds']:.2f} | "
                 f"{e['ritz_float32_vs_float64_max_rel']['max']:.1e} |")
+    if any("hvp_methods" in res for res in results.values()):
+        lines += ["", "| task | one-off bind, reverse-over-reverse (s) | one-off bind, "
+                  "forward-over-reverse (s) | reverse / forward | HVP rev. (ms) | HVP fwd. (ms) |",
+                  "|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        if "hvp_methods" not in res:   # results files before the formulations were compared
+            continue
+        hm = res["hvp_methods"]
+        rev, fwd = (hm["seconds"][m] for m in HVP_METHODS)
+        lines.append(f"| {name} | {fmt(rev['one_off'])} | {fmt(fwd['one_off'])} | "
+                     f"{fmt(hm['one_off_reverse_over_forward'])} | {fmt(rev['hvp'], 1e3, 1)} | "
+                     f"{fmt(fwd['hvp'], 1e3, 1)} |")
     lines += ["", "| task | DHO2 layout | base | DHO2 step (ms) | base step (ms) | "
               "DHO2 / base |", "|---|---|---|---|---|---|"]
     for name, res in results.items():
@@ -344,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in args.tasks:
         task = TASKS[name]
-        results[name] = {"curvature": hvp_and_refresh(task, comm, args),
+        results[name] = {"hvp_methods": hvp_methods(task, comm, args),
+                         "curvature": hvp_and_refresh(task, comm, args),
                          "steps": step_times(task, comm, args)}
         if comm.is_root:
             print(f"{name} done ({time.perf_counter() - started:.0f}s)", flush=True)

@@ -1,4 +1,5 @@
-"""T1 (HVP part): forward-over-reverse HVP against double-backward and analytic Hessians."""
+"""T1 (HVP part): both HVP formulations against analytic Hessians, each other and the eager
+double-backward reference."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import pytest
 import tensorflow as tf
 
 from dho2_tf.curvature import hvp_double_backward, make_hvp_fn
+from dho2_tf.curvature.hvp import HVP_METHODS
 
 N, D = 64, 7
+methods = pytest.mark.parametrize("method", HVP_METHODS)
 
 
 def _rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -36,13 +39,14 @@ def _quadratic_model(dtype: str, l2: float = 0.0) -> tf.keras.Model:
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 @pytest.mark.parametrize("l2", [0.0, 0.25])  # 0.25: exact in float32, as Keras stores it
+@methods
 def test_t1_quadratic_hvp_equals_analytic_and_double_backward(dtype: str, tol: float,
-                                                               l2: float) -> None:
+                                                               l2: float, method: str) -> None:
     x, y = _data()
     model = _quadratic_model(dtype, l2)
     a = x.T @ x / N + 2.0 * l2 * np.eye(D)
     batch = (tf.constant(x, dtype), tf.constant(y, dtype))
-    hvp = make_hvp_fn(model, _half_mse, batch, hvp_dtype=tf.as_dtype(dtype))
+    hvp = make_hvp_fn(model, _half_mse, batch, hvp_dtype=tf.as_dtype(dtype), method=method)
     v = np.random.default_rng(1).standard_normal(D)
     hv = hvp(tf.constant(v, dtype)).numpy()
     assert hv.dtype == np.dtype(dtype)
@@ -52,7 +56,8 @@ def test_t1_quadratic_hvp_equals_analytic_and_double_backward(dtype: str, tol: f
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
-def test_t1_logistic_regression_hvp_equals_analytic(dtype: str, tol: float) -> None:
+@methods
+def test_t1_logistic_regression_hvp_equals_analytic(dtype: str, tol: float, method: str) -> None:
     x, y_lin = _data(2)
     y = (y_lin > 0).astype(dtype)
     model = tf.keras.Sequential([tf.keras.Input((D,), dtype=dtype),
@@ -61,7 +66,7 @@ def test_t1_logistic_regression_hvp_equals_analytic(dtype: str, tol: float) -> N
     model.set_weights([rng.standard_normal((D, 1)), rng.standard_normal(1)])
     loss_fn = tf.keras.losses.BinaryCrossentropy(from_logits=True)
     batch = (tf.constant(x, dtype), tf.constant(y, dtype))
-    hvp = make_hvp_fn(model, loss_fn, batch, hvp_dtype=tf.as_dtype(dtype))
+    hvp = make_hvp_fn(model, loss_fn, batch, hvp_dtype=tf.as_dtype(dtype), method=method)
 
     kernel, bias = (w.astype(np.float64) for w in model.get_weights())
     x_aug = np.hstack([x, np.ones((N, 1))])  # flat order: kernel (D), then bias (1)
@@ -86,24 +91,28 @@ def _mlp(batch_norm: bool) -> tf.keras.Model:
     return model
 
 
-def test_t1_mlp_forward_over_reverse_equals_double_backward() -> None:
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_t1_mlp_forward_over_reverse_equals_reverse_over_reverse(batch_norm: bool) -> None:
     x, y = _data(5)
-    model = _mlp(batch_norm=False)
+    model = _mlp(batch_norm=batch_norm)
     batch = (tf.constant(x, tf.float32), tf.constant(y, tf.float32))
     n = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    hvp = make_hvp_fn(model, _half_mse, batch)
+    forward, reverse = (make_hvp_fn(model, _half_mse, batch, method=m)
+                        for m in ("forward-over-reverse", "reverse-over-reverse"))
     v = tf.constant(np.random.default_rng(6).standard_normal(n), tf.float32)
-    hv, ref = hvp(v).numpy(), hvp_double_backward(model, _half_mse, batch, v).numpy()
+    hv, ref = forward(v).numpy(), reverse(v).numpy()
     assert np.linalg.norm(ref) > 1e-3
     assert _rel_err(hv, ref) < 1e-5
+    assert _rel_err(ref, hvp_double_backward(model, _half_mse, batch, v).numpy()) < 1e-5
 
 
-def test_hvp_is_linear_and_follows_current_weights_without_retracing() -> None:
+@methods
+def test_hvp_is_linear_and_follows_current_weights_without_retracing(method: str) -> None:
     x, y = _data(7)
     model = _mlp(batch_norm=False)
     batch = (tf.constant(x, tf.float32), tf.constant(y, tf.float32))
     n = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    hvp = make_hvp_fn(model, _half_mse, batch)
+    hvp = make_hvp_fn(model, _half_mse, batch, method=method)
     rng = np.random.default_rng(8)
     u, w = (tf.constant(rng.standard_normal(n), tf.float32) for _ in range(2))
     hu, hw, huw = hvp(u).numpy(), hvp(w).numpy(), hvp(2.0 * u - w).numpy()
@@ -116,7 +125,8 @@ def test_hvp_is_linear_and_follows_current_weights_without_retracing() -> None:
     assert hvp.experimental_get_tracing_count() == 1
 
 
-def test_hvp_leaves_batch_norm_moving_statistics_unchanged() -> None:
+@methods
+def test_hvp_leaves_batch_norm_moving_statistics_unchanged(method: str) -> None:
     x, y = _data(9)
     model = _mlp(batch_norm=True)
     bn = model.layers[1]
@@ -126,7 +136,7 @@ def test_hvp_leaves_batch_norm_moving_statistics_unchanged() -> None:
     assert len(frozen_before) == 2
     batch = (tf.constant(x, tf.float32), tf.constant(y, tf.float32))
     n = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    hvp = make_hvp_fn(model, _half_mse, batch, training=True)
+    hvp = make_hvp_fn(model, _half_mse, batch, training=True, method=method)
     v = tf.constant(np.random.default_rng(10).standard_normal(n), tf.float32)
     hv = hvp(v).numpy()
     hvp(v)
@@ -158,3 +168,6 @@ def test_hvp_validation_errors() -> None:
         make_hvp_fn(model, _half_mse, x)
     with pytest.raises(ValueError, match="`variables` must be a non-empty list"):
         make_hvp_fn(model, _half_mse, (x, y), variables=[])
+    with pytest.raises(ValueError, match="`hvp_method` must be one of .*'forward-over-reverse'"
+                                         ".*Received: hvp_method='finite-difference'"):
+        make_hvp_fn(model, _half_mse, (x, y), method="finite-difference")

@@ -64,3 +64,27 @@ def test_binding_the_same_model_and_batch_again_keeps_the_compiled_graphs() -> N
     other = (batch[0][:32], batch[1][:32])
     opt.bind(model, loss, other)
     assert opt.binding["estimator"] is not estimator
+
+
+def test_both_hvp_methods_give_the_same_eigenpairs_and_the_choice_is_kept() -> None:
+    model, loss, batch = _model_and_batch()
+    eigenvalues = {}
+    for method in ("reverse-over-reverse", "forward-over-reverse"):
+        opt = DHO2(k=3, hvp_method=method, lanczos_dtype="float64", comm=LocalComm())
+        opt.bind(model, loss, batch)
+        assert opt.refresh_curvature()["installed"]
+        metrics = opt.curvature_metrics()
+        eigenvalues[method] = np.array([metrics[f"eigenvalue_{j}"] for j in range(3)])
+        assert DHO2.from_config(opt.get_config()).hvp_method == method
+    assert np.all(np.abs(eigenvalues["reverse-over-reverse"]) > 1e-3)
+    np.testing.assert_allclose(eigenvalues["forward-over-reverse"],
+                               eigenvalues["reverse-over-reverse"], rtol=1e-5)
+    assert DHO2(comm=LocalComm()).hvp_method == "reverse-over-reverse"
+
+
+def test_hvp_method_is_validated() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="`hvp_method` must be one of .* Received: "
+                                         "hvp_method='forward'"):
+        DHO2(hvp_method="forward")

@@ -71,3 +71,18 @@ def test_a_report_without_the_markers_fails_before_measuring(tmp_path: Path, mon
     with pytest.raises(ValueError, match="bench_curvature_cost_p1 -->' is missing"):
         bench.main(["--output-dir", str(tmp_path), "--report", str(target)])
     assert not (tmp_path / "curvature_cost_p1.json").exists()
+
+
+def test_the_hvp_formulation_table_appears_only_for_results_that_have_it():
+    bench = job("bench_curvature_cost")
+    old = bench.tables(results())
+    assert "reverse-over-reverse" not in old
+    new = results()
+    new["mlp_mnist1d"]["hvp_methods"] = {
+        "seconds": {"reverse-over-reverse": {"one_off": spread(0.4), "hvp": spread(0.0015)},
+                    "forward-over-reverse": {"one_off": spread(1.0), "hvp": spread(0.002)}},
+        "one_off_reverse_over_forward": spread(0.4)}
+    text = bench.tables(new)
+    assert ("| mlp_mnist1d | 0.40 [0.40, 0.40] | 1.00 [1.00, 1.00] | 0.40 [0.40, 0.40] | "
+            "1.5 [1.5, 1.5] | 2.0 [2.0, 2.0] |") in text
+    assert text.startswith(old.split("\n\n")[0])   # the first table is unchanged
