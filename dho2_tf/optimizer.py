@@ -69,7 +69,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         lanczos_order: Lanczos iterations m ≥ k+ℓ (4(k+ℓ)). lanczos_dtype: the basis,
             ``"float32"``, ``"float64"`` or ``None`` (the model's; T is float64, BENCHMARKS.md).
         hvp_method: H·v ``"reverse-over-reverse"`` (default) or ``"forward-over-reverse"`` (the
-            same product; compiles 2-3x slower, may use less memory, dho2_tf.curvature.hvp).
+            same product; binds 1.4-2.5x slower, may use less memory, dho2_tf.curvature.hvp).
         refresh_every: refresh interval T > 0 (100). warmup: W ≥ 0 (``refresh_every``).
         eigenvalue_damping: σ_d ≥ 0 added to λ before inverting (0). momentum: β of
             ``momentum``/``nesterov`` (0.9). beta_1, beta_2, epsilon: Adam's (0.9, 0.999, 1e-8).
