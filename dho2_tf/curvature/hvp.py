@@ -159,10 +159,8 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
     def reverse_over_reverse(tangents: list[tf.Tensor]) -> list[tf.Tensor]:
         return _double_backward(model, loss_fn, x, y, training, variables, tangents)
 
-    if method == "reverse-over-reverse":
-        hvp = restoring(reverse_over_reverse)
-    else:
-        hvp = restoring(forward_over_reverse)
+    hvp = restoring(reverse_over_reverse if method == "reverse-over-reverse"
+                    else forward_over_reverse)
     if method == "forward-over-reverse" and _has_gather_lookups(model):
         # TensorFlow cannot forward-differentiate a resource gather inside a traced function
         # ("Duplicate node name in graph: '.../embedding_lookup'"): trace now, and take the

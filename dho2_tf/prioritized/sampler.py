@@ -219,8 +219,8 @@ class PrioritizedSampler(tf.Module):
 
         Uniform sampling until the variance reduction τ of importance sampling pays for itself,
         then draws from q_i = ½·‖g_i‖/Σ‖g_l‖ + ½/n; priorities ‖g_i‖² (last layer) refreshed
-        for free by the training steps; ``r`` is
-        unused by the steps (no refresh pass) but must still give ⌊r·n_j⌋ ≥ 1.
+        for free by the training steps; ``r`` is unused by the steps (no refresh pass) but must
+        still give ⌊r·n_j⌋ ≥ 1.
         """
         return cls(k, r, **{**RECOMMENDED, **overrides})
 

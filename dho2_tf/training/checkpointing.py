@@ -14,8 +14,8 @@ eigenvalues, eigenvectors gathered to full length, step counter, refresh counter
 consensus snapshot); a Keras baseline optimizer's variables; a bound ``PrioritizedSampler``'s
 priority table, average gradient, round-robin cursor, random-generator state and the adaptive
 selection's switch (τ, τ̄ and the decision; absent from older checkpoints, which resume with a
-fresh switch); and the
-position in the data as ``epoch`` (completed epochs) and ``step`` (optimizer iterations).
+fresh switch); and the position in the data as ``epoch`` (completed epochs) and ``step``
+(optimizer iterations).
 
 Atomicity: rank 0 writes every file into a fresh temporary folder, fsyncs them, renames the
 folder into place and only then replaces the manifest (write-to-temp + ``os.replace``). The

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from dho2_tf import DHO2, CurvatureRefresh, LocalComm
 from dho2_tf.curvature import make_hvp_fn
+from dho2_tf.curvature.hvp import HVP_METHODS
 from dho2_tf.flat import FlatSpec
 
 
@@ -39,10 +41,12 @@ def explicit_hessian(model, x, y):
     return tf.concat([tf.reshape(r, [flat.shape[0], -1]) for r in rows], 1).numpy()
 
 
-def test_embedding_hvp_matches_explicit_hessian():
+@pytest.mark.parametrize("method", HVP_METHODS)  # forward-over-reverse falls back
+def test_embedding_hvp_matches_explicit_hessian(method):
     x, y = embedding_data()
     model = embedding_model()
-    hvp = make_hvp_fn(model, tf.keras.losses.MeanSquaredError(), (x[:32], y[:32]))
+    hvp = make_hvp_fn(model, tf.keras.losses.MeanSquaredError(), (x[:32], y[:32]),
+                      method=method)
     n = FlatSpec.of(model.trainable_variables).n
     columns = np.stack([hvp(tf.one_hot(i, n)).numpy() for i in range(n)], axis=1)
     h = explicit_hessian(model, x[:32], y[:32])
