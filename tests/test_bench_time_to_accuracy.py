@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -79,7 +80,7 @@ def test_a_run_dho2_stopped_as_diverged_is_a_miss_without_step_time(monkeypatch)
     monkeypatch.setattr(bench, "train", diverge)
     task = bench.task_settings("logreg_mnist5k", True)
     record = bench.run_one("logreg_mnist5k", task, "dho2_momentum", 1.0, 0, quick=True,
-                           target_loss=0.3)
+                           target=0.3)
     assert record["diverged"] and record["time_to_target"] is None
     assert record["target_loss"] == 0.3 and record["step_seconds"] is None
     assert "diverged" in bench.describe(record)
@@ -115,10 +116,11 @@ def _payload():
 def test_render_gives_provenance_table_and_where_the_time_goes():
     payload = _payload()
     text = bench.render(payload, "results/time_to_accuracy_p1.json")
-    provenance, table, notes = text.rstrip("\n").split("\n\n")
+    provenance, table, split, notes = text.rstrip("\n").split("\n\n")
     assert provenance.splitlines() == report.provenance_lines(
         payload["meta"], "results/time_to_accuracy_p1.json", 12.0)
     assert table == bench.table(payload["results"])
+    assert split == bench.split_table(payload["results"])
     assert notes.splitlines() == [f"- {line}" for line in bench.notes(payload["results"])]
     assert len(notes.splitlines()) == len(bench.PAIRS)
 
@@ -147,6 +149,50 @@ def test_a_report_without_the_markers_fails_before_any_training(tmp_path, monkey
     with pytest.raises(ValueError, match="bench_time_to_accuracy_p1 -->' is missing"):
         bench.main(["--quick", "--output-dir", str(tmp_path), "--report", str(target)])
     assert not (tmp_path / "time_to_accuracy_p1.json").exists()
+
+
+def test_epoch_split_adds_up_and_explains_the_speedup():
+    # Base: 10 epochs to target in 20 s (2 s an epoch). DHO2: 4 epochs in 12 s (3 s an epoch),
+    # of which 100 steps x 0.02 s = 2 s an epoch of steps and 2 s of refreshes in total.
+    base = [{"time_to_target": 20.0, "epochs_to_target": 10}]
+    dho2 = [{"time_to_target": 12.0, "epochs_to_target": 4, "step_seconds": 0.02,
+             "steps_per_epoch": 100, "refresh_seconds": 2.0}]
+    split = bench.epoch_split(dho2, base)
+    assert split["epoch_gain"] == pytest.approx(2.5)
+    assert split["epoch_cost_ratio"] == pytest.approx(1.5)
+    assert split["step"] == pytest.approx(1.0) and split["refresh"] == pytest.approx(0.25)
+    assert split["other"] == pytest.approx(0.25)
+    assert split["epoch_gain"] / split["epoch_cost_ratio"] == pytest.approx(20.0 / 12.0)
+    assert bench.epoch_split([{**dho2[0], "epochs_to_target": None,
+                               "time_to_target": None}], base) == {}
+
+
+def test_long_profile_lets_the_base_set_every_target(monkeypatch):
+    task = bench.task_settings("mlp_mnist1d", False, "long")
+    assert task["epochs"] == bench.PROFILES["long"]["mlp_mnist1d"]["epochs"]
+    assert "target_accuracy" not in task and bench.base_sets_target(task)
+    assert not bench.is_loss_task(task)
+    history = [{"seconds": 1.0 * (i + 1), "test_accuracy": acc, "train_loss": 1.0}
+               for i, acc in enumerate((0.3, 0.6, 0.702, 0.7, 0.704))]
+    seen = []
+
+    def fake_train(config):
+        seen.append(config)
+        return types.SimpleNamespace(
+            time_to_target=None, best_accuracy=0.704, best_train_loss=1.0, train_seconds=5.0,
+            history=history, steps_per_epoch=10, refreshes=[], compile_seconds=0.0)
+
+    monkeypatch.setattr(bench, "train", fake_train)
+    base = bench.run_one("mlp_mnist1d", task, "momentum", 0.1, 0)
+    # best 0.704 less the 0.005 margin: the first epoch at >= 0.699 is the third.
+    assert base["target_accuracy"] == pytest.approx(0.699)
+    assert base["epochs_to_target"] == 3 and base["time_to_target"] == 3.0
+    assert seen[-1].target_accuracy is None  # the base runs the whole budget
+    dho2 = bench.run_one("mlp_mnist1d", task, "dho2_momentum", 0.1, 0,
+                         target=base["target_accuracy"])
+    assert seen[-1].target_accuracy == pytest.approx(0.699)  # DHO2 stops at the target
+    assert dho2["epochs_to_target"] == 3
+    assert bench.methods_of(["adam"]) == ["dho2_adam", "adam"]
 
 
 def test_bad_seeds_flag_is_refused(capsys):
