@@ -53,6 +53,10 @@ second table: epochs to target, the epoch gain, DHO2's cost per epoch over its b
 step, refresh and other (:func:`epoch_split`), and the wall-time speed-up. ``--pairs`` limits a
 run to the heavy-ball or the Adam pair.
 
+``--dho2 defaults`` is the drop-in check: DHO2 with its constructor defaults (only the curvature
+batch is set) at the learning rate tuned for its base, against that base, on every task including
+``cnn_mnist5k`` (the small CNN on MNIST-5k); results in ``time_to_accuracy_defaults_p<P>.json``.
+
 Rank 0 prints the table (per pair: the speed-up of DHO2 over its base as the ratio of median
 times and the min/median/max of the per-seed ratios; per optimizer: step time and DHO2's refresh
 time) and writes ``<output-dir>/time_to_accuracy_p<P>.json`` (the run's command, commit and date
@@ -99,6 +103,8 @@ TASKS: dict[str, dict[str, Any]] = {
                        "batch_size": 500, "epochs": 30},
     "autoencoder_mnist5k": {"model": "autoencoder", "dataset": "mnist5k", "num_samples": 5000,
                             "batch_size": 250, "epochs": 15},
+    "cnn_mnist5k": {"model": "cnn", "dataset": "mnist5k", "num_samples": 5000,
+                    "batch_size": 50, "epochs": 10, "target_accuracy": 0.95},
 }
 COMMON = {"schedule": "constant", "weight_decay": 0.0, "verbose": 0}
 # DHO2 settings per task (both DHO2 methods).
@@ -110,7 +116,14 @@ DHO2_TASK: dict[str, dict[str, Any]] = {
                          "curvature_batch": 250},
     "logreg_mnist5k": {**DHO2_MNIST5K, "curvature_batch": 500},
     "autoencoder_mnist5k": {**DHO2_MNIST5K, "curvature_batch": 250},
+    "cnn_mnist5k": {"k": 10, "alpha": 0.1, "refresh_every": 320, "warmup": 40,
+                    "curvature_batch": 250},
 }
+# Tasks of the default run (the CNN is a drop-in task: ``--dho2 defaults --tasks ...``).
+DEFAULT_TASKS = ["mlp_mnist1d", "resnet1d_mnist1d", "logreg_mnist5k", "autoencoder_mnist5k"]
+# ``--dho2``: "tuned" uses DHO2_TASK and sweeps DHO2's own rate; "defaults" is the drop-in check:
+# DHO2 with its constructor defaults (only the curvature batch set) at its base's tuned rate.
+DHO2_SETTINGS = ("tuned", "defaults")
 # Learning-rate grids per pair (the base's name), with per-task overrides.
 GRIDS: dict[str, dict[str, list[float]]] = {
     "momentum": {"default": [0.03, 0.1, 0.3], "logreg_mnist5k": [0.1, 0.3, 1.0],
@@ -156,8 +169,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "target set by the tuned base (default short)")
     parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS),
                         help="optimizer pairs to run (default: both)")
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS),
-                        help="tasks to run (default: all)")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=DEFAULT_TASKS,
+                        help=f"tasks to run (default: {' '.join(DEFAULT_TASKS)})")
+    parser.add_argument("--dho2", choices=DHO2_SETTINGS, default="tuned",
+                        help="tuned: DHO2's per-task settings and its own rate sweep; defaults: "
+                             "DHO2's constructor defaults at its base's tuned rate (default "
+                             "tuned)")
     parser.add_argument("--output-dir", default="results",
                         help="folder for time_to_accuracy_p<P>.json and .png (default results/)")
     parser.add_argument("--report", default=None,
@@ -203,7 +220,8 @@ def learning_rates(method: str, task: str) -> list[float]:
 
 
 def run_one(name: str, task: dict[str, Any], method: str, lr: float, seed: int,
-            quick: bool = False, target: float | None = None) -> dict[str, Any]:
+            quick: bool = False, target: float | None = None,
+            dho2: str = "tuned") -> dict[str, Any]:
     """Train once; the record keeps the curve, the target it ran for and DHO2's refresh times.
 
     Where the base sets the target (:func:`base_sets_target`), ``target=None`` makes the run's
@@ -214,7 +232,7 @@ def run_one(name: str, task: dict[str, Any], method: str, lr: float, seed: int,
     """
     settings = dict(METHODS[method]["settings"])
     if settings["optimizer"] == "dho2":
-        settings.update(DHO2_TASK[name], **(QUICK_DHO2 if quick else {}))
+        settings.update(dho2_settings(name, dho2), **(QUICK_DHO2 if quick else {}))
     loss_task, from_base = is_loss_task(task), base_sets_target(task)
     finite = target is not None and math.isfinite(target)
     stop = {} if not (from_base and finite) else (
@@ -256,6 +274,14 @@ def run_one(name: str, task: dict[str, Any], method: str, lr: float, seed: int,
     record["epochs_to_target"] = reached[0] + 1 if record["time_to_target"] is not None else None
     record["target_loss" if loss_task else "target_accuracy"] = target
     return record
+
+
+def dho2_settings(name: str, dho2: str) -> dict[str, Any]:
+    """DHO2's settings on task ``name``: the tuned ones, or only the curvature batch (the
+    training configuration leaves every other DHO2 hyper-parameter at DHO2's default)."""
+    if dho2 == "defaults":
+        return {"curvature_batch": DHO2_TASK[name]["curvature_batch"]}
+    return DHO2_TASK[name]
 
 
 def diverged_record(task: dict[str, Any], method: str, lr: float, seed: int,
@@ -322,24 +348,32 @@ def target_of(record: dict[str, Any]) -> float:
     return record["target_loss"] if "target_loss" in record else record["target_accuracy"]
 
 
-def sweep_fixed_target(name: str, task: dict[str, Any], pairs: list[str], comm: Any
+def sweep_fixed_target(name: str, task: dict[str, Any], pairs: list[str], comm: Any,
+                       dho2: str = "tuned"
                        ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
-    """Each method's rate with the shortest time to the fixed accuracy target (sweep seed)."""
+    """Each method's rate with the shortest time to the fixed accuracy target (sweep seed);
+    with ``dho2="defaults"`` DHO2 takes its base's rate."""
     sweep: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, float] = {}
-    for method in methods_of(pairs):
-        sweep[method] = []
-        for lr in learning_rates(method, name):
-            sweep[method].append(run_one(name, task, method, lr, SWEEP_SEED))
-            log(comm, "sweep" + describe(sweep[method][-1]))
-        chosen[method] = min(sweep[method], key=sweep_key)["learning_rate"]
+    for pair in pairs:
+        for method in PAIRS[pair][::-1]:   # the base first
+            sweep[method] = []
+            if dho2 == "defaults" and method == PAIRS[pair][0]:
+                chosen[method] = chosen[PAIRS[pair][1]]
+                continue
+            for lr in learning_rates(method, name):
+                sweep[method].append(run_one(name, task, method, lr, SWEEP_SEED, dho2=dho2))
+                log(comm, "sweep" + describe(sweep[method][-1]))
+            chosen[method] = min(sweep[method], key=sweep_key)["learning_rate"]
     return chosen, sweep
 
 
-def sweep_base_target(name: str, task: dict[str, Any], pairs: list[str], comm: Any
+def sweep_base_target(name: str, task: dict[str, Any], pairs: list[str], comm: Any,
+                      dho2_mode: str = "tuned"
                       ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
     """Per pair: the base's rate with the best metric within the budget, then the DHO2 rate with
-    the shortest time to the target that run sets (FOSI's protocol)."""
+    the shortest time to the target that run sets (FOSI's protocol); with
+    ``dho2_mode="defaults"`` DHO2 takes its base's rate."""
     sweep: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, float] = {}
     for pair in pairs:
@@ -351,6 +385,9 @@ def sweep_base_target(name: str, task: dict[str, Any], pairs: list[str], comm: A
         tuned = min(sweep[base], key=best_metric_key)
         chosen[base] = tuned["learning_rate"]
         sweep[dho2] = []
+        if dho2_mode == "defaults":
+            chosen[dho2] = chosen[base]
+            continue
         for lr in learning_rates(dho2, name):
             sweep[dho2].append(run_one(name, task, dho2, lr, SWEEP_SEED,
                                        target=target_of(tuned)))
@@ -366,17 +403,19 @@ def methods_of(pairs: list[str]) -> list[str]:
 
 
 def measure(name: str, task: dict[str, Any], chosen: dict[str, float], seed: int,
-            quick: bool, pairs: list[str]) -> dict[str, dict[str, Any]]:
+            quick: bool, pairs: list[str], dho2_mode: str = "tuned"
+            ) -> dict[str, dict[str, Any]]:
     """One run of every method on ``seed``; where the base sets the target each base runs
     before its DHO2."""
     if not base_sets_target(task):
-        return {m: run_one(name, task, m, chosen[m], seed, quick) for m in methods_of(pairs)}
+        return {m: run_one(name, task, m, chosen[m], seed, quick, dho2=dho2_mode)
+                for m in methods_of(pairs)}
     records: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         dho2, base = PAIRS[pair]
         records[base] = run_one(name, task, base, chosen[base], seed, quick)
         records[dho2] = run_one(name, task, dho2, chosen[dho2], seed, quick,
-                                target=target_of(records[base]))
+                                target=target_of(records[base]), dho2=dho2_mode)
     return {m: records[m] for m in methods_of(pairs)}
 
 
@@ -392,19 +431,20 @@ def run_task(name: str, args: argparse.Namespace, comm: Any) -> dict[str, Any]:
         sweep: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     else:
         chosen, sweep = (sweep_base_target if base_sets_target(task)
-                         else sweep_fixed_target)(name, task, pairs, comm)
+                         else sweep_fixed_target)(name, task, pairs, comm, args.dho2)
         # Times differ between ranks: every rank must train with rank 0's choice.
         chosen = comm.broadcast_object(chosen, 0, name=f"bench/{name}/chosen")
     log(comm, f"   chosen learning rates: {chosen}")
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for seed in range(1 if args.quick else args.seeds):  # methods interleaved per seed
-        for method, record in measure(name, task, chosen, seed, args.quick, pairs).items():
+        for method, record in measure(name, task, chosen, seed, args.quick, pairs,
+                                      args.dho2).items():
             runs[method].append(record)
             log(comm, "run  " + describe(record))
     return {"task": task, "metric": "train_loss" if is_loss_task(task) else "test_accuracy",
-            "profile": args.profile, "pairs": pairs,
+            "profile": args.profile, "pairs": pairs, "dho2": args.dho2,
             "learning_rate_grids": {m: learning_rates(m, name) for m in methods},
-            "dho2_settings": DHO2_TASK[name], "chosen_learning_rates": chosen, "sweep": sweep,
+            "dho2_settings": dho2_settings(name, args.dho2), "chosen_learning_rates": chosen, "sweep": sweep,
             "runs": runs, "summary": summarize(runs)}
 
 
@@ -650,9 +690,11 @@ def write_results(path: str, payload: dict[str, Any], args: argparse.Namespace) 
         print(f"wrote section {name} of {args.report}", flush=True)
 
 
-def results_stem(profile: str, world_size: int) -> str:
-    """``time_to_accuracy_p<P>`` (short profile) or ``time_to_accuracy_long_p<P>``."""
-    return f"time_to_accuracy{'' if profile == 'short' else '_' + profile}_p{world_size}"
+def results_stem(profile: str, world_size: int, dho2: str = "tuned") -> str:
+    """``time_to_accuracy[_long][_defaults]_p<P>``: the short or long profile, DHO2 tuned or
+    at its defaults."""
+    return (f"time_to_accuracy{'' if profile == 'short' else '_' + profile}"
+            f"{'' if dho2 == 'tuned' else '_' + dho2}_p{world_size}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -666,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     comm = default_comm()
     logging.basicConfig(level=logging.WARNING)
     if args.report and comm.is_root:
-        report.check_report(args.report, f"{results_stem(args.profile, comm.size)}.json")
+        stem = results_stem(args.profile, comm.size, args.dho2)
+        report.check_report(args.report, f"{stem}.json")
     # Read before any result file is written (that would mark the tree dirty).
     meta = report.run_metadata(typed, REPO, report.horovod_launcher()) if comm.is_root else {}
     started, load_start = time.perf_counter(), os.getloadavg()
@@ -686,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
                    "wall_seconds": wall,
                    "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
                    "methods": METHODS, "results": results, "table": text}
-        stem = results_stem(args.profile, comm.size)
+        stem = results_stem(args.profile, comm.size, args.dho2)
         write_results(os.path.join(args.output_dir, stem), payload, args)
     return 0
 

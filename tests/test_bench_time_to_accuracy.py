@@ -44,7 +44,9 @@ def test_pairs_share_grids_and_every_task_has_dho2_settings():
         assert set(bench.DHO2_TASK[task]) >= {"k", "alpha", "refresh_every", "curvature_batch"}
         for dho2, base in bench.PAIRS.values():
             assert bench.learning_rates(dho2, task) == bench.learning_rates(base, task)
-    assert [bench.is_loss_task(bench.TASKS[t]) for t in bench.TASKS] == [False, False, True, True]
+    assert [bench.is_loss_task(bench.TASKS[t]) for t in bench.TASKS] == [False, False, True, True,
+                                                                          False]
+    assert bench.DEFAULT_TASKS == list(bench.TASKS)[:4]
     quick = bench.task_settings("logreg_mnist5k", True)
     assert quick["batch_size"] == 100 and "target_accuracy" not in quick
     assert bench.task_settings("mlp_mnist1d", True)["target_accuracy"] == 0.2
@@ -193,6 +195,29 @@ def test_long_profile_lets_the_base_set_every_target(monkeypatch):
     assert seen[-1].target_accuracy == pytest.approx(0.699)  # DHO2 stops at the target
     assert dho2["epochs_to_target"] == 3
     assert bench.methods_of(["adam"]) == ["dho2_adam", "adam"]
+
+
+def test_dho2_defaults_take_the_base_rate_and_only_the_curvature_batch(monkeypatch):
+    assert bench.dho2_settings("cnn_mnist5k", "defaults") == {"curvature_batch": 250}
+    assert bench.dho2_settings("logreg_mnist5k", "tuned") == bench.DHO2_TASK["logreg_mnist5k"]
+    calls = []
+
+    def fake_run(name, task, method, lr, seed, quick=False, target=None, dho2="tuned"):
+        calls.append((method, lr, dho2))
+        good = {0.1: 1.0, 0.3: 2.0}.get(lr, 3.0)  # momentum is fastest at 0.1
+        return {"method": method, "learning_rate": lr, "seed": seed, "time_to_target": good,
+                "best_accuracy": 0.9, "best_train_loss": 0.1, "epochs": 1,
+                "refresh_seconds": 0.0}
+
+    monkeypatch.setattr(bench, "run_one", fake_run)
+    task = bench.task_settings("cnn_mnist5k", False)
+    chosen, sweep = bench.sweep_fixed_target("cnn_mnist5k", task, ["momentum"],
+                                             types.SimpleNamespace(is_root=False),
+                                             "defaults")
+    assert chosen == {"momentum": 0.1, "dho2_momentum": 0.1} and sweep["dho2_momentum"] == []
+    assert {method for method, _, _ in calls} == {"momentum"}
+    assert bench.results_stem("short", 2, "defaults") == "time_to_accuracy_defaults_p2"
+    assert bench.results_stem("long", 1) == "time_to_accuracy_long_p1"
 
 
 def test_bad_seeds_flag_is_refused(capsys):

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import tensorflow as tf
 
 from dho2_tf.models.autoencoder import autoencoder
+from dho2_tf.models.cnn import small_cnn
 from dho2_tf.models.logistic_regression import logistic_regression
 from dho2_tf.models.mlp import mlp
 from dho2_tf.models.objectives import CLASSIFICATION, RECONSTRUCTION, Objective
@@ -33,6 +34,7 @@ _BUILDERS: dict[str, Builder] = {
     "resnet1d": resnet1d,
     "logreg": logistic_regression,
     "autoencoder": autoencoder,
+    "cnn": small_cnn,
 }
 # Models whose objective is not CLASSIFICATION.
 _OBJECTIVES: dict[str, Objective] = {"autoencoder": RECONSTRUCTION}

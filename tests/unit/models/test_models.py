@@ -15,7 +15,10 @@ from dho2_tf.models.resnet import ZeroPadShortcut
 # Autoencoder 784-512-128-32-128-512-784: (784·512+512) + (512·128+128) + (128·32+32)
 #   + (32·128+128) + (128·512+512) + (512·784+784)
 #   = 401,920 + 65,664 + 4,128 + 4,224 + 66,048 + 402,192 = 944,176 (FOSI's 0.94M).
+# Small CNN on 28×28: conv 5·5·1·16+16 = 416, conv 5·5·16·32+32 = 12,832, two pools leave
+#   7·7·32 = 1,568 features, Dense 1,568·10+10 = 15,690: 28,938.
 EXPECTED_PARAMS = {
+    "cnn": ((784,), 28_938),
     "logreg": ((784,), 7_850),
     "autoencoder": ((784,), 944_176),
     "mlp": ((40,), 15_210),
@@ -29,7 +32,8 @@ EXPECTED_PARAMS = {
 PAPER_RANGES = {"resnet20": (260_000, 280_000), "resnet110": (1_690_000, 1_750_000),
                 "autoencoder": (935_000, 945_000)}
 # Small inputs for the training step (ResNet counts do not depend on H, W: global pooling).
-TRAIN_SHAPES = {"mlp": (40,), "resnet1d": (40,), "logreg": (40,), "autoencoder": (40,)}
+TRAIN_SHAPES = {"mlp": (40,), "resnet1d": (40,), "logreg": (40,), "autoencoder": (40,),
+                "cnn": (40,)}
 # Tracing fit's graph of the deep nets takes ~10 s on 2 cores; they run the step eagerly.
 EAGER_FIT = {"resnet56", "resnet110"}
 
