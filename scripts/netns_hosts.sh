@@ -54,9 +54,15 @@ our_namespaces() {
     ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${PREFIX}-[0-9]+$" || true
 }
 
+# Root-side ends of our veth pairs (PREFIX-v<n>).
+our_veths() {
+    ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 \
+        | grep -E "^${PREFIX}-v[0-9]+$" || true
+}
+
 cmd_down() {
     need_root
-    local state="${1:-}" ns pids
+    local state="${1:-}" ns pids link tries=0
     for ns in $(our_namespaces); do
         # sshd, the sessions it started and any worker left behind: all live in the namespace.
         pids="$(ip netns pids "$ns" 2>/dev/null || true)"
@@ -64,6 +70,16 @@ cmd_down() {
             kill -9 $pids 2>/dev/null || true
         fi
         ip netns del "$ns" 2>/dev/null || true
+    done
+    # The kernel dismantles a deleted namespace (and the veth pairs in it) asynchronously:
+    # delete the root-side ends now and wait until they are gone, so `up` can reuse the names.
+    for link in $(our_veths); do
+        ip link del "$link" 2>/dev/null || true
+    done
+    while [[ -n "$(our_veths)" ]]; do
+        tries=$((tries + 1))
+        [[ $tries -lt 100 ]] || die "could not remove the links $(our_veths | tr '\n' ' ')"
+        sleep 0.1
     done
     if ip link show "$PREFIX" >/dev/null 2>&1; then
         ip link del "$PREFIX"
