@@ -30,15 +30,19 @@ def horovodrun_path() -> str:
 
 
 def horovod_command(script: str | Path | None, np: int | None, args: Sequence[str] = (), *,
-                    horovod_args: Sequence[str] = (), module: str | None = None) -> list[str]:
+                    horovod_args: Sequence[str] = (), module: str | None = None,
+                    hosts: str | None = None) -> list[str]:
     """``horovodrun --gloo [-np np -H localhost:np] *horovod_args python script *args``.
 
     ``module`` runs ``python -m module`` instead of a script; ``np=None`` leaves the process
-    count and hosts to ``horovod_args`` (elastic runs: ``--min-np``, host discovery, ...).
+    count and hosts to ``horovod_args`` (elastic runs: ``--min-np``, host discovery, ...);
+    ``hosts`` (``"10.213.0.2:1,10.213.0.3:1"``) replaces ``localhost:np`` after ``-H``.
     """
     if (script is None) == (module is None):
         raise ValueError("Give exactly one of `script` and `module`.")
-    ranks = [] if np is None else ["-np", str(np), "-H", f"localhost:{np}"]
+    if hosts is not None and np is None:
+        raise ValueError(f"`hosts` needs `np`. Received: hosts={hosts!r}, np=None")
+    ranks = [] if np is None else ["-np", str(np), "-H", hosts or f"localhost:{np}"]
     target = ["-m", module] if module is not None else [str(script)]
     return [horovodrun_path(), "--gloo", *ranks, *horovod_args, sys.executable, *target, *args]
 
@@ -58,11 +62,15 @@ def horovod_env(env: dict[str, str] | None = None) -> dict[str, str]:
 def start_horovod(script: str | Path | None, np: int | None, args: Sequence[str] = (), *,
                   horovod_args: Sequence[str] = (), module: str | None = None,
                   env: dict[str, str] | None = None, command: Sequence[str] | None = None,
-                  merge_stderr: bool = True) -> subprocess.Popen:
+                  merge_stderr: bool = True, hosts: str | None = None) -> subprocess.Popen:
     """Start a launch (see :func:`horovod_command`, or ``command`` as given) in its own process
-    group, so :func:`finish` can kill the launcher and its workers together; output piped."""
+    group, so :func:`finish` can kill the launcher and its workers together; output piped.
+
+    Workers on other hosts (``hosts``, or a ``command`` that launches over ssh) are not in that
+    group: whoever starts them stops them (``tests/helpers/netns_hosts.py`` for simulated hosts).
+    """
     cmd = list(command) if command is not None else horovod_command(
-        script, np, args, horovod_args=horovod_args, module=module)
+        script, np, args, horovod_args=horovod_args, module=module, hosts=hosts)
     return subprocess.Popen(cmd, cwd=REPO, env=horovod_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -87,15 +95,17 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
 def run_horovod(script: str | Path | None, np: int | None, args: Sequence[str] = (),
                 timeout: float = 300, env: dict[str, str] | None = None, *,
                 horovod_args: Sequence[str] = (), module: str | None = None,
-                check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``horovodrun --gloo -np np -H localhost:np python script *args`` to the end.
+                check: bool = True, hosts: str | None = None,
+                command: Sequence[str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``horovodrun --gloo -np np -H localhost:np python script *args`` (``-H hosts`` when
+    given; ``command`` as given instead, e.g. a launch script) to the end.
 
     Returns the completed process (stdout and stderr apart). Raises AssertionError (with the
     output) on a timeout, and on a non-zero exit unless ``check=False`` (for tests that expect
     the job to fail, or that read which part of it failed).
     """
     proc = start_horovod(script, np, args, horovod_args=horovod_args, module=module, env=env,
-                         merge_stderr=False)
+                         merge_stderr=False, hosts=hosts, command=command)
     out, err = finish(proc, timeout)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and done.returncode != 0:
