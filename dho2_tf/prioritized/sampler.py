@@ -434,8 +434,9 @@ class PrioritizedSampler(tf.Module):
         if self.selection == "adaptive":
             tau = self._update_switch(self.estimated_priorities(), 0.0)[0]  # fresh table
             if self.comm.is_root:
-                logger.info("Initial variance reduction τ = %.3f (threshold %.3f): %s sampling",
-                            float(tau), self.tau_threshold,
+                logger.info("Initial variance reduction τ = %.3f (threshold max(%.3f, ĉ = "
+                            "%.3f)): %s sampling", float(tau), self.tau_threshold,
+                            float(self.cost.numpy()),
                             "importance" if bool(self.importance_on.numpy()) else "uniform")
         self.is_initialized = True
         if self.comm.is_root:
