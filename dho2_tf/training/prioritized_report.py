@@ -25,8 +25,9 @@ Key = tuple[str, int, str, int]  # (model, ranks, method, batch)
 
 HEADER = ("| model | P | method | lr | hits | time to target, median [min–max] s | "
           "initial pass s | grad evals (k) | best acc | speed-up vs SGD equal work | "
-          "speed-up vs SGD best batch | light / full steps | step ms light / full | "
-          "bookkeeping s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "speed-up vs SGD best batch |\n|---|---|---|---|---|---|---|---|---|---|---|")
+#: Extra columns of results files with step times (the cost split).
+SPLIT_HEADER = (" light / full steps | step ms light / full | bookkeeping s |", "---|---|---|")
 
 
 def group_runs(rows: list[Row]) -> dict[Key, list[Row]]:
@@ -66,7 +67,7 @@ def best_batch(groups: dict[Key, list[Row]], model: str, ranks: int, budget: flo
 
 
 def _row(key: Key, runs: list[Row], groups: dict[Key, list[Row]], target: float,
-         budget: float, eq_batch: int, best: int) -> str:
+         budget: float, eq_batch: int, best: int, split: bool) -> str:
     model, ranks, method, batch = key
     times = seed_times(runs, budget)
     values = list(times.values())
@@ -82,8 +83,8 @@ def _row(key: Key, runs: list[Row], groups: dict[Key, list[Row]], target: float,
             f"{hits}/{len(runs)} | {np.median(values):.2f} [{min(values):.2f}–{max(values):.2f}] "
             f"| {np.median([r['init_seconds'] for r in runs]):.2f} | "
             f"{np.median([r['evaluations'] for r in runs]) / 1e3:.0f} | "
-            f"{np.median([r['best_accuracy'] for r in runs]):.3f} | {ratios[0]} | {ratios[1]} | "
-            f"{cost_split(runs)} |")
+            f"{np.median([r['best_accuracy'] for r in runs]):.3f} | {ratios[0]} | {ratios[1]} |"
+            + (f" {cost_split(runs)} |" if split else ""))
 
 
 def bookkeeping_seconds(run: Row) -> float:
@@ -117,7 +118,10 @@ def markdown(rows: list[Row], targets: dict[str, float], budgets: dict[str, floa
     the seed-0 runs at the rates not chosen), the calibrated targets (``calibration``) and
     whether the base runs (SGD at its best batch, P = 1) took ≥ ``min_base_seconds``."""
     groups = group_runs(rows)
-    lines = [*provenance_lines(meta, results), "", HEADER]
+    split = any("light_steps" in r for r in rows)  # older results files have no step times
+    head, rule = HEADER.split("\n")
+    header = f"{head}{SPLIT_HEADER[0]}\n{rule}{SPLIT_HEADER[1]}" if split else HEADER
+    lines = [*provenance_lines(meta, results), "", header]
     for model, ranks in sorted({key[:2] for key in groups}):
         psgd = next(r for r in rows if r["model"] == model and r["ranks"] == ranks
                     and r["method"] != "sgd")
@@ -126,11 +130,11 @@ def markdown(rows: list[Row], targets: dict[str, float], budgets: dict[str, floa
         for key in sorted(k for k in groups if k[:2] == (model, ranks)):
             if key[2] != "sgd" or len(groups[key]) > 1:  # skip single-seed sweep points
                 lines.append(_row(key, groups[key], groups, targets[model], budgets[model],
-                                  eq_batch, best))
+                                  eq_batch, best, split))
     lines += ["", sweep_note(groups), "", scaling_note(groups, budgets)]
     notes = [tuning_note(list(rows) + list(tuning), budgets) if tuning else "",
              calibration_note(calibration or {}, targets),
-             base_note(groups, budgets, min_base_seconds)]
+             base_note(groups, budgets, min_base_seconds) if split else ""]
     lines += [line for note in notes if note for line in ("", note)]
     return "\n".join(lines) + "\n"
 
