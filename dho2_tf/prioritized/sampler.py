@@ -121,8 +121,8 @@ class PrioritizedSampler(tf.Module):
         While sampling is uniform, one step in N pays for the bookkeeping; while it is on, one
         step in N stays light so both step times keep being measured. T̄_full and T̄_light are
         the mean in-graph times of the two kinds of step on this rank (from ``tf.timestamp``,
-        so Keras' per-step overhead, common to both, is left out and ĉ can only be larger than
-        the ratio of whole step times); ĉ = 1 until both kinds have run. With a number for
+        so Keras' per-step overhead, common to both, is left out: when a full step costs more
+        than a light one, ĉ is larger than the ratio of whole step times); ĉ = 1 until both kinds have run. With a number for
         ``cost_ratio``, ĉ is that number.
 
         With ``aggregate_report`` the refresh set is added to the step: loss

@@ -21,7 +21,8 @@ decision uses an exponential moving average τ̄ ← m·τ̄ + (1 − m)·τ and
 while τ̄ > τ_th.
 
 Importance sampling is worth its cost when τ exceeds the cost ratio ĉ of an importance step
-to a uniform step (Katharopoulos & Fleuret, §3.4: the speed-up is τ/ĉ). The sampler measures ĉ
+to a uniform step (Katharopoulos & Fleuret, §3.4, switch on when τ exceeds the cost ratio of
+their importance step to a uniform one). The sampler measures ĉ
 from the run's own step times (:func:`cost_ratio_from_times`), sums the per-rank mean times in
 the same allreduce as the variance terms, and decides on τ̄ > max(τ_th, ĉ).
 
