@@ -1,33 +1,47 @@
 """Benchmark: prioritized SGD vs mini-batch SGD, wall-clock time to a target test accuracy.
 
-Default (≈ 8–12 min on 2 CPU cores)::
+Long runs (the default; several hours on 2 CPU cores, run on a quiet machine)::
 
     python jobs/bench_prioritized.py --out BENCHMARKS.md
 
-launches ``horovodrun --gloo -np P`` for P = 1 and 2, runs the tasks (``--tasks``: MNIST-1D
-4000 train / 1000 test, the real-MNIST 5,000-image subset 4000 / 1000 (``load_mnist5k``), and
-MNIST-1D with each easy training example repeated 4 times (the easiest half by a
-nearest-class-mean margin; 10,000 training rows), see ``bench.with_redundancy``) with the MLP
-and a small CNN (1-D, or 2-D for 28 × 28 images), 3 seeds each, and prints the table. Methods:
-PSGD as released (``psgd``: k = 5%, r = 1%, length init, projection refresh, exp-decay, top-k),
-PSGD with the aggregated report, the default configuration of ``PrioritizedModel``
-(``psgd-default``: importance sampling only while its variance reduction τ pays, priorities
-refreshed for free), importance sampling with free refresh (``psgd-is-free``), loss-ranked
-selection from a candidate pool (``psgd-pool``), mini-batch SGD with the equal-work global batch
-(k + r)·n and SGD with the best global batch of a sweep (seed 0, then the other seeds); also the
-unbiased importance-sampling mode (exact and last-layer scores). SGD with momentum 0.9 for all;
-learning rates were tuned once per model and method on MNIST-1D (P = 1, seed 0; grids and
-results in ``DEFAULT_LR``'s comment). A quick functional check (no
-timing value) runs e.g. ``--tasks mnist1d --models mlp --ranks 1 --seeds 0 --methods
-psgd-default --sweep 64 --budget mnist1d/mlp=1``.
+launches ``horovodrun --gloo -np P`` for P = 1 and 2 and runs, per task and model (``--tasks``,
+``--models``; default the MNIST 5,000-image subset with the MLP and the small CNN, MNIST-1D with
+each easy training example repeated 4 times, and MNIST-1D with 20% of the training labels
+replaced by another class, both with the MLP; ``--num-samples`` MNIST-1D examples):
+
+1. **Targets** (``--calibrate-seconds`` T, default 30): one calibration run of SGD at the
+   equal-work batch (P = 1, seed 0, ``--lr``) for ``--calibrate-budget`` seconds; the target is
+   the lowest test accuracy it first reaches at ≥ T s (``bench.calibrated_target``), so base
+   runs last about T s or more and one-off costs (tracing excluded, the initial priority pass
+   included) do not decide. ``--calibrate-seconds 0`` uses ``--target`` instead.
+2. **Learning rates** tuned at the first P of ``--ranks`` with seed 0 on the same grid
+   ``--lr-grid`` for every method and for SGD at every swept batch (``--sweep`` plus the
+   equal-work batch (k + r)·n); the other P reuse them. ``--lr-grid ""`` uses ``--lr``.
+3. **Seeds** (``--seeds``, default 0, 1, 2): every method, SGD at the equal-work batch and SGD
+   at its best swept batch.
+
+The report gives the median time to target and the speed-up over both SGD baselines, and the
+cost split: light and full steps and their mean in-graph times, so that the bookkeeping's share
+(scores, priority scatter, τ) of the clock shows next to the step's. Methods (``--methods``):
+``psgd-default`` (``PrioritizedSampler()``, the recommended configuration), ``psgd`` (the
+paper's released configuration, ``PrioritizedSampler.paper()``), and optionally the unbiased
+and pool variants of ``bench.PSGD_VARIANTS``. SGD with momentum 0.9 for all.
+
+A quick functional check (seconds; no timing value)::
+
+    python jobs/bench_prioritized.py --tasks mnist1d --models mlp --ranks 1 --seeds 0 \
+        --methods psgd-default --sweep 64 --lr-grid 0.1 --calibrate-seconds 1 \
+        --calibrate-budget 2 --budget mnist1d/mlp=2 --num-samples 1000 --rows /tmp/b.json
+
 Protocol: see :mod:`dho2_tf.training.prioritized_bench`.
 
-Every run is saved with the run's command, commit and date (``meta``), the targets and budgets
-to ``--rows`` (default ``results/bench_prioritized.json``). ``--out`` (alias ``--report``)
-replaces only the text between the ``<!-- BEGIN bench_prioritized -->`` and
-``<!-- END bench_prioritized -->`` lines of that file (the section is named after the results
-file, see :func:`dho2_tf.training.report.section_name`). ``--from-rows`` (alias
-``--render-only``) renders a saved results file without running anything::
+Every run is saved with the run's command, commit and date (``meta``), the targets, budgets,
+calibration curves and tuning runs to ``--rows`` (default ``results/bench_prioritized.json``).
+``--out`` (alias ``--report``) replaces only the text between the
+``<!-- BEGIN bench_prioritized -->`` and ``<!-- END bench_prioritized -->`` lines of that file
+(the section is named after the results file, see :func:`dho2_tf.training.report.section_name`).
+``--from-rows`` (alias ``--render-only``) renders a saved results file without running
+anything::
 
     python jobs/bench_prioritized.py --render-only results/bench_prioritized.json \
         --report BENCHMARKS.md
@@ -69,14 +83,15 @@ DEFAULT_LR = ("mlp/sgd=0.2,mlp/psgd=0.02,mlp/psgd+a=0.05,mlp/psgd-is=0.05,mlp/ps
               + ",".join(f"mnist5k/cnn/{m}=0.05" for m in
                          ("sgd", "psgd", "psgd+a", "psgd-is", "psgd-is-ll", "psgd-default",
                           "psgd-is-free", "psgd-pool")))
-# Per task/model. MNIST-5k: SGD's best test accuracy within 10–15 s (P = 1, seed 0) is 0.954
+# Fallback targets (--calibrate-seconds 0), per task/model. MNIST-5k: SGD's best test accuracy within 10–15 s (P = 1, seed 0) is 0.954
 # (MLP) and 0.978 (CNN); the targets sit below it so that every method can reach them.
 DEFAULT_TARGET = ("mnist1d/mlp=0.60,mnist1d/cnn=0.85,mnist1d-redundant/mlp=0.60,"
                   "mnist1d-redundant/cnn=0.85,mnist5k/mlp=0.93,mnist5k/cnn=0.96,"
-                  "mnist5k-redundant/mlp=0.93,mnist5k-redundant/cnn=0.96")
-DEFAULT_BUDGET = ("mnist1d/mlp=8,mnist1d/cnn=20,mnist1d-redundant/mlp=8,mnist1d-redundant/cnn=20,"
-                  "mnist5k/mlp=15,mnist5k/cnn=30,mnist5k-redundant/mlp=15,"
-                  "mnist5k-redundant/cnn=30")
+                  "mnist5k-redundant/mlp=0.93,mnist5k-redundant/cnn=0.96,"
+                  "mnist1d-noisy/mlp=0.55,mnist1d-noisy/cnn=0.80,mnist5k-noisy/mlp=0.90,"
+                  "mnist5k-noisy/cnn=0.94")
+# Clock budget of every run (per model, or per task/model): 2.5x the 30 s base runs.
+DEFAULT_BUDGET = "mlp=75,cnn=75"
 RESULTS = "results/bench_prioritized.json"
 
 
@@ -84,13 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", default="1,2", help="comma-separated P values")
-    parser.add_argument("--tasks", default="mnist1d,mnist5k,mnist1d-redundant",
-                        help="comma-separated keys of bench.TASKS")
+    parser.add_argument("--tasks", default="mnist5k/mlp,mnist5k/cnn,mnist1d-redundant/mlp,"
+                        "mnist1d-noisy/mlp",
+                        help="comma-separated keys of bench.TASKS, each optionally with "
+                        "/model (then --models is ignored for it)")
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods",
-                        default="psgd,psgd+a,psgd-is,psgd-is-ll,psgd-default,psgd-is-free,"
-                        "psgd-pool",
+    parser.add_argument("--methods", default="psgd-default,psgd",
                         help="PSGD variants (keys of bench.PSGD_VARIANTS; psgd-default is the "
                         "default of PrioritizedModel, psgd the paper's released configuration)")
     parser.add_argument("--k", type=float, default=0.05)
@@ -103,8 +118,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="test accuracy per task/model (or per model)")
     parser.add_argument("--budget", default=DEFAULT_BUDGET,
                         help="clock seconds per run, per task/model (or per model)")
-    parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--num-samples", type=int, default=5000)
+    parser.add_argument("--lr-grid", default="0.05,0.1,0.2,0.4",
+                        help="learning rates tried per method and SGD batch at the first P, "
+                        "seed 0 ('' = use --lr)")
+    parser.add_argument("--calibrate-seconds", type=float, default=30.0,
+                        help="targets such that SGD first reaches them after this many clock "
+                        "seconds (0 = use --target)")
+    parser.add_argument("--calibrate-budget", type=float, default=60.0,
+                        help="clock seconds of each calibration run")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--num-samples", type=int, default=20000)
+    parser.add_argument("--phase", default="run", choices=("run", "calibrate"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", "--report", dest="out", default=None,
                         help="markdown file whose section to replace (e.g. BENCHMARKS.md)")
     parser.add_argument("--rows", default=RESULTS,
@@ -112,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--from-rows", "--render-only", dest="from_rows", default=None,
                         metavar="JSON", help="only render the report of a results file")
     parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -128,8 +154,22 @@ def lookup(table: dict[str, float], *keys: str) -> float:
     raise KeyError(f"none of {keys} in {sorted(table)}")
 
 
+def task_models(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(task, model)`` pairs of ``--tasks`` (``task/model`` entries, or every ``--models``)."""
+    pairs = []
+    for item in args.tasks.split(","):
+        task, _, model = item.partition("/")
+        pairs += [(task, model)] if model else [(task, m) for m in args.models.split(",")]
+    return pairs
+
+
+def sgd_lr_key(task: str, model: str, batch: int) -> str:
+    """``--lr`` key of SGD's tuned learning rate at one global batch."""
+    return f"{task}/{model}/sgd@{batch}"
+
+
 def worker(args: argparse.Namespace) -> None:
-    """Runs under horovodrun: the whole plan for this P; rank 0 writes the JSON results."""
+    """Runs under horovodrun: calibration, or the whole plan for this P; rank 0 writes JSON."""
     import tensorflow as tf
 
     from dho2_tf.distributed.comm import default_comm
@@ -144,44 +184,79 @@ def worker(args: argparse.Namespace) -> None:
     log = logging.getLogger("bench_prioritized")
     targets, budgets, lrs = per_model(args.target), per_model(args.budget), per_model(args.lr)
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = []
+    grid = [float(v) for v in args.lr_grid.split(",") if v] if args.tune else []
+    results, tuning, tuned, calibration = [], [], {}, {}
 
-    def run(spec: "bench.RunSpec", data: Any) -> "bench.RunResult":
+    def run(spec: "bench.RunSpec", data: Any, keep: list | None = None,
+            **kwargs: Any) -> "bench.RunResult":
         label = f"{spec.task}/{spec.model}"
-        res = bench.run_once(spec, data, lookup(targets, label, spec.model),
-                             lookup(budgets, label, spec.model), args.eval_every, comm)
+        target = kwargs.pop("target", None) or lookup(targets, label, spec.model)
+        res = bench.run_once(spec, data, target, kwargs.pop("budget", None)
+                             or lookup(budgets, label, spec.model), args.eval_every, comm,
+                             **kwargs)
         log.info("P=%d %s: %s in %s s (%d steps, best %.3f)", comm.size, label,
-                 f"{spec.method}/b{spec.batch}/seed{spec.seed}", res.time_to_target,
-                 res.steps, res.best_accuracy)
-        results.append(res)
+                 f"{spec.method}/b{spec.batch}/lr{spec.learning_rate}/seed{spec.seed}",
+                 res.time_to_target, res.steps, res.best_accuracy)
+        (results if keep is None else keep).append(res)
         return res
 
-    for task in args.tasks.split(","):
+    def fastest(candidates: dict[Any, "bench.RunResult"]) -> Any:
+        return min(candidates, key=lambda c: (candidates[c].time_to_target or float("inf"), c))
+
+    def tune(make: Any, fixed: float, data: Any) -> tuple[float, "bench.RunResult"]:
+        """Seed-0 runs on the grid (or at ``fixed``); the best rate and its run (kept)."""
+        if not grid:
+            return fixed, run(make(fixed), data)
+        trials = {lr: run(make(lr), data, keep=tuning) for lr in grid}
+        best = fastest(trials)
+        results.append(trials[best])
+        return best, trials[best]
+
+    for task, model in task_models(args):
         data = bench.load_task(task, args.num_samples)
-        for model in args.models.split(","):
-            lr = {m: lookup(lrs, f"{task}/{model}/{m}", f"{model}/{m}")
-                  for m in ["sgd", *args.methods.split(",")]}
-            eq_batch = bench.equal_work_batch(args.k, args.r, len(data.y_train), comm.size)
-            sweep = sorted({int(b) for b in args.sweep.split(",")} | {eq_batch})
-            base = dict(model=model, method="sgd", learning_rate=lr["sgd"], seed=seeds[0],
-                        task=task)
-            first = {b: run(bench.RunSpec(batch=b, **base), data) for b in sweep}
-            best = min(sweep, key=lambda b: (first[b].time_to_target or float("inf"), b))
-            for batch in sorted({eq_batch, best}):
-                for seed in seeds[1:]:
-                    run(bench.RunSpec(**{**base, "batch": batch, "seed": seed}), data)
-            for method in args.methods.split(","):
-                for seed in seeds:
-                    run(bench.RunSpec(model, method, lr[method], seed, k=args.k, r=args.r,
-                                      task=task), data)
-            log.info("P=%d %s/%s: equal-work batch %d, best swept batch %d", comm.size, task,
-                     model, eq_batch, best)
+        label = f"{task}/{model}"
+        eq_batch = bench.equal_work_batch(args.k, args.r, len(data.y_train), comm.size)
+        base = dict(model=model, method="sgd", seed=seeds[0], task=task)
+        if args.phase == "calibrate":
+            res = run(bench.RunSpec(batch=eq_batch, learning_rate=lookup(
+                lrs, sgd_lr_key(task, model, eq_batch), f"{label}/sgd", f"{model}/sgd"),
+                **base), data, keep=[], target=2.0, budget=args.calibrate_budget,
+                record_curve=True)
+            calibration[label] = {"curve": res.curve, "target": bench.calibrated_target(
+                res.curve, args.calibrate_seconds)}
+            continue
+        sweep = sorted({int(b) for b in args.sweep.split(",")} | {eq_batch})
+        first = {}
+        for b in sweep:
+            fixed = lookup(lrs, sgd_lr_key(task, model, b), f"{label}/sgd", f"{model}/sgd")
+            tuned[sgd_lr_key(task, model, b)], first[b] = tune(
+                lambda lr, b=b: bench.RunSpec(batch=b, learning_rate=lr, **base), fixed, data)
+        best = fastest(first)
+        for batch in sorted({eq_batch, best}):
+            for seed in seeds[1:]:
+                run(bench.RunSpec(**{**base, "batch": batch, "seed": seed,
+                                     "learning_rate": tuned[sgd_lr_key(task, model, batch)]}),
+                    data)
+        for method in args.methods.split(","):
+            fixed = lookup(lrs, f"{label}/{method}", f"{model}/{method}")
+            lr, _ = tune(lambda lr, m=method: bench.RunSpec(
+                model, m, lr, seeds[0], k=args.k, r=args.r, task=task), fixed, data)
+            tuned[f"{label}/{method}"] = lr
+            for seed in seeds[1:]:
+                run(bench.RunSpec(model, method, lr, seed, k=args.k, r=args.r, task=task), data)
+        log.info("P=%d %s: equal-work batch %d, best swept batch %d", comm.size, label,
+                 eq_batch, best)
     if comm.is_root:
-        # The report groups rows by "model": label them task/model.
-        rows = [{**dataclasses.asdict(r.spec), **{f.name: getattr(r, f.name) for f in
-                 dataclasses.fields(r) if f.name != "spec"},
-                 "model": f"{r.spec.task}/{r.spec.model}"} for r in results]
-        Path(args.worker_json).write_text(json.dumps(rows, indent=1))
+        Path(args.worker_json).write_text(json.dumps(
+            {"rows": as_rows(results), "tuning": as_rows(tuning), "tuned_lr": tuned,
+             "calibration": calibration}, indent=1))
+
+
+def as_rows(results: list[Any]) -> list[dict[str, Any]]:
+    """Report rows of run results; the report groups rows by "model": label them task/model."""
+    return [{**dataclasses.asdict(r.spec), **{f.name: getattr(r, f.name) for f in
+             dataclasses.fields(r) if f.name not in ("spec", "curve")},
+             "model": f"{r.spec.task}/{r.spec.model}"} for r in results]
 
 
 OUTPUT_FLAGS = ("--out", "--report", "--rows", "--from-rows", "--render-only")
@@ -200,20 +275,26 @@ def run_flags(argv: list[str]) -> list[str]:
     return kept
 
 
-def launch(args: argparse.Namespace, ranks: int, json_path: Path) -> None:
-    """Re-run this script under ``horovodrun --gloo -np ranks``."""
+def launch(args: argparse.Namespace, ranks: int, json_path: Path,
+           extra: list[str] = ()) -> dict[str, Any]:
+    """Re-run this script under ``horovodrun --gloo -np ranks`` (``extra``: flags that override
+    the command line's); returns the worker's JSON."""
     horovodrun = Path(sys.executable).parent / "horovodrun"
     cmd = [str(horovodrun), "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}",
-           sys.executable, str(Path(__file__).resolve()), *run_flags(sys.argv[1:]),
+           sys.executable, str(Path(__file__).resolve()), *run_flags(sys.argv[1:]), *extra,
            "--worker-json", str(json_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    return json.loads(json_path.read_text())
 
 
-def resolved(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """Targets and budgets of the command line for every task/model label of ``rows``."""
-    targets, budgets = per_model(args.target), per_model(args.budget)
+def resolved(rows: list[dict[str, Any]], args: argparse.Namespace,
+             calibrated: dict[str, float] | None = None) -> dict[str, Any]:
+    """Targets (``calibrated`` ones first, then the command line's) and budgets of the command
+    line for every task/model label of ``rows``."""
+    targets = {**per_model(args.target), **(calibrated or {})}
+    budgets = per_model(args.budget)
     labels = {row["model"]: row["model"].split("/")[-1] for row in rows}  # task/model → model
     return {"targets": {k: lookup(targets, k, m) for k, m in labels.items()},
             "budgets": {k: lookup(budgets, k, m) for k, m in labels.items()}}
@@ -233,18 +314,33 @@ def render(payload: dict[str, Any], results: str) -> str:
     from dho2_tf.training import prioritized_report
 
     return prioritized_report.markdown(payload["rows"], payload["targets"], payload["budgets"],
-                                       payload["meta"], results)
+                                       payload["meta"], results,
+                                       tuning=payload.get("tuning", []),
+                                       calibration=payload.get("calibration", {}))
 
 
-def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One ``horovodrun`` worker per P of ``--ranks``; their rows."""
-    rows: list[dict[str, Any]] = []
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Calibration (P = 1), then one ``horovodrun`` worker per P of ``--ranks``: the first
+    tunes the learning rates, the others reuse them. Returns ``{"rows", "tuning",
+    "calibration", "targets"}`` (``targets``: the calibrated ones, by task/model)."""
+    out: dict[str, Any] = {"rows": [], "tuning": [], "calibration": {}, "targets": {}}
+    targets = args.target
     with tempfile.TemporaryDirectory() as tmp:
+        if args.calibrate_seconds > 0:
+            out["calibration"] = launch(args, 1, Path(tmp) / "calibrate.json",
+                                        ["--phase", "calibrate"])["calibration"]
+            out["targets"] = {label: c["target"] for label, c in out["calibration"].items()
+                              if c["target"] is not None}
+            targets = ",".join([targets] + [f"{k}={v}" for k, v in out["targets"].items()])
+        lr, tune = args.lr, True
         for ranks in [int(p) for p in args.ranks.split(",")]:
-            path = Path(tmp) / f"np{ranks}.json"
-            launch(args, ranks, path)
-            rows += json.loads(path.read_text())
-    return rows
+            extra = ["--target", targets, "--lr", lr] + (["--tune"] if tune else [])
+            part = launch(args, ranks, Path(tmp) / f"np{ranks}.json", extra)
+            out["rows"] += part["rows"]
+            out["tuning"] += part["tuning"]
+            lr = ",".join([lr] + [f"{k}={v}" for k, v in part["tuned_lr"].items()])
+            tune = False
+    return out
 
 
 def main() -> None:
@@ -263,8 +359,12 @@ def main() -> None:
         if args.out:
             report.check_report(args.out, args.rows)
         meta = report.run_metadata(repo=REPO)  # before any result file is written
-        rows = run_all(args)
-        payload = {"meta": meta, **resolved(rows, args), "rows": rows}
+        out = run_all(args)
+        payload = {"meta": meta, **resolved(out["rows"], args, out["targets"]),
+                   "rows": out["rows"], "tuning": out["tuning"],
+                   "calibration": out["calibration"],
+                   "settings": {"lr_grid": args.lr_grid, "calibrate_seconds":
+                                args.calibrate_seconds, "num_samples": args.num_samples}}
         source = args.rows
         Path(source).parent.mkdir(parents=True, exist_ok=True)
         Path(source).write_text(json.dumps(payload, indent=1) + "\n")

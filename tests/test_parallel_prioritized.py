@@ -10,7 +10,7 @@ pytestmark = pytest.mark.parallel
 
 
 @pytest.mark.parametrize("script, tag, tests", [
-    ("prioritized_global.py", "PRIORITIZED_GLOBAL", 5),
+    ("prioritized_global.py", "PRIORITIZED_GLOBAL", 7),
     ("prioritized_fit.py", "PRIORITIZED_FIT", 3),
     ("prioritized_fit_dho2.py", "PRIORITIZED_DHO2_FIT", 1),
 ])

@@ -22,13 +22,14 @@ from dho2_tf.prioritized.per_example import (
     per_example_gradients,
     per_example_loss_fn,
 )
-from dho2_tf.prioritized.sampler import RECOMMENDED, PrioritizedSampler
+from dho2_tf.prioritized.sampler import PAPER, RECOMMENDED, PrioritizedSampler
 from dho2_tf.prioritized.staleness import PriorityTable, estimate_priorities, refresh_priorities
 
 __all__ = [
     "ExactScorer",
     "LastLayerScorer",
     "LossScorer",
+    "PAPER",
     "PrioritizedModel",
     "PrioritizedSampler",
     "PriorityTable",

@@ -36,10 +36,10 @@ class PrioritizedModel(tf.keras.Model):
 
     Args:
         model: the Keras model to train (single output).
-        sampler: the :class:`PrioritizedSampler` (default:
-            ``PrioritizedSampler.recommended()``: uniform sampling until importance sampling
-            pays for itself, priorities refreshed for free; pass ``PrioritizedSampler()`` for
-            the paper's released configuration).
+        sampler: the :class:`PrioritizedSampler` (default: ``PrioritizedSampler()``, the
+            recommended configuration: uniform sampling until importance sampling pays for
+            its measured cost, priorities refreshed for free every N-th step while uniform;
+            ``PrioritizedSampler.paper()`` is the paper's released configuration).
         average_gradients: allreduce-average the gradients over ranks before
             ``apply_gradients``. ``None`` (default) averages unless the optimizer has its own
             ``comm`` communicator (as ``dho2_tf.DHO2``, which averages gradients itself).
@@ -47,8 +47,7 @@ class PrioritizedModel(tf.keras.Model):
         **kwargs: ``tf.keras.Model`` arguments (e.g. ``name``).
 
     Example:
-        >>> sampler = PrioritizedSampler(k=0.05, r=0.01)
-        >>> pmodel = PrioritizedModel(model, sampler)
+        >>> pmodel = PrioritizedModel(model, PrioritizedSampler(k=0.05))
         >>> pmodel.compile(optimizer="sgd", loss=loss, metrics=["accuracy"])
         >>> pmodel.fit(x_shard, y_shard, epochs=5, validation_data=(x_test, y_test))
     """
@@ -66,7 +65,7 @@ class PrioritizedModel(tf.keras.Model):
         # The table is per rank: keep it out of `variables` so that no weight broadcast
         # (Horovod's callback, DHO2's initial broadcast) copies rank 0's table, but keep it in
         # checkpoints (`save_weights`, `tf.train.Checkpoint`).
-        object.__setattr__(self, "_sampler", sampler or PrioritizedSampler.recommended())
+        object.__setattr__(self, "_sampler", sampler or PrioritizedSampler())
         self._track_trackable(self._sampler, name="sampler")
         self.average_gradients = average_gradients
         self._comm = comm
@@ -148,11 +147,20 @@ class PrioritizedModel(tf.keras.Model):
         return not isinstance(getattr(self.optimizer, "comm", None), Communicator)
 
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
-        """One PSGD step: refresh, select, weighted gradient, (average), apply, advance."""
+        """One PSGD step: refresh, select, weighted gradient, (average), apply, advance.
+
+        A light step (see :class:`PrioritizedSampler`, ``bookkeeping_interval``) draws uniform
+        indices and skips the scores, the table scatter and τ. The step's in-graph time, from
+        ``tf.timestamp`` before the selection to after the update and the bookkeeping, is
+        added to the sampler's light or full step totals (the measured cost ratio ĉ).
+        """
         del data  # the step's examples come from the sampler
         sampler = self.sampler
-        refreshed = sampler.refresh()
-        idx, weights = sampler.select()
+        full = sampler.is_full_step()
+        started = tf.timestamp()
+        with tf.control_dependencies([started]):
+            refreshed = sampler.refresh()
+            idx, weights = sampler.select(full)
         x, y, weights = sampler.training_batch(idx, weights, refreshed)
         batch = tf.cast(tf.shape(weights)[0], tf.float32)
         free = sampler.refresh_mode == "free"
@@ -162,11 +170,15 @@ class PrioritizedModel(tf.keras.Model):
             loss = self.compute_loss(x, y, y_pred, sample_weight=weights * batch)
         variables = self.model.trainable_variables
         grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        done = [idx]
         if free:  # the batch's priorities at the weights of this step, before the update
-            sampler.refresh_from_step(idx, y, weights, y_pred, cache)
+            done.append(sampler.refresh_from_step(idx, y, weights, y_pred, cache, full))
         if self._should_average() and self.comm.size > 1:
             grads = self.comm.grouped_allreduce(grads, "mean", name="dho2/prioritized/gradients")
         self.optimizer.apply_gradients(zip(grads, variables))
+        # Reads of the updated weights are ordered after their updates (same resource).
+        with tf.control_dependencies(done + [v.read_value() for v in variables]):
+            sampler.record_step_time(full, tf.timestamp() - started)
         sampler.advance()
         return self.compute_metrics(x, y, y_pred, tf.cast(weights > 0, tf.float32))
 

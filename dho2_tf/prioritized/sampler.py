@@ -18,14 +18,33 @@ logger = logging.getLogger(__name__)
 
 REFRESHES = ("pass", "free")
 
-#: The conservative configuration of :meth:`PrioritizedSampler.recommended` (the default of
-#: ``PrioritizedModel``): importance sampling switched on only when τ says it pays, priorities
-#: refreshed for free from each step's own forward pass, last-layer gradient norms, and a
-#: proposal half uniform (γ = 0.5): with γ = 0.1 switching on at SGD's learning rate made the
-#: MNIST-1D MLP's test accuracy fall from 0.57 to 0.41–0.47.
+#: The recommended configuration, which is also the constructor's default (see
+#: :meth:`PrioritizedSampler.recommended`): importance sampling switched on only when τ says it
+#: pays for its measured cost, priorities refreshed for free from the training step's forward
+#: pass every ``bookkeeping_interval`` steps while sampling is uniform, last-layer gradient
+#: norms, and a proposal half uniform (γ = 0.5; with γ = 0.1 switching on at SGD's learning rate
+#: lowered the MNIST-1D MLP's test accuracy, docs/prioritized.md).
 RECOMMENDED: dict[str, Any] = {"priority": "length", "init_priority": "length",
                                "estimator": "keep", "selection": "adaptive", "refresh": "free",
-                               "per_example": "auto", "gamma": 0.5}
+                               "per_example": "auto", "gamma": 0.5, "aggregate_report": False,
+                               "theta_e": 0.8, "gbar_update": "ema", "bookkeeping_interval": 16,
+                               "cost_ratio": "measured"}
+
+#: The paper's released configuration (Zhou & Gao, IC2E 2021, and its released code): length
+#: priorities for the initial pass, projection priorities ⟨g_i, ḡ⟩ on refresh, an r% round-robin
+#: refresh pass with exact per-example gradients, the exp-decay staleness estimator with
+#: θ_e = 0.8, the biased per-shard top-k selection and no aggregated report; ḡ follows the
+#: intended EMA (``gbar_update="as_released"`` reproduces the released formula). γ = 0.1 is the
+#: floor of the importance proposal if ``selection`` is overridden. See
+#: :meth:`PrioritizedSampler.paper`.
+PAPER: dict[str, Any] = {"priority": "projection", "init_priority": "length",
+                         "estimator": "exp-decay", "selection": "topk", "refresh": "pass",
+                         "per_example": "exact", "gamma": 0.1, "aggregate_report": False,
+                         "theta_e": 0.8, "gbar_update": "ema", "bookkeeping_interval": 1,
+                         "cost_ratio": 1.0}
+
+#: ``cost_ratio`` value that measures ĉ from the run's own step times.
+MEASURED = "measured"
 
 
 def _check_fraction(name: str, value: Any) -> float:
@@ -76,8 +95,9 @@ class PrioritizedSampler(tf.Module):
                          q_i = (1 − γ)·ψ_i/Σ_l ψ_l + γ/n_j,  ψ = sqrt(p̂⁺) (length) or p̂⁺
             global:      S = argtop_{K} p̂(t) over the union of shards, K = Σ_j K_j,
                          w_i = P/K on the owning rank (mean over the K points after averaging)
-            adaptive:    importance while τ̄ > τ_th, else K_j i.i.d. uniform draws (w_i = 1/K_j);
-                         τ = Σ_ranks V_u / Σ_ranks V_q, τ̄ ← m·τ̄ + (1 − m)·τ, with
+            adaptive:    importance while τ̄ > max(τ_th, ĉ), else K_j i.i.d. uniform draws
+                         (w_i = 1/K_j); τ = Σ_ranks V_u / Σ_ranks V_q, τ̄ ← m·τ̄ + (1 − m)·τ,
+                         ĉ = Σ_ranks T̄_full / Σ_ranks T̄_light (measured cost ratio), with
                          V_u = (1/n_j)Σ_i s_i², V_q = (1/n_j²)Σ_i s_i²/q_i, s_i = sqrt of the
                          norm² priority (length) or ψ_i: from the table after the initial pass
                          and with refresh="pass", from the batch's fresh scores with
@@ -92,6 +112,19 @@ class PrioritizedSampler(tf.Module):
         (closed form, last Dense layer) g_i of every example of the batch, which are stored
         with stamp t, and ḡ ← (1 − f)·ḡ + f·Σ_S w_i g_i/Σ_S w_i with f = min(1, K_j/n_j).
 
+        Bookkeeping interval N (``selection="adaptive"``, ``refresh="free"``): step t is a
+        *full* step (scores, priority scatter, τ and ḡ update, draw from the proposal) when::
+
+            t mod N = 0,  or importance sampling is on and t mod N ≠ 1,
+
+        otherwise a *light* step: K_j uniform draws with replacement, w_i = 1/K_j, nothing else.
+        While sampling is uniform, one step in N pays for the bookkeeping; while it is on, one
+        step in N stays light so both step times keep being measured. T̄_full and T̄_light are
+        the mean in-graph times of the two kinds of step on this rank (from ``tf.timestamp``,
+        so Keras' per-step overhead, common to both, is left out: when a full step costs more
+        than a light one, ĉ is larger than the ratio of whole step times); ĉ = 1 until both kinds have run. With a number for
+        ``cost_ratio``, ĉ is that number.
+
         With ``aggregate_report`` the refresh set is added to the step: loss
         Σ_{i∈S} w_i ℓ_i + (1/R_j) Σ_{i∈Ref} ℓ_i, i.e. Δ = −η(G_top/K + G_ref/R) as released.
 
@@ -101,28 +134,38 @@ class PrioritizedSampler(tf.Module):
         gradient priorities use only the last Dense layer's parameters. With
         ``aggregate_report`` the refresh-set gradient is recomputed in the batched backward pass.
 
+    The defaults are the recommended configuration (:data:`RECOMMENDED`, equal to
+    :meth:`recommended`); :meth:`paper` builds the paper's released configuration
+    (:data:`PAPER`) for reproduction.
+
     Args:
         k: fraction of the shard selected per step, in (0, 1].
-        r: fraction of the shard re-scored per step, in (0, 1].
-        priority: priority computed on refresh: ``"projection"`` (default), ``"length"``,
+        r: fraction of the shard re-scored per step, in (0, 1] (unused by the steps with
+            ``refresh="free"``, but ⌊r·n_j⌋ must be ≥ 1).
+        priority: priority computed on refresh: ``"length"`` (default), ``"projection"``,
             ``"loss"``.
         init_priority: priority of the initial pass (default ``"length"``, as released).
-        estimator: ``"exp-decay"`` (alias ``"explinear"``; default) or ``"keep"``.
-        selection: ``"topk"`` (default, the paper's rule), ``"importance"`` (unbiased) or
-            ``"global"`` (exact top-k of the union of the ranks' shards).
+        estimator: ``"keep"`` (default) or ``"exp-decay"`` (alias ``"explinear"``, released).
+        selection: ``"adaptive"`` (default: uniform, or importance sampling when it pays),
+            ``"topk"`` (the paper's rule), ``"importance"`` (unbiased), ``"global"`` (exact
+            top-k of the union of the ranks' shards) or ``"pool"``.
         aggregate_report: also train on the refresh set (the paper's variation 'r').
         theta_e: EMA weight of the exp-decay fit, in (0, 1].
-        gamma: uniform floor γ of the importance proposal, in (0, 1].
+        gamma: uniform floor γ of the importance proposal, in (0, 1] (default 0.5).
         max_weight: optional clip of n_j·q_i-normalised importance weights (biased when hit).
         gbar_update: ``"ema"`` (default) or ``"as_released"``.
-        per_example: ``"exact"`` (vectorised full gradients), ``"last_layer"`` (shortcut) or
-            ``"auto"`` (last layer when the model ends in ``Dense``, else exact).
-        refresh: ``"pass"`` (default, the paper's r% pass) or ``"free"`` (from the training
-            step's forward pass; needs a last-layer scorer or ``priority="loss"``).
+        per_example: ``"auto"`` (default: last layer when the model ends in ``Dense``, else
+            exact), ``"exact"`` (vectorised full gradients) or ``"last_layer"`` (shortcut).
+        refresh: ``"free"`` (default: from the training step's forward pass; needs a
+            last-layer scorer or ``priority="loss"``) or ``"pass"`` (the paper's r% pass).
         pool: candidate-pool factor of ``selection="pool"`` (C_j = ⌈pool·K_j⌉), ≥ 1.
         tau_threshold: τ_th of ``selection="adaptive"`` (importance sampling while τ̄ > τ_th),
             ≥ 1.
         tau_momentum: m, the EMA weight of τ̄, in [0, 1).
+        bookkeeping_interval: N ≥ 1, see above (default 16: with m = 0.9, τ̄ has moved 90% of
+            the way to a new τ after 22 updates, i.e. within 352 steps); 1 scores every step.
+        cost_ratio: ĉ of ``selection="adaptive"``: ``"measured"`` (default) or a fixed
+            number > 0 (1.0 gives the rule τ̄ > τ_th).
         chunk_size: examples scored per vectorised call in the initial pass.
         seed: seed of the importance draws (combined with the rank).
 
@@ -137,6 +180,10 @@ class PrioritizedSampler(tf.Module):
         step: t, the step counter; ``evaluations`` counts per-example gradient evaluations
             (the forward-only candidates of ``selection="pool"`` are not counted).
         tau, tau_ema, importance_on: the last τ, τ̄ and the decision (``adaptive``).
+        cost: the ĉ of the last decision (``adaptive``).
+        bookkeeping_steps: the number of full steps since the initial pass.
+        step_seconds, step_counts: float64 [2], summed in-graph seconds and number of the
+            [light, full] steps since the initial pass.
 
     Raises:
         ValueError: for a parameter outside its range or an unknown choice.
@@ -147,13 +194,14 @@ class PrioritizedSampler(tf.Module):
         Zhou & Gao, "Prioritized SGD", IC2E 2021; docs/prioritized.md.
     """
 
-    def __init__(self, k: float = 0.05, r: float = 0.01, *, priority: str = "projection",
-                 init_priority: str = "length", estimator: str = "exp-decay",
-                 selection: str = "topk", aggregate_report: bool = False, theta_e: float = 0.8,
-                 gamma: float = 0.1, max_weight: float | None = None, gbar_update: str = "ema",
-                 per_example: str = "exact", chunk_size: int = 256, seed: int = 0,
-                 refresh: str = "pass", pool: float = 3.0, tau_threshold: float = 1.5,
-                 tau_momentum: float = 0.9) -> None:
+    def __init__(self, k: float = 0.05, r: float = 0.01, *, priority: str = "length",
+                 init_priority: str = "length", estimator: str = "keep",
+                 selection: str = "adaptive", aggregate_report: bool = False,
+                 theta_e: float = 0.8, gamma: float = 0.5, max_weight: float | None = None,
+                 gbar_update: str = "ema", per_example: str = "auto", chunk_size: int = 256,
+                 seed: int = 0, refresh: str = "free", pool: float = 3.0,
+                 tau_threshold: float = 1.5, tau_momentum: float = 0.9,
+                 bookkeeping_interval: int = 16, cost_ratio: float | str = MEASURED) -> None:
         super().__init__(name="prioritized_sampler")
         self.k = _check_fraction("k", k)
         self.r = _check_fraction("r", r)
@@ -194,6 +242,14 @@ class PrioritizedSampler(tf.Module):
             raise ValueError("`tau_momentum` must be in [0, 1). "
                              f"Received: tau_momentum={tau_momentum!r}")
         self.tau_momentum = float(tau_momentum)
+        self.bookkeeping_interval = _check_positive_int("bookkeeping_interval",
+                                                        bookkeeping_interval)
+        if cost_ratio != MEASURED and (isinstance(cost_ratio, (bool, str))
+                                       or not isinstance(cost_ratio, (int, float))
+                                       or not cost_ratio > 0):
+            raise ValueError(f"`cost_ratio` must be {MEASURED!r} or a number > 0. "
+                             f"Received: cost_ratio={cost_ratio!r}")
+        self.cost_ratio = cost_ratio if cost_ratio == MEASURED else float(cost_ratio)
         self.is_bound = False
         self.is_initialized = False
 
@@ -210,19 +266,34 @@ class PrioritizedSampler(tf.Module):
                 "gbar_update": self.gbar_update, "per_example": self.per_example,
                 "chunk_size": self.chunk_size, "seed": self.seed, "refresh": self.refresh_mode,
                 "pool": self.pool, "tau_threshold": self.tau_threshold,
-                "tau_momentum": self.tau_momentum}
+                "tau_momentum": self.tau_momentum,
+                "bookkeeping_interval": self.bookkeeping_interval, "cost_ratio": self.cost_ratio}
 
     @classmethod
     def recommended(cls, k: float = 0.05, r: float = 0.01, **overrides: Any
                     ) -> "PrioritizedSampler":
-        """The conservative configuration :data:`RECOMMENDED` (``overrides`` replace entries).
+        """The recommended configuration :data:`RECOMMENDED`, also the constructor's default
+        (``overrides`` replace entries).
 
-        Uniform sampling until the variance reduction τ of importance sampling pays for itself,
-        then draws from q_i = ½·‖g_i‖/Σ‖g_l‖ + ½/n; priorities ‖g_i‖² (last layer) refreshed
-        for free by the training steps; ``r`` is unused by the steps (no refresh pass) but must
-        still give ⌊r·n_j⌋ ≥ 1.
+        Uniform sampling until the variance reduction τ of importance sampling pays for its
+        measured cost ĉ, then draws from q_i = ½·‖g_i‖/Σ‖g_l‖ + ½/n; priorities ‖g_i‖² (last
+        layer) refreshed for free by the training steps, every N-th step while sampling is
+        uniform; ``r`` is unused by the steps (no refresh pass) but must still give
+        ⌊r·n_j⌋ ≥ 1.
         """
         return cls(k, r, **{**RECOMMENDED, **overrides})
+
+    @classmethod
+    def paper(cls, k: float = 0.05, r: float = 0.01, **overrides: Any) -> "PrioritizedSampler":
+        """The paper's released configuration :data:`PAPER`, for reproduction (``overrides``
+        replace entries).
+
+        Each step re-scores ⌊r·n_j⌋ examples round robin with exact per-example gradients
+        (⟨g_i, ḡ⟩) and trains on the ⌊k·n_j⌋ largest exp-decay estimates p̂_i(t), unweighted.
+        The top-k selection is biased: it trains on a narrow set of high-priority examples
+        and can end at a low validation accuracy (docs/prioritized.md).
+        """
+        return cls(k, r, **{**PAPER, **overrides})
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "PrioritizedSampler":
@@ -290,6 +361,13 @@ class PrioritizedSampler(tf.Module):
         self.tau = tf.Variable(1.0, trainable=False, name="tau")
         self.tau_ema = tf.Variable(1.0, trainable=False, name="tau_ema")
         self.importance_on = tf.Variable(False, trainable=False, name="importance_on")
+        self.cost = tf.Variable(1.0, trainable=False, name="cost_ratio")
+        self.bookkeeping_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                             name="bookkeeping_steps")
+        self.step_seconds = tf.Variable(tf.zeros([2], tf.float64), trainable=False,
+                                        name="step_seconds")
+        self.step_counts = tf.Variable(tf.zeros([2], tf.float64), trainable=False,
+                                       name="step_counts")
         self._initial_chunk = tf.function(self._score_initial_chunk)
         self.is_bound = True
         self.is_initialized = False
@@ -350,11 +428,15 @@ class PrioritizedSampler(tf.Module):
         self.cursor.assign(0)
         self.step.assign(1)
         self.evaluations.assign(passes * self.n_local)
+        self.bookkeeping_steps.assign(0)
+        self.step_seconds.assign(tf.zeros_like(self.step_seconds))
+        self.step_counts.assign(tf.zeros_like(self.step_counts))
         if self.selection == "adaptive":
             tau = self._update_switch(self.estimated_priorities(), 0.0)[0]  # fresh table
             if self.comm.is_root:
-                logger.info("Initial variance reduction τ = %.3f (threshold %.3f): %s sampling",
-                            float(tau), self.tau_threshold,
+                logger.info("Initial variance reduction τ = %.3f (threshold max(%.3f, ĉ = "
+                            "%.3f)): %s sampling", float(tau), self.tau_threshold,
+                            float(self.cost.numpy()),
                             "importance" if bool(self.importance_on.numpy()) else "uniform")
         self.is_initialized = True
         if self.comm.is_root:
@@ -399,9 +481,32 @@ class PrioritizedSampler(tf.Module):
         self._assign_table(staleness.refresh_priorities(
             self.table, idx, values, self.step, self.estimator, self.theta_e))
 
+    @property
+    def has_light_steps(self) -> bool:
+        """Whether some steps skip the bookkeeping (``adaptive``, ``free``, N > 1)."""
+        return (self.selection == "adaptive" and self.refresh_mode == "free"
+                and self.bookkeeping_interval > 1)
+
+    def is_full_step(self) -> tf.Tensor:
+        """bool []: whether step t does the bookkeeping (see the class docstring)."""
+        if not self.has_light_steps:
+            return tf.constant(True)
+        phase = self.step % self.bookkeeping_interval
+        return tf.logical_or(phase == 0, tf.logical_and(self.importance_on, phase != 1))
+
+    def record_step_time(self, full: tf.Tensor, seconds: tf.Tensor) -> None:
+        """Add one step's in-graph ``seconds`` to the light (0) or full (1) step totals."""
+        kind = tf.reshape(tf.cast(full, tf.int32), [1, 1])
+        self.step_seconds.scatter_nd_add(kind, tf.reshape(tf.cast(seconds, tf.float64), [1]))
+        self.step_counts.scatter_nd_add(kind, tf.ones([1], tf.float64))
+
     def refresh_from_step(self, idx: tf.Tensor, y: tf.Tensor, weights: tf.Tensor,
-                          y_pred: tf.Tensor, cache: tuple[tf.Tensor, tf.Tensor] | None) -> None:
+                          y_pred: tf.Tensor, cache: tuple[tf.Tensor, tf.Tensor] | None,
+                          full: tf.Tensor | None = None) -> tf.Tensor:
         """``refresh="free"``: new priorities of the step's batch from its own forward pass.
+
+        Runs only on full steps (``full``; default: always). Returns the number of full steps
+        so far (a tensor to wait on).
 
         Args:
             idx: int32 [B], the batch's local indices.
@@ -410,7 +515,19 @@ class PrioritizedSampler(tf.Module):
             y_pred: the training forward's output (used for ``LossScorer`` priorities).
             cache: ``(a, z)`` last-layer features and pre-activations of the forward pass, or
                 ``None`` when the scorer needs no gradient.
+            full: bool [], whether this step does the bookkeeping (:meth:`is_full_step`).
         """
+        def bookkeeping() -> tf.Tensor:
+            self._bookkeeping(idx, y, weights, y_pred, cache)
+            return self.bookkeeping_steps.assign_add(1)
+
+        if full is None:
+            return bookkeeping()
+        return tf.cond(full, bookkeeping, self.bookkeeping_steps.read_value)
+
+    def _bookkeeping(self, idx: tf.Tensor, y: tf.Tensor, weights: tf.Tensor,
+                     y_pred: tf.Tensor, cache: tuple[tf.Tensor, tf.Tensor] | None) -> None:
+        """Scores of the batch, their scatter into the table, τ (``adaptive``) and ḡ."""
         total = tf.reduce_sum(weights)
         if cache is None:
             losses = self.loss_fn(y, tf.stop_gradient(y_pred))
@@ -445,37 +562,62 @@ class PrioritizedSampler(tf.Module):
         return self._decide(switch.variance_terms(p_hat, q, use_sqrt), momentum), q
 
     def _decide(self, terms: tf.Tensor, momentum: float) -> tf.Tensor:
-        """τ from this rank's ``[V_u, V_q]`` summed over ranks; updates τ̄ and the decision."""
+        """τ and ĉ from this rank's ``[V_u, V_q]`` and mean step times, each summed over ranks
+        (one allreduce); updates τ̄, ĉ and the decision τ̄ > max(τ_th, ĉ). Returns τ."""
+        means = tf.cast(tf.math.divide_no_nan(self.step_seconds, self.step_counts), tf.float32)
+        terms = tf.concat([terms, means], axis=0)
         if self.comm.size > 1:
             terms = self.comm.allreduce(terms, "sum", name="dho2/prioritized/tau_terms")
-        tau = switch.tau_from_terms(terms)
+        tau = switch.tau_from_terms(terms[:2])
         tau_ema = momentum * self.tau_ema + (1.0 - momentum) * tau
+        if self.cost_ratio == MEASURED:
+            cost = switch.cost_ratio_from_times(terms[2], terms[3])
+        else:
+            cost = tf.constant(self.cost_ratio, tf.float32)
         self.tau.assign(tau)
         self.tau_ema.assign(tau_ema)
-        self.importance_on.assign(tau_ema > self.tau_threshold)
+        self.cost.assign(cost)
+        self.importance_on.assign(tau_ema > tf.maximum(self.tau_threshold, cost))
         return tau
 
     def switch_statistics(self) -> dict[str, float]:
-        """``{"tau", "tau_ema", "importance_on"}`` of ``selection="adaptive"`` (else empty)."""
+        """``{"tau", "tau_ema", "importance_on", "cost_ratio"}`` of ``selection="adaptive"``
+        (else empty)."""
         if self.selection != "adaptive" or not self.is_bound:
             return {}
         return {"tau": float(self.tau.numpy()), "tau_ema": float(self.tau_ema.numpy()),
-                "importance_on": float(self.importance_on.numpy())}
+                "importance_on": float(self.importance_on.numpy()),
+                "cost_ratio": float(self.cost.numpy())}
 
     def estimated_priorities(self) -> tf.Tensor:
         """p̂_i(t) of every example of the shard at the current step: float32 [n_j]."""
         return staleness.estimate_priorities(self.table, self.step, self.estimator)
 
-    def select(self) -> tuple[tf.Tensor, tf.Tensor]:
+    def select(self, full: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """This step's examples and loss weights ``(idx int32 [B], weights float32 [B])``.
 
         ``B`` is K_j, or C_j = min(K, n_j) for ``global`` (unselected candidates weigh 0).
+        ``full`` (bool [], default: always) marks the steps that draw by the selection rule;
+        the others (light steps, see the class docstring) draw K_j uniform indices.
         """
+        if full is None or not self.has_light_steps:
+            idx, weights = self._select_full()
+        else:
+            seed = self.rng.make_seeds(1)[:, 0]
+            idx, weights = tf.cond(full, lambda: self._select_full(seed),
+                                   lambda: _selection.draw_uniform(self.n_local,
+                                                                   self.num_selected, seed))
+        self.evaluations.assign_add(tf.size(idx, out_type=tf.int64))
+        return idx, weights
+
+    def _select_full(self, seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """The selection rule's ``(idx, weights)`` (``seed``: of the random draws)."""
+        if seed is None and self.selection in ("importance", "adaptive", "pool"):
+            seed = self.rng.make_seeds(1)[:, 0]
         p_hat = self.estimated_priorities()
         if self.selection == "topk":
             idx, weights = _selection.select_topk(p_hat, self.num_selected)
         elif self.selection == "importance":
-            seed = self.rng.make_seeds(1)[:, 0]
             idx, weights = _selection.select_importance(
                 p_hat, self.num_selected, self.gamma, self.priority == "length", seed,
                 self.max_weight)
@@ -486,11 +628,9 @@ class PrioritizedSampler(tf.Module):
                 _, q = self._update_switch(p_hat, self.tau_momentum)
             uniform = tf.fill(tf.shape(q), 1.0 / self.n_local)
             idx, weights = _selection.draw(tf.where(self.importance_on, q, uniform),
-                                           self.num_selected, self.rng.make_seeds(1)[:, 0],
-                                           self.max_weight)
+                                           self.num_selected, seed, self.max_weight)
         elif self.selection == "pool":
-            pool = _selection.uniform_pool(self.n_local, self.pool_size,
-                                           self.rng.make_seeds(1)[:, 0])
+            pool = _selection.uniform_pool(self.n_local, self.pool_size, seed)
             scores = self._forward(tf.gather(self.x, pool), tf.gather(self.y, pool), [])
             if self.priority == "loss":
                 self.store(pool, scores)  # the pool's losses are fresh priorities too
@@ -498,7 +638,6 @@ class PrioritizedSampler(tf.Module):
         else:
             idx, weights = _selection.select_global_topk(
                 p_hat, self.shard_sizes, self.num_selected_total, self.comm.rank, self.comm)
-        self.evaluations.assign_add(tf.size(idx, out_type=tf.int64))
         return idx, weights
 
     def training_batch(self, idx: tf.Tensor, weights: tf.Tensor, refreshed: tf.Tensor

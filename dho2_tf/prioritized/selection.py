@@ -10,6 +10,7 @@ docs/prioritized.md).
   (unbiased).
 * :func:`draw` — i.i.d. draws from any proposal q (``adaptive`` uses q or uniform, see
   :mod:`dho2_tf.prioritized.switch`).
+* :func:`draw_uniform` — K i.i.d. uniform draws, weights 1/K (the light steps of ``adaptive``).
 * :func:`uniform_pool`, :func:`select_pool_topk` — loss-ranked selection from a random candidate
   pool (``pool``; Loshchilov & Hutter 2015, Jiang et al. 2019).
 * :func:`select_global_topk` — the exact top-K of the union of all shards: every rank allgathers
@@ -95,6 +96,22 @@ def draw(q: tf.Tensor, num_selected: int, seed: tf.Tensor, max_weight: float | N
     if max_weight is not None:
         scale = tf.minimum(scale, max_weight)
     return draws, scale / num_selected
+
+
+def draw_uniform(n: int, num_selected: int, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """K i.i.d. draws i_j ~ U{0, …, n−1} with weights 1/K: :func:`draw` with q_i = 1/n, without
+    its O(n) proposal.
+
+    Args:
+        n: the shard size n_j.
+        num_selected: K (static).
+        seed: int [2] stateless seed.
+
+    Returns:
+        ``(idx int32 [K], weights float32 [K])``.
+    """
+    idx = tf.random.stateless_uniform([num_selected], seed, 0, n, dtype=tf.int32)
+    return idx, tf.fill([num_selected], 1.0 / num_selected)
 
 
 def uniform_pool(n: int, pool_size: int, seed: tf.Tensor) -> tf.Tensor:

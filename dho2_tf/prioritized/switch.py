@@ -20,6 +20,12 @@ summed over ranks (with n_j-normalised terms), giving one τ that every rank sha
 decision uses an exponential moving average τ̄ ← m·τ̄ + (1 − m)·τ and samples by importance only
 while τ̄ > τ_th.
 
+Importance sampling is worth its cost when τ exceeds the cost ratio ĉ of an importance step
+to a uniform step (Katharopoulos & Fleuret, §3.4, switch on when τ exceeds the cost ratio of
+their importance step to a uniform one). The sampler measures ĉ
+from the run's own step times (:func:`cost_ratio_from_times`), sums the per-rank mean times in
+the same allreduce as the variance terms, and decides on τ̄ > max(τ_th, ĉ).
+
 Two estimates of the terms are offered. :func:`variance_terms` reads the whole priority table;
 stale entries (computed at older weights, usually larger) inflate it, so with
 ``refresh="free"`` the sampler uses :func:`sample_variance_terms` instead, estimates from the
@@ -51,6 +57,17 @@ def variance_terms(p_hat: tf.Tensor, q: tf.Tensor, use_sqrt: bool) -> tf.Tensor:
 def tau_from_terms(terms: tf.Tensor) -> tf.Tensor:
     """τ = V_u / V_q (1 when both vanish, i.e. every priority is 0)."""
     return tf.where(terms[1] > 0.0, tf.math.divide_no_nan(terms[0], terms[1]), 1.0)
+
+
+def cost_ratio_from_times(light: tf.Tensor, full: tf.Tensor) -> tf.Tensor:
+    """ĉ = T_full / T_light, or 1 until both step kinds have a time (either is 0).
+
+    Args:
+        light: float32 [], (sum over ranks of the) mean time of a light (uniform) step.
+        full: float32 [], (sum over ranks of the) mean time of a full (importance) step.
+    """
+    measured = tf.logical_and(light > 0.0, full > 0.0)
+    return tf.where(measured, tf.math.divide_no_nan(full, light), 1.0)
 
 
 def sample_variance_terms(s: tf.Tensor, weights: tf.Tensor, gamma: float) -> tf.Tensor:

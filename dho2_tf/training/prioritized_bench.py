@@ -7,6 +7,12 @@ allreduces and Keras' per-step overhead — and excludes only (a) the test evalu
 is paused, behind a barrier) and (b) the one-off tf.function tracing, which a one-step warm-up
 run on the same objects performs before the weights, optimizer state and priority table are
 reset. A run that misses the target within the clock budget counts as a failure at the budget.
+
+Cost split: every training step (prioritized and SGD) adds its in-graph time, from
+``tf.timestamp`` before the selection (the batch) to after the update, to per-kind totals; the
+prioritized default's light steps (uniform draws, no bookkeeping) and full steps (scores,
+priority scatter, τ) are recorded apart, so the bookkeeping costs about
+full_steps·(T̄_full − T̄_light) of the clock.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator
 from dho2_tf.prioritized.model import PrioritizedModel
-from dho2_tf.prioritized.sampler import RECOMMENDED, PrioritizedSampler
+from dho2_tf.prioritized.sampler import PAPER, RECOMMENDED, PrioritizedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -31,22 +37,28 @@ MAX_EPOCHS = 1_000_000  # runs end at the target or the budget (TargetClock)
 
 #: PSGD variants: sampler keyword arguments on top of ``k`` and ``r``.
 PSGD_VARIANTS: dict[str, dict[str, Any]] = {
-    "psgd": {},  # released configuration: length init, projection refresh, exp-decay, top-k
-    "psgd+a": {"aggregate_report": True},
-    "psgd-is": {"selection": "importance", "priority": "length"},
-    "psgd-is-ll": {"selection": "importance", "priority": "length", "per_example": "last_layer"},
-    # The default of PrioritizedModel: importance sampling only while τ says it pays, free refresh.
+    # The paper's released configuration: length init, projection refresh, exp-decay, top-k.
+    "psgd": dict(PAPER),
+    "psgd+a": {**PAPER, "aggregate_report": True},
+    "psgd-is": {**PAPER, "selection": "importance", "priority": "length"},
+    "psgd-is-ll": {**PAPER, "selection": "importance", "priority": "length",
+                   "per_example": "last_layer"},
+    # The default (recommended) configuration: importance sampling only while τ pays for its
+    # measured cost, free refresh every 16th step while uniform.
     "psgd-default": dict(RECOMMENDED),
     # Importance sampling always on, priorities refreshed for free (no r% pass).
-    "psgd-is-free": {"selection": "importance", "priority": "length", "init_priority": "length",
-                     "estimator": "keep", "per_example": "last_layer", "refresh": "free"},
+    "psgd-is-free": {**PAPER, "selection": "importance", "priority": "length",
+                     "init_priority": "length", "estimator": "keep", "per_example": "last_layer",
+                     "refresh": "free"},
     # Loss-ranked selection from a 3K candidate pool (Selective Backprop / online batch selection).
-    "psgd-pool": {"selection": "pool", "priority": "loss", "init_priority": "loss",
+    "psgd-pool": {**PAPER, "selection": "pool", "priority": "loss", "init_priority": "loss",
                   "estimator": "keep", "refresh": "free"},
 }
 
-#: Benchmark tasks: the data set and, for ``-redundant``, the easy examples repeated.
-TASKS = ("mnist1d", "mnist5k", "mnist1d-redundant", "mnist5k-redundant")
+#: Benchmark tasks: the data set; ``-redundant``: the easy examples repeated; ``-noisy``: 20% of
+#: the training labels replaced by another class.
+TASKS = ("mnist1d", "mnist5k", "mnist1d-redundant", "mnist5k-redundant", "mnist1d-noisy",
+         "mnist5k-noisy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +100,10 @@ class RunResult:
         evaluations: per-example gradient evaluations over all ranks (initial pass included).
         best_accuracy: best test accuracy seen.
         n_train: training examples over all ranks.
+        light_steps, full_steps: steps without / with the bookkeeping (SGD: all light).
+        light_step_ms, full_step_ms: their mean in-graph time, averaged over ranks (0 when
+            there was no such step).
+        curve: ``(clock seconds, test accuracy)`` of every evaluation, when recorded.
     """
 
     spec: RunSpec
@@ -98,6 +114,11 @@ class RunResult:
     evaluations: int
     best_accuracy: float
     n_train: int
+    light_steps: int = 0
+    full_steps: int = 0
+    light_step_ms: float = 0.0
+    full_step_ms: float = 0.0
+    curve: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
 
 def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> tf.keras.Model:
@@ -161,19 +182,41 @@ def with_redundancy(data: Any, repeats: int = 4, easy_fraction: float = 0.5,
                                name=f"{data.name}-redundant")
 
 
+def with_noisy_labels(data: Any, fraction: float = 0.2, seed: int = 0) -> Any:
+    """``data`` with ⌊fraction·n⌋ training labels, chosen at random, replaced by a random other
+    class (uniform over the other C − 1 classes); the test set is unchanged.
+
+    Raises:
+        ValueError: if ``fraction`` is not in (0, 1).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0.0 < fraction < 1.0:
+        raise ValueError(f"`fraction` must be in (0, 1). Received: fraction={fraction!r}")
+    rng = np.random.default_rng(seed)
+    y = np.array(data.y_train, copy=True)
+    noisy = rng.choice(len(y), size=math.floor(fraction * len(y)), replace=False)
+    y[noisy] = (y[noisy] + rng.integers(1, data.num_classes, size=len(noisy))) \
+        % data.num_classes
+    return dataclasses.replace(data, y_train=y.astype(data.y_train.dtype),
+                               name=f"{data.name}-noisy")
+
+
 def load_task(task: str, num_samples: int = 5000) -> Any:
     """The :class:`dho2_tf.training.data.Dataset` of a benchmark task (a key of :data:`TASKS`).
 
     ``mnist1d``: MNIST-1D, ``num_samples`` examples, 80/20 split; ``mnist5k``: the 5,000-image
-    MNIST subset (4,000 train / 1,000 test); ``-redundant``: :func:`with_redundancy` of either.
+    MNIST subset (4,000 train / 1,000 test); ``-redundant``: :func:`with_redundancy` of either;
+    ``-noisy``: :func:`with_noisy_labels` of either (20%).
     """
     from dho2_tf.training.data import load_mnist1d, load_mnist5k
 
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}. Received: task={task!r}")
-    base = task.removesuffix("-redundant")
+    base, _, variant = task.partition("-")
     data = load_mnist1d(num_samples=num_samples) if base == "mnist1d" else load_mnist5k()
-    return with_redundancy(data) if task.endswith("-redundant") else data
+    if variant == "redundant":
+        return with_redundancy(data)
+    return with_noisy_labels(data) if variant == "noisy" else data
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
@@ -196,14 +239,19 @@ class DataParallelModel(tf.keras.Model):
         super().__init__()
         self.model = model
         self.comm = comm
+        # In-graph seconds and count of the steps (as PrioritizedSampler's light steps).
+        object.__setattr__(self, "step_seconds", tf.Variable(0.0, dtype=tf.float64, trainable=False))
+        object.__setattr__(self, "step_count", tf.Variable(0.0, dtype=tf.float64, trainable=False))
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         """The wrapped model's output."""
         return self.model(inputs, training=training)
 
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
-        """One averaged mini-batch step."""
-        x, y = data
+        """One averaged mini-batch step (its in-graph time added to ``step_seconds``)."""
+        started = tf.timestamp()
+        with tf.control_dependencies([started]):
+            x, y = tf.identity(data[0]), tf.identity(data[1])
         with tf.GradientTape() as tape:
             loss = self.compute_loss(x, y, self(x, training=True))
         variables = self.model.trainable_variables
@@ -211,6 +259,9 @@ class DataParallelModel(tf.keras.Model):
         if self.comm.size > 1:
             grads = self.comm.grouped_allreduce(grads, "mean", name="dho2/bench/gradients")
         self.optimizer.apply_gradients(zip(grads, variables))
+        with tf.control_dependencies([v.read_value() for v in variables]):
+            self.step_seconds.assign_add(tf.timestamp() - started)
+        self.step_count.assign_add(1.0)
         return {"loss": loss}
 
 
@@ -229,12 +280,14 @@ class TargetClock(tf.keras.callbacks.Callback):
         self.target, self.budget_s, self.eval_every, self.comm = target, budget_s, eval_every, comm
         self.started = self.paused = 0.0
         self.steps, self.best, self.time_to_target = 0, 0.0, None
+        self.curve: list[tuple[float, float]] = []  # rank 0's (clock seconds, test accuracy)
         self._logits: Any = None
 
     def start(self) -> None:
         """Start (or restart) the clock now."""
         self.started, self.paused = time.perf_counter(), 0.0
         self.steps, self.best, self.time_to_target = 0, 0.0, None
+        self.curve = []
 
     def elapsed(self) -> float:
         """Clock seconds so far (evaluations excluded)."""
@@ -260,6 +313,7 @@ class TargetClock(tf.keras.callbacks.Callback):
         if self.comm.is_root:
             acc = self.accuracy()
             self.best = max(self.best, acc)
+            self.curve.append((elapsed, acc))
             decision = (acc >= self.target, elapsed > self.budget_s, elapsed, self.best)
         reached, over, elapsed, self.best = self.comm.broadcast_object(
             decision, name="dho2/bench/decision")
@@ -286,8 +340,10 @@ def _shard(data: Any, comm: Communicator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _train_sgd(spec: RunSpec, model: tf.keras.Model, x_r: np.ndarray, y_r: np.ndarray,
-               clock: TargetClock, comm: Communicator) -> tuple[float, int]:
-    """Warm up, reset, then the timed mini-batch SGD run; returns (init seconds, evaluations)."""
+               clock: TargetClock, comm: Communicator
+               ) -> tuple[float, int, np.ndarray, np.ndarray]:
+    """Warm up, reset, then the timed mini-batch SGD run; returns (init seconds, evaluations,
+    [light, full] step seconds, [light, full] step counts) (every SGD step counts as light)."""
     weights = model.get_weights()
     local_batch = max(1, spec.batch // comm.size)
     dataset = (tf.data.Dataset.from_tensor_slices((x_r, y_r))
@@ -297,15 +353,21 @@ def _train_sgd(spec: RunSpec, model: tf.keras.Model, x_r: np.ndarray, y_r: np.nd
     trainer.compile(optimizer=_optimizer(spec), loss=LOSS)
     trainer.fit(dataset, steps_per_epoch=1, verbose=0)  # warm-up: traces the step
     _reset(model, weights, trainer.optimizer)
+    trainer.step_seconds.assign(0.0)
+    trainer.step_count.assign(0.0)
     clock.start()
     trainer.fit(dataset, epochs=MAX_EPOCHS, steps_per_epoch=max(1, len(y_r) // local_batch),
                 verbose=0, callbacks=[clock])
-    return 0.0, clock.steps * local_batch * comm.size
+    return (0.0, clock.steps * local_batch * comm.size,
+            np.array([trainer.step_seconds.numpy(), 0.0]),
+            np.array([trainer.step_count.numpy(), 0.0]))
 
 
 def _train_psgd(spec: RunSpec, model: tf.keras.Model, x_r: np.ndarray, y_r: np.ndarray,
-                clock: TargetClock, comm: Communicator) -> tuple[float, int]:
-    """Warm up, reset, then the timed PSGD run (initial pass on the clock)."""
+                clock: TargetClock, comm: Communicator
+                ) -> tuple[float, int, np.ndarray, np.ndarray]:
+    """Warm up, reset, then the timed PSGD run (initial pass on the clock); returns as
+    :func:`_train_sgd`, with the sampler's light and full steps."""
     weights = model.get_weights()
     sampler = PrioritizedSampler(spec.k, spec.r, seed=spec.seed, **PSGD_VARIANTS[spec.method])
     trainer = PrioritizedModel(model, sampler, comm=comm)
@@ -318,15 +380,23 @@ def _train_psgd(spec: RunSpec, model: tf.keras.Model, x_r: np.ndarray, y_r: np.n
     trainer.fit(epochs=MAX_EPOCHS, verbose=0, callbacks=[clock])
     evaluations = comm.allreduce(tf.cast(sampler.evaluations, tf.float32), "sum",
                                  name="dho2/bench/evaluations")
-    return init_seconds, int(evaluations)
+    return (init_seconds, int(evaluations), sampler.step_seconds.numpy(),
+            sampler.step_counts.numpy())
 
 
 def _optimizer(spec: RunSpec) -> tf.keras.optimizers.Optimizer:
     return tf.keras.optimizers.SGD(spec.learning_rate, momentum=0.9)
 
 
+def mean_step_ms(seconds: np.ndarray, counts: np.ndarray, comm: Communicator) -> list[float]:
+    """Mean in-graph milliseconds of the [light, full] steps, averaged over ranks (0 if none)."""
+    local = 1e3 * np.divide(seconds, counts, out=np.zeros(2), where=counts > 0)
+    mean = comm.allreduce(tf.constant(local, tf.float64), "mean", name="dho2/bench/step_ms")
+    return [float(v) for v in np.asarray(mean)]
+
+
 def run_once(spec: RunSpec, data: Any, target: float, budget_s: float, eval_every: int,
-             comm: Communicator) -> RunResult:
+             comm: Communicator, record_curve: bool = False) -> RunResult:
     """Train ``spec`` on this rank's contiguous shard of ``data`` until target or budget.
 
     Args:
@@ -336,18 +406,37 @@ def run_once(spec: RunSpec, data: Any, target: float, budget_s: float, eval_ever
         budget_s: clock budget in seconds.
         eval_every: steps between test evaluations.
         comm: communicator.
+        record_curve: keep rank 0's (clock seconds, test accuracy) of every evaluation.
 
     Returns:
-        The :class:`RunResult` (identical on every rank).
+        The :class:`RunResult` (identical on every rank, except ``curve``: rank 0's).
     """
     x_r, y_r = _shard(data, comm)
     model = build_model(spec.model, tuple(data.input_shape), data.num_classes, spec.seed)
     clock = TargetClock(data.x_test, data.y_test, target, budget_s, eval_every, comm)
     train = _train_sgd if spec.method == "sgd" else _train_psgd
-    init_seconds, evaluations = train(spec, model, x_r, y_r, clock, comm)
+    init_seconds, evaluations, seconds, counts = train(spec, model, x_r, y_r, clock, comm)
     init_seconds = comm.broadcast_object(init_seconds, name="dho2/bench/init_seconds")
+    light_ms, full_ms = mean_step_ms(seconds, counts, comm)
     return RunResult(spec, comm.size, clock.time_to_target, init_seconds, clock.steps,
-                     evaluations, clock.best, len(y_r) * comm.size)
+                     evaluations, clock.best, len(y_r) * comm.size, int(counts[0]),
+                     int(counts[1]), light_ms, full_ms, clock.curve if record_curve else [])
+
+
+def calibrated_target(curve: list[tuple[float, float]], min_seconds: float) -> float | None:
+    """The lowest test accuracy whose first crossing in ``curve`` is at ≥ ``min_seconds``.
+
+    That is the smallest accuracy in the curve above the best one seen before ``min_seconds``;
+    ``None`` if the curve never improves after ``min_seconds`` (the run cannot be made that
+    long by a tighter target).
+
+    Args:
+        curve: ``(clock seconds, test accuracy)`` in time order.
+        min_seconds: the wanted minimum time to target.
+    """
+    before = max((acc for t, acc in curve if t < min_seconds), default=0.0)
+    later = [acc for t, acc in curve if t >= min_seconds and acc > before]
+    return min(later) if later else None
 
 
 def equal_work_batch(k: float, r: float, n: int, ranks: int) -> int:

@@ -23,10 +23,10 @@ class FitTest(common.HorovodTestCase):
         x, y = common.classification_data(sum(sizes))
         x_r, y_r = common.contiguous_shard([x, y], sizes, self.comm.rank)
         config = dict(k=1.0, r=0.01, estimator="keep")
-        distributed = PrioritizedModel(common.mlp(), PrioritizedSampler(**config))
+        distributed = PrioritizedModel(common.mlp(), PrioritizedSampler.paper(**config))
         distributed.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=SCCE)
         distributed.fit(x_r, y_r, steps_per_epoch=1, verbose=0)
-        single = PrioritizedModel(common.mlp(), PrioritizedSampler(**config), comm=LocalComm())
+        single = PrioritizedModel(common.mlp(), PrioritizedSampler.paper(**config), comm=LocalComm())
         single.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=SCCE)
         single.fit(x, y, steps_per_epoch=1, verbose=0)
         for got, want in zip(distributed.model.variables, single.model.variables):
@@ -39,7 +39,7 @@ class FitTest(common.HorovodTestCase):
                        {"per_example": "last_layer", "aggregate_report": True}):
             tf.keras.utils.set_random_seed(self.comm.rank)  # different init: rank 0 wins
             pmodel = PrioritizedModel(common.mlp(seed=self.comm.rank),
-                                      PrioritizedSampler(k=0.05, r=0.02, **kwargs))
+                                      PrioritizedSampler.paper(k=0.05, r=0.02, **kwargs))
             pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.1, momentum=0.9), loss=SCCE,
                            metrics=["accuracy"])
             history = pmodel.fit(x_r, y_r, epochs=3, verbose=0, validation_data=(x, y))
@@ -50,7 +50,7 @@ class FitTest(common.HorovodTestCase):
         sizes = [240, 160] + [200] * (self.comm.size - 2)
         x, y = common.classification_data(sum(sizes), seed=3)
         x_r, y_r = common.contiguous_shard([x, y], sizes, self.comm.rank)
-        pmodel = PrioritizedModel(common.mlp(), PrioritizedSampler(k=0.05, r=0.02))
+        pmodel = PrioritizedModel(common.mlp(), PrioritizedSampler.paper(k=0.05, r=0.02))
         pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=SCCE)
         pmodel.fit(x_r, y_r, epochs=2, verbose=0)
         self.assertEqual(int(pmodel.sampler.step.numpy()), 1 + 2 * 20)  # ⌈n/K⌉ = ⌈400/20⌉

@@ -20,7 +20,7 @@ class DHO2FitTest(common.HorovodTestCase):
         x, y = common.classification_data(400 * self.comm.size, seed=2)
         x_r, y_r = common.contiguous_shard([x, y], [400] * self.comm.size, self.comm.rank)
         pmodel = PrioritizedModel(common.mlp(seed=self.comm.rank),  # rank 0's weights win
-                                  PrioritizedSampler(k=0.05, r=0.01))
+                                  PrioritizedSampler.paper(k=0.05, r=0.01))
         pmodel.compile(optimizer=DHO2(base="sgd", learning_rate=0.1, k=2, refresh_every=5),
                        loss=SCCE, metrics=["accuracy"])
         self.assertFalse(pmodel._should_average())  # DHO2 averages the gradients itself

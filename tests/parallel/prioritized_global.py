@@ -47,11 +47,11 @@ class GlobalSelectionTest(common.HorovodTestCase):
         model = common.mlp()
         kwargs = dict(k=0.05, r=0.01, priority=priority, init_priority=priority,
                       estimator="keep")
-        sampler = PrioritizedSampler(selection="global", **kwargs)
+        sampler = PrioritizedSampler.paper(selection="global", **kwargs)
         x_r, y_r = common.contiguous_shard([x, y], sizes, self.comm.rank)
         sampler.bind(model, SCCE, x_r, y_r, self.comm)
         sampler.initialize()
-        reference = PrioritizedSampler(selection="topk", **kwargs)
+        reference = PrioritizedSampler.paper(selection="topk", **kwargs)
         reference.bind(model, SCCE, x, y, LocalComm())  # one process, the union of the shards
         reference.initialize()
         self.assertEqual(sampler.num_selected_total, reference.num_selected)
@@ -69,7 +69,7 @@ class GlobalSelectionTest(common.HorovodTestCase):
     def test_global_selection_inside_fit_keeps_replicas_identical(self):
         x, y = skewed_data(200 * self.comm.size)
         x_r, y_r = common.contiguous_shard([x, y], [200] * self.comm.size, self.comm.rank)
-        pmodel = PrioritizedModel(common.mlp(), PrioritizedSampler(k=0.05, selection="global"))
+        pmodel = PrioritizedModel(common.mlp(), PrioritizedSampler.paper(k=0.05, selection="global"))
         pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
         pmodel.fit(x_r, y_r, epochs=2, verbose=0)
         self.assert_replicas_equal(pmodel.model)
@@ -81,11 +81,11 @@ class GlobalSelectionTest(common.HorovodTestCase):
         kwargs = dict(k=0.05, r=0.01, priority="length", init_priority="length",
                       estimator="keep", refresh="free", per_example="last_layer")
         x_r, y_r = common.contiguous_shard([x, y], sizes, self.comm.rank)
-        pmodel = PrioritizedModel(common.mlp(), PrioritizedSampler(selection="global", **kwargs),
+        pmodel = PrioritizedModel(common.mlp(), PrioritizedSampler.paper(selection="global", **kwargs),
                                   comm=self.comm)
         pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
         pmodel.fit(x_r, y_r, epochs=1, steps_per_epoch=4, verbose=0)
-        reference = PrioritizedModel(common.mlp(), PrioritizedSampler(selection="topk", **kwargs),
+        reference = PrioritizedModel(common.mlp(), PrioritizedSampler.paper(selection="topk", **kwargs),
                                      comm=LocalComm())
         reference.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
         reference.fit(x, y, epochs=1, steps_per_epoch=4, verbose=0)
@@ -120,13 +120,64 @@ class GlobalSelectionTest(common.HorovodTestCase):
         self.assertAlmostEqual(float(sampler.tau.numpy()), want, delta=1e-4 * want)
         self.assertGreater(want, sampler.tau_threshold)
         fitted = PrioritizedModel(linear_model(), PrioritizedSampler.recommended(
-            k=0.1, r=0.05, seed=self.comm.rank), comm=self.comm)
+            k=0.1, r=0.05, seed=self.comm.rank, cost_ratio=1.0), comm=self.comm)
         fitted.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
         fitted.fit(x, y, epochs=2, verbose=0)
         state = fitted.sampler.switch_statistics()
         for other in self.comm.allgather_object(state, name="dho2/test/switch_state"):
             self.assertEqual(other, state)
         self.assertEqual(state["importance_on"], 1.0)
+        self.assert_replicas_equal(fitted.model)
+
+    def test_measured_cost_ratio_is_reduced_over_ranks(self):
+        """ĉ = Σ_ranks T̄_full / Σ_ranks T̄_light from each rank's own step times: the same on
+        every rank though the ranks' times differ, and the decision τ̄ > max(τ_th, ĉ) too."""
+        sizes = [200] * self.comm.size
+        x, y = common.classification_data(sum(sizes))
+        x[:20] *= 30.0
+        x, y = common.contiguous_shard([x, y], sizes, self.comm.rank)
+        sampler = PrioritizedSampler(k=0.1, r=0.05, refresh="pass", per_example="exact",
+                                     seed=self.comm.rank)
+        sampler.bind(linear_model(), SCCE, x, y, self.comm)
+        sampler.initialize()
+        light = 0.001 * (1 + self.comm.rank)  # rank-specific mean times
+        full = 0.001 * (2 + 3 * self.comm.rank)
+        sampler.step_seconds.assign([4 * light, 2 * full])
+        sampler.step_counts.assign([4.0, 2.0])
+        sampler.select()  # refresh="pass": the adaptive rule decides on each selection
+        ranks = range(self.comm.size)
+        want = sum(2 + 3 * r for r in ranks) / sum(1 + r for r in ranks)
+        self.assertAlmostEqual(float(sampler.cost.numpy()), want, places=5)
+        state = sampler.switch_statistics()
+        for other in self.comm.allgather_object(state, name="dho2/test/cost_state"):
+            self.assertEqual(other, state)
+        self.assertEqual(state["importance_on"] == 1.0,
+                         state["tau_ema"] > max(sampler.tau_threshold, want))
+
+    def test_light_steps_and_measured_decision_are_the_same_on_every_rank(self):
+        """The default sampler in fit: the same schedule of light and full steps and the same
+        (τ, τ̄, ĉ, decision) on every rank, from the ranks' own measured step times."""
+        sizes = [200] * self.comm.size
+        x, y = common.classification_data(sum(sizes))
+        x[:20] *= 30.0
+        x, y = common.contiguous_shard([x, y], sizes, self.comm.rank)
+        fitted = PrioritizedModel(linear_model(), PrioritizedSampler(
+            k=0.1, bookkeeping_interval=4, seed=self.comm.rank), comm=self.comm)
+        fitted.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
+        fitted.fit(x, y, epochs=3, verbose=0)
+        sampler = fitted.sampler
+        state = {**sampler.switch_statistics(),
+                 "counts": sampler.step_counts.numpy().tolist(),
+                 "bookkeeping": int(sampler.bookkeeping_steps.numpy())}
+        for other in self.comm.allgather_object(state, name="dho2/test/fit_cost_state"):
+            self.assertEqual(other, state)
+        self.assertEqual(sum(state["counts"]), 30)  # ⌈400/40⌉ = 10 steps per epoch
+        self.assertEqual(state["counts"][1], state["bookkeeping"])
+        self.assertGreaterEqual(state["bookkeeping"], 30 // 4)  # at least every 4th step
+        self.assertGreater(state["counts"][0], 0)  # light steps were taken and timed
+        self.assertNotEqual(state["cost_ratio"], 1.0)  # ĉ was measured
+        self.assertEqual(state["importance_on"] == 1.0,
+                         state["tau_ema"] > max(sampler.tau_threshold, state["cost_ratio"]))
         self.assert_replicas_equal(fitted.model)
 
 

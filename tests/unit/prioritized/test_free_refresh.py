@@ -16,7 +16,7 @@ N, K = 200, 20
 def one_free_step(**kwargs) -> tuple[PrioritizedModel, dict]:
     """Initial pass + step 1, then the state before step 2, then step 2 (free refresh)."""
     x, y = helpers.classification_data(N)
-    sampler = PrioritizedSampler(k=K / N, r=0.05, refresh="free", **kwargs)
+    sampler = PrioritizedSampler.paper(k=K / N, r=0.05, refresh="free", **kwargs)
     pmodel = PrioritizedModel(helpers.mlp(), sampler, comm=LocalComm())
     pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=helpers.SCCE)
     pmodel.fit(x, y, epochs=1, steps_per_epoch=1, verbose=0)
@@ -32,7 +32,7 @@ def separate_refresh(before: dict, **kwargs) -> PrioritizedSampler:
     """The paper's refresh pass over the whole shard (r = 1) at step 2, on the same weights."""
     model = helpers.mlp()
     model.set_weights(before["weights"])
-    reference = PrioritizedSampler(k=K / N, r=1.0, refresh="pass", **kwargs)
+    reference = PrioritizedSampler.paper(k=K / N, r=1.0, refresh="pass", **kwargs)
     reference.bind(model, helpers.SCCE, before["x"], before["y"], LocalComm())
     reference.prio.assign(before["p"])
     reference.prio_t.assign(before["t"])
@@ -110,7 +110,7 @@ def test_free_refresh_trains_and_skips_the_pass():
     assert int(sampler.evaluations.numpy()) == N + 3 * 10 * 20
 
 
-def test_default_model_sampler_is_the_recommended_configuration():
+def test_default_model_sampler_is_adaptive_with_free_refresh():
     pmodel = PrioritizedModel(helpers.mlp(), comm=LocalComm())
     config = pmodel.sampler.get_config()
     assert (config["selection"], config["refresh"], config["gamma"]) == ("adaptive", "free", 0.5)
@@ -122,6 +122,11 @@ def test_default_model_sampler_is_the_recommended_configuration():
     ({"pool": 0.5}, ValueError, r"`pool` must be a number ≥ 1. Received: pool=0.5"),
     ({"tau_threshold": 0.9}, ValueError, r"`tau_threshold` must be a number ≥ 1"),
     ({"tau_momentum": 1.0}, ValueError, r"`tau_momentum` must be in \[0, 1\)"),
+    ({"bookkeeping_interval": 0}, ValueError,
+     r"`bookkeeping_interval` must be a positive integer. Received: bookkeeping_interval=0"),
+    ({"cost_ratio": "timed"}, ValueError,
+     r"`cost_ratio` must be 'measured' or a number > 0. Received: cost_ratio='timed'"),
+    ({"cost_ratio": 0.0}, ValueError, r"`cost_ratio` must be .* Received: cost_ratio=0.0"),
 ])
 def test_bad_new_options_raise(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -27,7 +27,7 @@ def full_batch_step(model: tf.keras.Model, x, y, lr: float) -> list[np.ndarray]:
 
 def test_k_one_step_equals_full_batch_gradient_descent():
     x, y = helpers.classification_data(100)
-    pmodel = wrapped(PrioritizedSampler(k=1.0, r=0.01, estimator="keep"))
+    pmodel = wrapped(PrioritizedSampler.paper(k=1.0, r=0.01, estimator="keep"))
     expected = full_batch_step(helpers.mlp(), x, y, 0.1)  # same seed, same initial weights
     pmodel.fit(x, y, steps_per_epoch=1, verbose=0)
     for got, want in zip(pmodel.model.trainable_variables, expected):
@@ -36,7 +36,7 @@ def test_k_one_step_equals_full_batch_gradient_descent():
 
 def test_aggregate_report_step_adds_the_refresh_mean():
     x, y = helpers.classification_data(100)
-    pmodel = wrapped(PrioritizedSampler(k=1.0, r=0.1, estimator="keep", aggregate_report=True))
+    pmodel = wrapped(PrioritizedSampler.paper(k=1.0, r=0.1, estimator="keep", aggregate_report=True))
     reference = helpers.mlp()
     with tf.GradientTape() as tape:
         loss = helpers.SCCE(y, reference(x)) + helpers.SCCE(y[:10], reference(x[:10]))
@@ -54,7 +54,7 @@ def test_aggregate_report_step_adds_the_refresh_mean():
 ])
 def test_fit_trains_with_any_optimizer(sampler_kwargs, optimizer):
     x, y = helpers.classification_data(400)
-    pmodel = wrapped(PrioritizedSampler(k=0.1, r=0.02, **sampler_kwargs), optimizer(0.05))
+    pmodel = wrapped(PrioritizedSampler.paper(k=0.1, r=0.02, **sampler_kwargs), optimizer(0.05))
     before = pmodel.evaluate(x, y, verbose=0)[0]
     history = pmodel.fit(x, y, epochs=3, verbose=0, validation_data=(x, y))
     assert history.history["val_loss"][-1] < before

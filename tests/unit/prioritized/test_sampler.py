@@ -14,7 +14,7 @@ from tests.unit.prioritized import helpers
 def bound_sampler(n: int = 200, **kwargs) -> tuple[PrioritizedSampler, tf.keras.Model]:
     model = helpers.mlp()
     x, y = helpers.classification_data(n)
-    sampler = PrioritizedSampler(**kwargs)
+    sampler = PrioritizedSampler.paper(**kwargs)
     sampler.bind(model, helpers.SCCE, x, y, LocalComm())
     return sampler, model
 
@@ -57,6 +57,7 @@ def test_use_before_bind_is_a_runtime_error():
     {"k": 0.02, "r": 0.03, "priority": "length", "estimator": "keep", "selection": "importance",
      "gamma": 0.3, "max_weight": 4.0, "seed": 7},
     {"selection": "global", "aggregate_report": True, "gbar_update": "as_released",
+     "refresh": "pass", "bookkeeping_interval": 3, "cost_ratio": 2.5,
      "per_example": "last_layer", "chunk_size": 64, "init_priority": "projection"},
 ])
 def test_config_round_trip(kwargs):
@@ -83,7 +84,7 @@ def test_topk_picks_exactly_the_nonzero_loss_subset(priority, per_example_kind):
     y = model(x).numpy()
     hard = rng.choice(n, size=n // 20, replace=False)
     y[hard] += rng.choice([-1.0, 1.0], size=(len(hard), 1)) * rng.uniform(0.5, 2, (len(hard), 1))
-    sampler = PrioritizedSampler(k=0.05, r=0.01, priority=priority, init_priority=priority,
+    sampler = PrioritizedSampler.paper(k=0.05, r=0.01, priority=priority, init_priority=priority,
                                  per_example=per_example_kind)
     sampler.bind(model, "mse", x, y, LocalComm())
     sampler.initialize()

@@ -59,9 +59,10 @@ def linear_model(d: int = 8, classes: int = 3) -> tf.keras.Model:
     return tf.keras.Sequential([tf.keras.Input((d,)), tf.keras.layers.Dense(classes)])
 
 
-def adaptive_model(x: np.ndarray, y: np.ndarray, log_dir: str | None = None
-                   ) -> PrioritizedModel:
-    sampler = PrioritizedSampler.recommended(k=0.1, r=0.05, seed=1)
+def adaptive_model(x: np.ndarray, y: np.ndarray, log_dir: str | None = None,
+                   cost_ratio: float | str = 1.0) -> PrioritizedModel:
+    """The recommended sampler; ĉ fixed at 1 by default so that τ̄ alone decides."""
+    sampler = PrioritizedSampler.recommended(k=0.1, r=0.05, seed=1, cost_ratio=cost_ratio)
     pmodel = PrioritizedModel(linear_model(), sampler, comm=LocalComm())
     pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=helpers.SCCE)
     callbacks = [TensorBoardMonitor(log_dir, comm=LocalComm(), update_freq=1)] if log_dir else []

@@ -92,7 +92,7 @@ def test_older_results_files_render_with_the_command_line_settings(tmp_path):
     results.write_text(json.dumps(rows))
     payload = job.load_results(str(results), job.parse_args([]))
     assert payload["meta"] is None and payload["rows"] == rows
-    assert payload["targets"] == {"mnist1d/mlp": 0.6} and payload["budgets"] == {"mnist1d/mlp": 8}
+    assert payload["targets"] == {"mnist1d/mlp": 0.6} and payload["budgets"] == {"mnist1d/mlp": 75}
     assert job.render(payload, "rows.json").startswith("- Command, commit and date: not recorded")
 
 
@@ -121,6 +121,11 @@ def test_run_once_reaches_an_easy_target(method, batch):
     free = bench.PSGD_VARIANTS.get(method, {}).get("refresh") == "free"
     per_step = batch if method == "sgd" else 30 + (0 if free else 15)  # K (+ R refreshed)
     assert result.evaluations == result.steps * per_step + (0 if method == "sgd" else 300)
+    assert result.light_steps + result.full_steps == result.steps  # every step timed
+    if method == "psgd-default":  # bookkeeping every 16th step while uniform
+        assert result.full_steps >= result.steps // 16 and result.light_steps > 0
+    elif method == "sgd":
+        assert result.full_steps == 0 and result.light_step_ms > 0.0
 
 
 def test_redundant_task_repeats_exactly_the_easiest_examples():
@@ -146,3 +151,51 @@ def test_redundant_task_repeats_exactly_the_easiest_examples():
         bench.with_redundancy(data, repeats=1)
     with pytest.raises(ValueError, match=r"`task` must be one of"):
         bench.load_task("cifar")
+
+
+def test_noisy_labels_replace_exactly_the_fraction_by_other_classes():
+    rng = np.random.default_rng(0)
+    y = (np.arange(500) % 10).astype(np.int32)
+    x = rng.normal(size=(500, 3)).astype(np.float32)
+    data = Dataset(x, y, x[:5], y[:5], 10, (3,), "toy")
+    noisy = bench.with_noisy_labels(data, 0.2, seed=1)
+    changed = noisy.y_train != y
+    assert changed.sum() == 100 and noisy.name == "toy-noisy"
+    assert set(np.unique(noisy.y_train)) <= set(range(10))
+    np.testing.assert_array_equal(noisy.x_train, x)
+    np.testing.assert_array_equal(noisy.y_test, data.y_test)
+    assert noisy.y_train.dtype == y.dtype
+    with pytest.raises(ValueError, match=r"`fraction` must be in \(0, 1\). Received: fraction=1"):
+        bench.with_noisy_labels(data, 1)
+
+
+def test_calibrated_target_is_first_reached_after_the_minimum_time():
+    curve = [(5.0, 0.50), (20.0, 0.70), (29.0, 0.72), (31.0, 0.71), (40.0, 0.74), (50.0, 0.73),
+             (55.0, 0.76)]
+    assert bench.calibrated_target(curve, 30.0) == 0.73  # lowest accuracy above 0.72 after 30 s
+    first = next(t for t, acc in curve if acc >= 0.73)
+    assert first >= 30.0
+    assert bench.calibrated_target(curve, 60.0) is None  # nothing after 60 s
+    assert bench.calibrated_target([(31.0, 0.7), (32.0, 0.6)], 30.0) == 0.6
+
+
+def test_report_shows_the_cost_split_tuning_calibration_and_short_base_runs():
+    def timed(method, seed, t, batch=0, lr=0.1, light=90, full=10):
+        return {**row(method, seed, t, batch), "learning_rate": lr, "light_steps": light,
+                "full_steps": full, "light_step_ms": 1.0, "full_step_ms": 3.0 if full else 0.0}
+    rows = ([timed("sgd", s, 20.0, batch=240, full=0) for s in range(3)]
+            + [timed("psgd-default", s, 10.0) for s in range(3)])
+    tuning = [timed("psgd-default", 0, None, lr=0.4), timed("sgd", 0, 25.0, batch=240, lr=0.4,
+                                                            full=0)]
+    calibration = {"mlp": {"curve": [[10.0, 0.5], [31.0, 0.61], [33.0, 0.62]],
+                           "target": 0.61}}
+    text = report.markdown(rows, {"mlp": 0.61}, {"mlp": 75.0}, META, "r.json",
+                           tuning=tuning, calibration=calibration)
+    line = next(x for x in text.splitlines() if "| psgd-default |" in x)
+    assert line.endswith("| 90 / 10 | 1.00 / 3.00 | 0.02 |")  # 10·(3 − 1) ms
+    sgd_line = next(x for x in text.splitlines() if "sgd b=240" in x and x.startswith("|"))
+    assert sgd_line.endswith("| 90 / 0 | 1.00 / – | – |")
+    assert "mlp P=1 psgd-default (0.1: 10.0 s, 0.4: miss)" in text
+    assert "mlp P=1 sgd b=240 (0.1: 20.0 s, 0.4: 25.0 s)" in text
+    assert "mlp: 0.610 (first reached at 31.0 s)" in text
+    assert "mlp 20.0 s (short)" in text
