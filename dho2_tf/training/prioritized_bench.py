@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator
+from dho2_tf.models.cnn import small_cnn
 from dho2_tf.prioritized.model import PrioritizedModel
 from dho2_tf.prioritized.sampler import PAPER, RECOMMENDED, PrioritizedSampler
 
@@ -121,25 +122,6 @@ class RunResult:
     curve: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
 
-def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> tf.keras.Model:
-    """BN-free CNN (two conv 5 + ReLU + pool-2 blocks, then Dense logits), as in the paper.
-
-    1-D convolutions over the flattened input, or 2-D ones for 28 × 28 images (784 features).
-    """
-    layers = tf.keras.layers
-    if int(np.prod(input_shape)) == 28 * 28:
-        return tf.keras.Sequential([
-            tf.keras.Input(input_shape), layers.Reshape((28, 28, 1)),
-            layers.Conv2D(16, 5, padding="same", activation="relu"), layers.MaxPool2D(2),
-            layers.Conv2D(32, 5, padding="same", activation="relu"), layers.MaxPool2D(2),
-            layers.Flatten(), layers.Dense(num_classes)], name="small_cnn_2d")
-    return tf.keras.Sequential([
-        tf.keras.Input(input_shape), layers.Reshape((int(np.prod(input_shape)), 1)),
-        layers.Conv1D(16, 5, padding="same", activation="relu"), layers.MaxPool1D(2),
-        layers.Conv1D(32, 5, padding="same", activation="relu"), layers.MaxPool1D(2),
-        layers.Flatten(), layers.Dense(num_classes)], name="small_cnn")
-
-
 def easy_examples(x: np.ndarray, y: np.ndarray, fraction: float) -> np.ndarray:
     """Indices of the ``fraction`` of (x, y) that a nearest-class-mean classifier finds easiest.
 
@@ -221,7 +203,8 @@ def load_task(task: str, num_samples: int = 5000) -> Any:
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
                 seed: int) -> tf.keras.Model:
-    """The ``"mlp"`` (MNIST-1D reference MLP of :mod:`dho2_tf.models`) or ``"cnn"`` (:func:`small_cnn`)."""
+    """The ``"mlp"`` (MNIST-1D reference MLP of :mod:`dho2_tf.models`) or ``"cnn"``
+    (:func:`dho2_tf.models.cnn.small_cnn`)."""
     tf.keras.utils.set_random_seed(seed)
     if name == "cnn":
         return small_cnn(input_shape, num_classes)
