@@ -22,8 +22,12 @@ pytestmark = pytest.mark.parallel
 
 def test_different_model_widths_error_on_every_rank_within_60_seconds():
     start = time.monotonic()
-    proc = run_horovod(SCRIPT, 2, args=("mismatch",), timeout=120)
-    assert time.monotonic() - start < 60
+    proc = run_horovod(SCRIPT, 2, args=("mismatch",), timeout=180)
+    # The launch also runs the fit-batch case; that one reports its own seconds.
+    seconds = [float(line.split()[-1]) for line in proc.stdout.splitlines()
+               if "FIT_BATCH_SECONDS" in line]
+    assert len(seconds) == 2 and time.monotonic() - start - max(seconds) < 60
+    assert max(seconds) < 30
     for rank in (0, 1):  # the differing keys are named, not the whole fingerprint dumped
         assert (f"rank {rank} MISMATCH_ERROR DHO2 ranks disagree on variable[0], variable[1], "
                 "variable[2] (every rank must use the same value)") in proc.stdout
@@ -174,8 +178,8 @@ def test_a_corrupted_file_of_one_rank_stops_every_rank_naming_its_path(two_rank_
     for rank in (0, 1):
         lines = rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
         assert f"rank {rank} JOB_STATUS 2" in lines, lines
-        assert any(line.startswith(f"train.py: error (rank {rank}): Checkpoint file {victim} "
-                                   "is unreadable or corrupted") for line in lines), lines
+        assert any(line.startswith(f"train.py: error (rank {rank}): rank 1: Checkpoint file "
+                                   f"{victim} is unreadable or corrupted") for line in lines), lines
 
 
 # ------------------------------------------------------ ranks that must agree before resuming

@@ -193,6 +193,8 @@ def read_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
         if not isinstance(raw, list) or not raw:
             raise ValueError("'checkpoints' must be a non-empty list")
         checkpoints = [_parse_entry(entry) for entry in raw]
+        if "checkpoints" in manifest:   # the newest entry's copy at the top level, checked too
+            _parse_entry({k: v for k, v in manifest.items() if k != "checkpoints"})
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

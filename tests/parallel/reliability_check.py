@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -55,6 +56,7 @@ def check_mismatch(comm):
 
 def check_fit_batch(comm):
     """``fit`` with batch 16 on rank 0 and 32 on rank 1 (4 and 2 steps): error on every rank."""
+    start = time.monotonic()
     model = mlp()
     model.compile(optimizer=DHO2(k=2, comm=comm), loss=LOSS)
     x, y = data(64)
@@ -62,6 +64,7 @@ def check_fit_batch(comm):
         model.fit(x, y, batch_size=16 if comm.rank == 0 else 32, verbose=0,
                   callbacks=[CurvatureRefresh(batch=(x, y))])
     except ValueError as err:
+        print(f"rank {comm.rank} FIT_BATCH_SECONDS {time.monotonic() - start:.1f}", flush=True)
         print(f"rank {comm.rank} FIT_BATCH_ERROR {err}", flush=True)
         return
     raise AssertionError("no error although the ranks fit with different batch sizes")

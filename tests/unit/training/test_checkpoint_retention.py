@@ -238,7 +238,7 @@ def test_configuration_errors_exit_2_with_one_line(tmp_path):
     text = manifest_path.read_text()
     cases = [
         (("--k", "20000", "--num-samples", "500", "--epochs", "1"),
-         "train.py: error (rank 0): `k + ell` must not exceed the 44210 trainable parameters"),
+         "train.py: error (rank 0): `k + ell` must not exceed the 15210 trainable parameters"),
         (("--optimizer", "adam", "--num-samples", "500", "--batch-size", "1000"),
          "train.py: error (rank 0): `batch_size` must not exceed a rank's share of the 400 "
          "training examples over 1 ranks (400). Received: batch_size=1000"),
