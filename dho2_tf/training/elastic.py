@@ -89,7 +89,9 @@ def log_on_root(comm: Communicator, level: int = logging.INFO,
     """Configure logging for an elastic job: ``level`` on whichever process is rank 0 (see
     :class:`RootRankFilter`), warnings and errors on every rank."""
     logging.basicConfig(level=level, format=fmt)
-    for handler in logging.getLogger().handlers:
+    root = logging.getLogger()
+    root.setLevel(level)   # also when the handlers were configured before
+    for handler in root.handlers:
         if not any(isinstance(f, RootRankFilter) for f in handler.filters):
             handler.addFilter(RootRankFilter(comm))
 

@@ -419,36 +419,12 @@ def pipeline_groups(config: TrainConfig, world_size: int) -> Any:
 
 
 def make_comm(config: TrainConfig) -> Communicator:
-    """The run's communicator, registering at start-up the process sets its mode needs.
-
-    Horovod registers process sets at ``hvd.init`` and fails obscurely when the ranks ask for
-    different ones, so the ranks first compare the settings that decide them (optimizer,
-    mode, ``curvature_ranks``, ``update_ranks``) in a Horovod started without process sets;
-    when the mode needs some, Horovod is then shut down and started again with them.
-
-    Raises:
-        RunConsistencyError: on every rank when those settings differ.
-    """
-    import sys
-
-    options = config.dho2_options if config.optimizer == "dho2" else {}
-    process_sets = () if config.optimizer != "dho2" else mode_class(config.mode).process_sets_for(
-        options.get("curvature_ranks", 1), options.get("update_ranks"))
-    hvd = sys.modules.get("horovod.tensorflow")
-    started_here = hvd is None or not hvd.is_initialized()
-    comm = default_comm()
-    check_run_consistency(comm, {"optimizer": config.optimizer, "mode": config.mode,
-                                 "curvature_ranks": options.get("curvature_ranks", 1),
-                                 "update_ranks": options.get("update_ranks"),
-                                 "process_sets": [list(s) for s in process_sets]},
-                          what="Process set")
-    if not process_sets or comm.size == 1:
-        return comm
-    if started_here:
-        import horovod.tensorflow as hvd
-
-        hvd.shutdown()
-    return default_comm(process_sets=process_sets)
+    """The run's communicator, registering at start-up the process sets its mode needs."""
+    if config.optimizer != "dho2":
+        return default_comm()
+    options = config.dho2_options
+    return default_comm(process_sets=mode_class(config.mode).process_sets_for(
+        options.get("curvature_ranks", 1), options.get("update_ranks")))
 
 
 def training_group(config: TrainConfig, comm: Communicator) -> Any:
