@@ -116,7 +116,6 @@ class DHO2(tf.keras.optimizers.Optimizer):
         arguments = locals()   # every hyper-parameter is an argument of the same name
         self.hp = Hyperparameters.resolve(default_c_max=self.rule.default_c_max,
                                           **{key: arguments[key] for key in FIELD_NAMES})
-        self._lanczos_order_given = lanczos_order is not None   # checked against n at build
         if isinstance(learning_rate, (numbers.Real, str)):  # schedules and tensors pass through
             check_real("learning_rate", learning_rate, minimum=0.0)
         self._learning_rate = self._build_learning_rate(learning_rate)
@@ -165,9 +164,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
         super().build(var_list)
         if self.built:
             return
-        self.spec = FlatSpec.of(var_list)
-        self._check_subspace_fits(self.spec.n)
-        dtype = var_list[0].dtype
+        self.spec, dtype = FlatSpec.of(var_list), var_list[0].dtype
+        self.hp.check_fits(self.spec.n)   # before any state of size n or m is made
         if self._layout_pending:   # "auto": replicated if it fits memory_budget, else sharded
             self._mode, self._layout_pending = make_mode(resolve_layout(
                 self.replicated_state_bytes(self.spec.n, dtype), self.hp, self.spec.n,
@@ -185,18 +183,6 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self._fosi_step = FosiStep(self.state, self.workspace, self.rule, self.spec, self.hp,
                                    self.hooks.log_skipped_step)
         self._built = True   # Keras' own flag (set_weights, variables): see ``built``
-
-    def _check_subspace_fits(self, n: int) -> None:
-        """ValueError unless k + ℓ ≤ n and a given m ≤ n: n parameters have at most n
-        eigenpairs and Lanczos vectors (the default m = 4(k + ℓ) stops at n by breakdown)."""
-        checks = [("k + ell", self.k + self.ell)]
-        if self._lanczos_order_given:
-            checks.append(("lanczos_order", self.lanczos_order))
-        for name, value in checks:
-            if value > n:
-                raise ValueError(f"`{name}` must not exceed the {n} trainable parameters of "
-                                 f"the model. Received: k={self.k}, ell={self.ell}, "
-                                 f"lanczos_order={self.lanczos_order}")
 
     def replicated_state_bytes(self, n: int, dtype: tf.DType = tf.float32) -> int:
         """Bytes per rank of the ``replicated`` layout for n parameters (see ``mode="auto"``)."""
@@ -281,13 +267,10 @@ class DHO2(tf.keras.optimizers.Optimizer):
         super().set_weights(weights)
         self.hooks.forget_caches()
 
-    def verify_consistency(self, model: tf.keras.Model,
-                           fit: dict[str, Any] | None = None) -> None:
-        """Compare configuration, mode, world, variables and ``fit``'s steps and epochs (when
-        given) across ranks (collective)."""
+    def verify_consistency(self, model: tf.keras.Model, fit: dict | None = None) -> None:
+        """Compare config, mode, world, variables and ``fit``'s steps/epochs across ranks."""
         self.consistency_checked = True
-        verify_optimizer_consistency(self.comm, self.get_config(), self.resolved_mode, model,
-                                     fit)
+        verify_optimizer_consistency(self.comm, self.get_config(), self.resolved_mode, model, fit)
 
     def serve_curvature(self) -> list[dict[str, Any]]:
         """Pipelined curvature ranks: serve refreshes until the update ranks stop (after
