@@ -98,7 +98,8 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         opt = self._opt = self._optimizer()
         opt.build(self.model.trainable_variables)
-        opt.verify_consistency(self.model)
+        opt.verify_consistency(self.model, fit={key: self.params.get(key)
+                                                for key in ("steps", "epochs")})
         if self.broadcast_initial_state:
             opt.broadcast_state(self.model)
         opt.bind(self.model, self.loss, self.batch, training=self.training)

@@ -34,7 +34,7 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=repr)
 
 
-def _describe(values: list[Any]) -> str:
+def describe_ranks(values: list[Any]) -> str:
     """``rank 0,2: 16; rank 1: 32`` — ranks grouped by equal value, in rank order."""
     groups: dict[str, list[int]] = {}
     for rank, value in enumerate(values):
@@ -85,7 +85,7 @@ def format_differences(what: str, differences: Mapping[str, list[Any]]) -> str:
     """The error message: a first line naming the keys, then one line per key."""
     lines = [f"{what} ranks disagree on {', '.join(differences)} "
              f"(every rank must use the same value):"]
-    lines += [f"  {key}: {_describe(values)}" for key, values in differences.items()]
+    lines += [f"  {key}: {describe_ranks(values)}" for key, values in differences.items()]
     return "\n".join(lines)
 
 
@@ -129,9 +129,11 @@ def check_run_consistency(comm, fingerprint: Mapping[str, Any], what: str = "run
 
 
 def verify_optimizer_consistency(comm, config: Mapping[str, Any], mode: str | None,
-                                 model: Any) -> None:
-    """Compare an optimizer's configuration (``name`` aside), resolved mode, world size and the
-    model's trainable variables (shape, dtype) across ranks.
+                                 model: Any, fit: Mapping[str, Any] | None = None) -> None:
+    """Compare an optimizer's configuration (``name`` aside), resolved mode, world size, the
+    model's trainable variables (shape, dtype) and ``fit``'s parameters (``fit.steps`` per
+    epoch and ``fit.epochs``: ranks with another batch size or data size issue another number
+    of steps) across ranks.
 
     Every rank must call it (one ``allgather_object``); a mismatch raises the same
     :class:`RunConsistencyError` (a ValueError) on every rank, naming each differing key
@@ -142,4 +144,6 @@ def verify_optimizer_consistency(comm, config: Mapping[str, Any], mode: str | No
                         "num_trainable_variables": len(model.trainable_variables)})
     fingerprint.update({f"variable[{i}]": [list(v.shape), v.dtype.name]
                         for i, v in enumerate(model.trainable_variables)})
+    if fit is not None:
+        fingerprint.update(flatten(dict(fit), "fit."))
     check_run_consistency(comm, fingerprint, what="DHO2")

@@ -115,6 +115,19 @@ class Hyperparameters:
         """The fields as ``get_config`` entries."""
         return dataclasses.asdict(self)
 
+    def check_fits(self, n: int) -> None:
+        """ValueError unless k + ℓ ≤ n, and m ≤ n for an m other than the default 4(k + ℓ): n
+        parameters have at most n eigenpairs and Lanczos vectors (the default m stops at n by
+        breakdown when 4(k + ℓ) > n)."""
+        checks = [("k + ell", self.k + self.ell)]
+        if self.lanczos_order != 4 * (self.k + self.ell):
+            checks.append(("lanczos_order", self.lanczos_order))
+        for name, value in checks:
+            if value > n:
+                raise ValueError(f"`{name}` must not exceed the {n} trainable parameters of "
+                                 f"the model. Received: k={self.k}, ell={self.ell}, "
+                                 f"lanczos_order={self.lanczos_order}")
+
 
 def reject_unsupported(kwargs: dict) -> dict:
     """``kwargs`` without Keras' ``weight_decay`` and ``use_ema`` when they are off; ValueError

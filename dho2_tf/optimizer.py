@@ -164,8 +164,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
         super().build(var_list)
         if self.built:
             return
-        self.spec = FlatSpec.of(var_list)
-        dtype = var_list[0].dtype
+        self.spec, dtype = FlatSpec.of(var_list), var_list[0].dtype
+        self.hp.check_fits(self.spec.n)   # before any state of size n or m is made
         if self._layout_pending:   # "auto": replicated if it fits memory_budget, else sharded
             self._mode, self._layout_pending = make_mode(resolve_layout(
                 self.replicated_state_bytes(self.spec.n, dtype), self.hp, self.spec.n,
@@ -267,10 +267,10 @@ class DHO2(tf.keras.optimizers.Optimizer):
         super().set_weights(weights)
         self.hooks.forget_caches()
 
-    def verify_consistency(self, model: tf.keras.Model) -> None:
-        """Compare configuration, mode, world and variables across ranks (collective)."""
+    def verify_consistency(self, model: tf.keras.Model, fit: dict | None = None) -> None:
+        """Compare config, mode, world, variables and ``fit``'s steps/epochs across ranks."""
         self.consistency_checked = True
-        verify_optimizer_consistency(self.comm, self.get_config(), self.resolved_mode, model)
+        verify_optimizer_consistency(self.comm, self.get_config(), self.resolved_mode, model, fit)
 
     def serve_curvature(self) -> list[dict[str, Any]]:
         """Pipelined curvature ranks: serve refreshes until the update ranks stop (after

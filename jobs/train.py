@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +35,7 @@ from dho2_tf.training.experiment import (  # noqa: E402
 )
 
 LAUNCHERS = ("horovodrun", "ray")
-LAUNCH_KEYS = ("launcher", "num_workers", "ray_address")
+LAUNCH_KEYS = ("launcher", "num_workers", "ray_address", "recover_from")
 HELP = {
     "model": "model name from the registry (mlp, logreg, autoencoder, resnet20, resnet32, "
              "resnet56, resnet110, resnet1d); autoencoder is trained to reconstruct its input "
@@ -78,6 +79,13 @@ HELP = {
     "checkpoint_dir": "save model + optimizer state here after every epoch (rank 0, atomic)",
     "resume": "continue from the checkpoint in --checkpoint-dir (if there is one); refused "
               "when the configuration changed (see --allow-config-change)",
+    "resume_from": "with --resume: the checkpoint folder (ckpt-...) to continue instead of "
+                   "the newest good one (e.g. one marked bad)",
+    "keep_checkpoints": "how many of the newest checkpoints --checkpoint-dir keeps (the newest "
+                        "good one is kept in addition)",
+    "max_skipped_fraction": "an epoch with more than this fraction of its steps skipped (or a "
+                            "non-finite loss) writes a checkpoint marked bad, which never "
+                            "displaces the last good one",
     "overwrite": "start afresh and replace the checkpoint already in --checkpoint-dir (without "
                  "--resume or --overwrite an existing checkpoint is refused, never deleted)",
     "allow_config_change": "comma-separated keys a --resume may change deliberately, e.g. "
@@ -124,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ranks, one Ray worker each (default: 2)")
     launch.add_argument("--ray-address", metavar="ADDR", help="ray: cluster address (auto, "
                         "head:6379, ray://head:10001); default: start a local Ray instance")
+    launch.add_argument("--recover-from", metavar="FOLDER", help="rebuild the manifest of "
+                        "--checkpoint-dir from its complete checkpoint folder FOLDER (e.g. "
+                        "after checkpoint.json was lost) and exit; then run with --resume")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         annotation = str(field.type)
@@ -186,12 +197,37 @@ def launch_options(argv: list[str] | None = None) -> argparse.Namespace:
     return launch
 
 
+def recover(config: TrainConfig, folder: str) -> int:
+    """``--recover-from``: adopt ``folder`` into ``config.checkpoint_dir``'s manifest."""
+    from dho2_tf.training.checkpointing import recover_checkpoint
+
+    if not config.checkpoint_dir:
+        print("train.py: error: --recover-from needs --checkpoint-dir", file=sys.stderr)
+        return 2
+    try:
+        info = recover_checkpoint(config.checkpoint_dir, folder)
+    except ValueError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    print(f"Recovered {info.name} (epoch {info.epoch}, step {info.step}, {info.ranks} "
+          f"rank(s)) into {config.checkpoint_dir}; continue it with --resume.", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, train, print the summary line on rank 0."""
+    """Parse flags, train, print the summary line on rank 0.
+
+    Bad input exits with status 2 and one message on every rank: flags and files before any
+    work, and the ``ValueError``s of the run's own checks (checkpoint directory, ranks that
+    disagree, batch size against the data) on every rank together.
+    """
     import time
 
     started = time.perf_counter()
     config = parse_args(argv)
+    recover_from = vars(build_parser().parse_args(argv)).get("recover_from")
+    if recover_from is not None:
+        return recover(config, recover_from)
     launch = launch_options(argv)
     if launch.launcher == "ray":
         from dho2_tf.training.ray_launcher import run_on_ray
@@ -200,21 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dho2_tf").setLevel(logging.INFO)  # the workers log as under horovodrun
         result, is_root = run_on_ray(config, launch.num_workers, launch.ray_address), True
     else:
-        from dho2_tf.training.checkpointing import CheckpointError
-        from dho2_tf.consistency import RunConsistencyError
         from dho2_tf.training.experiment import make_comm, train
 
-        comm = make_comm(config)
-        logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
-                            format="%(asctime)s %(name)s: %(message)s")
         try:
+            comm = make_comm(config)
+            logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
+                                format="%(asctime)s %(name)s: %(message)s")
             result, is_root = train(config, comm), comm.is_root
-        except (CheckpointError, RunConsistencyError) as err:  # every rank reports and stops
-            print(f"train.py: error (rank {comm.rank}): {err}", file=sys.stderr, flush=True)
+        except ValueError as err:  # checkpoint, consistency, data: every rank reports and stops
+            rank = os.environ.get("HOROVOD_RANK", "0")
+            print(f"train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
             return 2
     if is_root:
         ttt = "none" if result.time_to_target is None else f"{result.time_to_target:.1f}"
-        print(f"RESULT optimizer={config.optimizer} mode={config.mode} model={config.model} "
+        print(f"RESULT optimizer={config.optimizer} mode={result.mode or config.mode} "
+              f"model={config.model} "
               f"dataset={config.dataset} ranks={result.ranks} "
               f"epochs={result.initial_epoch + len(result.history)} "
               f"test_accuracy={result.test_accuracy:.4f} best={result.best_accuracy:.4f} "

@@ -42,7 +42,7 @@ import tensorflow as tf
 from dho2_tf import models
 from dho2_tf.training.data import load_dataset
 from dho2_tf.distributed.comm import default_comm
-from dho2_tf.training.elastic import ELASTIC_MODES, ElasticConfig, elastic_train
+from dho2_tf.training.elastic import ELASTIC_MODES, ElasticConfig, elastic_train, log_on_root
 from dho2_tf.training.ray_launcher import (elastic_launch_options, elastic_launch_parser,
                                   run_elastic_job_on_ray)
 
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         run_elastic_job_on_ray(__file__, launch, job_argv)
         return
     comm = default_comm()  # hvd.init under horovodrun; not a collective
-    logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
+    log_on_root(comm)  # INFO on whichever process is rank 0 now, also after a reset
     data = load_dataset(args.dataset)
     config = ElasticConfig(epochs=args.epochs, global_batch=args.global_batch,
                            curvature_batch=args.curvature_batch, commit_every=args.commit_every,

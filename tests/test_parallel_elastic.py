@@ -260,6 +260,10 @@ def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Pa
     detected = [ln for ln in out.splitlines() if "elastic: a collective failed" in ln]
     assert detected, out[-8000:]  # recognised as a Horovod failure, not a crash
     print(f"killed {killed}; survivor saw: {detected[0]}")
+    # The survivor is rank 0 now (a former rank 1 when rank 0 was killed): it logs the restart
+    # from the commit and the progress at INFO, as jobs/train_elastic.py configures it.
+    assert re.search(r"elastic start: step=\d+ epoch=\d+ size=1", out), out[-8000:]
+    assert re.search(r"elastic epoch \d+: loss=\S+ test_accuracy=\S+ size=1", out), out[-8000:]
     (survivor,) = results_of(out)
     assert_recovered_and_matches_replay(survivor, killed, commit_dir, tmp_path / "replay",
                                         SIGKILL_EPOCHS)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.helpers.launch import REPO, run_horovod
@@ -20,14 +22,22 @@ pytestmark = pytest.mark.parallel
 
 def test_different_model_widths_error_on_every_rank_within_60_seconds():
     start = time.monotonic()
-    proc = run_horovod(SCRIPT, 2, args=("mismatch",), timeout=120)
-    assert time.monotonic() - start < 60
+    proc = run_horovod(SCRIPT, 2, args=("mismatch",), timeout=180)
+    # The launch also runs the fit-batch case; that one reports its own seconds.
+    seconds = [float(line.split()[-1]) for line in proc.stdout.splitlines()
+               if "FIT_BATCH_SECONDS" in line]
+    assert len(seconds) == 2 and time.monotonic() - start - max(seconds) < 60
+    assert max(seconds) < 30
     for rank in (0, 1):  # the differing keys are named, not the whole fingerprint dumped
         assert (f"rank {rank} MISMATCH_ERROR DHO2 ranks disagree on variable[0], variable[1], "
                 "variable[2] (every rank must use the same value)") in proc.stdout
     for rank in (0, 1):
         assert ('  variable[0]: rank 0: [[10, 24], "float32"]; rank 1: [[10, 32], "float32"]'
                 in rank_output(proc.stdout, rank))
+    for rank in (0, 1):  # fit with batch 16 on rank 0, 32 on rank 1 (Python API)
+        assert (f"rank {rank} FIT_BATCH_ERROR DHO2 ranks disagree on fit.steps (every rank "
+                "must use the same value):") in proc.stdout
+        assert "  fit.steps: rank 0: 4; rank 1: 2" in rank_output(proc.stdout, rank)
 
 
 # case -> (key that must be named, the line giving each rank's value)
@@ -168,5 +178,85 @@ def test_a_corrupted_file_of_one_rank_stops_every_rank_naming_its_path(two_rank_
     for rank in (0, 1):
         lines = rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
         assert f"rank {rank} JOB_STATUS 2" in lines, lines
-        assert any(line.startswith(f"train.py: error (rank {rank}): Checkpoint file {victim} "
-                                   "is unreadable or corrupted") for line in lines), lines
+        assert any(line.startswith(f"train.py: error (rank {rank}): rank 1: Checkpoint file "
+                                   f"{victim} is unreadable or corrupted") for line in lines), lines
+
+
+# ------------------------------------------------------ ranks that must agree before resuming
+def job_lines(proc, rank):
+    return rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
+
+
+def test_resume_on_storage_one_rank_does_not_see_stops_every_rank_within_seconds(
+        two_rank_checkpoint, tmp_path):
+    """Node-local checkpoint folders (one per rank): rank 0 sees the checkpoint, rank 1 an
+    empty folder. Both stop before loading data, naming what each rank saw (no hang)."""
+    shutil.copytree(two_rank_checkpoint, tmp_path / "rank0" / "ckpt")
+    (tmp_path / "rank1" / "ckpt").mkdir(parents=True)
+    name = json.loads((tmp_path / "rank0" / "ckpt" / "checkpoint.json").read_text())["name"]
+    start = time.monotonic()
+    proc = run_horovod(CONSISTENCY, 2, args=("job", *JOB_FLAGS, "--batch-size", "50",
+                                             "--checkpoint-dir", str(tmp_path / "rank{rank}" /
+                                                                     "ckpt"), "--resume"),
+                       timeout=120)
+    assert time.monotonic() - start < 60
+    for rank in (0, 1):
+        lines = job_lines(proc, rank)
+        assert f"rank {rank} JOB_STATUS 2" in lines, lines
+        assert (f"train.py: error (rank {rank}): Ranks disagree on the checkpoint to resume "
+                f"from {tmp_path / f'rank{rank}' / 'ckpt'} (every rank must see the same one; "
+                "put --checkpoint-dir on storage every rank shares):") in lines, lines
+        (seen,) = [line for line in lines if line.startswith("  checkpoint: ")]
+        assert re.fullmatch(rf'  checkpoint: rank 0: "{name} \(epoch 1, step 4, run '
+                            r'[0-9a-f]{12}\)"; rank 1: "no checkpoint"', seen), seen
+
+
+def test_a_wrong_shape_in_one_ranks_file_is_named_on_every_rank(two_rank_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(two_rank_checkpoint, folder)
+    name = json.loads((folder / "checkpoint.json").read_text())["name"]
+    victim = folder / name / "rank_00001.npz"
+    with np.load(victim) as arrays:
+        content = {key: arrays[key] for key in arrays.files}
+    content["model/0"] = np.zeros((3, 5), np.float32)
+    with open(victim, "wb") as handle:
+        np.savez(handle, **content)
+    proc = run_horovod(CONSISTENCY, 2, args=("job", *JOB_FLAGS, "--batch-size", "50",
+                                             "--checkpoint-dir", str(folder), "--resume"),
+                       timeout=120)
+    for rank in (0, 1):
+        lines = job_lines(proc, rank)
+        assert f"rank {rank} JOB_STATUS 2" in lines, lines
+        assert any(line.startswith(f"train.py: error (rank {rank}): rank 1: The checkpoint "
+                                   f"{victim} has shape (3, 5) for model variable ")
+                   for line in lines), lines
+
+
+def _write_cifar(folder, seed):
+    """CIFAR-10 python-pickle files of 2 training images per batch, content from ``seed``."""
+    import pickle
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for file, rows in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 3)]:
+        batch = {b"data": rng.integers(0, 256, (rows, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, rows)]}
+        (folder / file).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def test_ranks_given_different_data_of_the_same_shape_stop_with_one_message(tmp_path):
+    """Different CIFAR files of the same shape (same sizes, other content): exit 2 on every
+    rank, naming the data's content hash, before training."""
+    _write_cifar(tmp_path / "cifar0", seed=0)
+    _write_cifar(tmp_path / "cifar1", seed=1)
+    proc = run_horovod(CONSISTENCY, 2, args=(
+        "job", "--dataset", "cifar10", "--model", "resnet20", "--optimizer", "adam",
+        "--batch-size", "2", "--epochs", "1", "--verbose", "0",
+        "--data-dir", str(tmp_path / "cifar{rank}")), timeout=120)
+    for rank in (0, 1):
+        lines = job_lines(proc, rank)
+        assert f"rank {rank} JOB_STATUS 2" in lines, lines
+        assert f"train.py: error (rank {rank}): Training run ranks disagree on training_data " \
+               "(every rank must use the same value):" in lines, lines
+        assert any(re.fullmatch(r'  training_data: rank 0: "[0-9a-f]{16}"; rank 1: '
+                                r'"[0-9a-f]{16}"', line) for line in lines), lines

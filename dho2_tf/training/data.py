@@ -88,6 +88,30 @@ class Dataset:
                 f"num_classes={self.num_classes})")
 
 
+CONTENT_SAMPLE_ROWS = 256
+
+
+def content_hash(data: Dataset, rows: int = CONTENT_SAMPLE_ROWS) -> str:
+    """A cheap fingerprint of a dataset's content, equal on every rank that loaded the same data.
+
+    Computed on the whole dataset before it is sharded (every rank loads all of it), so ranks
+    that must agree can compare it. Sampled: the SHA-256 of the shapes and dtypes of the four
+    arrays, then of ``rows`` evenly spaced rows of each (indices ``⌊i·N/rows⌋``, i < rows; all
+    rows when N ≤ rows); first 16 hex digits. Files that differ only in rows outside the
+    sample hash alike.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (data.x_train, data.y_train, data.x_test, data.y_test):
+        array = np.asarray(array)
+        digest.update(f"{array.shape}{array.dtype.str}".encode())
+        n = len(array)
+        index = np.arange(n) if n <= rows else (np.arange(rows) * n) // rows
+        digest.update(np.ascontiguousarray(array[index]).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _make_dataset(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                   y_test: np.ndarray, num_classes: int) -> Dataset:
     dataset = Dataset(np.ascontiguousarray(x_train, np.float32), y_train.astype(np.int32),
@@ -303,6 +327,16 @@ def _cifar_folder(path: str, layout: dict[str, Any]) -> str:
     raise FileNotFoundError(
         f"CIFAR folder {path!r} is missing {missing}; expected the python-pickle files "
         f"{list(expected)}.")
+
+
+def check_cifar_path(name: str, path: str | os.PathLike[str]) -> None:
+    """Raise ValueError (naming ``data_dir``) unless ``path`` holds dataset ``name``'s files;
+    reads no data, so a run can check it before any work."""
+    try:
+        _cifar_folder(os.fspath(path), _CIFAR_LAYOUT[100 if name == "cifar100" else 10])
+    except FileNotFoundError as err:
+        raise ValueError(f"`data_dir` does not hold the {name} files: {err} Received: "
+                         f"data_dir={os.fspath(path)!r}") from None
 
 
 def _read_cifar_batch(file: str, label_key: bytes, num_classes: int) -> tuple[np.ndarray,

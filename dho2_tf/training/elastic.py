@@ -68,6 +68,34 @@ DONE_FILE_ENV = "DHO2_ELASTIC_DONE_FILE"
 COMMIT_KEYS = ("weights", "optimizer_state", "step", "epoch_loss", "history")
 
 
+class RootRankFilter(logging.Filter):
+    """Let records below WARNING through only on the process that is rank 0 *now*.
+
+    Evaluated per record, so after a membership change the new rank 0 (which started as
+    another rank) logs the recovery and the progress at the run's level, and the others stay
+    quiet; warnings and errors pass on every rank.
+    """
+
+    def __init__(self, comm: Communicator) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging's name
+        return record.levelno >= logging.WARNING or self.comm.is_root
+
+
+def log_on_root(comm: Communicator, level: int = logging.INFO,
+                fmt: str = "%(asctime)s %(name)s %(message)s") -> None:
+    """Configure logging for an elastic job: ``level`` on whichever process is rank 0 (see
+    :class:`RootRankFilter`), warnings and errors on every rank."""
+    logging.basicConfig(level=level, format=fmt)
+    root = logging.getLogger()
+    root.setLevel(level)   # also when the handlers were configured before
+    for handler in root.handlers:
+        if not any(isinstance(f, RootRankFilter) for f in handler.filters):
+            handler.addFilter(RootRankFilter(comm))
+
+
 @dataclasses.dataclass(frozen=True)
 class ElasticConfig:
     """Schedule of an elastic run (everything but the model, the optimizer and the data).

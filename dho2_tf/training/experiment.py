@@ -30,10 +30,13 @@ import tensorflow as tf
 
 from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaSync,
                                TestAccuracyClock)
+from dho2_tf.consistency import RunConsistencyError, check_run_consistency, describe_ranks, flatten
+from dho2_tf.training.checkpoint_lock import acquire_lock, release_lock
 from dho2_tf.training.checkpointing import (CheckpointError, CheckpointInfo, EpochCheckpoint,
-                                   check_checkpoint_dir, config_changes, read_manifest)
-from dho2_tf.consistency import check_run_consistency, flatten
-from dho2_tf.training.data import DATASETS, cifar_augment, load_dataset, make_tf_dataset, shard_arrays
+                                            check_checkpoint_dir, clean_pending,
+                                            config_changes, read_checkpoints)
+from dho2_tf.training.data import (DATASETS, check_cifar_path, cifar_augment, content_hash,
+                                   load_dataset, make_tf_dataset, shard_arrays)
 from dho2_tf.distributed.comm import Communicator, Group, default_comm
 from dho2_tf.modes import mode_class
 from dho2_tf.training.monitoring import TensorBoardMonitor
@@ -53,7 +56,12 @@ RANK_LOCAL_FIELDS = ("verbose", "data_dir", "tensorboard_dir")
 # Fields a resume may change freely: they do not change what is trained or how.
 RESUME_FREE_FIELDS = RANK_LOCAL_FIELDS + ("checkpoint_dir", "resume", "overwrite",
                                           "allow_config_change", "target_accuracy",
-                                          "target_loss")
+                                          "target_loss", "keep_checkpoints",
+                                          "max_skipped_fraction", "resume_from")
+# DHO2 constructor arguments that are TrainConfig fields: set with their own flag, never in
+# ``dho2_options`` (both at once would silently use one of them).
+DHO2_FIELDS = ("base", "k", "ell", "alpha", "c_max", "lanczos_order", "refresh_every", "warmup",
+               "momentum", "mode", "seed", "learning_rate")
 # Per-rank layout: a resume on another number of ranks compares the global batch instead.
 LAYOUT_KEYS = ("ranks", "batch_size", "samples_per_rank")
 
@@ -93,7 +101,15 @@ class TrainConfig:
         tensorboard_dir: write TensorBoard event files here (rank 0).
         checkpoint_dir: save a checkpoint here after every epoch (rank 0 writes). A checkpoint
             already there is refused unless ``resume`` or ``overwrite`` is set.
-        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one (the
+            newest good one, or ``resume_from``).
+        resume_from: the folder name (``ckpt-...``) of the checkpoint a resume continues,
+            instead of the newest good one (e.g. one marked bad).
+        keep_checkpoints: how many of the newest checkpoints to keep; the newest good one is
+            kept in addition (docs/reliability.md).
+        max_skipped_fraction: an epoch with more than this fraction of its steps skipped
+            (non-finite updates), or a non-finite loss, writes a checkpoint marked bad, which
+            never displaces the last good one.
         overwrite: start afresh and replace the checkpoint in ``checkpoint_dir`` (the old one
             is deleted only once the first new one is committed).
         allow_config_change: comma-separated keys a resume may change deliberately (e.g.
@@ -133,6 +149,9 @@ class TrainConfig:
     tensorboard_dir: str | None = None
     checkpoint_dir: str | None = None
     resume: bool = False
+    resume_from: str | None = None
+    keep_checkpoints: int = 2
+    max_skipped_fraction: float = 0.5
     overwrite: bool = False
     allow_config_change: str | None = None
     verbose: int = 1
@@ -184,6 +203,18 @@ class TrainConfig:
         if self.dataset.startswith("cifar") and not self.data_dir:
             raise ValueError(f"`data_dir` must name the folder of the CIFAR files for "
                              f"dataset={self.dataset!r}. Received: data_dir={self.data_dir!r}")
+        check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
+        check_real("max_skipped_fraction", self.max_skipped_fraction, minimum=0.0,
+                   maximum=1.0)
+        if self.resume_from is not None and not self.resume:
+            raise ValueError("`resume_from` names the checkpoint a resume continues; set "
+                             f"`resume`. Received: resume_from={self.resume_from!r}")
+        repeated = [key for key in self.dho2_options if key in DHO2_FIELDS]
+        if repeated:
+            raise ValueError("`dho2_options` repeats top-level setting(s): " + ", ".join(
+                f"dho2_options {key}={self.dho2_options[key]!r} and --{key.replace('_', '-')} "
+                f"({key}={getattr(self, key)!r})" for key in repeated)
+                + ". Set each once, with its own flag.")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("`resume` needs `checkpoint_dir`. Received: resume=True, "
                              "checkpoint_dir=None")
@@ -331,6 +362,7 @@ class TrainResult:
         best_train_loss: lowest loss of the full training set over epochs.
         compile_seconds: DHO2's one-off compilation of its curvature graphs at the start of
             training (included in ``train_seconds`` and ``time_to_target``).
+        mode: DHO2's resolved distribution mode (``auto`` resolved), None for a baseline.
     """
 
     test_accuracy: float
@@ -346,6 +378,7 @@ class TrainResult:
     train_loss: float = float("nan")
     best_train_loss: float = float("nan")
     compile_seconds: float = 0.0
+    mode: str | None = None
 
 
 def learning_rate_for(config: TrainConfig, total_steps: int) -> Any:
@@ -434,7 +467,7 @@ def load_data(config: TrainConfig) -> Any:
 
 
 def _callbacks(config: TrainConfig, comm: Communicator, x_r: np.ndarray, y_r: np.ndarray,
-               clock: TestAccuracyClock, initial_epoch: int,
+               clock: TestAccuracyClock, resumed: CheckpointInfo | None,
                fingerprint: dict[str, Any] | None = None
                ) -> tuple[list[tf.keras.callbacks.Callback], CurvatureRefresh | None]:
     """Callbacks in the order they must run: initial broadcast / curvature, resume, clock, logs."""
@@ -452,58 +485,131 @@ def _callbacks(config: TrainConfig, comm: Communicator, x_r: np.ndarray, y_r: np
     else:
         callbacks.append(clock)
     if config.checkpoint_dir:
-        callbacks.append(EpochCheckpoint(config.checkpoint_dir, comm, resume=initial_epoch > 0,
-                                         overwrite=config.overwrite, run_config=fingerprint))
+        callbacks.append(EpochCheckpoint(
+            config.checkpoint_dir, comm, resume=resumed is not None, overwrite=config.overwrite,
+            run_config=fingerprint, keep=config.keep_checkpoints,
+            max_skipped_fraction=config.max_skipped_fraction,
+            resume_from=resumed.name if resumed is not None else None))
     if config.tensorboard_dir:
         callbacks.append(TensorBoardMonitor(config.tensorboard_dir, comm))
     return callbacks, curvature
 
 
-def validated_checkpoint_dir(config: TrainConfig, comm: Communicator) -> CheckpointInfo | None:
-    """:func:`check_checkpoint_dir` on every rank; the manifest to resume from, or None.
+def _rank_problems(problems: list[str]) -> str:
+    """One message from every rank's problem text, prefixed by its ranks when not all agree."""
+    if all(p == problems[0] for p in problems):
+        return problems[0]
+    ranks: dict[str, list[int]] = {}
+    for rank, text in enumerate(problems):
+        if text:
+            ranks.setdefault(text, []).append(rank)
+    return "\n".join(f"rank {','.join(map(str, r))}: {text}" for text, r in ranks.items())
 
-    Collective (one ``allgather_object``, issued by every rank whatever its configuration):
-    when any rank finds a problem, every rank raises, so none is left waiting in a collective.
+
+def _describe_checkpoint(identity: dict[str, Any] | None) -> str:
+    if identity is None:
+        return "no checkpoint"
+    return (f"{identity['name']} (epoch {identity['epoch']}, step {identity['step']}, run "
+            f"{identity['run']})")
+
+
+def _resume_target(config: TrainConfig, comm: Communicator) -> CheckpointInfo | None:
+    """This rank's part of :func:`validated_checkpoint_dir` (raises on any problem)."""
+    directory = config.checkpoint_dir
+    if comm.is_root and os.path.isdir(directory):
+        acquire_lock(directory)   # before anything in the directory is changed
+        try:
+            owned = {c.name for c in read_checkpoints(directory)}
+        except CheckpointError:
+            owned = None
+        if owned is not None:
+            for folder in clean_pending(directory, owned):
+                logger.warning("Removed %s, left behind by a checkpoint write that did not "
+                               "commit.", os.path.join(directory, folder))
+    target = check_checkpoint_dir(directory, resume=config.resume, overwrite=config.overwrite,
+                                  resume_from=config.resume_from)
+    if comm.is_root:
+        acquire_lock(directory)   # re-entrant; the directory exists now
+    if target is not None and target.epoch >= config.epochs:
+        raise CheckpointError(f"The checkpoint {target.name} in {directory} has already "
+                              f"completed {target.epoch} epochs; `epochs` must exceed that to "
+                              f"resume. Received: epochs={config.epochs}")
+    return target
+
+
+def validated_checkpoint_dir(config: TrainConfig, comm: Communicator) -> CheckpointInfo | None:
+    """Check ``checkpoint_dir`` (and a CIFAR ``data_dir``) on every rank; the checkpoint to
+    resume from, or None.
+
+    Rank 0 first takes the directory's lock (one run per directory) and removes the folders
+    of a checkpoint write that never committed. Collective (one ``allgather_object``, issued
+    by every rank whatever its configuration, before the data is loaded): every rank sends the
+    problem it found and the identity (name, epoch, step, run digest) of the checkpoint it
+    would resume, so that a problem on any rank, or ranks seeing different checkpoints (storage
+    not shared), stop every rank here together.
 
     Raises:
-        CheckpointError: the problems found, each prefixed by its ranks when not all agree.
+        CheckpointError: the problems found, each prefixed by its ranks when not all agree
+            (including resuming with ``epochs`` not above the checkpoint's).
+        ValueError: the same, when a rank's ``data_dir`` lacks the CIFAR files.
+        RunConsistencyError: when the ranks would resume different checkpoints (or some none).
     """
-    existing, problem = None, ""
-    if config.checkpoint_dir:
-        try:
-            existing = check_checkpoint_dir(config.checkpoint_dir, resume=config.resume,
-                                            overwrite=config.overwrite)
-        except CheckpointError as err:
-            problem = str(err)
-    problems = comm.allgather_object(problem, name="dho2/checkpoint/validate")
-    if any(problems):
-        if all(p == problems[0] for p in problems):
-            raise CheckpointError(problems[0])
-        ranks: dict[str, list[int]] = {}
-        for rank, text in enumerate(problems):
-            if text:
-                ranks.setdefault(text, []).append(rank)
-        raise CheckpointError("\n".join(f"rank {','.join(map(str, r))}: {text}"
-                                         for text, r in ranks.items()))
-    return existing
+    target, problem, kind = None, "", "checkpoint"
+    try:
+        if config.dataset.startswith("cifar"):   # a host-local path: checked on every rank
+            kind = "data"
+            check_cifar_path(config.dataset, config.data_dir)
+            kind = "checkpoint"
+        if config.checkpoint_dir:
+            target = _resume_target(config, comm)
+    except ValueError as err:
+        problem = str(err)
+    mine = {"problem": problem, "kind": kind,
+            "checkpoint": target.identity() if target else None}
+    everyone = comm.allgather_object(mine, name="dho2/checkpoint/validate")
+    problems = [seen["problem"] for seen in everyone]
+    seen = [seen["checkpoint"] for seen in everyone]
+    try:
+        if any(problems):
+            kinds = {s.get("kind", "checkpoint") for s in everyone if s["problem"]}
+            error = CheckpointError if kinds == {"checkpoint"} else ValueError
+            raise error(_rank_problems(problems))
+        if any(s != seen[0] for s in seen):
+            described = [_describe_checkpoint(s) for s in seen]
+            raise RunConsistencyError(
+                f"Ranks disagree on the checkpoint to resume from {config.checkpoint_dir} "
+                "(every rank must see the same one; put --checkpoint-dir on storage every "
+                f"rank shares):\n  checkpoint: {describe_ranks(described)}",
+                {"checkpoint": described})
+    except ValueError:
+        if comm.is_root and config.checkpoint_dir:
+            release_lock(config.checkpoint_dir)
+        raise
+    if config.resume and target is None and comm.is_root:
+        logger.warning("No checkpoint in %s yet: starting from scratch.", config.checkpoint_dir)
+    return target
 
 
 def run_fingerprint(config: TrainConfig, comm: Communicator, model: tf.keras.Model,
                     samples_per_rank: int, steps_per_epoch: int, training_examples: int,
-                    training_ranks: int) -> dict[str, Any]:
+                    training_ranks: int, data_hash: str | None = None) -> dict[str, Any]:
     """Everything the ranks of a run must agree on, as a flat JSON-serialisable mapping.
 
     Keys: every :class:`TrainConfig` field but :data:`RANK_LOCAL_FIELDS` (``dho2_options``
     flattened to ``dho2_options.<name>``), ``ranks``, ``training_examples``,
     ``global_batch`` (= training ranks × ``batch_size``), ``num_trainable_variables`` and
     ``variable[i]`` (shape and dtype), plus ``samples_per_rank`` and ``steps_per_epoch``
-    when every rank trains (pipelined curvature ranks hold another share).
+    when every rank trains (pipelined curvature ranks hold another share), and
+    ``training_data``, the content hash of the whole dataset before sharding
+    (:func:`~dho2_tf.training.data.content_hash`), when ``data_hash`` is given.
     """
     values = {k: v for k, v in dataclasses.asdict(config).items() if k not in RANK_LOCAL_FIELDS}
     fingerprint = flatten(values)
     fingerprint.update({"ranks": comm.size, "training_examples": int(training_examples),
                         "global_batch": int(training_ranks * config.batch_size),
                         "num_trainable_variables": len(model.trainable_variables)})
+    if data_hash is not None:
+        fingerprint["training_data"] = data_hash
     if pipeline_groups(config, comm.size) is None:
         fingerprint.update({"samples_per_rank": int(samples_per_rank),
                             "steps_per_epoch": int(steps_per_epoch)})
@@ -534,11 +640,13 @@ def check_resume_compatible(info: CheckpointInfo, fingerprint: dict[str, Any],
                            config.checkpoint_dir)
         return
     ignore = RESUME_FREE_FIELDS + LAYOUT_KEYS
+    known = (set(info.run) | set(fingerprint)) - set(ignore)
     if config.schedule == "constant" and info.run.get("schedule") == "constant":
-        ignore += ("epochs",)
+        ignore += ("epochs",)   # no schedule depends on it (allowed, and also free)
+    if "training_data" not in info.run:   # written before the data's content was recorded
+        ignore += ("training_data",)
     changes = config_changes(info.run, fingerprint, ignore)
     allowed = [k.strip() for k in (config.allow_config_change or "").split(",") if k.strip()]
-    known = (set(info.run) | set(fingerprint)) - set(ignore)
     unknown = [k for k in allowed if k not in known]
     if unknown:
         raise CheckpointError(f"`allow_config_change` names unknown key(s) {unknown}. Valid "
@@ -573,21 +681,6 @@ def check_resume_compatible(info: CheckpointInfo, fingerprint: dict[str, Any],
                         fingerprint["global_batch"], fingerprint.get("steps_per_epoch"))
 
 
-def initial_epoch_for(config: TrainConfig) -> int:
-    """Epochs already done by the checkpoint ``resume`` continues from (0 without one)."""
-    if not (config.resume and config.checkpoint_dir):
-        return 0
-    info = read_manifest(config.checkpoint_dir)
-    if info is None:
-        logger.warning("No checkpoint in %s yet: starting from scratch.", config.checkpoint_dir)
-        return 0
-    if info.epoch >= config.epochs:
-        raise ValueError(f"The checkpoint in {config.checkpoint_dir} has already completed "
-                         f"{info.epoch} epochs; `epochs` must exceed that to resume. "
-                         f"Received: epochs={config.epochs}")
-    return info.epoch
-
-
 def serve_curvature(model: tf.keras.Model, batch: tuple[Any, Any],
                     comm: Communicator, steps_per_epoch: int) -> TrainResult:
     """Pipelined DHO2 on a curvature rank: compute eigenpairs until the update ranks stop."""
@@ -608,13 +701,24 @@ def train(config: TrainConfig, comm: Communicator | None = None,
         ValueError: on a bad field (:meth:`TrainConfig.validate`).
         CheckpointError: on an unusable checkpoint directory, an existing checkpoint without
             ``resume``/``overwrite``, an incompatible resume or an unreadable checkpoint file.
-        RunConsistencyError: when the ranks' :func:`run_fingerprint` differ.
+        RunConsistencyError: when the ranks' :func:`run_fingerprint` differ (training data
+            included, by content) or they would resume different checkpoints.
     """
-    from dho2_tf import models
-
     config.validate()
     comm = comm or make_comm(config)
-    existing = validated_checkpoint_dir(config, comm)
+    resumed = validated_checkpoint_dir(config, comm)
+    try:
+        return _train(config, comm, resumed, extra_callbacks)
+    finally:
+        if config.checkpoint_dir and comm.is_root:
+            release_lock(config.checkpoint_dir)
+
+
+def _train(config: TrainConfig, comm: Communicator, resumed: CheckpointInfo | None,
+           extra_callbacks: list[tf.keras.callbacks.Callback] | None) -> TrainResult:
+    """:func:`train` after the checkpoint directory was validated (and locked)."""
+    from dho2_tf import models
+
     data = load_data(config)
     objective = models.objective(config.model)
     y_train, y_test = (objective.targets(x, y) for x, y in ((data.x_train, data.y_train),
@@ -630,18 +734,18 @@ def train(config: TrainConfig, comm: Communicator | None = None,
         steps_per_epoch = len(x_r) // config.batch_size
     training_ranks = shard.size if is_training_rank else comm.size - shard.size
     fingerprint = run_fingerprint(config, comm, model, len(x_r), steps_per_epoch,
-                                  len(data.x_train), training_ranks)
+                                  len(data.x_train), training_ranks, content_hash(data))
     check_run_consistency(comm, fingerprint, what="Training run")  # before training starts
-    if existing is not None and config.resume:
-        check_resume_compatible(existing, fingerprint, config, comm)
+    if steps_per_epoch == 0:
+        raise ValueError(f"`batch_size` must not exceed a rank's share of the "
+                         f"{len(data.x_train)} training examples over {shard.size} ranks "
+                         f"({len(x_r)}). Received: batch_size={config.batch_size}")
+    if resumed is not None:
+        check_resume_compatible(resumed, fingerprint, config, comm)
     if config.prioritized:
         from dho2_tf.prioritized import PrioritizedModel
 
         model = PrioritizedModel(model, make_sampler(config), comm=comm)
-    if steps_per_epoch == 0:
-        raise ValueError(f"`batch_size` must not exceed a rank's share of the "
-                         f"{len(data.x_train)} training examples over {comm.size} ranks. "
-                         f"Received: batch_size={config.batch_size}")
     model.compile(optimizer=make_optimizer(config, steps_per_epoch, comm),
                   loss=objective.make_loss(), metrics=list(objective.metrics))
     if not is_training_rank:
@@ -649,8 +753,8 @@ def train(config: TrainConfig, comm: Communicator | None = None,
         return serve_curvature(model, (x_r[:per_rank], y_r[:per_rank]), comm, steps_per_epoch)
     clock = TestAccuracyClock(data.x_test, y_test, config.target_accuracy,
                               train_data=(data.x_train, y_train), target_loss=config.target_loss)
-    initial_epoch = initial_epoch_for(config)
-    callbacks, curvature = _callbacks(config, comm, x_r, y_r, clock, initial_epoch, fingerprint)
+    initial_epoch = resumed.epoch if resumed is not None else 0
+    callbacks, curvature = _callbacks(config, comm, x_r, y_r, clock, resumed, fingerprint)
     callbacks += extra_callbacks or []
     if comm.is_root:
         logger.info("training %s on %s with %s over %d rank(s), %d steps/epoch", config.model,
@@ -677,4 +781,5 @@ def train(config: TrainConfig, comm: Communicator | None = None,
                        refreshes=curvature.refreshes if curvature else [],
                        initial_epoch=initial_epoch,
                        compile_seconds=float(getattr(model.optimizer, "compile_seconds", 0.0)
-                                             or 0.0))
+                                             or 0.0),
+                       mode=getattr(model.optimizer, "resolved_mode", None))

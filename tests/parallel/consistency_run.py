@@ -7,7 +7,10 @@ Usage:
   consistency_run.py cli               the same through ``jobs/train.py``'s ``main`` (rank-
                                        dependent flags): exit status 2, message on stderr
   consistency_run.py job FLAGS...      ``jobs/train.py``'s ``main(FLAGS)`` on every rank; prints
-                                       ``rank R JOB_STATUS S`` (errors go to stderr)
+                                       ``rank R JOB_STATUS S`` (errors go to stderr). ``{rank}``
+                                       in a flag becomes the rank; a flag ``rR:TEXT`` is TEXT on
+                                       rank R and left out on the others (rank-dependent runs);
+                                       ``++`` separates the flags of consecutive runs
 
 Each case prints ``rank R CONSISTENCY_ERROR case=C seconds=S`` followed by the error message.
 """
@@ -15,6 +18,7 @@ Each case prints ``rank R CONSISTENCY_ERROR case=C seconds=S`` followed by the e
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import time
 from pathlib import Path
@@ -71,7 +75,15 @@ def run_cli(comm):
 def main() -> None:
     comm = HorovodComm()
     if sys.argv[1] == "job":
-        print(f"rank {comm.rank} JOB_STATUS {load_job().main(sys.argv[2:])}", flush=True)
+        runs: list[list[str]] = [[]]
+        for flag in sys.argv[2:]:
+            only = re.fullmatch(r"r(\d+):(.*)", flag)
+            if flag == "++":
+                runs.append([])
+            elif only is None or int(only[1]) == comm.rank:
+                runs[-1].append((only[2] if only else flag).replace("{rank}", str(comm.rank)))
+        for argv in runs:
+            print(f"rank {comm.rank} JOB_STATUS {load_job().main(argv)}", flush=True)
         return
     for case in sys.argv[1:]:
         if case == "cli":

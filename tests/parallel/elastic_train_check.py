@@ -43,7 +43,7 @@ import tensorflow as tf
 from dho2_tf import models
 from dho2_tf.training.data import load_mnist1d
 from dho2_tf.distributed.comm import Communicator, HorovodComm, LocalComm
-from dho2_tf.training.elastic import ElasticConfig, elastic_train
+from dho2_tf.training.elastic import ElasticConfig, elastic_train, log_on_root
 
 GLOBAL_BATCH, COMMIT_EVERY = 100, 15
 
@@ -139,9 +139,11 @@ def main() -> None:
     parser.add_argument("--replay-from", default=None)
     parser.add_argument("--step-delay", type=float, default=0.0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
     # hvd.init: not a collective, allowed before the elastic loop. A replay is one process.
     comm = LocalComm() if args.replay_from else HorovodComm()
+    # As jobs/train_elastic.py: progress on the current rank 0 (also a survivor that was rank 1).
+    logging.basicConfig(stream=sys.stdout, format="%(asctime)s %(message)s")
+    log_on_root(comm)
     data = load_mnist1d()
     tf.keras.utils.set_random_seed(0)
     model = models.get("mlp", (40,), 10)

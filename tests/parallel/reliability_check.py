@@ -1,7 +1,9 @@
 """Run under horovodrun: reliability of DHO2 across ranks.
 
 Usage:
-  reliability_check.py mismatch             rank widths differ -> clear error on every rank
+  reliability_check.py mismatch             rank widths differ -> clear error on every rank;
+                                            then fit with another batch size on rank 1 -> the
+                                            same (FIT_BATCH_ERROR)
   reliability_check.py poisoned             rank 1 sees a NaN batch -> same step skipped everywhere
                                             (sharded and replicated layouts)
   reliability_check.py straight DIR         30 steps per mode (sharded, replicated, admm);
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -49,6 +52,22 @@ def check_mismatch(comm):
         print(f"rank {comm.rank} MISMATCH_ERROR {err}", flush=True)
         return
     raise AssertionError("no error although the ranks built different models")
+
+
+def check_fit_batch(comm):
+    """``fit`` with batch 16 on rank 0 and 32 on rank 1 (4 and 2 steps): error on every rank."""
+    start = time.monotonic()
+    model = mlp()
+    model.compile(optimizer=DHO2(k=2, comm=comm), loss=LOSS)
+    x, y = data(64)
+    try:
+        model.fit(x, y, batch_size=16 if comm.rank == 0 else 32, verbose=0,
+                  callbacks=[CurvatureRefresh(batch=(x, y))])
+    except ValueError as err:
+        print(f"rank {comm.rank} FIT_BATCH_SECONDS {time.monotonic() - start:.1f}", flush=True)
+        print(f"rank {comm.rank} FIT_BATCH_ERROR {err}", flush=True)
+        return
+    raise AssertionError("no error although the ranks fit with different batch sizes")
 
 
 def check_poisoned(comm):
@@ -163,6 +182,7 @@ def main() -> None:
     what = sys.argv[1]
     if what == "mismatch":
         check_mismatch(comm)
+        check_fit_batch(comm)
     elif what == "poisoned":
         check_poisoned(comm)
     elif what == "straight":

@@ -70,8 +70,8 @@ def test_dho2_round_trip_restores_every_variable_and_continues_identically(tmp_p
     steps(model, opt, 7, 5)
     want = values(model, opt)
     manifest = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert manifest == {"format": 2, "name": name, "epoch": 1, "step": 7, "ranks": 1,
-                        "mode": mode}
+    entry = {"name": name, "epoch": 1, "step": 7, "ranks": 1, "mode": mode, "good": True}
+    assert manifest == {"format": 3, **entry, "checkpoints": [entry]}
     fresh, fresh_opt = dho2_model(seed=1, mode=mode)
     info = checkpointing.restore_checkpoint(tmp_path, fresh, fresh_opt, LocalComm())
     assert (info.epoch, info.step, info.ranks) == (1, 7, 1)
@@ -247,7 +247,9 @@ WRITER = textwrap.dedent("""
             original(path, arrays)
         checkpointing._fsync_npz = write_then_die
     else:                            # every file is written, the manifest is not replaced
-        checkpointing._write_json_atomically = die
+        write_json = checkpointing._write_json_atomically
+        checkpointing._write_json_atomically = lambda path, payload: (
+            die() if path.endswith("checkpoint.json") else write_json(path, payload))
     checkpointing.save_checkpoint(folder, model, opt, LocalComm(), epoch=2)
     print("NOT KILLED")
 """)
@@ -268,6 +270,7 @@ def test_a_writer_killed_mid_checkpoint_leaves_the_previous_one_loadable(tmp_pat
     with np.load(tmp_path / "expected.npz") as expected:
         for i, got in enumerate(values(fresh, fresh_opt)):
             np.testing.assert_array_equal(got, expected[f"arr_{i}"])
-    # The next successful save commits and clears what the dead writer left behind.
+    # The next successful save commits and clears what the dead writer left behind (the
+    # epoch-1 checkpoint is kept: the newest two are).
     name = checkpointing.save_checkpoint(folder, fresh, fresh_opt, LocalComm(), epoch=2)
-    assert sorted(os.listdir(folder)) == sorted(["checkpoint.json", name])
+    assert sorted(os.listdir(folder)) == sorted(["checkpoint.json", info.name, name])

@@ -270,3 +270,22 @@ def test_launcher_reports_every_way_a_job_can_end_without_finishing() -> None:
                 ["--np", "2", "--min-np", "1", "--max-np", "2"]):
         with pytest.raises(SystemExit):
             launcher.parse_args(bad)
+
+
+def test_progress_is_logged_by_whichever_process_is_rank_0_now():
+    """After a membership change the former rank 1 is rank 0: its INFO records pass from then
+    on; warnings pass on every rank."""
+    import logging
+
+    from dho2_tf.training.elastic import RootRankFilter
+
+    comm = LocalComm()
+    comm.rank = 1
+    keep = RootRankFilter(comm)
+
+    def record(level):
+        return logging.LogRecord("dho2_tf", level, __file__, 1, "m", None, None)
+
+    assert not keep.filter(record(logging.INFO)) and keep.filter(record(logging.WARNING))
+    comm.rank = 0   # what HorovodComm.refresh does after the reset
+    assert keep.filter(record(logging.INFO))

@@ -84,6 +84,7 @@ def test_cifar_training_set_is_augmented(monkeypatch):
         raise RuntimeError("stop before training")
 
     monkeypatch.setattr(experiment, "load_data", lambda config: fake)
+    monkeypatch.setattr(experiment, "check_cifar_path", lambda name, path: None)
     monkeypatch.setattr(experiment, "make_tf_dataset", fake_dataset)
     config = TrainConfig(model="mlp", dataset="cifar10", data_dir="unused", optimizer="adam",
                          learning_rate=1e-3, **TINY)

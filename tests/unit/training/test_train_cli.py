@@ -73,11 +73,11 @@ def test_config_file_values_and_flag_overrides(tmp_path, suffix):
 
         path.write_text(yaml.safe_dump(values))
     config = job.parse_args(["--config", str(path), "--epochs", "7", "--no-prioritized",
-                             "--dho2-option", "seed=3"])
+                             "--dho2-option", "beta_2=0.99"])
     assert config.optimizer == "adam" and config.learning_rate == 1e-3
     assert config.epochs == 7 and config.prioritized is False
     assert config.target_accuracy == 0.5
-    assert config.dho2_options == {"eigenvalue_damping": 5e-9, "seed": 3}
+    assert config.dho2_options == {"eigenvalue_damping": 5e-9, "beta_2": 0.99}
 
 
 def test_optional_flags_accept_none():
