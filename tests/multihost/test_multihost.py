@@ -6,7 +6,8 @@ address, host name, sshd and node-local folder (``tests/helpers/netns_hosts.py``
 * an elastic job with one worker per host survives the SIGKILL of one host's worker: that host
   is dropped and the other finishes, with the weights of a one-process replay;
 * ``--resume`` from node-local checkpoint folders, where the host of rank 0 sees a checkpoint
-  and the other none, stops on every rank within seconds with a ``RunConsistencyError``.
+  and the other none, stops on every rank within seconds with a ``RunConsistencyError`` (printed
+  by ``jobs/train.py`` as "Ranks disagree on the checkpoint ...").
 
 Needs root (CI runs as root); fails with the reason when the hosts cannot be built.
 """
@@ -154,7 +155,10 @@ def test_resume_from_node_local_checkpoints_that_differ_stops_every_rank(
     assert proc.returncode != 0, out[-8000:]
     for rank in (0, 1):  # every rank reports it, and what the ranks saw of the checkpoint
         lines = [line for line in out.splitlines() if line.startswith(f"[{rank}]")]
-        first = next((i for i, line in enumerate(lines) if "RunConsistencyError" in line), None)
-        assert first is not None, f"no RunConsistencyError on rank {rank}:\n{out[-8000:]}"
+        # The RunConsistencyError of the resume check, as jobs/train.py prints it.
+        first = next((i for i, line in enumerate(lines)
+                      if f"train.py: error (rank {rank}): Ranks disagree on the checkpoint" in line),
+                     None)
+        assert first is not None, f"no checkpoint disagreement on rank {rank}:\n{out[-8000:]}"
         assert "checkpoint" in "\n".join(lines[first:first + 20]).lower(), lines[first:]
     assert "RESULT" not in out and "Epoch 2/2" not in out
