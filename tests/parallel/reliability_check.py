@@ -70,7 +70,7 @@ def check_poisoned(comm):
         assert np.all(np.isfinite(w)) and np.all(np.isfinite(opt.state.eigenvalues.numpy()))
         assert all(np.all(np.isfinite(v.numpy())) for v in opt.variables)
         assert opt.curvature_metrics()["skipped_steps"] == 1.0
-        assert opt.state.in_place == (base == "adam")
+        assert opt.state.in_place     # linear bases always, Adam above the (lowered) size
         every = comm.allgather(tf.constant(w[None, :]), name="test/poisoned").numpy()
         assert np.all(every == every[0]), "ranks diverged after the skipped step"
         print(f"rank {comm.rank} POISONED_OK mode={mode} base={base} skipped=1", flush=True)
