@@ -9,7 +9,7 @@ sees the same value and takes the same decision), and keeps, in checkpointed var
 
     μ ← ρ·μ + (1−ρ)·s   (μ = s at the first step; ρ = ``GUARD_DECAY``)
     r = μ just before the first step after each refresh (the gradient level the eigenpairs were
-        installed at; if the previous window had tripped, min(r, μ))
+        installed at); if the previous window had tripped, r ← min(r, μ) and μ restarts from s
     level = max(level, [μ > κ·r] + [μ > κ²·r])    once a refresh has happened (κ = guard_factor)
 
 and level is reset to 0 at the first step after the next refresh. The step then uses
@@ -83,8 +83,10 @@ def guard_decision(sq_norm: tf.Tensor, average: tf.Tensor, reference: tf.Tensor,
     ref = tf.where(new_window, tf.where(level > 0, tf.minimum(reference, average), average),
                    reference)
     base_level = tf.where(new_window, tf.zeros_like(level), level)
+    restart = new_window & (level > 0)        # the tripped window's average is not carried on
+    previous = tf.where(restart, zero, average)
     decay = scalar(GUARD_DECAY, dtype)
-    mean = tf.where(average > zero, decay * average + (1.0 - decay) * sq_norm, sq_norm)
+    mean = tf.where(previous > zero, decay * previous + (1.0 - decay) * sq_norm, sq_norm)
     ref = tf.where(ref > zero, ref, mean)
     ratio = tf.where((ref > zero) & (refreshes > 0), mean / tf.where(ref > zero, ref, 1.0),
                      zero)

@@ -52,7 +52,7 @@ class Hyperparameters:
     max_consecutive_skips: int
     seed: int
     guard: bool = True
-    guard_factor: float = 4.0
+    guard_factor: float = 1.5
 
     @property
     def num_pairs(self) -> int:
@@ -68,7 +68,7 @@ class Hyperparameters:
                 update_ranks: int | None, delivery_delay: int | None, rho: float, tau: int,
                 x_restart: str, nonfinite: str, max_consecutive_skips: int,
                 seed: int, guard: bool = True,
-                guard_factor: float = 4.0) -> "Hyperparameters":
+                guard_factor: float = 1.5) -> "Hyperparameters":
         """Check every argument (ValueError naming the first bad one) and fill the defaults."""
         k = check_int("k", k, minimum=1)
         ell = check_int("ell", ell, minimum=0)

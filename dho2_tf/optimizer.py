@@ -95,7 +95,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         max_consecutive_skips: consecutive skipped steps (≥ 1) tolerated before training stops
             with an error on every rank (50).
         guard: watch ‖Ḡ‖² between refreshes and, when its running average exceeds
-            ``guard_factor`` (κ > 1, 4) times its level at the last refresh, use c = 1 and α/2
+            ``guard_factor`` (κ > 1, 1.5) times its level at the last refresh, use c = 1 and α/2
             (κ²: the base step alone) until the next refresh (True; :mod:`dho2_tf.guard`).
             Trips are counted in ``state.guard_trips`` and ``curvature_metrics()``.
         seed: seed of the Lanczos start vectors; refresh j uses ``seed + j`` (0).
@@ -115,7 +115,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
                  delivery_delay: int | None = None, rho: float = 1e-2, tau: int = 8,
                  x_restart: str = "z", nonfinite: str = "skip", max_consecutive_skips: int = 50,
                  seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 guard: bool = True, guard_factor: float = 4.0,
+                 guard: bool = True, guard_factor: float = 1.5,
                  comm: Communicator | None = None, name: str = "DHO2", **kwargs: Any) -> None:
         super().__init__(name=name, **reject_unsupported(kwargs))
         self.rule = BaseRule(base, momentum=momentum, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
