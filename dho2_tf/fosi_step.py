@@ -32,12 +32,24 @@ class FosiStep:
     ``skipped`` grows by one. The base rule updates its slots in place (one fused pass) only
     once every rank knows the step (Adam: Ḡ) is finite.
 
-    Cost, full-length passes per step besides the mode's flatten and collectives, with the
-    split of δ and the ``assign_add`` into the variables (2): sgd, momentum, nesterov 2 + 2 =
-    4 element-wise and 2 passes over V (was 5, 8, 9 and 2 over V: the buffer update, the
-    scaled step, the combine, a separate slot copy and a sum over δ for the finite check);
-    Adam 5 + 2 = 7 and 4 over V (was 8 and 4 over V). The squared norm that serves the finite
-    check also feeds the guard.
+    Cost: full-length passes per step (element-wise kernels over n entries, ≤ marking an
+    assignment TF may do by moving a buffer; passes over V [K, n] apart), besides the mode's
+    flatten and collectives (replicated: one concat):
+
+    ============  ==================================  ======================================
+    base          before the fused in-place step      now
+    ============  ==================================  ======================================
+    sgd           5 + 2 V  (−L·G, combine, Σδ,        4-5 + 2 V  (‖Ḡ‖², out ← −Vᵀk ≤ 1,
+                  split, assign_add)                  fused kernel, split, assign_add)
+    momentum      7-8 + 2 V  (+ B update 2,           4-5 + 2 V
+                  slot assign ≤ 1)
+    nesterov      9-10 + 2 V  (+ G + β·B 2)           4-5 + 2 V
+    adam          7 + 4 V  (g₂, zero, fused Adam,     7 + 4 V  (‖Ḡ‖² instead of Σδ)
+                  combine, Σδ, split, assign_add)
+    ============  ==================================  ======================================
+
+    The squared norm that serves as the finite check also feeds the guard. The concat of the
+    gradients and the split of δ into the variables remain: the state is one flat vector.
     """
 
     def __init__(self, state: OptimizerState, workspace: Workspace, rule: BaseRule,

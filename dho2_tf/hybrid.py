@@ -144,11 +144,12 @@ def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: Curvature, 
     step (``in_place``) runs only when the gradient is finite (Adam) or the whole step is
     (linear bases), on every rank alike; otherwise ``delta_r`` is ``g_r`` (not to be applied).
 
-    Cost, full-length passes (element-wise kernels over s entries, V passes counted apart):
-    sgd/momentum/nesterov in place: ‖G_r‖² (1), V G (V), V_rᵀk (V) into the output buffer,
-    one fused base kernel (1): 2 + 2 V. Out of place: 3-5 element-wise + 2 V. Adam: ‖G_r‖²,
-    g₂, the fused Adam kernel and its zeroing, δ: 5 + 4 V (V G, V_rᵀa, V u′, V_rᵀ(f′ + …);
-    u′ depends element-wise on g₂, so its projection needs its own two passes).
+    Cost, full-length passes (element-wise kernels over s entries; V passes apart):
+    sgd/momentum/nesterov in place: ‖G_r‖², out ← −V_rᵀk (≤ 1, a buffer move when TF can),
+    one fused base kernel: 2-3 + 2 V. Out of place: 3 (sgd), 5 (momentum), 7 (nesterov)
+    + 2 V. Adam: ‖G_r‖², g₂, the fused kernel and its zeroing, δ: 5 + 4 V (V G, V_rᵀa, V u′,
+    V_rᵀ(f′ + α·η⊙e); u′ depends element-wise on g₂, so its projection needs two passes of
+    its own).
 
     Args:
         g_r: float [s], this rank's shard of the rank-averaged gradient Ḡ.
