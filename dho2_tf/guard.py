@@ -17,8 +17,11 @@ and level is reset to 0 at the first step after the next refresh. The step then 
     level 0: c, α (FOSI);   level 1: c = 1, α/2;   level 2: c = 1, α = 0 (the base step alone)
 
 so a trip can only move the step towards its base optimizer at the base learning rate. Each
-rise of the level is one trip: ``guard_trips`` counts them (a refresh schedule may read it to
-refresh early), it is logged once on rank 0 and reported by ``curvature_metrics()``. Non-finite
+rise of the level is one trip: ``state.guard_trips`` counts them, each is logged once on rank 0,
+and ``curvature_metrics()`` reports ``guard_trips``, ``guard_level`` and ``guard_ratio`` (μ/r).
+A refresh schedule may refresh early on a trip: read ``state.guard_trips`` (or ``guard_level``
+> 0) in an eager hook and compare it with the value seen at the last refresh; it is the same on
+every rank at the same step, so every rank takes the same decision. Non-finite
 steps are skipped before the guard's state is updated. In ``admm`` the gradient is each rank's
 own, so there the decisions are rank-local (its steps issue no collective either).
 """

@@ -30,8 +30,9 @@ forms g₂ = G − Vᵀa and V·u explicitly: four passes over V. In every case
 
 so the projection of the base step and the Newton step share one combine.
 
-Collectives per step on sharded state: one allreduce of V_r G_r (K numbers, plus K or 2K once
-after a refresh) and, for Adam only, one allreduce of V_r u_r (K numbers).
+Collectives per step on sharded state: one allreduce of [V_r G_r ; ‖G_r‖²] (K + 1 numbers,
+plus K or 2K once after a refresh) and, for Adam only, one allreduce of V_r u_r (K numbers).
+‖Ḡ‖² is the step's finite check (no pass over δ) and the divergence guard's signal.
 """
 
 from __future__ import annotations
