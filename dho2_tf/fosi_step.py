@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import tensorflow as tf
 
@@ -53,17 +53,20 @@ class FosiStep:
     """
 
     def __init__(self, state: OptimizerState, workspace: Workspace, rule: BaseRule,
-                 spec: FlatSpec, hp: Hyperparameters,
-                 log_skip: Callable[[tf.Tensor, tf.Tensor], None],
-                 log_trip: Callable[..., None] | None = None) -> None:
+                 spec: FlatSpec, hp: Hyperparameters, logs: Any) -> None:
         """``hp`` gives α, the ``nonfinite`` policy, ``max_consecutive_skips`` and the guard
-        settings; ``log_skip`` is called eagerly with (step, skipped so far) for each skipped
-        step, ``log_trip`` with (step, level, ratio, trips) for each guard trip."""
+        settings; ``logs`` (:class:`dho2_tf.step_hooks.StepHooks`) has ``log_skipped_step``,
+        called eagerly with (step, skipped so far) for each skipped step, and
+        ``log_guard_trip``, with (step, level, ratio, trips) for each guard trip."""
         self.state, self.workspace, self.rule, self.spec = state, workspace, rule, spec
         self.alpha, self.nonfinite = hp.alpha, hp.nonfinite
         self.max_consecutive_skips = hp.max_consecutive_skips
-        self.guard, self.guard_factor = hp.guard, hp.guard_factor
-        self.log_skip, self.log_trip = log_skip, log_trip
+        self.guard_factor = hp.guard     # κ; 0: no guard
+        self.log_skip, self.log_trip = logs.log_skipped_step, logs.log_guard_trip
+
+    def metrics(self) -> dict[str, float]:
+        """The guard's scalars (:func:`dho2_tf.guard.guard_metrics`)."""
+        return guard.guard_metrics(self.state)
 
     def __call__(self, g_r: tf.Tensor, variables: list[tf.Variable], learning_rate: tf.Tensor,
                  step: tf.Tensor, projection: tuple[Communicator, Group | None],
@@ -106,7 +109,7 @@ class FosiStep:
 
         result = hybrid.hybrid_displacement(
             g_r, step_state, curvature, rule, learning_rate, self.alpha, step, comm,
-            in_place=in_place, control=control if self.guard else None, process_set=group)
+            in_place=in_place, control=control if self.guard_factor else None, process_set=group)
         delta = result.delta_r if gather is None else gather(result.delta_r)
         finite = result.finite
         if self.nonfinite == "raise":
@@ -153,8 +156,7 @@ class FosiStep:
 
         def trip() -> None:
             trips = st.guard_trips.assign_add(1)
-            if self.log_trip is not None:
-                tf.py_function(self.log_trip, [step, decision.level, decision.ratio, trips], [])
+            tf.py_function(self.log_trip, [step, decision.level, decision.ratio, trips], [])
 
         tf.cond(decision.tripped, trip, lambda: None)
 

@@ -10,7 +10,7 @@ sees the same value and takes the same decision), and keeps, in checkpointed var
     μ ← ρ·μ + (1−ρ)·s   (μ = s at the first step; ρ = ``GUARD_DECAY``)
     r = μ just before the first step after each refresh (the gradient level the eigenpairs were
         installed at); if the previous window had tripped, r ← min(r, μ) and μ restarts from s
-    level = max(level, [μ > κ·r] + [μ > κ²·r])    once a refresh has happened (κ = guard_factor)
+    level = max(level, [μ > κ·r] + [μ > κ²·r])    once a refresh has happened (κ: DHO2's ``guard``)
 
 and level is reset to 0 at the first step after the next refresh. The step then uses
 
@@ -112,7 +112,7 @@ def log_trip(step: tf.Tensor, level: tf.Tensor, ratio: tf.Tensor, trips: tf.Tens
     response = "c=1 and alpha halved" if int(level.numpy()) == 1 else \
         "the base step alone (c=1, alpha=0)"
     logger.warning("DHO2 step %d: the averaged gradient's squared norm grew %.1fx over its level "
-                   "at the last curvature refresh (guard_factor=%g); until the next refresh "
+                   "at the last curvature refresh (guard=%g); until the next refresh "
                    "the step uses %s (guard trip %d)", int(step.numpy()), float(ratio.numpy()),
                    factor, response, int(trips.numpy()))
 

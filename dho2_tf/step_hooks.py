@@ -111,7 +111,7 @@ class StepHooks:
     def log_guard_trip(self, step: tf.Tensor, level: tf.Tensor, ratio: tf.Tensor,
                        trips: tf.Tensor) -> None:
         """Log one guard trip on rank 0 (called from the step graph)."""
-        guard.log_trip(step, level, ratio, trips, self.opt.comm.is_root, self.opt.hp.guard_factor)
+        guard.log_trip(step, level, ratio, trips, self.opt.comm.is_root, self.opt.hp.guard)
 
     def report_skipped(self) -> int:
         """Log a warning if steps were skipped since the last report; returns the count."""
