@@ -91,16 +91,47 @@ class BaseRule:
 
     @property
     def updates_in_place(self) -> bool:
-        """Whether :meth:`apply_in_place` serves this rule: Adam with ε > 0.
+        """Whether the rule has a fused in-place step: :meth:`apply_linear_in_place` for
+        sgd/momentum/nesterov, :meth:`apply_in_place` for Adam with ε > 0.
 
         (With ε = 0 a zero v gives u = 0/0, a non-finite base step that must leave the slots
         untouched, so that case keeps the out-of-place :meth:`displacement`.)
         """
-        return self.name == "adam" and self.epsilon > 0
+        return self.linear or self.epsilon > 0
+
+    def apply_linear_in_place(self, out: tf.Variable, slots: Sequence[tf.Variable],
+                              g: tf.Tensor, lr: tf.Tensor, init: tf.Tensor) -> tf.Tensor:
+        """out ← init + u for a linear rule, in one fused pass (the buffer updated in place).
+
+        Math: out ← init, then TF's ``ResourceApplyGradientDescent`` (sgd: out ← out − lr·g)
+        or ``ResourceApplyMomentum`` (b ← β·b + g; momentum: out ← out − lr·b; nesterov:
+        out ← out − lr·g − lr·β·b), i.e. out = init + u with u of :meth:`displacement`.
+
+        Args:
+            out: float [s] variable receiving init + u.
+            slots: the heavy-ball buffer b (``momentum``/``nesterov``), float [s]; else empty.
+            g: float [s] gradient.
+            lr: scalar learning rate (same dtype as ``g``).
+            init: float [s], what u is added to.
+
+        Returns:
+            init + u, read from ``out``.
+        """
+        if not self.linear:
+            raise ValueError(f"Base {self.name!r} is not linear; use apply_in_place.")
+        out.assign(init)
+        if self.name == "sgd":
+            tf.raw_ops.ResourceApplyGradientDescent(var=out.handle, alpha=lr, delta=g)
+        else:
+            tf.raw_ops.ResourceApplyMomentum(
+                var=out.handle, accum=slots[0].handle, lr=lr, grad=g,
+                momentum=scalar(self.momentum, g.dtype),
+                use_nesterov=self.name == "nesterov")
+        return out.read_value()
 
     def apply_in_place(self, out: tf.Variable, slots: Sequence[tf.Variable], g: tf.Tensor,
                        lr: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-        """:meth:`displacement` in one fused pass: the slots are updated in place.
+        """:meth:`displacement` of Adam in one fused pass: the slots are updated in place.
 
         Math: out ← 0, then TF's ``ResourceApplyAdam`` kernel with β₁ᵗ, β₂ᵗ and ε·√(1−β₂ᵗ):
         m ← m + (1−β₁)(g − m), v ← v + (1−β₂)(g² − v),
@@ -116,8 +147,9 @@ class BaseRule:
         Returns:
             u, read from ``out`` after the update.
         """
-        if not self.updates_in_place:
-            raise ValueError(f"Base {self.name!r} (epsilon={self.epsilon}) has no in-place step.")
+        if self.linear or not self.updates_in_place:
+            raise ValueError(f"Base {self.name!r} (epsilon={self.epsilon}) has no in-place "
+                             "Adam step.")
         dtype = g.dtype
         b1, b2 = scalar(self.beta_1, dtype), scalar(self.beta_2, dtype)
         t = tf.cast(step, dtype)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import tensorflow as tf
 
-from dho2_tf import hybrid
+from dho2_tf import guard, hybrid
 from dho2_tf.base_rules import BaseRule
 from dho2_tf.distributed.comm import Communicator, Group
 from dho2_tf.flat import FlatSpec, assign_add_flat
@@ -21,26 +21,52 @@ class FosiStep:
     """θ ← θ + δ from the rank-averaged gradient shard, or nothing when δ is not finite.
 
     Math: δ_r from :func:`dho2_tf.hybrid.hybrid_displacement` (with the new momentum
-    coefficients and base slots); δ = gather(δ_r), the full displacement [n] (the mode's
-    all-gather, or δ_r itself when the state is full); then, iff Σδ is finite (no entry of δ is
-    NaN/Inf and the step is not so large that its sum overflows), θ ← θ + δ (one ``assign_add``
-    per variable) and the momentum and the slots take their new values. Every rank holds the
-    same δ, so all take the same branch. Otherwise nothing changes: the bound model's
+    coefficients and base slots), with the base learning-rate scale c and Newton step size α
+    of the divergence guard (:mod:`dho2_tf.guard`, when ``hp.guard``); δ = gather(δ_r), the
+    full displacement [n] (the mode's all-gather, or δ_r itself when the state is full); then,
+    iff the step is finite (``HybridResult.finite``: ‖Ḡ‖² and the K-vector δ is formed from are
+    finite; no pass over δ), θ ← θ + δ (one ``assign_add`` per variable) and the momentum, the
+    slots and the guard's state take their new values. Every rank holds the same ‖Ḡ‖² and
+    K-vectors, so all take the same branch. Otherwise nothing changes: the bound model's
     non-trainable statistics (updated by the forward pass) are restored from their copies and
-    ``skipped`` grows by one. Adam updates its slots in place (one fused pass) once every rank
-    knows Ḡ is finite, so only a base step that overflows with a finite gradient keeps its slot
-    update.
+    ``skipped`` grows by one. The base rule updates its slots in place (one fused pass) only
+    once every rank knows the step (Adam: Ḡ) is finite.
+
+    Cost: full-length passes per step (element-wise kernels over n entries, ≤ marking an
+    assignment TF may do by moving a buffer; passes over V [K, n] apart), besides the mode's
+    flatten and collectives (replicated: one concat):
+
+    ============  ==================================  ======================================
+    base          before the fused in-place step      now
+    ============  ==================================  ======================================
+    sgd           5 + 2 V  (−L·G, combine, Σδ,        4-5 + 2 V  (‖Ḡ‖², out ← −Vᵀk ≤ 1,
+                  split, assign_add)                  fused kernel, split, assign_add)
+    momentum      7-8 + 2 V  (+ B update 2,           4-5 + 2 V
+                  slot assign ≤ 1)
+    nesterov      9-10 + 2 V  (+ G + β·B 2)           4-5 + 2 V
+    adam          7 + 4 V  (g₂, zero, fused Adam,     7 + 4 V  (‖Ḡ‖² instead of Σδ)
+                  combine, Σδ, split, assign_add)
+    ============  ==================================  ======================================
+
+    The squared norm that serves as the finite check also feeds the guard. The concat of the
+    gradients and the split of δ into the variables remain: the state is one flat vector.
     """
 
     def __init__(self, state: OptimizerState, workspace: Workspace, rule: BaseRule,
-                 spec: FlatSpec, hp: Hyperparameters,
-                 log_skip: Callable[[tf.Tensor, tf.Tensor], None]) -> None:
-        """``hp`` gives α, the ``nonfinite`` policy and ``max_consecutive_skips``; ``log_skip``
-        is called eagerly with (step, skipped so far) for each skipped step."""
+                 spec: FlatSpec, hp: Hyperparameters, logs: Any) -> None:
+        """``hp`` gives α, the ``nonfinite`` policy, ``max_consecutive_skips`` and the guard
+        settings; ``logs`` (:class:`dho2_tf.step_hooks.StepHooks`) has ``log_skipped_step``,
+        called eagerly with (step, skipped so far) for each skipped step, and
+        ``log_guard_trip``, with (step, level, ratio, trips) for each guard trip."""
         self.state, self.workspace, self.rule, self.spec = state, workspace, rule, spec
         self.alpha, self.nonfinite = hp.alpha, hp.nonfinite
         self.max_consecutive_skips = hp.max_consecutive_skips
-        self.log_skip = log_skip
+        self.guard_factor = hp.guard     # κ; 0: no guard
+        self.log_skip, self.log_trip = logs.log_skipped_step, logs.log_guard_trip
+
+    def metrics(self) -> dict[str, float]:
+        """The guard's scalars (:func:`dho2_tf.guard.guard_metrics`)."""
+        return guard.guard_metrics(self.state)
 
     def __call__(self, g_r: tf.Tensor, variables: list[tf.Variable], learning_rate: tf.Tensor,
                  step: tf.Tensor, projection: tuple[Communicator, Group | None],
@@ -63,19 +89,29 @@ class FosiStep:
             tf.zeros([st.newton_coeffs.shape[0]], g_r.dtype)
         step_state = hybrid.StepState(
             st.newton_momentum, st.newton_coeffs, st.newton_decay,
-            [] if st.in_place else [v.value() for v in st.base_slots],
+            [] if st.in_place and not rule.linear else [v.value() for v in st.base_slots],
             slot_coeffs, ws.projected, tf.equal(ws.projected_at, st.refreshes))
         curvature = hybrid.Curvature(st.eigenvectors, st.gram, st.rates, st.scale)
         in_place = None
         if st.in_place:
-            def in_place(g2: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
-                return rule.apply_in_place(ws.base_out, st.base_slots, g2, lr, step)
+            def in_place(g: tf.Tensor, lr: tf.Tensor, init: tf.Tensor | None) -> tf.Tensor:
+                if rule.linear:
+                    return rule.apply_linear_in_place(ws.base_out, st.base_slots, g, lr, init)
+                return rule.apply_in_place(ws.base_out, st.base_slots, g, lr, step)
+
+        decisions: list[guard.GuardDecision] = []
+
+        def control(sq_norm: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            decisions.append(guard.guard_decision(
+                sq_norm, st.guard_average, st.guard_reference, st.guard_level,
+                st.guard_window, st.refreshes, st.scale, self.alpha, self.guard_factor))
+            return decisions[-1].scale, decisions[-1].alpha
 
         result = hybrid.hybrid_displacement(
             g_r, step_state, curvature, rule, learning_rate, self.alpha, step, comm,
-            in_place=in_place, process_set=group)
+            in_place=in_place, control=control if self.guard_factor else None, process_set=group)
         delta = result.delta_r if gather is None else gather(result.delta_r)
-        finite = hybrid.sum_finite(delta)
+        finite = result.finite
         if self.nonfinite == "raise":
             tf.debugging.assert_equal(finite, True, message=(
                 "DHO2: the averaged gradient (or the base step) holds NaN/Inf at this step; "
@@ -95,6 +131,8 @@ class FosiStep:
             for stat, shadow in stats:
                 shadow.assign(stat)
             ws.consecutive_skips.assign(0)
+            if decisions:
+                self._commit_guard(decisions[-1], step)
 
         def skip() -> None:
             for stat, shadow in stats:
@@ -107,6 +145,20 @@ class FosiStep:
                 message=too_many_skips_message(self.max_consecutive_skips))
 
         tf.cond(finite, commit, skip)
+
+    def _commit_guard(self, decision: guard.GuardDecision, step: tf.Tensor) -> None:
+        """Store the guard's new state; count and log a trip."""
+        st = self.state
+        st.guard_average.assign(decision.average)
+        st.guard_reference.assign(decision.reference)
+        st.guard_level.assign(decision.level)
+        st.guard_window.assign(decision.window)
+
+        def trip() -> None:
+            trips = st.guard_trips.assign_add(1)
+            tf.py_function(self.log_trip, [step, decision.level, decision.ratio, trips], [])
+
+        tf.cond(decision.tripped, trip, lambda: None)
 
 
 def too_many_skips_message(limit: int) -> str:

@@ -30,8 +30,9 @@ forms g₂ = G − Vᵀa and V·u explicitly: four passes over V. In every case
 
 so the projection of the base step and the Newton step share one combine.
 
-Collectives per step on sharded state: one allreduce of V_r G_r (K numbers, plus K or 2K once
-after a refresh) and, for Adam only, one allreduce of V_r u_r (K numbers).
+Collectives per step on sharded state: one allreduce of [V_r G_r ; ‖G_r‖²] (K + 1 numbers,
+plus K or 2K once after a refresh) and, for Adam only, one allreduce of V_r u_r (K numbers).
+‖Ḡ‖² is the step's finite check (no pass over δ) and the divergence guard's signal.
 """
 
 from __future__ import annotations
@@ -87,14 +88,17 @@ class HybridResult(NamedTuple):
     """Output of :func:`hybrid_displacement`: the displacement and the state to commit.
 
     Attributes:
-        delta_r: float [s], θ_r ← θ_r + delta_r.
+        delta_r: float [s], θ_r ← θ_r + delta_r (meaningless when ``finite`` is False).
         momentum_coeffs: float [K], the new c.
         momentum_decay: float scalar, the new d.
         slots_r: the new base slots, each float [s] (empty when updated in place).
         slot_coeffs: float [K], the new q.
         cached: the products valid for the new state, to cache.
-        gradient_finite: bool scalar, identical on every rank sharing the shards: whether
-            a = V Ḡ is finite, i.e. whether Ḡ is (see :func:`hybrid_displacement`).
+        gradient_finite: bool scalar, whether ‖Ḡ‖² is finite, i.e. Ḡ holds no NaN/Inf (and
+            its squared norm does not overflow).
+        finite: bool scalar, whether the step is finite: ``gradient_finite`` and every
+            K-vector the displacement is formed from is finite (see :func:`hybrid_displacement`).
+        grad_sq_norm: float scalar, ‖Ḡ‖² (over the ranks sharing the shards).
     """
 
     delta_r: tf.Tensor
@@ -104,31 +108,49 @@ class HybridResult(NamedTuple):
     slot_coeffs: tf.Tensor
     cached: tf.Tensor
     gradient_finite: tf.Tensor
+    finite: tf.Tensor
+    grad_sq_norm: tf.Tensor
 
 
-#: ``in_place(g₂, lr) -> u``: a base step that updates its slot variables in place.
-InPlaceStep = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+#: ``in_place(g, lr, init) -> init + u``: a base step that updates its slots in place
+#: (``lr`` the scaled learning rate L; for Adam ``g`` is g₂ and ``init`` is None).
+InPlaceStep = Callable[[tf.Tensor, tf.Tensor, "tf.Tensor | None"], tf.Tensor]
+
+#: ``control(‖Ḡ‖²) -> (c, α)``: the base learning-rate scale and Newton step size this step
+#: uses (:class:`dho2_tf.guard.StepGuard`; ``None``: the curvature's c and the given α).
+StepControl = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
 def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: Curvature, rule: BaseRule,
                         learning_rate: tf.Tensor, alpha: float, step: tf.Tensor,
                         comm: Communicator, *, in_place: InPlaceStep | None = None,
-                        process_set: Group | None = None, name: str = "dho2") -> HybridResult:
+                        control: StepControl | None = None, process_set: Group | None = None,
+                        name: str = "dho2") -> HybridResult:
     """FOSI displacement of this rank's shard (see :class:`dho2_tf.DHO2`, ``Math:``).
 
     Math (Σ_r: allreduce over ``process_set``, identity with ``LocalComm``)::
 
-        a = Σ_r V_r G_r                    (with [V m₀ ; V B] when not cached)
+        [a ; s] = Σ_r [V_r G_r ; ‖G_r‖²]        (with [V m₀ ; V B] when not cached)
+        (c_scale, α) = control(s)               (the curvature's c and α without control)
         c ← A_g·a + A_m·c,  d ← A_m·d,  e = Γc + d·V m₀            (e = V m, m ← M(g₁, m))
         linear bases:  see the module docstring (u, V u and δ from K-vectors and one combine)
         adam:          g₂ = G_r − V_rᵀa,  u′ = Base(g₂; lr·c_scale),  f′ = Σ_r V_r u′,
                        δ_r = u′ − V_rᵀ(f′ + α·η⊙e)
 
-    Non-finite values are not filtered: they propagate into ``delta_r`` (IEEE arithmetic), so the
-    caller can decide from δ alone whether to apply the step. Every product in a = Σ_r V_r G_r
-    is evaluated (0·NaN and 0·Inf are NaN, even for the zero V before the first refresh), so a
-    is finite iff Ḡ is (|a_j| ≤ ‖Ḡ‖ for unit rows of V); the in-place base step (``in_place``)
-    runs only then, on every rank alike (else u = g₂, which is non-finite).
+    The finite check needs no pass over δ: δ_r = (element-wise base step of G_r and the base
+    slots) − V_rᵀk with one K-vector k, so δ is finite when s = ‖Ḡ‖² is (no NaN/Inf in Ḡ) and
+    k is (for Adam, f′ + α·η⊙e: f′ is NaN when u′ is, since every product of V u′ is
+    evaluated). ``finite`` reports that; the slots, finite by induction, are not re-checked,
+    so only a base step overflowing from a finite gradient goes unnoticed. The in-place base
+    step (``in_place``) runs only when the gradient is finite (Adam) or the whole step is
+    (linear bases), on every rank alike; otherwise ``delta_r`` is ``g_r`` (not to be applied).
+
+    Cost, full-length passes (element-wise kernels over s entries; V passes apart):
+    sgd/momentum/nesterov in place: ‖G_r‖², out ← −V_rᵀk (≤ 1, a buffer move when TF can),
+    one fused base kernel: 2-3 + 2 V. Out of place: 3 (sgd), 5 (momentum), 7 (nesterov)
+    + 2 V. Adam: ‖G_r‖², g₂, the fused kernel and its zeroing, δ: 5 + 4 V (V G, V_rᵀa, V u′,
+    V_rᵀ(f′ + α·η⊙e); u′ depends element-wise on g₂, so its projection needs two passes of
+    its own).
 
     Args:
         g_r: float [s], this rank's shard of the rank-averaged gradient Ḡ.
@@ -139,7 +161,8 @@ def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: Curvature, 
         alpha: Newton step size α.
         step: 1-based step count (Adam's bias correction).
         comm: communicator; the small allreduces run over ``process_set``.
-        in_place: Adam's in-place base step (``None``: :meth:`BaseRule.displacement`).
+        in_place: the base rule's in-place step (``None``: :meth:`BaseRule.displacement`).
+        control: maps ‖Ḡ‖² to this step's (c_scale, α) (``None``: c_scale and ``alpha``).
         process_set: ranks sharing the shards (``None``: all ranks).
         name: prefix of the collective names.
 
@@ -152,44 +175,62 @@ def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: Curvature, 
     a_g, a_m = rule.newton_coefficients
     buffered = rule.linear_buffer
     stale = [state.momentum_r] + ([state.slots_r[0]] if buffered else [])
-    # One fused collective: a = V Ḡ and, once after a refresh, [V m₀ ; V B].
-    a, fresh_products = comm.grouped_allreduce(
-        [tf.linalg.matvec(v_r, g_r),                                           # pass 1
-         tf.cond(state.fresh, lambda: tf.zeros([k * len(stale)], dtype),
+    # One fused collective: a = V Ḡ, ‖Ḡ‖² and, once after a refresh, [V m₀ ; V B].
+    a, sq_norm, fresh_products = comm.grouped_allreduce(
+        [tf.linalg.matvec(v_r, g_r),                                           # V pass 1
+         tf.reshape(tf.tensordot(g_r, g_r, 1), [1]),                           # pass 1
+         tf.cond(state.fresh, lambda: tf.zeros([k * (1 + buffered)], dtype),
                  lambda: tf.reshape(tf.matmul(tf.stack(stale), v_r, transpose_b=True), [-1]))],
         "sum", name=f"{name}/project_g", process_set=process_set)
+    sq_norm = sq_norm[0]
+    gradient_finite = tf.math.is_finite(sq_norm)
+    if control is None:
+        scale, alpha_t = curvature.scale, scalar(alpha, dtype)
+    else:
+        scale, alpha_t = control(sq_norm)
     cached = tf.where(state.fresh, state.cached, fresh_products)
     coeffs = _affine(a_g, a, a_m, state.momentum_coeffs)
     decay = a_m * state.momentum_decay
     e = tf.linalg.matvec(gram, coeffs) + decay * cached[:k]
-    lr = tf.cast(learning_rate, dtype) * curvature.scale                     # L
-    newton = scalar(alpha, dtype) * curvature.rates * e
+    lr = tf.cast(learning_rate, dtype) * scale                                 # L
+    newton = alpha_t * curvature.rates * e
     if rule.linear:
         slots, q, cached_new = [], state.slot_coeffs, cached
-        w, w_q, w_p = g_r, a, a
+        w_q, w_p = a, a
+        beta = scalar(rule.momentum, dtype)
         if buffered:
-            beta = scalar(rule.momentum, dtype)
-            buf = g_r + beta * state.slots_r[0]                                # B ← G + βB
             q = a + beta * state.slot_coeffs                                   # q ← a + βq
             p = a + beta * cached[k:]                                          # P ← a + βP
-            slots, cached_new = [buf], tf.concat([cached[:k], p], 0)
-            w, w_q, w_p = (buf, q, p) if rule.name == "momentum" else \
-                (g_r + beta * buf, a + beta * q, a + beta * p)
+            cached_new = tf.concat([cached[:k], p], 0)
+            w_q, w_p = (q, p) if rule.name == "momentum" else (a + beta * q, a + beta * p)
         f = -lr * (w_p - tf.linalg.matvec(gram, w_q))                          # V u′
-        delta_r = _minus_combine(-lr * w, f + newton - lr * w_q, v_r)         # pass 2
-        return HybridResult(delta_r, coeffs, decay, slots, q, cached_new, all_finite(a))
-    g2_r = _minus_combine(g_r, a, v_r)                                         # pass 2
-    gradient_finite = all_finite(a)
+        combine = f + newton - lr * w_q                                        # k
+        finite = gradient_finite & all_finite(combine) & tf.math.is_finite(lr)
+        if in_place is not None:
+            delta_r = tf.cond(finite, lambda: in_place(                        # V pass 2, 1
+                g_r, lr, tf.linalg.matvec(v_r, -combine, transpose_a=True)), lambda: g_r)
+        else:
+            w = g_r
+            if buffered:
+                buf = g_r + beta * state.slots_r[0]                            # B ← G + βB
+                slots = [buf]
+                w = buf if rule.name == "momentum" else g_r + beta * buf
+            delta_r = _minus_combine(-lr * w, combine, v_r)                    # V pass 2
+        return HybridResult(delta_r, coeffs, decay, slots, q, cached_new, gradient_finite,
+                            finite, sq_norm)
+    g2_r = _minus_combine(g_r, a, v_r)                                         # V pass 2
     if in_place is None:
         u_r, slots = rule.displacement(g2_r, state.slots_r, lr, step)
     else:
-        u_r = tf.cond(gradient_finite, lambda: in_place(g2_r, lr), lambda: g2_r)
+        u_r = tf.cond(gradient_finite, lambda: in_place(g2_r, lr, None), lambda: g2_r)
         slots = []
-    f = comm.allreduce(tf.linalg.matvec(v_r, u_r), "sum",                     # pass 3
+    f = comm.allreduce(tf.linalg.matvec(v_r, u_r), "sum",                     # V pass 3
                        name=f"{name}/project_u", process_set=process_set)
-    delta_r = _minus_combine(u_r, f + newton, v_r)                            # pass 4
+    combine = f + newton
+    delta_r = _minus_combine(u_r, combine, v_r)                               # V pass 4
+    finite = gradient_finite & all_finite(combine)
     return HybridResult(delta_r, coeffs, decay, slots, state.slot_coeffs, cached,
-                        gradient_finite)
+                        gradient_finite, finite, sq_norm)
 
 
 def materialize(vector_r: tf.Tensor, coeffs: tf.Tensor, vectors_r: tf.Tensor,
@@ -219,16 +260,6 @@ def _affine(a_x: float, x: tf.Tensor, a_y: float, y: tf.Tensor) -> tf.Tensor:
 def all_finite(x: tf.Tensor) -> tf.Tensor:
     """bool scalar: whether every entry of ``x`` is finite (no NaN, no ±Inf)."""
     return tf.reduce_all(tf.math.is_finite(x))
-
-
-def sum_finite(x: tf.Tensor) -> tf.Tensor:
-    """bool scalar: whether Σ x is finite, i.e. x has no NaN/±Inf and its sum does not overflow.
-
-    One reduction, half the memory traffic of :func:`all_finite`; NaN and ±Inf always reach the
-    sum (IEEE addition), so it only differs for a vector so large that its sum exceeds the
-    largest float, which it reports as non-finite too.
-    """
-    return tf.math.is_finite(tf.reduce_sum(x))
 
 
 def newton_rates(eigenvalues: tf.Tensor, valid: tf.Tensor, damping: float, ell: int,

@@ -51,6 +51,7 @@ class Hyperparameters:
     nonfinite: str
     max_consecutive_skips: int
     seed: int
+    guard: float = 1.5
 
     @property
     def num_pairs(self) -> int:
@@ -65,7 +66,7 @@ class Hyperparameters:
                 window_rule: str | None, window_sigma: float, curvature_ranks: int,
                 update_ranks: int | None, delivery_delay: int | None, rho: float, tau: int,
                 x_restart: str, nonfinite: str, max_consecutive_skips: int,
-                seed: int) -> "Hyperparameters":
+                seed: int, guard: float = 1.5) -> "Hyperparameters":
         """Check every argument (ValueError naming the first bad one) and fill the defaults."""
         k = check_int("k", k, minimum=1)
         ell = check_int("ell", ell, minimum=0)
@@ -87,6 +88,8 @@ class Hyperparameters:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}. "
                              f"Received: nonfinite={nonfinite!r}")
+        if guard != 0:   # 0 (or False) turns the divergence guard off; else its ratio κ > 1
+            guard = check_real("guard", guard, minimum=1.0, open_min=True)
         return cls(
             k=k, ell=ell, alpha=check_real("alpha", alpha, minimum=0.0),
             c_max=default_c_max if c_max is None else check_real("c_max", c_max, minimum=1.0),
@@ -109,7 +112,7 @@ class Hyperparameters:
             tau=check_int("tau", tau, minimum=1), x_restart=x_restart, nonfinite=nonfinite,
             max_consecutive_skips=check_int("max_consecutive_skips", max_consecutive_skips,
                                             minimum=1),
-            seed=check_int("seed", seed, minimum=0))
+            seed=check_int("seed", seed, minimum=0), guard=float(guard))
 
     def config(self) -> dict:
         """The fields as ``get_config`` entries."""

@@ -91,10 +91,9 @@ class DHO2(tf.keras.optimizers.Optimizer):
         nonfinite: ``"skip"`` (default: a step whose averaged gradient or base step holds
             NaN/Inf changes nothing, statistics included, and counts in ``skipped_steps``) or
             ``"raise"``. A non-finite curvature estimate always keeps the previous pairs.
-        max_consecutive_skips: consecutive skipped steps (≥ 1) tolerated before training stops
-            with an error on every rank (50).
-        seed: seed of the Lanczos start vectors; refresh j uses ``seed + j`` (0).
-        comm: communicator (not serialised): Horovod under ``horovodrun``, else local.
+        max_consecutive_skips: consecutive skips (≥ 1) before training stops on every rank (50).
+        guard: trip ratio κ > 1 of the ‖Ḡ‖² divergence guard, 0 turns it off (1.5, dho2_tf.guard).
+        seed: refresh j starts Lanczos from seed + j (0). comm: Horovod or local (not serialised).
         name, **kwargs: the optimizer name; Keras' ``clipnorm``, ``clipvalue``,
             ``global_clipnorm``, ``jit_compile``.
     """
@@ -109,7 +108,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
                  curvature_ranks: int = 1, update_ranks: int | None = None,
                  delivery_delay: int | None = None, rho: float = 1e-2, tau: int = 8,
                  x_restart: str = "z", nonfinite: str = "skip", max_consecutive_skips: int = 50,
-                 seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET, guard: float = 1.5,
                  comm: Communicator | None = None, name: str = "DHO2", **kwargs: Any) -> None:
         super().__init__(name=name, **reject_unsupported(kwargs))
         self.rule = BaseRule(base, momentum=momentum, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
@@ -181,7 +180,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         self.workspace = Workspace(self.rule, self.num_pairs, s, dtype, self.state.in_place)
         self.curvature.attach(self.state, self.workspace, self._mode, self.comm)
         self._fosi_step = FosiStep(self.state, self.workspace, self.rule, self.spec, self.hp,
-                                   self.hooks.log_skipped_step)
+                                   self.hooks)
         self._built = True   # Keras' own flag (set_weights, variables): see ``built``
 
     def replicated_state_bytes(self, n: int, dtype: tf.DType = tf.float32) -> int:
@@ -196,8 +195,9 @@ class DHO2(tf.keras.optimizers.Optimizer):
                        if id(v) not in skip))
 
     def curvature_metrics(self) -> dict[str, float]:
-        """Scalars worth monitoring: eigenvalue_j, lr_scale, refreshes, refresh_seconds, mode's."""
-        return {**self.curvature.metrics(), **self._mode.metrics()} if self.built else {}
+        """Scalars worth monitoring: eigenvalue_j, lr_scale, refreshes, refresh_seconds, guard_*."""
+        return {**self.curvature.metrics(), **self._fosi_step.metrics(),
+                **self._mode.metrics()} if self.built else {}
 
     def apply_gradients(self, grads_and_vars, name: str | None = None,
                         skip_gradients_aggregation: bool = False, **kwargs: Any) -> tf.Variable:

@@ -17,7 +17,9 @@ from dho2_tf.base_rules import BaseRule
 from dho2_tf.numerics import scalar
 
 #: Shard length from which Adam updates its slots in place with TF's fused kernel (one pass
-#: instead of eleven element-wise ones; the kernel's fixed cost makes it slower below).
+#: instead of eleven element-wise ones; the kernel's fixed cost makes it slower below). The
+#: linear rules (sgd, momentum, nesterov) always step in place (:meth:`BaseRule.
+#: apply_linear_in_place`).
 IN_PLACE_MIN_SIZE = 1 << 16
 
 
@@ -41,7 +43,12 @@ class OptimizerState:
         scale: c [], the base learning-rate scale.
         refreshes: int64, refreshes done (installed or not).
         skipped: int64, steps skipped because they were not finite.
-        in_place: whether Adam updates ``base_slots`` with TF's fused kernel.
+        guard_average: μ [], running average of ‖Ḡ‖² (:mod:`dho2_tf.guard`).
+        guard_reference: r [], μ at the last refresh.
+        guard_level: int64, the guard's response level (0: plain FOSI) until the next refresh.
+        guard_window: int64, the refresh count ``guard_reference`` belongs to.
+        guard_trips: int64, times the guard level rose (a refresh schedule may read it).
+        in_place: whether the base rule updates ``base_slots`` with TF's fused kernel.
     """
 
     base_slots: list[tf.Variable]
@@ -56,6 +63,11 @@ class OptimizerState:
     scale: tf.Variable
     refreshes: tf.Variable
     skipped: tf.Variable
+    guard_average: tf.Variable
+    guard_reference: tf.Variable
+    guard_level: tf.Variable
+    guard_window: tf.Variable
+    guard_trips: tf.Variable
     in_place: bool
 
     @classmethod
@@ -77,7 +89,12 @@ class OptimizerState:
             scale=add_variable([], dtype, initializer="ones", name="lr_scale"),
             refreshes=add_variable([], tf.int64, name="num_refreshes"),
             skipped=add_variable([], tf.int64, name="skipped_steps"),
-            in_place=rule.updates_in_place and s >= IN_PLACE_MIN_SIZE)
+            guard_average=add_variable([], dtype, name="guard_average"),
+            guard_reference=add_variable([], dtype, name="guard_reference"),
+            guard_level=add_variable([], tf.int64, name="guard_level"),
+            guard_window=add_variable([], tf.int64, name="guard_window"),
+            guard_trips=add_variable([], tf.int64, name="guard_trips"),
+            in_place=rule.updates_in_place and (rule.linear or s >= IN_PLACE_MIN_SIZE))
 
     @property
     def parameter_sized(self) -> list[tf.Variable]:
@@ -85,9 +102,13 @@ class OptimizerState:
         return [*self.base_slots, self.newton_momentum, self.eigenvectors]
 
     def coordinate_defaults(self) -> dict[str, tf.Tensor]:
-        """Values of c, d and q for states exported before they existed (m and B themselves)."""
+        """Values of c, d and q (m and B themselves) and of the guard's variables (no trip yet)
+        for states exported before they existed."""
         out = {self.newton_coeffs.name: tf.zeros_like(self.newton_coeffs),
                self.newton_decay.name: tf.ones_like(self.newton_decay)}
+        for var in (self.guard_average, self.guard_reference, self.guard_level,
+                    self.guard_window, self.guard_trips):
+            out[var.name] = tf.zeros_like(var)
         if self.base_coeffs is not None:
             out[self.base_coeffs.name] = tf.zeros_like(self.base_coeffs)
         return out

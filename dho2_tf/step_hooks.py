@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
-from dho2_tf import hybrid, refresh
+from dho2_tf import guard, hybrid, refresh
 from dho2_tf.fosi_step import SkipLog
 from dho2_tf.optimizer_state import StatShadows
 
@@ -107,6 +107,11 @@ class StepHooks:
     def log_skipped_step(self, step: tf.Tensor, skipped: tf.Tensor) -> None:
         """Log one skipped step on rank 0 (called from the step graph)."""
         self.skips.log_step(step, skipped, self.opt.comm.is_root)
+
+    def log_guard_trip(self, step: tf.Tensor, level: tf.Tensor, ratio: tf.Tensor,
+                       trips: tf.Tensor) -> None:
+        """Log one guard trip on rank 0 (called from the step graph)."""
+        guard.log_trip(step, level, ratio, trips, self.opt.comm.is_root, self.opt.hp.guard)
 
     def report_skipped(self) -> int:
         """Log a warning if steps were skipped since the last report; returns the count."""

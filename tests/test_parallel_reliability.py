@@ -87,10 +87,15 @@ def test_train_job_with_rank_dependent_flags_exits_2_on_every_rank():
 
 
 def test_nan_batch_on_one_rank_is_skipped_by_every_rank():
-    proc = run_horovod(SCRIPT, 2, args=("poisoned",), timeout=180)
+    """Also: after a wrong c, both ranks' guards trip at the same steps (same launch)."""
+    proc = run_horovod(SCRIPT, 2, args=("poisoned",), timeout=240)
     for layout in ("mode=sharded base=momentum", "mode=replicated base=momentum",
                    "mode=sharded base=adam"):
         assert proc.stdout.count(f"POISONED_OK {layout} skipped=1") == 2
+    for mode in ("sharded", "replicated"):
+        trips = [line.split("trips=")[1] for line in proc.stdout.splitlines()
+                 if f"GUARD_OK mode={mode} " in line]
+        assert len(trips) == 2 and trips[0] == trips[1], proc.stdout
 
 
 @pytest.mark.parametrize("ranks", [1, 2])

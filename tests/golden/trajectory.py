@@ -67,6 +67,7 @@ def run(comm, mode: str, base: str) -> tuple[np.ndarray, np.ndarray]:
     metrics = opt.curvature_metrics()
     if not opt.is_curvature_rank:
         assert metrics["refreshes"] == 2, f"{mode}/{base}: {metrics['refreshes']} refreshes"
+        assert metrics["guard_trips"] == 0, f"{mode}/{base}: the divergence guard tripped"
     eigenvalues = np.array([metrics[f"eigenvalue_{j}"] for j in range(opt.num_pairs)])
     return weights, eigenvalues
 

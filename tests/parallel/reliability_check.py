@@ -5,7 +5,8 @@ Usage:
                                             then fit with another batch size on rank 1 -> the
                                             same (FIT_BATCH_ERROR)
   reliability_check.py poisoned             rank 1 sees a NaN batch -> same step skipped everywhere
-                                            (sharded and replicated layouts)
+                                            (sharded and replicated layouts); then a wrong c
+                                            after a refresh -> the same guard trips everywhere
   reliability_check.py straight DIR         30 steps per mode (sharded, replicated, admm);
                                             reference in DIR
   reliability_check.py first DIR            15 steps per mode, then a checkpoint in DIR
@@ -89,10 +90,42 @@ def check_poisoned(comm):
         assert np.all(np.isfinite(w)) and np.all(np.isfinite(opt.state.eigenvalues.numpy()))
         assert all(np.all(np.isfinite(v.numpy())) for v in opt.variables)
         assert opt.curvature_metrics()["skipped_steps"] == 1.0
-        assert opt.state.in_place == (base == "adam")
+        assert opt.state.in_place     # linear bases always, Adam above the (lowered) size
         every = comm.allgather(tf.constant(w[None, :]), name="test/poisoned").numpy()
         assert np.all(every == every[0]), "ranks diverged after the skipped step"
         print(f"rank {comm.rank} POISONED_OK mode={mode} base={base} skipped=1", flush=True)
+
+
+def check_guard(comm):
+    """A wrong c (40) installed right after the refresh makes a least-squares fit diverge; the
+    guard, fed by the reduced ‖Ḡ‖², trips at the same steps on every rank (each rank has its
+    own data), the ranks' weights stay identical and the run converges."""
+    rng = np.random.default_rng(11 + comm.rank)
+    x = rng.standard_normal((40 * 16, D)).astype("float32")
+    y = (x @ np.linspace(-1.0, 1.0, D) + 0.01 * rng.standard_normal(len(x))).astype("float32")
+    for mode in ("sharded", "replicated"):
+        tf.keras.utils.set_random_seed(0)
+        model = tf.keras.Sequential([tf.keras.Input((D,)), tf.keras.layers.Dense(1)])
+        opt = DHO2(learning_rate=0.05, base="sgd", k=2, refresh_every=1000, warmup=4, mode=mode,
+                   comm=comm)
+        model.compile(optimizer=opt, loss="mse")
+
+        def wrong_scale(info):
+            opt.state.scale.assign(40.0)
+
+        start = model.evaluate(x, y, verbose=0)
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[
+            CurvatureRefresh(batch=(x[:64], y[:64]), on_refresh=wrong_scale)])
+        end = model.evaluate(x, y, verbose=0)
+        metrics = opt.curvature_metrics()
+        w = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+        mine = np.concatenate([w, [metrics["guard_trips"], metrics["guard_level"]]])
+        every = comm.allgather(tf.constant(mine[None, :]), name=f"test/guard/{mode}").numpy()
+        assert np.all(every == every[0]), f"ranks took different guard decisions: {every}"
+        assert metrics["guard_trips"] >= 1 and metrics["skipped_steps"] == 0.0, metrics
+        assert end < 0.25 * start, (start, end)        # it diverged, then trained on
+        print(f"rank {comm.rank} GUARD_OK mode={mode} trips={int(metrics['guard_trips'])}",
+              flush=True)
 
 
 def run_steps(comm, model, opt, x, y, steps, start):
@@ -185,6 +218,7 @@ def main() -> None:
         check_fit_batch(comm)
     elif what == "poisoned":
         check_poisoned(comm)
+        check_guard(comm)
     elif what == "straight":
         check_straight(comm, sys.argv[2])
     elif what == "first":

@@ -24,7 +24,7 @@ from dho2_tf.base_rules import BaseRule
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.distributed.sharding import ShardLayout
 from dho2_tf.hybrid import (Curvature, StepState, all_finite, hybrid_displacement, materialize,
-                            newton_rates, next_refresh_step, refresh_count_due, sum_finite)
+                            newton_rates, next_refresh_step, refresh_count_due)
 from tests.helpers.ranks import run_on_ranks
 from tests.unit.optimizer.test_fosi_reference import numpy_base
 
@@ -96,6 +96,8 @@ class Runner:
         self.m0 = self.local(m0)
         self.slots = [tf.Variable(self.local(slots[k])) for k in ("m", "v")] if name == "adam" \
             else [self.local(slots["buf"])] if self.rule.linear_buffer else []
+        if in_place and self.rule.linear_buffer:      # the fused kernel updates B in place
+            self.slots = [tf.Variable(self.slots[0])]
         self.out = tf.Variable(tf.zeros_like(self.m0)) if in_place else None
         self.coeffs, self.decay = tf.zeros(K, tf.float64), tf.constant(1.0, tf.float64)
         self.q = tf.zeros(K, tf.float64)
@@ -112,32 +114,43 @@ class Runner:
             self.m0 = materialize(self.m0, self.coeffs, self.v_r, self.decay)
             self.coeffs, self.decay = tf.zeros(K, tf.float64), tf.constant(1.0, tf.float64)
             if self.rule.linear_buffer:
-                self.slots = [materialize(self.slots[0], -self.q, self.v_r)]
+                folded = materialize(self.slot_tensors()[0], -self.q, self.v_r)
+                if isinstance(self.slots[0], tf.Variable):
+                    self.slots[0].assign(folded)
+                else:
+                    self.slots = [folded]
                 self.q = tf.zeros(K, tf.float64)
             self.fresh = tf.constant(False)
         self.v_r = tf.transpose(self.layout.local(tf.constant(v.T, tf.float64)))
         self.curvature = Curvature(self.v_r, tf.constant(v @ v.T), tf.constant(eta),
                                    tf.constant(C_SCALE, tf.float64))
 
+    def slot_tensors(self):
+        return [s.value() if isinstance(s, tf.Variable) else s for s in self.slots]
+
     def step(self, g, t):
         adam_vars = self.rule.name == "adam"
-        slots = [s.value() for s in self.slots] if adam_vars else self.slots
-        state = StepState(self.m0, self.coeffs, self.decay, [] if self.out is not None else slots,
+        slots = self.slot_tensors()
+        state = StepState(self.m0, self.coeffs, self.decay,
+                          [] if self.out is not None and adam_vars else slots,
                           self.q, self.cached, self.fresh)
         in_place = None
         if self.out is not None:
-            def in_place(g2, lr):
+            def in_place(g2, lr, init):
+                if not adam_vars:
+                    return self.rule.apply_linear_in_place(self.out, self.slots, g2, lr, init)
                 return self.rule.apply_in_place(self.out, self.slots, g2, lr, tf.constant(t))
         res = hybrid_displacement(self.local(g), state, self.curvature, self.rule,
                                   tf.constant(LR, tf.float64), ALPHA, tf.constant(t), self.comm,
                                   in_place=in_place)
-        assert bool(res.gradient_finite)
+        assert bool(res.gradient_finite) and bool(res.finite)
+        np.testing.assert_allclose(float(res.grad_sq_norm), np.sum(np.square(g)), rtol=1e-12)
         self.coeffs, self.decay, self.q = res.momentum_coeffs, res.momentum_decay, res.slot_coeffs
         self.cached, self.fresh = res.cached, tf.constant(True)
         if adam_vars and self.out is None:
             for var, value in zip(self.slots, res.slots_r):
                 var.assign(value)
-        elif not adam_vars:
+        elif not adam_vars and self.out is None:
             self.slots = res.slots_r
         return res.delta_r
 
@@ -148,7 +161,7 @@ class Runner:
         if self.rule.name == "adam":
             return {"m": self.slots[0].numpy(), "v": self.slots[1].numpy()}
         if self.rule.linear_buffer:
-            return {"buf": materialize(self.slots[0], -self.q, self.v_r).numpy()}
+            return {"buf": materialize(self.slot_tensors()[0], -self.q, self.v_r).numpy()}
         return {}
 
 
@@ -168,9 +181,8 @@ def case():
     return (basis(1), basis(2)), (rates(4), rates(5)), gradients()
 
 
-@pytest.mark.parametrize("name,in_place", [("sgd", False), ("momentum", False),
-                                           ("nesterov", False), ("adam", False),
-                                           ("adam", True)])
+@pytest.mark.parametrize("name,in_place", [(name, flag) for name in RULES
+                                           for flag in (False, True)])
 def test_hybrid_step_matches_numpy_fosi_across_a_change_of_basis(name, in_place):
     vs, etas, grads = case()
     want = numpy_run(name, vs, etas, grads)
@@ -194,7 +206,7 @@ def test_shards_of_v_over_p_ranks_give_the_unsharded_step(name, p):
     vs, etas, grads = case()
     want = numpy_run(name, vs, etas, grads)
     per_rank = run_on_ranks(p, lambda comm: run(name, ShardLayout(N, p, comm.rank), comm, vs,
-                                                etas, grads, in_place=name == "adam"))
+                                                etas, grads, in_place=True))
     for t in range(STEPS):
         delta = np.concatenate([steps[t][0] for steps in per_rank])
         assert np.all(delta[N:] == 0.0)                 # padding entries never move
@@ -225,30 +237,50 @@ def test_a_stale_cache_is_recomputed_not_used(name):
     np.testing.assert_allclose(outcomes[1][1], outcomes[0][1], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_gradient_is_reported_and_reaches_delta(name, bad):
+def test_non_finite_gradient_is_reported_and_reaches_delta(name, bad, in_place):
+    """NaN/Inf in Ḡ: ``finite`` is False with no pass over δ (‖Ḡ‖² is not finite); out of
+    place the NaN reaches δ, and in place the fused kernel does not run (slots untouched)."""
     vs, etas, grads = case()
-    runner = Runner(name, ShardLayout(N, 1, 0), LocalComm(), in_place=name == "adam")
+    runner = Runner(name, ShardLayout(N, 1, 0), LocalComm(), in_place=in_place)
     runner.set_basis(vs[0], etas[0])
-    before = [s.numpy().copy() for s in runner.slots] if name == "adam" else None
+    before = [np.array(s).copy() for s in runner.slot_tensors()]
     g = grads[0].copy()
     g[5] = bad
     state = StepState(runner.m0, runner.coeffs, runner.decay,
-                      [] if name == "adam" else runner.slots, runner.q, runner.cached,
-                      runner.fresh)
+                      [] if in_place and name == "adam" else runner.slot_tensors(), runner.q,
+                      runner.cached, runner.fresh)
 
-    def in_place(g2, lr):
+    def apply(g2, lr, init):
+        if name != "adam":
+            return runner.rule.apply_linear_in_place(runner.out, runner.slots, g2, lr, init)
         return runner.rule.apply_in_place(runner.out, runner.slots, g2, lr, tf.constant(1))
 
     res = hybrid_displacement(tf.constant(g), state, runner.curvature, runner.rule,
                               tf.constant(LR, tf.float64), ALPHA, tf.constant(1), LocalComm(),
-                              in_place=in_place if name == "adam" else None)
-    assert not bool(res.gradient_finite)
-    assert not bool(all_finite(res.delta_r)) and not bool(sum_finite(res.delta_r))
-    if name == "adam":                                  # the in-place kernel did not run
-        for var, old in zip(runner.slots, before):
-            np.testing.assert_array_equal(var.numpy(), old)
+                              in_place=apply if in_place else None)
+    assert not bool(res.gradient_finite) and not bool(res.finite)
+    assert not np.isfinite(float(res.grad_sq_norm))
+    assert not bool(all_finite(res.delta_r))
+    for slot, old in zip(runner.slot_tensors(), before):     # the kernel did not run
+        np.testing.assert_array_equal(np.array(slot), old)
+
+
+def test_a_non_finite_newton_term_marks_the_step_not_finite():
+    """A finite gradient, but a K-vector of the step that is not (an infinite rate η_0):
+    ``finite`` is False, though δ was never summed."""
+    vs, etas, grads = case()
+    runner = Runner("momentum", ShardLayout(N, 1, 0), LocalComm(), in_place=True)
+    eta = etas[0].copy()
+    eta[0] = np.inf
+    runner.set_basis(vs[0], eta)
+    state = StepState(runner.m0, runner.coeffs, runner.decay, runner.slot_tensors(), runner.q,
+                      runner.cached, runner.fresh)
+    res = hybrid_displacement(tf.constant(grads[0]), state, runner.curvature, runner.rule,
+                              tf.constant(LR, tf.float64), ALPHA, tf.constant(1), LocalComm())
+    assert bool(res.gradient_finite) and not bool(res.finite)
 
 
 def test_materialize_is_scale_times_x_plus_v_transpose_coeffs():
