@@ -216,12 +216,12 @@ class DHO2(tf.keras.optimizers.Optimizer):
                                  "it was built.")
             grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                      for g, v in zip(grads, variables)]
-            self.hooks.check_wiring()
-            self._mode.step(self._clip_gradients(grads), list(variables))
-            for var in variables:   # as Keras' optimizers do; only constrained variables
-                if getattr(var, "constraint", None) is not None:
-                    var.assign(var.constraint(var))
-            self.iterations.assign_add(1)
+            with tf.control_dependencies(self.hooks.check_wiring()):   # a refused step: no-op
+                self._mode.step(self._clip_gradients(grads), list(variables))
+                for var in variables:   # as Keras' optimizers do; only constrained variables
+                    if getattr(var, "constraint", None) is not None:
+                        var.assign(var.constraint(var))
+                self.iterations.assign_add(1)
         return self.iterations
 
     def apply_fosi_step(self, g_r: tf.Tensor, variables: list[tf.Variable],

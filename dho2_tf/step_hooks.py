@@ -116,7 +116,7 @@ class StepHooks:
                 "them, or call optimizer.broadcast_state(model) before the first step. "
                 f"Received: weight sums per rank {[float(row[0]) for row in every]}")
 
-    def check_wiring(self) -> None:
+    def check_wiring(self) -> list:
         """In the step graph of a hand-wired loop: the checks that fail fast when a hook the
         mode needs was not called (graph-safe; nothing for the drivers, which call them all).
 
@@ -128,23 +128,26 @@ class StepHooks:
           runs.
 
         Cost: two or three scalar variable reads and comparisons in the step, no host sync.
+        Returns the assertion ops (empty when eager or unchecked): the step runs under a
+        control dependency on them, so the update they refuse is never applied.
         """
         opt = self.opt
         if opt.binding is None:
             self.check_source()
-            return
+            return []
         if self.driver is not None or opt.is_curvature_rank:
-            return
+            return []
         hp, mode = opt.hp, opt.distribution
         t = opt.iterations
         refreshes = tf.cast(opt.state.refreshes, tf.int64)   # hybrid.next_refresh_step, in graph
         due = tf.maximum(hp.warmup - 1 + refreshes * hp.refresh_every, 0) + mode.refresh_delay()
-        tf.debugging.assert_less(t, due, message=(
+        checks = [tf.debugging.assert_less(t, due, message=(
             "DHO2: a curvature refresh was due before this update but optimizer.on_step_begin() "
             "was not called, so the run would train without curvature. Drive the loop with "
             "dho2_tf.training_loop(optimizer, model, loss, batch) (loop.step(train_step, x, y)), "
-            "or call on_step_begin() before and on_step_end() after every apply_gradients."))
-        mode.check_hooks_ran(t)
+            "or call on_step_begin() before and on_step_end() after every apply_gradients.")),
+                  mode.check_hooks_ran(t)]
+        return [op for op in checks if op is not None]
 
     def forget_caches(self) -> None:
         """After the optimizer's variables were replaced: drop the cached projections and
