@@ -16,11 +16,13 @@ setup:
 setup-test:
 	bash scripts/setup_env.sh ray test
 
-# DHO2 on the MNIST-1D MLP (4000/1000 split, generated locally) over NP Gloo ranks.
+# DHO2 on the MNIST-1D MLP (4000/1000 split, generated locally) over NP Gloo ranks, heavy-ball
+# base at the learning rate tuned for it (flags beyond DHO2's defaults are given explicitly).
 # A 0.1 ms Horovod cycle suits DHO2's dependent small collectives (see README, Performance).
 demo: setup
 	HOROVOD_CYCLE_TIME=$${HOROVOD_CYCLE_TIME:-0.1} $(HVDRUN) --gloo -np $(NP) -H localhost:$(NP) $(PY) jobs/train.py \
 		--model mlp --dataset mnist1d --optimizer dho2 --base momentum --learning-rate 0.1 \
+		--alpha 0.01 --refresh-every 200 --warmup 40 \
 		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
 
 # The suite (about 15 min on 2 cores): ruff, then the unit tests and the multi-process tests

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
+from dho2_tf.curvature_input import mixed_precision_message
 from dho2_tf.distributed.comm import Communicator
 from dho2_tf.validation import check_int, check_real
 
@@ -48,7 +49,8 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
 
     At the start of training it builds the optimizer, broadcasts the model weights and optimizer
     state from rank 0 (so all ranks start identical) and binds the model, loss and curvature batch
-    to the optimizer. Before every batch it runs the refresh when the optimizer's schedule says
+    to the optimizer. Under ``horovodrun`` it turns ``fit``'s progress bar off on every rank but
+    0. A model compiled under a mixed-precision policy is refused (ValueError naming it). Before every batch it runs the refresh when the optimizer's schedule says
     one is due (every rank runs it at the same step, since the step counter is replicated).
 
     The step count is kept as a Python int (advanced by the number of steps Keras reports per
@@ -90,10 +92,25 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
         from dho2_tf.optimizer import DHO2
 
         opt = self.model.optimizer
+        if isinstance(getattr(opt, "inner_optimizer", None), DHO2):   # Keras' LossScaleOptimizer
+            raise ValueError(mixed_precision_message(
+                "the model was compiled under the Keras policy "
+                f"{tf.keras.mixed_precision.global_policy().name!r}, so Keras wrapped DHO2 in "
+                f"{type(opt).__name__}"))
         if not isinstance(opt, DHO2):
             raise TypeError("CurvatureRefresh needs a model compiled with dho2_tf.DHO2. "
                             f"Received optimizer: {type(opt).__name__}")
         return opt
+
+    def set_params(self, params: dict) -> None:
+        """Keras' run parameters; on a rank other than 0 ``verbose`` becomes 0 in the shared
+        dict, so the progress bar Keras adds after this callback prints on rank 0 only."""
+        super().set_params(params)
+        from dho2_tf.optimizer import DHO2
+
+        opt = getattr(self.model, "optimizer", None)
+        if isinstance(opt, DHO2) and params.get("verbose") and not opt.comm.is_root:
+            params["verbose"] = 0
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         opt = self._opt = self._optimizer()
@@ -102,7 +119,9 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
                                                 for key in ("steps", "epochs")})
         if self.broadcast_initial_state:
             opt.broadcast_state(self.model)
+            opt.hooks.weights_synced = True
         opt.bind(self.model, self.loss, self.batch, training=self.training)
+        opt.hooks.driver = self
         if opt.hooks.ensure_shadows() and self.model.non_trainable_variables:
             # A train function traced before the copies existed would not restore the
             # statistics of a skipped step: use a new one (fit looks it up every step).
@@ -110,8 +129,10 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
         self._iterations = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        # Other callbacks may have restored or averaged state since the last batch.
-        self._iterations = None
+        # Other callbacks may have restored or averaged state since the last batch. Re-read it
+        # here rather than in the first batch hook, whose time Keras compares with the batch
+        # time (the "on_train_batch_begin is slow" warning).
+        self._iterations = self._opt.sync_host_state()
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         opt = self._opt
@@ -139,7 +160,10 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
         self._opt.hooks.report_skipped()
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        (self._opt or self._optimizer()).on_train_end()
+        opt = self._opt or self._optimizer()
+        opt.on_train_end()
+        if opt.hooks.driver is self:
+            opt.hooks.driver = None
 
 
 def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0

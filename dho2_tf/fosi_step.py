@@ -170,17 +170,25 @@ def too_many_skips_message(limit: int) -> str:
 
 
 class SkipLog:
-    """Skipped steps reported so far, and their log lines (rank 0)."""
+    """Skipped steps reported so far, and their log lines (rank 0).
 
-    def __init__(self) -> None:
+    One line per skipped step would flood the log of a run that keeps skipping, so the step
+    graph logs the first skip and then every ``every``-th; :meth:`report` sums up the skips
+    since the last report (each epoch) and :meth:`summary` gives the run's total at its end.
+    """
+
+    def __init__(self, every: int = 100) -> None:
+        self.every = every
         self.reported = 0
 
     def log_step(self, step: tf.Tensor, skipped: tf.Tensor, is_root: bool) -> None:
-        """Log one skipped step (called from the step graph)."""
+        """Log a skipped step if it is the first or an ``every``-th one (called from the step
+        graph)."""
         total = int(skipped.numpy())
-        if is_root:
+        if is_root and (total == 1 or total % self.every == 0):
             logger.warning("DHO2 skipped step %d: the averaged gradient or base step holds "
-                           "NaN/Inf (%d skipped so far)", int(step.numpy()), total)
+                           "NaN/Inf (%d skipped so far; logged again every %d skips)",
+                           int(step.numpy()), total, self.every)
         self.reported = max(self.reported, total)
 
     def report(self, skipped: int, is_root: bool) -> int:
@@ -190,3 +198,9 @@ class SkipLog:
                            "(%d so far)", skipped - self.reported, skipped)
         self.reported = skipped
         return skipped
+
+    def summary(self, is_root: bool) -> None:
+        """At the end of training: the run's total of skipped steps, if any (rank 0)."""
+        if self.reported and is_root:
+            logger.warning("DHO2 skipped %d step(s) in total with a non-finite gradient or base "
+                           "step (weights and statistics unchanged at each)", self.reported)

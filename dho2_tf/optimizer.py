@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from dho2_tf import refresh, state_transfer
 from dho2_tf.base_rules import BaseRule
+from dho2_tf.curvature_input import check_curvature_input
 from dho2_tf.consistency import verify_optimizer_consistency
 from dho2_tf.distributed.comm import Communicator, default_comm
 from dho2_tf.flat import FlatSpec
@@ -56,10 +57,9 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
     Note:
         A refresh needs the model, loss and a curvature batch: pass ``callbacks=[dho2_tf.
-        CurvatureRefresh(batch=(x, y))]`` to ``fit``, or in a custom loop call :meth:`bind`
-        once, :meth:`on_step_begin`/:meth:`on_step_end` around each ``apply_gradients`` and
-        :meth:`on_train_end` (else every rank warns and DHO2 stays its base optimizer). Weight
-        decay must be an L2 term of the loss. Adam has ε outside √v̂, as in FOSI.
+        CurvatureRefresh(batch=(x, y))]`` to ``fit``; in a custom loop use
+        ``dho2_tf.training_loop`` (it calls :meth:`bind` and every hook). Weight decay must be
+        an L2 term of the loss. Adam has ε outside √v̂, as in FOSI.
 
     Args:
         learning_rate: base learning rate, a float or a ``LearningRateSchedule`` (1e-3).
@@ -216,13 +216,12 @@ class DHO2(tf.keras.optimizers.Optimizer):
                                  "it was built.")
             grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                      for g, v in zip(grads, variables)]
-            if self.binding is None:
-                self.hooks.check_source()
-            self._mode.step(self._clip_gradients(grads), list(variables))
-            for var in variables:   # as Keras' optimizers do; only constrained variables
-                if getattr(var, "constraint", None) is not None:
-                    var.assign(var.constraint(var))
-            self.iterations.assign_add(1)
+            with tf.control_dependencies(self.hooks.check_wiring()):   # a refused step: no-op
+                self._mode.step(self._clip_gradients(grads), list(variables))
+                for var in variables:   # as Keras' optimizers do; only constrained variables
+                    if getattr(var, "constraint", None) is not None:
+                        var.assign(var.constraint(var))
+                self.iterations.assign_add(1)
         return self.iterations
 
     def apply_fosi_step(self, g_r: tf.Tensor, variables: list[tf.Variable],
@@ -237,10 +236,11 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def bind(self, model: tf.keras.Model, loss: Callable | str | None, batch: tuple,
              *, training: bool = True) -> None:
         """Give the optimizer what a refresh needs and compile the curvature graphs now:
-        ``model`` (its ``trainable_variables`` are optimised), ``loss`` (``loss(y_true,
-        y_pred)``, a Keras loss name, or ``None`` for ``model.loss``), this rank's curvature
-        ``batch`` ``(x, y)``, and ``training`` (batch-norm batch statistics in the HVPs; the
-        moving statistics are restored after each)."""
+        ``model`` (its ``trainable_variables`` are optimised), ``loss`` (``loss(y_true, y_pred)``,
+        a Keras loss name, or ``None`` for ``model.loss``), this rank's curvature ``batch``
+        ``(x, y)``, and ``training`` (batch-norm batch statistics in the HVPs; the moving
+        statistics are restored after each). ValueError: :func:`check_curvature_input`."""
+        check_curvature_input(model, batch)
         self.build(model.trainable_variables)
         self.curvature.bind(model, loss, batch, training)
 

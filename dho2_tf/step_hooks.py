@@ -1,9 +1,14 @@
 """The eager side of a training loop with DHO2: what runs before and after each update.
 
-``fit`` drives it through :class:`dho2_tf.CurvatureRefresh`; a custom loop calls the optimizer's
-``bind``, ``on_step_begin``, ``on_step_end`` and ``on_train_end``, which delegate here. The hooks
-receive the step count as a Python int when the caller keeps one, so a step with nothing due
-reads no variable.
+``fit`` drives it through :class:`dho2_tf.CurvatureRefresh`, a custom loop through
+:func:`dho2_tf.training_loop`; both call the optimizer's ``bind``, ``on_step_begin``,
+``on_step_end`` and ``on_train_end``, which delegate here. The hooks receive the step count as a
+Python int when the caller keeps one, so a step with nothing due reads no variable.
+
+A loop wired by hand (neither driver) gets two checks instead of silence: a step traced after
+``bind`` fails when the hook its mode needs was not called (:meth:`StepHooks.check_wiring`), and
+the first step of a multi-rank run fails when the ranks hold different weights
+(:meth:`StepHooks.check_initial_weights`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import types
 from typing import TYPE_CHECKING
 
+import numpy as np
 import tensorflow as tf
 
 from dho2_tf import guard, hybrid, refresh
@@ -29,6 +35,10 @@ class StepHooks:
         skips: the skipped steps already reported (:class:`dho2_tf.fosi_step.SkipLog`).
         shadows: copies of the bound model's non-trainable variables a skipped step restores.
         source_warned: whether the missing-curvature-source warning was given.
+        driver: the object that calls every hook (``CurvatureRefresh``, the custom-loop
+            driver), or ``None`` when the loop is wired by hand.
+        weights_synced: whether rank 0's weights were broadcast (or the ranks were found to
+            agree), so the first-step check has nothing to do.
     """
 
     def __init__(self, opt: "DHO2") -> None:
@@ -37,6 +47,8 @@ class StepHooks:
         self.skips = SkipLog()
         self.shadows: StatShadows | None = None
         self.source_warned = False
+        self.driver: object | None = None
+        self.weights_synced = False
 
     def begin(self, iterations: int | None) -> None:
         """Before an update: the mode's refresh, window jump or pipeline hand-over."""
@@ -45,6 +57,8 @@ class StepHooks:
             iterations = int(opt.iterations.numpy())
             opt.curvature.forget()
             self.ensure_shadows()
+        if not self.weights_synced:
+            self.check_initial_weights(iterations)
         self.begun_at = iterations
         opt.distribution.on_step_begin(iterations)
 
@@ -69,9 +83,71 @@ class StepHooks:
 
     def train_end(self) -> None:
         """When training stops: the mode's end (pipelined: release the curvature ranks), then
-        the last skipped-step report."""
+        the last skipped-step report and the run's total."""
         self.opt.distribution.on_train_end()
         self.report_skipped()
+        if self.opt.built:
+            self.skips.summary(self.opt.comm.is_root)
+
+    def check_initial_weights(self, iterations: int) -> None:
+        """At the first update of a run on several training ranks, unless rank 0's weights were
+        broadcast: compare the ranks' weights (one small allgather, once) and raise ValueError
+        on every rank when they differ.
+
+        Math: every rank sends s = (Σ_i θ_i, Σ_i θ_i², Σ_i θ_i·sin i) in float64 (numpy, the
+        same reduction order everywhere); the ranks agree iff all s are equal.
+        """
+        opt = self.opt
+        group = opt.distribution.broadcast_group()
+        if iterations > 0 or opt.comm.group_size(group) == 1:
+            self.weights_synced = True
+            return
+        theta = np.concatenate([np.ravel(v.numpy()).astype(np.float64)
+                                for v in opt.model_variables])
+        mine = [theta.sum(), np.square(theta).sum(), (theta * np.sin(np.arange(theta.size))).sum()]
+        every = opt.comm.allgather(tf.constant([mine], tf.float64),
+                                   name="dho2/hooks/initial_weights", process_set=group).numpy()
+        self.weights_synced = True
+        if not np.all(every == every[0]):
+            raise ValueError(
+                "DHO2: the training ranks start from different weights (they were never "
+                "broadcast from rank 0), so each rank would train its own model. Drive the loop "
+                "with dho2_tf.training_loop(optimizer, model, loss, batch), which broadcasts "
+                "them, or call optimizer.broadcast_state(model) before the first step. "
+                f"Received: weight sums per rank {[float(row[0]) for row in every]}")
+
+    def check_wiring(self) -> list:
+        """In the step graph of a hand-wired loop: the checks that fail fast when a hook the
+        mode needs was not called (graph-safe; nothing for the drivers, which call them all).
+
+        * no curvature source bound when the step was traced: :meth:`check_source`;
+        * a refresh overdue: refresh j is due before update t_j = W − 1 + j·T (pipelined: it
+          lands Δ steps later), so update t with t ≥ t_j + Δ while only j refreshes ran means
+          ``on_step_begin`` was not called;
+        * ``admm``: update t needs ⌊t/τ⌋ consensus rounds behind it, which ``on_step_end``
+          runs.
+
+        Cost: two or three scalar variable reads and comparisons in the step, no host sync.
+        Returns the assertion ops (empty when eager or unchecked): the step runs under a
+        control dependency on them, so the update they refuse is never applied.
+        """
+        opt = self.opt
+        if opt.binding is None:
+            self.check_source()
+            return []
+        if self.driver is not None or opt.is_curvature_rank:
+            return []
+        hp, mode = opt.hp, opt.distribution
+        t = opt.iterations
+        refreshes = tf.cast(opt.state.refreshes, tf.int64)   # hybrid.next_refresh_step, in graph
+        due = tf.maximum(hp.warmup - 1 + refreshes * hp.refresh_every, 0) + mode.refresh_delay()
+        checks = [tf.debugging.assert_less(t, due, message=(
+            "DHO2: a curvature refresh was due before this update but optimizer.on_step_begin() "
+            "was not called, so the run would train without curvature. Drive the loop with "
+            "dho2_tf.training_loop(optimizer, model, loss, batch) (loop.step(train_step, x, y)), "
+            "or call on_step_begin() before and on_step_end() after every apply_gradients.")),
+                  mode.check_hooks_ran(t)]
+        return [op for op in checks if op is not None]
 
     def forget_caches(self) -> None:
         """After the optimizer's variables were replaced: drop the cached projections and
@@ -121,7 +197,7 @@ class StepHooks:
         return self.skips.report(int(opt.state.skipped.numpy()), opt.comm.is_root)
 
     def check_source(self) -> None:
-        """In a step traced before ``bind``: once the first refresh is due, warn (every rank,
+        """In a step traced before ``bind`` (from :meth:`check_wiring`): once the first refresh is due, warn (every rank,
         eagerly, once) that nothing is bound and run the rank check the ``fit`` path runs.
         A cond on two scalars; only steps traced with no binding carry it."""
         opt = self.opt

@@ -61,7 +61,7 @@ HELP = {
     "refresh_every": "DHO2: curvature refresh interval in steps",
     "refresh_every_epochs": "DHO2: curvature refresh interval in epochs (overrides "
                             "--refresh-every)",
-    "warmup": "DHO2: steps before the first curvature refresh",
+    "warmup": "DHO2: steps before the first curvature refresh (None: --refresh-every)",
     "lanczos_order": "DHO2: Lanczos iterations (default 4(k+ell))",
     "c_max": "DHO2: clip of the base learning-rate scale (default 1 for adam, else 3)",
     "curvature_batch": "DHO2: global curvature batch size, split across ranks",
@@ -120,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags: ``--config`` plus one per :class:`TrainConfig` field (defaults suppressed)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-        epilog="Defaults are TrainConfig's; a --config file overrides them and flags override "
-               "the file. Unknown keys in the file are an error.")
+        epilog="Defaults are TrainConfig's, whose DHO2 fields (base, learning rate, k, alpha, "
+               "refresh interval, ...) are dho2_tf.DHO2's own defaults; a --config file "
+               "overrides them and flags override the file. Unknown keys in the file are an "
+               "error.")
     parser.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or JSON file of "
                         "TrainConfig keys (dashes or underscores)")
     launch = parser.add_argument_group("launcher (not TrainConfig fields)")

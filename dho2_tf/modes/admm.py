@@ -85,6 +85,15 @@ class AdmmMode(Mode):
                 var.assign(value)
             opt.hooks.sync_shadows()
 
+    def check_hooks_ran(self, t: tf.Tensor) -> Any:
+        """Update t needs ⌊t/τ⌋ consensus rounds behind it (run by ``on_step_end``)."""
+        tau = self.opt.tau
+        return tf.debugging.assert_less_equal(t // tau, tf.cast(self.rounds, t.dtype), message=(
+            f"DHO2 mode='admm': more than tau={tau} local steps ran without a consensus round, "
+            "so the ranks drift apart: optimizer.on_step_end() was not called after "
+            "apply_gradients. Drive the loop with dho2_tf.training_loop(optimizer, model, loss, "
+            "batch), or call on_step_end() after every update."))
+
     @contextlib.contextmanager
     def consensus_weights(self) -> Iterator[None]:
         """Temporarily put z into the model (for evaluation and curvature estimation)."""

@@ -130,6 +130,16 @@ class Mode:
     def on_train_end(self) -> None:
         """Training finished on this rank (drain pending exchanges)."""
 
+    def refresh_delay(self) -> int:
+        """Steps from a refresh's due step until its eigenpairs are installed (0)."""
+        return 0
+
+    def check_hooks_ran(self, t: tf.Tensor) -> Any:
+        """Graph-side: the assertion that fails update ``t`` of a hand-wired loop when a hook
+        this mode needs (beyond ``on_step_begin``, checked by the caller) was not called
+        (``None``: none)."""
+        return None
+
     def sync_host_state(self) -> None:
         """Forget Python-side copies of variables (they may have been restored)."""
 

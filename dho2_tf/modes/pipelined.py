@@ -119,6 +119,10 @@ class PipelinedMode(Mode):
             self.pending_delivery = t + opt.delivery_delay
             opt.curvature.triggers.append(t)
 
+    def refresh_delay(self) -> int:
+        """Refresh j is installed Δ = ``delivery_delay`` steps after its trigger."""
+        return self.opt.delivery_delay
+
     def on_train_end(self) -> None:
         """Drain a pending DELIVER, then tell the curvature ranks to stop."""
         if self.is_curvature_rank:

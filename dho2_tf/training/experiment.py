@@ -19,6 +19,7 @@ change the training (:func:`check_resume_compatible`) unless ``allow_config_chan
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -66,6 +67,16 @@ DHO2_FIELDS = ("base", "k", "ell", "alpha", "c_max", "lanczos_order", "refresh_e
 LAYOUT_KEYS = ("ranks", "batch_size", "samples_per_rank")
 
 
+def dho2_defaults() -> dict[str, Any]:
+    """Every keyword argument of :class:`dho2_tf.DHO2` with its default: the one set of
+    defaults :class:`TrainConfig` (hence ``jobs/train.py``) uses for DHO2's fields."""
+    return {name: p.default for name, p in inspect.signature(DHO2.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+DHO2_DEFAULTS = dho2_defaults()
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs; field names are the CLI flags of ``jobs/train.py``.
@@ -89,6 +100,9 @@ class TrainConfig:
         weight_decay: L2 coefficient put into the model's loss.
         momentum: momentum of ``momentum``/``nesterov`` (DHO2 base and baseline).
         k, ell, alpha, refresh_every, warmup, lanczos_order, c_max: DHO2 hyper-parameters.
+            These, ``base``, ``mode``, ``learning_rate`` and ``momentum`` default to DHO2's own
+            defaults (:data:`DHO2_DEFAULTS`, read from its signature), so ``jobs/train.py`` and
+            ``DHO2()`` have one set of defaults; ``warmup=None`` means ``refresh_every``.
         refresh_every_epochs: DHO2 refresh interval in epochs; overrides ``refresh_every``.
         curvature_batch: global curvature-batch size (split across ranks).
         dho2_options: further ``DHO2`` keyword arguments (e.g. ``eigenvalue_damping``).
@@ -122,22 +136,22 @@ class TrainConfig:
     data_dir: str | None = None
     num_samples: int = 5000
     optimizer: str = "dho2"
-    base: str = "momentum"
-    mode: str = "auto"
-    learning_rate: float = 0.1
+    base: str = DHO2_DEFAULTS["base"]
+    mode: str = DHO2_DEFAULTS["mode"]
+    learning_rate: float = DHO2_DEFAULTS["learning_rate"]
     schedule: str = "cosine"
     epochs: int = 60
     batch_size: int = 50
     weight_decay: float = 3e-4
-    momentum: float = 0.9
-    k: int = 10
-    ell: int = 0
-    alpha: float = 0.01
-    refresh_every: int = 200
+    momentum: float = DHO2_DEFAULTS["momentum"]
+    k: int = DHO2_DEFAULTS["k"]
+    ell: int = DHO2_DEFAULTS["ell"]
+    alpha: float = DHO2_DEFAULTS["alpha"]
+    refresh_every: int = DHO2_DEFAULTS["refresh_every"]
     refresh_every_epochs: int | None = None
-    warmup: int = 40
-    lanczos_order: int | None = None
-    c_max: float | None = None
+    warmup: int | None = DHO2_DEFAULTS["warmup"]
+    lanczos_order: int | None = DHO2_DEFAULTS["lanczos_order"]
+    c_max: float | None = DHO2_DEFAULTS["c_max"]
     curvature_batch: int = 500
     dho2_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0

@@ -45,6 +45,14 @@ def priority_statistics(model: tf.keras.Model) -> dict[str, float]:
             **getattr(sampler, "switch_statistics", dict)()}
 
 
+def installed_curvature(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` without the ``eigenvalue_<j>`` entries while no refresh has run (``refreshes``
+    is 0): the eigenvalues are placeholders then, not estimates, and are not written."""
+    if metrics.get("refreshes", 1.0):
+        return metrics
+    return {k: v for k, v in metrics.items() if not k.startswith("eigenvalue_")}
+
+
 class TensorBoardMonitor(tf.keras.callbacks.Callback):
     """Write training, curvature and priority scalars to TensorBoard event files.
 
@@ -56,8 +64,8 @@ class TensorBoardMonitor(tf.keras.callbacks.Callback):
       ``epoch/learning_rate`` and ``epoch/step_seconds`` (mean training-step time of the epoch).
     * every ``update_freq`` steps (step = optimizer iterations): ``batch/loss`` (Keras' running
       mean over the epoch), ``batch/learning_rate``, ``batch/step_seconds``, every key of
-      ``optimizer.curvature_metrics()`` as ``curvature/<key>`` (eigenvalues, lr scale c, refresh
-      count and time, ADMM residuals, ...) and ``priority/<key>`` (see
+      ``optimizer.curvature_metrics()`` as ``curvature/<key>`` (eigenvalues from the first
+      refresh on, lr scale c, refresh count and time, ADMM residuals, ...) and ``priority/<key>`` (see
       :func:`priority_statistics`; rank 0's shard).
     * at each DHO2 curvature refresh (step = iterations when it ran): ``refresh/seconds``,
       ``refresh/scale``, ``refresh/eigenvalue_<j>`` and the histogram ``refresh/ritz_values``.
@@ -143,7 +151,8 @@ class TensorBoardMonitor(tf.keras.callbacks.Callback):
                 scalars[lr_tag] = lr
         metrics = getattr(optimizer, "curvature_metrics", None)
         if callable(metrics):
-            scalars.update({f"curvature/{k}": float(v) for k, v in metrics().items()})
+            scalars.update({f"curvature/{k}": float(v) for k, v in
+                            installed_curvature(metrics()).items()})
         scalars.update({f"priority/{k}": v for k, v in priority_statistics(self.model).items()})
         return scalars
 

@@ -37,7 +37,8 @@ if [[ -n "${SSH_IDENTITY_FILE:-}" ]]; then LAUNCH+=(--ssh-identity-file "$SSH_ID
 # 1. DHO2 on the MNIST-1D MLP (no data to copy: generated on every rank with a fixed seed).
 "$HVDRUN" "${LAUNCH[@]}" \
     "$PY" jobs/train.py --model mlp --dataset mnist1d --optimizer dho2 --base momentum \
-    --learning-rate 0.1 --schedule cosine --epochs 60 --batch-size 50 --verbose 2 "$@"
+    --learning-rate 0.1 --alpha 0.01 --refresh-every 200 --warmup 40 --schedule cosine \
+    --epochs 60 --batch-size 50 --verbose 2 "$@"
 
 # 2. The CIFAR-10 ResNet-110 recipe of the paper (needs the CIFAR-10 python batches in
 #    $DATA_DIR on every host; see jobs/examples/README.md).

@@ -72,7 +72,7 @@ def test_bound_fit_does_not_warn(caplog):
 
 @pytest.mark.parametrize("bound", [False, True])
 def test_skipped_steps_logged_and_counted_without_statistics(caplog, bound):
-    """A model with no non-trainable variables: every skipped step is logged and counted."""
+    """A model with no non-trainable variables: every skipped step is counted, the first logged."""
     x, y = data()
     y_bad = y.copy()
     y_bad[32:64] = np.nan                      # the second batch of each epoch
@@ -88,7 +88,8 @@ def test_skipped_steps_logged_and_counted_without_statistics(caplog, bound):
     assert int(opt.state.skipped.numpy()) == 2
     assert opt.curvature_metrics()["skipped_steps"] == 2.0
     logged = dho2_warnings(caplog, "skipped step")
-    assert sorted(int(r.args[0]) for r in logged) == [2, 6]   # steps counted from 1
+    # The first skip is logged (steps counted from 1), the next only in the summaries.
+    assert [int(r.args[0]) for r in logged] == [2]
     assert all(np.all(np.isfinite(w.numpy())) for w in model.trainable_variables)
     assert any(not np.allclose(a, w.numpy()) for a, w in zip(before, model.trainable_variables))
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import dho2_tf
-from dho2_tf import DHO2, CurvatureRefresh, LocalComm
+from dho2_tf import DHO2, CurvatureRefresh, LocalComm, training_loop
 
 
 def toy_data(n=256, d=8, classes=3, seed=0):
@@ -190,3 +190,139 @@ def test_refresh_before_bind_says_what_to_call():
 
 def test_public_api_exports():
     assert dho2_tf.DHO2 is DHO2 and dho2_tf.CurvatureRefresh is CurvatureRefresh
+    assert dho2_tf.training_loop is training_loop
+
+
+# ----------------------------------------------------------------- the custom-loop driver
+def loop_step(model, opt):
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = LOSS(yb, model(xb, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                model.trainable_variables))
+        return loss
+
+    return step
+
+
+def test_training_loop_equals_fit():
+    """training_loop drives the same refreshes and steps as fit with CurvatureRefresh."""
+    x, y = toy_data()
+    model_a = compiled(make_opt())
+    cb = CurvatureRefresh(batch=(x[:64], y[:64]))
+    model_a.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[cb])
+    model_b, opt = toy_model(), make_opt()
+    step = loop_step(model_b, opt)
+    with training_loop(opt, model_b, LOSS, (x[:64], y[:64])) as loop:
+        for _ in range(2):
+            for i in range(0, len(x), 32):
+                loop.step(step, x[i:i + 32], y[i:i + 32])
+    assert loop.iterations == 16 and opt.refresh_index() == len(cb.refreshes) == 2
+    for wa, wb in zip(model_a.get_weights(), model_b.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+
+
+def test_training_loop_admm_runs_every_round_and_ends_on_z():
+    x, y = toy_data()
+    model, opt = toy_model(), make_opt(mode="admm", tau=3)
+    step = loop_step(model, opt)
+    with training_loop(opt, model, LOSS, (x[:64], y[:64])) as loop:
+        for i in range(0, 320, 32):       # 10 steps (x repeats after 256)
+            loop.step(step, x[i % 256:i % 256 + 32], y[i % 256:i % 256 + 32])
+    assert opt.curvature_metrics()["admm_rounds"] == 3          # after steps 3, 6, 9
+    np.testing.assert_array_equal(                              # on_train_end: the model holds z
+        np.concatenate([w.ravel() for w in model.get_weights()]),
+        opt.distribution.z.numpy())
+
+
+def test_bound_loop_without_on_step_begin_fails_when_a_refresh_is_due():
+    x, y = toy_data()
+    model, opt = toy_model(), make_opt()                        # W = 4: refresh before update 3
+    opt.bind(model, LOSS, (x[:64], y[:64]))
+    step = loop_step(model, opt)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"on_step_begin\(\) was not called"):
+        for i in range(0, 256, 32):
+            step(x[i:i + 32], y[i:i + 32])
+    assert int(opt.iterations.numpy()) == 3 and opt.refresh_index() == 0
+
+
+def test_admm_loop_without_on_step_end_fails_after_tau_steps():
+    x, y = toy_data()
+    model, opt = toy_model(), make_opt(mode="admm", tau=2, warmup=100, refresh_every=100)
+    opt.bind(model, LOSS, (x[:64], y[:64]))
+    step = loop_step(model, opt)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="without a consensus round"):
+        for i in range(0, 256, 32):
+            opt.on_step_begin()
+            step(x[i:i + 32], y[i:i + 32])
+    assert int(opt.iterations.numpy()) == 2                     # updates 0 and 1 ran
+
+
+def test_misuse_of_the_loop_object():
+    x, y = toy_data()
+    model, opt = toy_model(), make_opt()
+    loop = training_loop(opt, model, LOSS, (x[:64], y[:64]))
+    with pytest.raises(RuntimeError, match="inside `with dho2_tf.training_loop"):
+        loop.step(lambda: None)
+    with pytest.raises(TypeError, match="drives a dho2_tf.DHO2 optimizer"):
+        training_loop(tf.keras.optimizers.SGD(0.1), model, LOSS, (x[:64], y[:64]))
+
+
+# ----------------------------------------------------------------- bad curvature input
+@pytest.mark.parametrize("where", ["x", "y"])
+def test_nonfinite_curvature_rows_are_refused_with_their_indices(where):
+    x, y = toy_data()
+    xb, yb = x[:64].copy(), y[:64].astype("float32")
+    if where == "x":
+        xb[3, 0], xb[17, 5] = np.nan, np.inf
+    else:
+        yb[3], yb[17] = np.nan, -np.inf
+    message = r"NaN/Inf in 2 row\(s\): 3, 17\."
+    with pytest.raises(ValueError, match=message):
+        make_opt().bind(toy_model(), LOSS, (xb, yb))
+    model = compiled(make_opt())
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0,
+                  callbacks=[CurvatureRefresh(batch=(xb, yb))])
+    assert int(model.optimizer.iterations.numpy()) == 0         # refused before training
+    with pytest.raises(ValueError, match=message):
+        with training_loop(make_opt(), toy_model(), LOSS, (xb, yb)):
+            pass
+
+
+@pytest.fixture
+def mixed_precision():
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_precision_fails_naming_it_and_the_alternative(mixed_precision):
+    x, y = toy_data()
+    model = compiled(make_opt())                  # Keras wraps DHO2 in a LossScaleOptimizer
+    with pytest.raises(ValueError) as fit_error:
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0,
+                  callbacks=[CurvatureRefresh(batch=(x[:64], y[:64]))])
+    with pytest.raises(ValueError) as bind_error:
+        make_opt().bind(toy_model(), LOSS, (x[:64], y[:64]))
+    for err in (fit_error, bind_error):
+        text = str(err.value)
+        assert "DHO2 does not support mixed precision" in text and "mixed_float16" in text
+        assert "set_global_policy('float32')" in text and "base optimizer" in text
+
+
+def test_progress_bar_is_turned_off_on_other_ranks():
+    x, y = toy_data()
+    for rank, expected in ((0, 1), (1, 0)):
+        comm = LocalComm()
+        comm.rank = rank
+        model = compiled(make_opt(comm=comm))
+        cb = CurvatureRefresh(batch=(x[:64], y[:64]))
+        cb.set_model(model)
+        params = {"verbose": 1, "epochs": 1, "steps": 8}
+        cb.set_params(params)
+        assert params["verbose"] == expected

@@ -80,6 +80,10 @@ def test_dho2_run_logs_loss_lr_step_time_and_eigenvalues_with_exact_values(tmp_p
     assert scalars["refresh/seconds"][0][1] == pytest.approx(refresh.refreshes[0]["seconds"])
     assert scalars["refresh/scale"][0][1] == pytest.approx(float(opt.state.scale.numpy()))
     assert histograms["refresh/ritz_values"] == [11]
+    # No eigenvalue tag before the first refresh (step 12): the zeros there are no estimate.
+    for j in range(len(eigenvalues)):
+        assert min(step for step, _ in scalars[f"curvature/eigenvalue_{j}"]) >= 12
+    assert min(step for step, _ in scalars["curvature/refreshes"]) == 1
     # Every key the optimizer reports (eigenvalues, scale, ADMM residuals, ...) is logged.
     for key, value in opt.curvature_metrics().items():
         assert scalars[f"curvature/{key}"][-1][1] == pytest.approx(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 
+from dho2_tf import DHO2, LocalComm
 from dho2_tf.training.experiment import TrainConfig
 from tests.helpers.launch import REPO
 
@@ -25,8 +27,9 @@ def _load_job():
 job = _load_job()
 FLAGS = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
          if f.name != "dho2_options"] + ["--dho2-option", "--config"]
-MAKEFILE_FLAGS = ["--model", "--dataset", "--optimizer", "--base", "--learning-rate",
-                  "--schedule", "--epochs", "--batch-size", "--weight-decay", "--verbose"]
+MAKEFILE_FLAGS = ["--model", "--dataset", "--optimizer", "--base", "--learning-rate", "--alpha",
+                  "--refresh-every", "--warmup", "--schedule", "--epochs", "--batch-size",
+                  "--weight-decay", "--verbose"]
 
 
 def error_of(argv, capsys) -> str:
@@ -52,13 +55,38 @@ def test_defaults_are_train_config_defaults():
     assert job.parse_args([]) == TrainConfig()
 
 
+def test_dho2_fields_default_to_the_optimizer_defaults():
+    """One set of defaults: the CLI's DHO2 fields are DHO2's, and the optimizer it builds is
+    configured exactly as ``DHO2()`` (base, lr, k, ell, alpha, c_max, T, W, m, mode)."""
+    config = job.parse_args([])
+    built = config.make_dho2(config.learning_rate, LocalComm()).get_config()
+    default = DHO2(comm=LocalComm()).get_config()
+    keys = ("base", "learning_rate", "momentum", "k", "ell", "alpha", "c_max", "refresh_every",
+            "warmup", "lanczos_order", "mode")
+    assert {k: built[k] for k in keys} == {k: default[k] for k in keys}
+    signature = inspect.signature(DHO2.__init__).parameters
+    for key in ("base", "learning_rate", "k", "ell", "alpha", "refresh_every", "warmup", "c_max"):
+        assert getattr(config, key) == signature[key].default, key
+
+
+def test_given_flags_override_the_optimizer_defaults():
+    config = job.parse_args(["--alpha", "0.01", "--refresh-every", "200", "--warmup", "40",
+                             "--base", "momentum", "--learning-rate", "0.1"])
+    opt = config.make_dho2(config.learning_rate, LocalComm())
+    assert (opt.alpha, opt.refresh_every, opt.warmup, opt.rule.name) == (0.01, 200, 40,
+                                                                         "momentum")
+    assert job.parse_args(["--warmup", "none"]).warmup is None
+
+
 def test_makefile_demo_flags_still_parse():
-    config = job.parse_args(["--model", "mlp", "--dataset", "mnist1d", "--optimizer", "dho2",
-                             "--base", "momentum", "--learning-rate", "0.1", "--schedule",
-                             "cosine", "--epochs", "60", "--batch-size", "50",
-                             "--weight-decay", "3e-4", "--verbose", "2"])
-    assert (config.learning_rate, config.epochs, config.weight_decay, config.verbose) == \
-        (0.1, 60, 3e-4, 2)
+    """The flags of the Makefile's demo line, read from the Makefile itself."""
+    makefile = (REPO / "Makefile").read_text()
+    demo = makefile[makefile.index("jobs/train.py", makefile.index("\ndemo:")):]
+    demo = demo[len("jobs/train.py"):demo.index("\n\n")].replace("\\\n", " ")
+    config = job.parse_args(demo.split())
+    assert (config.base, config.learning_rate, config.alpha, config.refresh_every,
+            config.warmup, config.epochs, config.weight_decay, config.verbose) == \
+        ("momentum", 0.1, 0.01, 200, 40, 60, 3e-4, 2)
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
