@@ -33,7 +33,8 @@ def priority_statistics(model: tf.keras.Model) -> dict[str, float]:
 
     Keys: ``mean``, ``std``, ``min``, ``max`` of the estimated priorities p̂(t), ``step`` and
     ``evaluations`` (per-example loss/gradient evaluations so far) of the sampler; with
-    ``selection="adaptive"`` also the switch decision ``tau``, ``tau_ema``, ``importance_on``.
+    ``selection="adaptive"`` also the switch decision ``tau``, ``tau_ema``, ``importance_on`` and
+    the measured ``cost_ratio`` of a full to a light step.
     """
     sampler = getattr(model, "sampler", None)
     if sampler is None or not getattr(sampler, "is_initialized", False):

@@ -13,6 +13,8 @@ per check:
 * ``loop <mode>``: the README's custom loop in every mode (pipelined from 2 ranks on): the
   training loss before and after, refreshes done (served on the curvature rank), ADMM rounds,
   and whether the training ranks end with identical weights;
+* ``prioritized``: the README's prioritized-SGD example as written (its 5 epochs): the
+  validation accuracy of the last epoch;
 * ``unbroadcast`` (P > 1): a hand-wired loop whose ranks start from different weights fails at
   its first step on every rank (each rank prints its own line).
 """
@@ -50,6 +52,24 @@ def readme_blocks() -> tuple[str, str]:
     assert README_DHO2 in blocks[0] and "epochs=30" in blocks[0], "README Keras example changed"
     assert "range(30)" in blocks[1], "README custom loop changed"
     return blocks[0], blocks[1]
+
+
+def prioritized_block() -> str:
+    """The code block of README.md's "Prioritized SGD" section."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Prioritized SGD"):]
+    section = section[:section.index("\n## ", 5)]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    return block
+
+
+def prioritized_check(comm) -> None:
+    env: dict = {}
+    tf.keras.utils.set_random_seed(0)
+    exec(prioritized_block().replace("model.fit(", "history = model.fit("), env)
+    history = env["history"].history
+    emit(comm, "prioritized", val_accuracy=float(history["val_accuracy"][-1]),
+         loss=[float(v) for v in history["loss"]], ranks=comm.size)
 
 
 def emit(comm, kind: str, **values) -> None:
@@ -128,6 +148,7 @@ def main() -> None:
                                                              else [])
     for mode in modes:
         loop_check(keras, loop, mode, comm)
+    prioritized_check(comm)
     if comm.size > 1:
         unbroadcast_check(keras, comm)
 

@@ -123,7 +123,7 @@ def test_priority_statistics_of_a_prioritized_model(tmp_path):
     from dho2_tf.prioritized import PrioritizedModel, PrioritizedSampler
 
     x, y = data(200)
-    pmodel = PrioritizedModel(small_model(), PrioritizedSampler(k=0.1, r=0.05),
+    pmodel = PrioritizedModel(small_model(), PrioritizedSampler.paper(k=0.1, r=0.05),
                               comm=LocalComm())
     pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=SCCE)
     pmodel.fit(x, y, epochs=1, verbose=0,
