@@ -32,8 +32,9 @@ VIEWS = {**dict.fromkeys((*FIELD_NAMES, "num_pairs"), "hp"), "is_curvature_rank"
 class DHO2(tf.keras.optimizers.Optimizer):
     r"""Distributed hybrid-order optimizer: FOSI's Newton step in span(V), a base step elsewhere.
 
-    Every ``refresh_every`` steps (after ``warmup``) a Lanczos run estimates the k largest and ℓ
-    smallest eigenpairs (λ, V) of the loss Hessian on a curvature batch; each step then takes a
+    Every ``refresh_every`` steps (after ``warmup``) a refresh estimates the k largest and ℓ
+    smallest eigenpairs (λ, V) of the loss Hessian on a curvature batch (Lanczos the first time,
+    then warm-started from the previous V); each step then takes a
     scaled Newton step in span(V) and a base-optimizer step (SGD, heavy ball, Nesterov or Adam)
     in its orthogonal complement. Gradients and Hessian-vector products are averaged over ranks.
 
@@ -50,7 +51,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
         Before the first refresh V = 0, η = 0, c = 1: DHO2 is exactly the base optimizer.
         Refresh before update t iff t+1 ≥ W and (t+1−W) mod T = 0 (W = ``warmup``, T =
-        ``refresh_every``). Cost: 2 passes over V per step (Adam 4, :mod:`dho2_tf.hybrid`)
+        ``refresh_every``; or adaptively, ``max_refresh_every``); the first refresh is Lanczos,
+        later ones are warm-started from V (``refresh_method``). Cost: 2 passes over V per step (Adam 4, :mod:`dho2_tf.hybrid`)
         plus the mode's collectives (:mod:`dho2_tf.modes`). Sivan et al., "FOSI", ICLR 2024,
         arXiv 2302.08484, §3; Gu et al., "DHO2", arXiv 2505.00982; docs/algorithm.md.
 
@@ -68,9 +70,24 @@ class DHO2(tf.keras.optimizers.Optimizer):
         alpha: Newton step size α ≥ 0 (0.1). c_max: clip of c, ≥ 1 (1 for Adam, else 3).
         lanczos_order: Lanczos iterations m ≥ k+ℓ (4(k+ℓ)). lanczos_dtype: the basis,
             ``"float32"``, ``"float64"`` or ``None`` (the model's; T is float64, BENCHMARKS.md).
-        hvp_method: H·v ``"reverse-over-reverse"`` (default) or ``"forward-over-reverse"`` (the
-            same product; binds 1.4-2.5x slower, may use less memory, dho2_tf.curvature.hvp).
+        hvp_method: H·v ``"forward-over-reverse"`` (default) or ``"reverse-over-reverse"`` (the
+            same product; the latter binds faster, the former can need less memory,
+            :mod:`dho2_tf.curvature.hvp`).
+        refresh_method: ``"warm"`` (default): every refresh after the first starts from the
+            installed eigenvectors, block Krylov span[V, H̄V] with Rayleigh–Ritz, 2(K + p) HVPs
+            in two block products (one collective each); ``"lanczos"``: a full Lanczos run
+            from a random vector every time (m HVPs, one collective each).
+            :mod:`dho2_tf.curvature.warm_start`, docs/algorithm.md.
+        warm_extra: p ≥ 0 random directions added to the warm refresh's start block (0).
+        block_hvp: a block of HVPs as a ``"map"`` loop (default, one HVP's memory) or
+            ``"vectorized"`` (``tf.vectorized_map``; more memory, fewer kernel launches).
         refresh_every: refresh interval T > 0 (100). warmup: W ≥ 0 (``refresh_every``).
+        max_refresh_every: ``None`` (default): refresh every T steps. An integer T_max ≥ T: the
+            adaptive schedule, which every T steps checks the installed pairs with one block HVP
+            and refreshes only when their staleness exceeds ``staleness_tol``, or after T_max
+            steps (:mod:`dho2_tf.refresh_schedule`; not with ``pipelined``).
+        staleness_tol: τ > 0 of the adaptive schedule: the largest relative residual or
+            eigenvalue drift of the installed pairs it tolerates (0.1).
         eigenvalue_damping: σ_d ≥ 0 added to λ before inverting (0). momentum: β of
             ``momentum``/``nesterov`` (0.9). beta_1, beta_2, epsilon: Adam's (0.9, 0.999, 1e-8).
         mode: ``"replicated"`` (full state, one allreduce per step) and ``"sharded"`` (state
@@ -102,8 +119,11 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def __init__(self, learning_rate: float | Any = 1e-3, base: str = "adam", k: int = 10,
                  ell: int = 0, alpha: float = 0.1, c_max: float | None = None,
                  lanczos_order: int | None = None, lanczos_dtype: str | None = None,
-                 hvp_method: str = "reverse-over-reverse", refresh_every: int = 100,
-                 warmup: int | None = None, eigenvalue_damping: float = 0.0, momentum: float = 0.9,
+                 hvp_method: str = "forward-over-reverse", refresh_method: str = "warm",
+                 warm_extra: int = 0, block_hvp: str = "map", refresh_every: int = 100,
+                 warmup: int | None = None, max_refresh_every: int | None = None,
+                 staleness_tol: float = 0.1, eigenvalue_damping: float = 0.0,
+                 momentum: float = 0.9,
                  beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
                  mode: str = "auto", window_rule: str | None = None, window_sigma: float = 5e-9,
                  curvature_ranks: int = 1, update_ranks: int | None = None,
@@ -298,6 +318,11 @@ class DHO2(tf.keras.optimizers.Optimizer):
         if not (self.built and int(self.iterations.numpy()) > 0):
             state_transfer.broadcast_weights(model.variables, self.comm,
                                              self._mode.broadcast_group(), root)
+
+    def request_refresh(self, reason: str) -> None:
+        """Refresh the curvature before the next update, whatever the schedule says (every rank
+        must call it at the same step; :meth:`dho2_tf.refresh.Curvature.request_refresh`)."""
+        self.curvature.request_refresh(reason)
 
     def refresh_index(self) -> int:
         """Number of refreshes done so far (also the next refresh's seed offset)."""

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.distributed.sharding import ShardLayout
+from dho2_tf.curvature.block_ops import BlockOps, group_root
 from dho2_tf.validation import check_int
 
 if TYPE_CHECKING:
@@ -65,11 +64,6 @@ class LanczosResult(NamedTuple):
     basis_r: tf.Tensor
     num_steps: int
     status: str
-
-
-def group_root(process_set: Group | None) -> int:
-    """Global rank of the group's root (its lowest rank; 0 for all ranks)."""
-    return 0 if process_set is None else process_set.ranks[0]
 
 
 def start_vector(n: int, seed: int) -> np.ndarray:
@@ -169,12 +163,10 @@ class LanczosProgram:
         self.basis_dtype = tf.as_dtype(basis_dtype)
         self.basis_layout, self.hvp_reduce = basis_layout, hvp_reduce
         self.breakdown_tol, self.name = float(breakdown_tol), name
-        sharded = basis_layout == "sharded"
-        self.layout = ShardLayout(n, comm.group_size(process_set) if sharded else 1,
-                                  comm.group_rank(process_set) if sharded else 0)
-        # Projections sum over the shards; with a replicated basis they are local.
-        self.proj_comm = comm if sharded else LocalComm()
-        self.proj_set = process_set if sharded else None
+        self.ops = BlockOps(n, comm, process_set, self.hvp_dtype, self.basis_dtype,
+                            basis_layout, hvp_reduce, name)
+        self.layout, self.proj_comm, self.proj_set = (self.ops.layout, self.ops.proj_comm,
+                                                      self.ops.proj_set)
         self._run = tf.function(self._graph, autograph=False, input_signature=[
             tf.TensorSpec([n], tf.float64), tf.TensorSpec([], tf.int32)])
         self.trace_seconds: float | None = None
@@ -182,30 +174,16 @@ class LanczosProgram:
     # ---------------------------------------------------------------- graph pieces
     def _reduce_hvp(self, h: tf.Tensor) -> tf.Tensor:
         """This rank's shard of the reduced HVP, in the basis dtype."""
-        comm, ps, name = self.comm, self.process_set, self.name
-        h = tf.cast(tf.reshape(h, [self.n]), self.hvp_dtype)
-        if self.hvp_reduce == "root0":
-            h = comm.broadcast(h, group_root(ps), name=f"{name}/hvp_bc", process_set=ps)
-            return tf.cast(self.layout.local(h), self.basis_dtype)
-        if self.basis_layout == "replicated":
-            return tf.cast(comm.allreduce(h, "mean", name=f"{name}/hvp_ar", process_set=ps),
-                           self.basis_dtype)
-        h_r = comm.reducescatter(self.layout.pad(h), "mean", name=f"{name}/hvp_rs",
-                                 process_set=ps)
-        return tf.cast(tf.reshape(h_r, [self.layout.shard_size]), self.basis_dtype)
+        return tf.reshape(self.ops.reduce_rows(tf.reshape(h, [1, self.n])),
+                          [self.layout.shard_size])
 
     def _gather(self, q_r: tf.Tensor) -> tf.Tensor:
         """The full next vector for the HVP, in ``hvp_dtype`` [n]."""
-        q_r = tf.cast(q_r, self.hvp_dtype)
-        if self.basis_layout == "replicated":
-            return q_r
-        full = self.comm.allgather(q_r, name=f"{self.name}/q", process_set=self.process_set)
-        return tf.reshape(self.layout.unpad(full), [self.n])
+        return tf.reshape(self.ops.gather_rows(q_r[None]), [self.n])
 
     def _project(self, x: tf.Tensor, purpose: str) -> tf.Tensor:
         """Σ over the shards of a small vector (identity with a replicated basis)."""
-        return self.proj_comm.allreduce(x, "sum", name=f"{self.name}/{purpose}",
-                                        process_set=self.proj_set)
+        return self.ops.project(x, purpose)
 
     def _graph(self, q0: tf.Tensor, steps: tf.Tensor):
         """The compiled iteration: (Q_r [m+1, s], α [m], β [m], m_eff, status, stop step).
