@@ -224,10 +224,13 @@ class Curvature:
         index = self.index()
         self.state.refreshes.assign_add(1)
         self.host_refreshes = index + 1
-        self.schedule.refreshed(self.due_step, index + 1)
         self.last_refresh = refresh_record(index, status, installed, start,
                                            self.state.eigenvalues, self.state.scale,
                                            self.comm.is_root, est)
+        measured = installed and est is not None and est.residuals is not None
+        self.schedule.refreshed(self.due_step, index + 1,
+                                float(np.max(est.residuals)) if measured else
+                                (0.0 if installed else None))
 
     def metrics(self) -> dict[str, float]:
         """eigenvalue_j, lr_scale, refreshes, skipped_steps, refresh and compile seconds, the

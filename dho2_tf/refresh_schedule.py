@@ -8,10 +8,12 @@ Adaptive (``max_refresh_every`` = T_max ≥ T, tolerance τ = ``staleness_tol``)
 is the fixed schedule's. After a refresh at step t_r, a staleness check runs at t_r + T,
 t_r + 2T, …: one block HVP of the installed eigenvectors measures
 
-    s = max(max_j ‖H̄y_j − θ_j y_j‖, max_j |θ_j − λ_j|) / max_j |θ_j|
+    s = max(max_j |θ_j − λ_j|, max_j ‖H̄y_j − θ_j y_j‖ − r₀) / max_j |θ_j|
 
 over the extreme Ritz pairs (θ_j, y_j) of the current H̄ in span(V)
-(:meth:`dho2_tf.curvature.warm_start.BlockRitzProgram.check`; λ the installed eigenvalues). If
+(:meth:`dho2_tf.curvature.warm_start.BlockRitzProgram.check`; λ the installed eigenvalues, r₀
+their largest residual when they were installed, 0 after a restore): s = 0 at the weights of
+the refresh and grows as the curvature drifts or the eigenvectors turn away. If
 s > τ the refresh runs now (continuing from the check's block HVP when the refresh is warm);
 otherwise the interval is stretched to the next check. A refresh runs without a check once
 t − t_r ≥ T_max. s comes from reduced values broadcast from the group root, so every rank takes
@@ -49,6 +51,7 @@ class RefreshSchedule:
         staleness: s of the latest check (``nan`` before the first).
         interval: steps between the last two refreshes (``None`` before the second).
         requested: the reason of a pending :meth:`request_refresh`, or ``None``.
+        installed_residual: r₀, the largest residual of the installed pairs when installed.
     """
 
     def __init__(self, warmup: int, refresh_every: int, max_refresh_every: int | None,
@@ -63,6 +66,7 @@ class RefreshSchedule:
         self.last_refresh_step: int | None = None
         self.next_check: int | None = None
         self.known_refreshes: int | None = None
+        self.installed_residual = 0.0
 
     @property
     def adaptive(self) -> bool:
@@ -85,6 +89,7 @@ class RefreshSchedule:
         self.known_refreshes = refreshes
         self.last_refresh_step = iterations if refreshes > 0 else None
         self.next_check = None
+        self.installed_residual = 0.0
 
     def due(self, iterations: int, refreshes: int,
             check: Callable[[int], float | None]) -> bool:
@@ -117,9 +122,13 @@ class RefreshSchedule:
                   "step %d", self.staleness, self.staleness_tol, self.next_check)
         return False
 
-    def refreshed(self, iterations: int | None, refreshes: int) -> None:
-        """Record a refresh (installed or not) before update ``iterations``; ``refreshes`` is
-        the count after it."""
+    def refreshed(self, iterations: int | None, refreshes: int,
+                  residual: float | None = None) -> None:
+        """Record a refresh before update ``iterations``; ``refreshes`` is the count after it,
+        ``residual`` the largest residual of the pairs it installed (``None``: none installed,
+        the previous pairs stay)."""
+        if residual is not None:
+            self.installed_residual = float(residual)
         if iterations is not None:
             if self.last_refresh_step is not None:
                 self.interval = iterations - self.last_refresh_step

@@ -58,12 +58,16 @@ class LanczosResult(NamedTuple):
             basis Q (all n columns with the replicated layout).
         num_steps: m_eff, the number of basis vectors (m unless the iteration stopped early).
         status: ``"ok"``, ``"breakdown at step i"`` or ``"non-finite <what> at step i"``.
+        next_beta: β_{m_eff−1}, the norm of the last residual vector (0 when unknown); the Ritz
+            pair (θ_j, Q s_j) has the residual ‖H̄y − θ_j y‖ = β_{m_eff−1}·|s_{m_eff−1, j}|
+            (Golub & Van Loan, §10.1.4).
     """
 
     tridiagonal: tf.Tensor
     basis_r: tf.Tensor
     num_steps: int
     status: str
+    next_beta: float = 0.0
 
 
 def start_vector(n: int, seed: int) -> np.ndarray:
@@ -279,7 +283,9 @@ class LanczosProgram:
             logger.warning("Lanczos stopped early (%s); m_eff=%d of m=%d.", status, m_eff,
                            self.m)
         logger.debug("Lanczos done: n=%d, m_eff=%d, status=%s", self.n, m_eff, status)
-        return LanczosResult(tf.constant(t, tf.float64), basis[:m_eff], m_eff, status)
+        next_beta = float(betas.numpy()[m_eff - 1]) if m_eff > 0 else 0.0
+        return LanczosResult(tf.constant(t, tf.float64), basis[:m_eff], m_eff, status,
+                             next_beta if np.isfinite(next_beta) else 0.0)
 
 
 def lanczos(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, m: int, comm: Communicator, *,

@@ -34,8 +34,9 @@ class EigenEstimate(NamedTuple):
             *first* slots of the largest block (so λ_{K−1} stays λ_max) and the *last* slots of
             the smallest block. 0 when ``status`` is non-finite (keep the previous pairs then).
         status: the Lanczos status (``"ok"``, ``"breakdown at step i"``, ``"non-finite ..."``).
-        residuals: ‖H̄ v_j − λ_j v_j‖, float64 [K] (0 for missing pairs), when the estimate
-            measured them (the warm refresh does, at no extra HVP); ``None`` otherwise.
+        residuals: ‖H̄ v_j − λ_j v_j‖, float64 [K] (0 for missing pairs), measured at no extra
+            HVP (Lanczos: β_{m−1}|s_{m−1,j}| from T; the warm refresh: the block products);
+            ``None`` when the estimate failed.
         hvps: Hessian-vector products the estimate computed (per rank).
         warm: whether the estimate was warm-started from the previous eigenvectors.
     """
@@ -127,6 +128,7 @@ def extreme_eigenpairs(result: LanczosResult, k: int, ell: int, comm: Communicat
         return _empty_estimate(k, ell, s, result.status)
     theta, eigvecs = np.linalg.eigh(result.tridiagonal.numpy())
     eigenvalues, coefficients, num_valid = select_ritz_pairs(theta, eigvecs, k, ell)
+    residuals = np.abs(result.next_beta * coefficients[:, -1])   # ‖H̄v − λv‖ (Lanczos)
     basis_r = result.basis_r
     vectors_r = tf.matmul(tf.constant(coefficients, basis_r.dtype), basis_r)  # one pass over Q_r
     local_gram = tf.cast(tf.matmul(vectors_r, vectors_r, transpose_b=True), tf.float64)
@@ -134,7 +136,7 @@ def extreme_eigenpairs(result: LanczosResult, k: int, ell: int, comm: Communicat
     gram = comm.allreduce(local_gram, "sum", name=f"{name}/gram", process_set=process_set)
     logger.debug("Ritz values (m_eff=%d, valid=%d): %s", m_eff, num_valid, eigenvalues)
     return EigenEstimate(tf.constant(eigenvalues, tf.float32), vectors_r,
-                         tf.cast(gram, tf.float32), num_valid, result.status)
+                         tf.cast(gram, tf.float32), num_valid, result.status, residuals)
 
 
 class SpectrumEstimator:

@@ -50,20 +50,23 @@ class WarmStart(NamedTuple):
         valid: bool [K], which rows hold an eigenvector (the others are replaced by random
             directions).
         eigenvalues: float64 [K], the installed λ (the check measures how far they moved).
+        residual: max_j ‖H̄v_j − λ_j v_j‖ when the pairs were installed (the level the check
+            compares with; 0 when unknown).
     """
 
     rows_r: tf.Tensor
     valid: np.ndarray
     eigenvalues: np.ndarray
+    residual: float = 0.0
 
 
 class StalenessCheck(NamedTuple):
     """The first half of a warm refresh: one block HVP of the installed eigenvectors.
 
     Attributes:
-        staleness: max(max_j ‖H̄y_j − θ_j y_j‖, max_j |θ_j − λ_j|) / max_j |θ_j| over the K
-            extreme Ritz pairs (θ_j, y_j) of H̄ in span(X) (λ_j the installed eigenvalues); the
-            same on every rank (broadcast from the group root). ``inf`` when not finite.
+        staleness: :func:`relative_staleness` of the K extreme Ritz pairs (θ_j, y_j) of H̄ in
+            span(X), against the installed eigenvalues and residual; the same on every rank
+            (from values broadcast by the group root). ``inf`` when not finite.
         ritz_values: θ, float64 [K] (ordered as :class:`EigenEstimate`).
         residuals: ‖H̄y_j − θ_j y_j‖, float64 [K].
         status: ``"ok"`` or ``"non-finite HVP in block 0"``.
@@ -120,10 +123,21 @@ def rayleigh_ritz(projected: np.ndarray, gram: np.ndarray, tol: float
 
 
 def relative_staleness(ritz_values: np.ndarray, residuals: np.ndarray,
-                       installed: np.ndarray) -> float:
-    """max(max_j r_j, max_j |θ_j − λ_j|) / max_j |θ_j| (``inf`` when not finite or θ = 0)."""
+                       installed: np.ndarray, installed_residual: float = 0.0) -> float:
+    """How far the installed pairs are from the current Hessian, relative to its scale.
+
+    Math: θ_j, r_j = ‖H̄y_j − θ_j y_j‖ the Ritz pairs of the current H̄ in span(V), λ_j the
+    installed eigenvalues, r₀ the largest residual when they were installed::
+
+        s = max(max_j |θ_j − λ_j|, max_j r_j − r₀) / max_j |θ_j|
+
+    The first term is the drift of the curvature the Newton step uses (η = 1/λ), the second the
+    growth of the part of H̄V outside span(V) (the eigenvectors turning away); both are 0 at the
+    weights of the refresh. ``inf`` when not finite or θ = 0.
+    """
     scale = float(np.max(np.abs(ritz_values))) if ritz_values.size else 0.0
-    worst = max(float(np.max(residuals)), float(np.max(np.abs(ritz_values - installed))))
+    worst = max(float(np.max(residuals)) - installed_residual,
+                float(np.max(np.abs(ritz_values - installed))))
     if not np.isfinite(worst) or scale == 0.0:
         return float("inf")
     return worst / scale
@@ -263,7 +277,8 @@ class BlockRitzProgram:
         hh = 0.5 * (hh + hh.T)
         squares = np.einsum("ij,ik,kj->j", w_sel, hh, w_sel) - values ** 2
         residuals = np.sqrt(np.maximum(squares, 0.0))
-        return StalenessCheck(relative_staleness(values, residuals, start.eigenvalues), values,
+        return StalenessCheck(relative_staleness(values, residuals, start.eigenvalues,
+                                                 start.residual), values,
                               residuals, "ok", q0_r, h0_r, projected, seed)
 
     def refine(self, check: StalenessCheck) -> EigenEstimate:
@@ -359,7 +374,8 @@ class CurvatureEstimator:
             est = self.lanczos.estimate(seed)
         if est.num_valid > 0 and not est.status.startswith(NON_FINITE):
             self.last = WarmStart(est.vectors_r, np.diag(est.gram.numpy()) > 0.5,
-                                  est.eigenvalues.numpy().astype(np.float64))
+                                  est.eigenvalues.numpy().astype(np.float64),
+                                  float(np.max(est.residuals)))
         return est
 
     def check(self, start: WarmStart, seed: int) -> StalenessCheck:

@@ -188,7 +188,8 @@ class Mode:
         estimator = self.opt.curvature.binding["estimator"]
         if not self.shards_state and estimator.basis_layout == "sharded":
             rows = tf.transpose(estimator.layout.local(tf.transpose(rows)))  # its columns
-        return WarmStart(rows, valid, st.eigenvalues.numpy().astype(np.float64))
+        return WarmStart(rows, valid, st.eigenvalues.numpy().astype(np.float64),
+                         self.opt.curvature.schedule.installed_residual)
 
     def check_staleness(self) -> Any:
         """The staleness check of the installed eigenpairs at the current weights (one block

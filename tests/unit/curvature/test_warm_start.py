@@ -89,6 +89,11 @@ def test_warm_refresh_agrees_with_exact_eigenpairs_and_fresh_lanczos(moved: dict
     fresh = estimate_spectrum(moved["hvp"], moved["n"], K_TOP, ELL, LocalComm(), seed=7,
                               hvp_dtype=tf.float64)
     assert np.abs(values - fresh.eigenvalues.numpy()).max() <= 1e-2 * scale
+    v_fresh = fresh.vectors_r.numpy().astype(np.float64)
+    lanczos_values = fresh.eigenvalues.numpy().astype(np.float64)
+    np.testing.assert_allclose(   # Lanczos' residuals β|s_mj| are the explicit ones too
+        fresh.residuals, np.linalg.norm(v_fresh @ h - lanczos_values[:, None] * v_fresh, axis=1),
+        rtol=1e-3, atol=1e-6 * scale)
     v = est.vectors_r.numpy().astype(np.float64)
     explicit = np.linalg.norm(v @ h - values[:, None] * v, axis=1)
     np.testing.assert_allclose(est.residuals, explicit, rtol=1e-5, atol=1e-6 * scale)
@@ -132,7 +137,7 @@ def test_exact_start_gives_exact_pairs_and_zero_staleness(moved: dict) -> None:
 
 def test_staleness_measures_the_distance_to_the_current_hessian(moved: dict) -> None:
     """The check's residuals are those of the Ritz pairs of span(V) (explicit), and its
-    staleness is the larger of max residual and eigenvalue drift over max|θ|."""
+    staleness is the larger of max residual (r₀ = 0 here) and eigenvalue drift over max|θ|."""
     start = _start(moved["first"])
     check = _program(moved).check(start, seed=0)
     drift = np.abs(check.ritz_values - start.eigenvalues).max()
