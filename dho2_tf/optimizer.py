@@ -18,7 +18,8 @@ from dho2_tf.flat import FlatSpec
 from dho2_tf.fosi_step import FosiStep
 from dho2_tf.hyperparameters import (DEFAULT_MEMORY_BUDGET, FIELD_NAMES, Hyperparameters,
                                      reject_unsupported)
-from dho2_tf.modes import MODES, make_mode, replicated_state_bytes, resolve_layout
+from dho2_tf.modes import (MODES, make_mode, refresh_basis_rows, replicated_state_bytes,
+                           resolve_layout)
 from dho2_tf.optimizer_state import OptimizerState, Workspace
 from dho2_tf.step_hooks import StepHooks
 from dho2_tf.validation import check_real
@@ -189,7 +190,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
         if self._layout_pending:   # "auto": replicated if it fits memory_budget, else sharded
             self._mode, self._layout_pending = make_mode(resolve_layout(
                 self.replicated_state_bytes(self.spec.n, dtype), self.hp, self.spec.n,
-                len(self.rule.slot_names), self.comm.is_root), self), False
+                len(self.rule.slot_names), self.comm.is_root,
+                refresh.basis_dtype(self.hp.lanczos_dtype, dtype)), self), False
         self._mode.validate_world()
         self.model_variables = list(var_list)
         self.layout = self._mode.layout(self.spec.n)
@@ -206,8 +208,10 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
     def replicated_state_bytes(self, n: int, dtype: tf.DType = tf.float32) -> int:
         """Bytes per rank of the ``replicated`` layout for n parameters (see ``mode="auto"``)."""
+        basis = tf.as_dtype(refresh.basis_dtype(self.hp.lanczos_dtype, dtype))
         return replicated_state_bytes(n, len(self.rule.slot_names), self.num_pairs,
-                                      self.hp.lanczos_order, tf.as_dtype(dtype).size)
+                                      refresh_basis_rows(self.hp), tf.as_dtype(dtype).size,
+                                      basis.size)
 
     def state_bytes(self) -> int:
         """Bytes of this rank's optimizer and curvature state (all variables but counters)."""
