@@ -77,8 +77,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
         refresh_method: ``"warm"`` (default): every refresh after the first starts from the
             installed eigenvectors, block Krylov span[V, H̄V] with Rayleigh–Ritz, 2(K + p) HVPs
             in two block products (one collective each); ``"lanczos"``: a full Lanczos run
-            from a random vector every time (m HVPs, one collective each).
-            :mod:`dho2_tf.curvature.warm_start`, docs/algorithm.md.
+            from a random vector every time (m HVPs, one collective each; always so with
+            ``pipelined``). :mod:`dho2_tf.curvature.warm_start`, docs/algorithm.md §3.6.
         warm_extra: p ≥ 0 random directions added to the warm refresh's start block (0).
         block_hvp: a block of HVPs as a ``"map"`` loop (default, one HVP's memory) or
             ``"vectorized"`` (``tf.vectorized_map``; more memory, fewer kernel launches).

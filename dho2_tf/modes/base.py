@@ -149,6 +149,8 @@ class Mode:
     #: Whether a refresh may continue from the staleness check of the same step (``faithful``
     #: moves the weights between the two: its window jump).
     reuses_check = True
+    #: Whether refreshes after the first may be warm-started (``pipelined``: always Lanczos).
+    warm_refresh = True
 
     def make_estimator(self, hvp: Any, dtype: tf.DType, basis_dtype: str) -> Any:
         """The compiled :class:`~dho2_tf.curvature.warm_start.CurvatureEstimator` of this rank
@@ -163,7 +165,8 @@ class Mode:
         lanczos = SpectrumEstimator(hvp, opt.spec.n, opt.k, opt.ell, self.comm,
                                     m=opt.lanczos_order, **common)
         block = None
-        if hp.refresh_method == "warm" or hp.max_refresh_every is not None:
+        if self.warm_refresh and (hp.refresh_method == "warm"
+                                  or hp.max_refresh_every is not None):
             block = BlockRitzProgram(hvp, opt.spec.n, opt.k, opt.ell, self.comm,
                                      extra=hp.warm_extra, batching=hp.block_hvp,
                                      name="dho2/warm", **common)
@@ -212,7 +215,7 @@ class Mode:
         """
         curvature = self.opt.curvature
         curvature.materialize_momentum()
-        warm = self.opt.hp.refresh_method == "warm"
+        warm = self.warm_refresh and self.opt.hp.refresh_method == "warm"
         with self.curvature_weights():
             return curvature.binding["estimator"].estimate(
                 seed=self.opt.seed + curvature.index(),
