@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from dho2_tf.curvature.block_ops import check_block_hvp
 from dho2_tf.curvature.hvp import check_hvp_method
+from dho2_tf.curvature.warm_start import REFRESH_METHODS
 from dho2_tf.modes import MODE_CHOICES, window_rules
 from dho2_tf.validation import check_int, check_real
 
@@ -35,8 +37,13 @@ class Hyperparameters:
     lanczos_order: int
     lanczos_dtype: str | None
     hvp_method: str
+    refresh_method: str
+    warm_extra: int
+    block_hvp: str
     refresh_every: int
     warmup: int
+    max_refresh_every: int | None
+    staleness_tol: float
     eigenvalue_damping: float
     mode: str
     memory_budget: int
@@ -61,8 +68,9 @@ class Hyperparameters:
     @classmethod
     def resolve(cls, *, default_c_max: float, k: int, ell: int, alpha: float,
                 c_max: float | None, lanczos_order: int | None, lanczos_dtype: str | None,
-                hvp_method: str, refresh_every: int, warmup: int | None,
-                eigenvalue_damping: float, mode: str, memory_budget: int,
+                hvp_method: str, refresh_method: str, warm_extra: int, block_hvp: str,
+                refresh_every: int, warmup: int | None, max_refresh_every: int | None,
+                staleness_tol: float, eigenvalue_damping: float, mode: str, memory_budget: int,
                 window_rule: str | None, window_sigma: float, curvature_ranks: int,
                 update_ranks: int | None, delivery_delay: int | None, rho: float, tau: int,
                 x_restart: str, nonfinite: str, max_consecutive_skips: int,
@@ -76,6 +84,18 @@ class Hyperparameters:
         refresh_every = check_int("refresh_every", refresh_every, minimum=1)
         if mode not in MODE_CHOICES:
             raise ValueError(f"`mode` must be one of {MODE_CHOICES}. Received: mode={mode!r}")
+        if refresh_method not in REFRESH_METHODS:
+            raise ValueError(f"`refresh_method` must be one of {REFRESH_METHODS}. "
+                             f"Received: refresh_method={refresh_method!r}")
+        if max_refresh_every is not None:
+            max_refresh_every = check_int("max_refresh_every", max_refresh_every,
+                                          minimum=refresh_every,
+                                          hint="it must be at least refresh_every or None")
+            if mode == "pipelined":
+                raise ValueError("`max_refresh_every` (the adaptive schedule) is not available "
+                                 "with mode='pipelined', whose curvature ranks refresh on the "
+                                 "fixed schedule. Received: max_refresh_every="
+                                 f"{max_refresh_every}, mode='pipelined'")
         allowed = window_rules(mode)
         rule = allowed[0] if window_rule is None else window_rule
         if rule not in allowed:
@@ -97,8 +117,12 @@ class Hyperparameters:
                 "lanczos_order", lanczos_order, minimum=k + ell,
                 hint="it must be at least k + ell"),
             lanczos_dtype=lanczos_dtype, hvp_method=check_hvp_method(hvp_method),
-            refresh_every=refresh_every,
+            refresh_method=refresh_method,
+            warm_extra=check_int("warm_extra", warm_extra, minimum=0),
+            block_hvp=check_block_hvp(block_hvp), refresh_every=refresh_every,
             warmup=refresh_every if warmup is None else check_int("warmup", warmup, minimum=0),
+            max_refresh_every=max_refresh_every,
+            staleness_tol=check_real("staleness_tol", staleness_tol, minimum=0.0, open_min=True),
             eigenvalue_damping=check_real("eigenvalue_damping", eigenvalue_damping,
                                           minimum=0.0),
             mode=mode, memory_budget=check_int("memory_budget", memory_budget, minimum=1),

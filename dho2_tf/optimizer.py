@@ -19,7 +19,8 @@ from dho2_tf.flat import FlatSpec
 from dho2_tf.fosi_step import FosiStep
 from dho2_tf.hyperparameters import (DEFAULT_MEMORY_BUDGET, FIELD_NAMES, Hyperparameters,
                                      reject_unsupported)
-from dho2_tf.modes import MODES, make_mode, replicated_state_bytes, resolve_layout
+from dho2_tf.modes import (MODES, make_mode, refresh_basis_rows, replicated_state_bytes,
+                           resolve_layout)
 from dho2_tf.optimizer_state import OptimizerState, Workspace
 from dho2_tf.step_hooks import StepHooks
 from dho2_tf.validation import check_real
@@ -33,8 +34,9 @@ VIEWS = {**dict.fromkeys((*FIELD_NAMES, "num_pairs"), "hp"), "is_curvature_rank"
 class DHO2(tf.keras.optimizers.Optimizer):
     r"""Distributed hybrid-order optimizer: FOSI's Newton step in span(V), a base step elsewhere.
 
-    Every ``refresh_every`` steps (after ``warmup``) a Lanczos run estimates the k largest and ℓ
-    smallest eigenpairs (λ, V) of the loss Hessian on a curvature batch; each step then takes a
+    Every ``refresh_every`` steps (after ``warmup``) a refresh estimates the k largest and ℓ
+    smallest eigenpairs (λ, V) of the loss Hessian on a curvature batch (Lanczos the first time,
+    then warm-started from the previous V); each step then takes a
     scaled Newton step in span(V) and a base-optimizer step (SGD, heavy ball, Nesterov or Adam)
     in its orthogonal complement. Gradients and Hessian-vector products are averaged over ranks.
 
@@ -51,7 +53,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
         Before the first refresh V = 0, η = 0, c = 1: DHO2 is exactly the base optimizer.
         Refresh before update t iff t+1 ≥ W and (t+1−W) mod T = 0 (W = ``warmup``, T =
-        ``refresh_every``). Cost: 2 passes over V per step (Adam 4, :mod:`dho2_tf.hybrid`)
+        ``refresh_every``; or adaptively, ``max_refresh_every``); the first refresh is Lanczos,
+        later ones are warm-started from V (``refresh_method``). Cost: 2 passes over V per step (Adam 4, :mod:`dho2_tf.hybrid`)
         plus the mode's collectives (:mod:`dho2_tf.modes`). Sivan et al., "FOSI", ICLR 2024,
         arXiv 2302.08484, §3; Gu et al., "DHO2", arXiv 2505.00982; docs/algorithm.md.
 
@@ -68,9 +71,24 @@ class DHO2(tf.keras.optimizers.Optimizer):
         alpha: Newton step size α ≥ 0 (0.1). c_max: clip of c, ≥ 1 (1 for Adam, else 3).
         lanczos_order: Lanczos iterations m ≥ k+ℓ (4(k+ℓ)). lanczos_dtype: the basis,
             ``"float32"``, ``"float64"`` or ``None`` (the model's; T is float64, BENCHMARKS.md).
-        hvp_method: H·v ``"reverse-over-reverse"`` (default) or ``"forward-over-reverse"`` (the
-            same product; binds 1.4-2.5x slower, may use less memory, dho2_tf.curvature.hvp).
+        hvp_method: H·v ``"forward-over-reverse"`` (default) or ``"reverse-over-reverse"`` (the
+            same product; the latter binds faster, the former can need less memory,
+            :mod:`dho2_tf.curvature.hvp`).
+        refresh_method: ``"warm"`` (default): every refresh after the first starts from the
+            installed eigenvectors, block Krylov span[V, H̄V] with Rayleigh–Ritz, 2(K + p) HVPs
+            in two block products (one collective each); ``"lanczos"``: a full Lanczos run
+            from a random vector every time (m HVPs, one collective each; always so with
+            ``pipelined``). :mod:`dho2_tf.curvature.warm_start`, docs/algorithm.md §3.6.
+        warm_extra: p ≥ 0 random directions added to the warm refresh's start block (0).
+        block_hvp: a block of HVPs as a ``"map"`` loop (default, one HVP's memory) or
+            ``"vectorized"`` (``tf.vectorized_map``; more memory, fewer kernel launches).
         refresh_every: refresh interval T > 0 (100). warmup: W ≥ 0 (``refresh_every``).
+        max_refresh_every: ``None`` (default): refresh every T steps. An integer T_max ≥ T: the
+            adaptive schedule, which every T steps checks the installed pairs with one block HVP
+            and refreshes only when their staleness exceeds ``staleness_tol``, or after T_max
+            steps (:mod:`dho2_tf.refresh_schedule`; not with ``pipelined``).
+        staleness_tol: τ > 0 of the adaptive schedule: the largest relative residual or
+            eigenvalue drift of the installed pairs it tolerates (0.1).
         eigenvalue_damping: σ_d ≥ 0 added to λ before inverting (0). momentum: β of
             ``momentum``/``nesterov`` (0.9). beta_1, beta_2, epsilon: Adam's (0.9, 0.999, 1e-8).
         mode: ``"replicated"`` (full state, one allreduce per step) and ``"sharded"`` (state
@@ -101,8 +119,11 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def __init__(self, learning_rate: float | Any = 1e-3, base: str = "adam", k: int = 10,
                  ell: int = 0, alpha: float = 0.1, c_max: float | None = None,
                  lanczos_order: int | None = None, lanczos_dtype: str | None = None,
-                 hvp_method: str = "reverse-over-reverse", refresh_every: int = 100,
-                 warmup: int | None = None, eigenvalue_damping: float = 0.0, momentum: float = 0.9,
+                 hvp_method: str = "forward-over-reverse", refresh_method: str = "warm",
+                 warm_extra: int = 0, block_hvp: str = "map", refresh_every: int = 100,
+                 warmup: int | None = None, max_refresh_every: int | None = None,
+                 staleness_tol: float = 0.1, eigenvalue_damping: float = 0.0,
+                 momentum: float = 0.9,
                  beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
                  mode: str = "auto", window_rule: str | None = None, window_sigma: float = 5e-9,
                  curvature_ranks: int = 1, update_ranks: int | None = None,
@@ -168,7 +189,8 @@ class DHO2(tf.keras.optimizers.Optimizer):
         if self._layout_pending:   # "auto": replicated if it fits memory_budget, else sharded
             self._mode, self._layout_pending = make_mode(resolve_layout(
                 self.replicated_state_bytes(self.spec.n, dtype), self.hp, self.spec.n,
-                len(self.rule.slot_names), self.comm.is_root), self), False
+                len(self.rule.slot_names), self.comm.is_root,
+                refresh.basis_dtype(self.hp.lanczos_dtype, dtype)), self), False
         self._mode.validate_world()
         self.model_variables = list(var_list)
         self.layout = self._mode.layout(self.spec.n)
@@ -185,8 +207,10 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
     def replicated_state_bytes(self, n: int, dtype: tf.DType = tf.float32) -> int:
         """Bytes per rank of the ``replicated`` layout for n parameters (see ``mode="auto"``)."""
+        basis = tf.as_dtype(refresh.basis_dtype(self.hp.lanczos_dtype, dtype))
         return replicated_state_bytes(n, len(self.rule.slot_names), self.num_pairs,
-                                      self.hp.lanczos_order, tf.as_dtype(dtype).size)
+                                      refresh_basis_rows(self.hp), tf.as_dtype(dtype).size,
+                                      basis.size)
 
     def state_bytes(self) -> int:
         """Bytes of this rank's optimizer and curvature state (all variables but counters)."""
@@ -298,6 +322,11 @@ class DHO2(tf.keras.optimizers.Optimizer):
         if not (self.built and int(self.iterations.numpy()) > 0):
             state_transfer.broadcast_weights(model.variables, self.comm,
                                              self._mode.broadcast_group(), root)
+
+    def request_refresh(self, reason: str) -> None:
+        """Refresh the curvature before the next update, whatever the schedule says (every rank
+        must call it at the same step; :meth:`dho2_tf.refresh.Curvature.request_refresh`)."""
+        self.curvature.request_refresh(reason)
 
     def refresh_index(self) -> int:
         """Number of refreshes done so far (also the next refresh's seed offset)."""

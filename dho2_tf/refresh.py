@@ -1,11 +1,14 @@
 """The curvature refresh of one optimizer: its binding, schedule, estimate, install and record.
 
-A refresh reads top-down: before each update the mode asks :meth:`Curvature.due` (the schedule
-of :func:`dho2_tf.hybrid.next_refresh_step`, from a Python copy of the refresh counter) and
-calls :meth:`Curvature.refresh`, which runs the mode's estimate (the compiled Lanczos of the
-:meth:`Curvature.bind` binding, after folding the momenta out of the old basis), installs the
-eigenpairs (:meth:`dho2_tf.optimizer_state.OptimizerState.install`, η and c from λ + the mode's
-shift) and records what happened (:func:`refresh_record`, ``last_refresh``).
+A refresh reads top-down: before each update the mode asks :meth:`Curvature.due` (the
+:class:`dho2_tf.refresh_schedule.RefreshSchedule`: FOSI's fixed schedule from a Python copy of
+the refresh counter, or the adaptive one, whose staleness checks run here) and calls
+:meth:`Curvature.refresh`, which runs the mode's estimate (the compiled Lanczos of the
+:meth:`Curvature.bind` binding for the first refresh, then the warm-started block refresh of
+:mod:`dho2_tf.curvature.warm_start` unless ``refresh_method="lanczos"``; after folding the
+momenta out of the old basis), installs the eigenpairs
+(:meth:`dho2_tf.optimizer_state.OptimizerState.install`, η and c from λ + the mode's shift) and
+records what happened (:func:`refresh_record`, ``last_refresh``).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import logging
 import time
 from typing import Any, Callable
 
+import numpy as np
 import tensorflow as tf
 
-from dho2_tf import hybrid
 from dho2_tf.losses import resolve_loss
+from dho2_tf.refresh_schedule import RefreshSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +31,8 @@ MISSING_BINDING = ("DHO2 needs a model, loss and batch for curvature: call "
 
 
 def basis_dtype(lanczos_dtype: str | None, model_dtype: tf.DType) -> str:
-    """The Lanczos basis dtype: ``lanczos_dtype``, or the model's precision when None."""
+    """The dtype of the curvature basis (Lanczos and warm refresh alike): ``lanczos_dtype``, or
+    the model's precision when None. The installed eigenvectors are kept in the model's dtype."""
     if lanczos_dtype is not None:
         return lanczos_dtype
     return "float64" if tf.as_dtype(model_dtype) == tf.float64 else "float32"
@@ -65,14 +70,26 @@ def bind_curvature(model: tf.keras.Model, loss: Callable | str | None, batch: tu
 
 
 def refresh_record(index: int, status: str, installed: bool, start: float | None,
-                   eigenvalues: tf.Variable, scale: tf.Variable, is_root: bool) -> dict[str, Any]:
-    """What refresh ``index`` did (``last_refresh``), logged on rank 0."""
+                   eigenvalues: tf.Variable, scale: tf.Variable, is_root: bool,
+                   est: Any = None) -> dict[str, Any]:
+    """What refresh ``index`` did (``last_refresh``), logged on rank 0: ``index``, ``status``,
+    ``installed``, ``seconds``, ``eigenvalues``, ``scale``, and from the estimate ``est`` (when
+    there is one) ``method`` (``"warm"`` or ``"lanczos"``), ``hvps`` and ``residual`` (max_j
+    ‖H̄v_j − λ_j v_j‖ / max_j |λ_j|, warm refreshes only)."""
     record = {"index": index, "status": status, "installed": installed,
               "seconds": 0.0 if start is None else time.perf_counter() - start,
               "eigenvalues": eigenvalues.numpy().copy(), "scale": float(scale.numpy())}
+    detail = ""
+    if est is not None:
+        record.update(method="warm" if est.warm else "lanczos", hvps=int(est.hvps))
+        if est.residuals is not None and est.num_valid > 0:
+            top = float(np.max(np.abs(est.eigenvalues.numpy())))
+            record["residual"] = float(np.max(est.residuals)) / top if top > 0 else float("inf")
+            detail = f", relative residual {record['residual']:.2g}"
+        detail = f", {record['method']}, {record['hvps']} HVPs" + detail
     if is_root:
-        logger.info("DHO2 refresh %d (%.2fs, %s): eigenvalues %s, c=%.3g", index,
-                    record["seconds"], status, record["eigenvalues"], record["scale"])
+        logger.info("DHO2 refresh %d (%.2fs, %s%s): eigenvalues %s, c=%.3g", index,
+                    record["seconds"], status, detail, record["eigenvalues"], record["scale"])
     return record
 
 
@@ -94,6 +111,7 @@ class Curvature:
         last_refresh: the record of the latest refresh (:func:`refresh_record`), or ``None``.
         triggers: pipelined mode: the steps at which weights were handed over.
         compile_seconds: the one-off cost of tracing the HVP and Lanczos graphs in :meth:`bind`.
+        schedule: the :class:`~dho2_tf.refresh_schedule.RefreshSchedule` (fixed or adaptive).
     """
 
     def __init__(self, hp: Any) -> None:
@@ -103,10 +121,15 @@ class Curvature:
         self.triggers: list[int] = []
         self.compile_seconds = 0.0
         self.host_refreshes: int | None = None   # Python copy of state.refreshes (None: re-read)
+        self.schedule = RefreshSchedule(hp.warmup, hp.refresh_every, hp.max_refresh_every,
+                                        hp.staleness_tol)
+        self.pending_check: Any = None   # a staleness check the next refresh continues from
+        self.due_step: int | None = None   # the step of the latest due() call
 
     def attach(self, state: Any, workspace: Any, mode: Any, comm: Any) -> None:
         """Use the built optimizer's state, step buffers, mode and communicator."""
         self.state, self.workspace, self.mode, self.comm = state, workspace, mode, comm
+        self.schedule.is_root = comm.is_root
 
     def bind(self, model: tf.keras.Model, loss: Callable | str | None, batch: tuple,
              training: bool) -> None:
@@ -120,9 +143,12 @@ class Curvature:
         estimator = self.binding["estimator"]
         if self.comm.is_root and estimator is not None:
             program = estimator.program
-            logger.info("DHO2 compiled the curvature graphs in %.2fs (n=%d, m=%d, %s %s basis)",
-                        self.compile_seconds, program.n, program.m, estimator.basis_layout,
-                        program.basis_dtype.name)
+            warm = "" if estimator.block is None else \
+                f", warm refresh {estimator.block.hvps_per_refresh} HVPs in 2 blocks"
+            logger.info("DHO2 compiled the curvature graphs in %.2fs (n=%d, Lanczos m=%d%s; "
+                        "%s %s basis, eigenvectors stored in %s)", self.compile_seconds,
+                        program.n, program.m, warm, estimator.basis_layout,
+                        estimator.basis_dtype.name, self.binding["dtype"].name)
 
     def require_binding(self) -> None:
         """RuntimeError unless :meth:`bind` ran."""
@@ -139,11 +165,30 @@ class Curvature:
 
     def due(self, iterations: int) -> bool:
         """Whether a refresh is due before update ``iterations`` (no variable read once the
-        counter's Python copy exists)."""
+        counter's Python copy exists). With the adaptive schedule a check point runs the
+        staleness check here (collective: every rank calls ``due`` at the same steps)."""
         if self.host_refreshes is None:
             self.host_refreshes = self.index()
-        return iterations >= hybrid.next_refresh_step(self.host_refreshes, self.hp.warmup,
-                                                      self.hp.refresh_every)
+            self.schedule.sync(self.host_refreshes, iterations)
+        self.due_step = iterations
+        return self.schedule.due(iterations, self.host_refreshes, self.check_staleness)
+
+    def request_refresh(self, reason: str) -> None:
+        """Make the next :meth:`due` true (see
+        :meth:`~dho2_tf.refresh_schedule.RefreshSchedule.request_refresh`); every rank calls
+        it at the same step. ``mode="pipelined"`` triggers on its fixed schedule only."""
+        self.schedule.request_refresh(reason)
+
+    def check_staleness(self, iterations: int) -> float | None:
+        """The staleness s of the installed eigenpairs now (the mode's check; ``None`` when
+        there is nothing to check). A check the refresh can continue from is kept for it."""
+        if self.binding is None:
+            return None
+        check = self.mode.check_staleness()
+        if check is None:
+            return None
+        self.pending_check = check if self.mode.reuses_check else None
+        return check.staleness
 
     def materialize_momentum(self) -> None:
         """Fold the momenta out of the basis of V before V changes and drop cached projections."""
@@ -155,40 +200,54 @@ class Curvature:
         rank at the same step) and install them; a non-finite estimate keeps the old ones."""
         self.require_binding()
         start = time.perf_counter()
-        est = self.mode.estimate()
+        check, self.pending_check = self.pending_check, None
+        est = self.mode.estimate(check=check)
         if est.num_valid > 0 and est.status.startswith(("ok", "breakdown")):
             self.install(est.eigenvalues, self.mode.vectors_for_state(est.vectors_r), est.gram,
-                         status=est.status, start=start)
+                         status=est.status, start=start, est=est)
         else:
             logger.warning("DHO2 curvature refresh %d kept the previous eigenpairs: %s",
                            self.index(), est.status)
-            self.count(installed=False, status=est.status, start=start)
+            self.count(installed=False, status=est.status, start=start, est=est)
         return self.last_refresh
 
     def install(self, eigenvalues: tf.Tensor, vectors: tf.Tensor, gram: tf.Tensor, status: str,
-                start: float | None = None) -> None:
+                start: float | None = None, est: Any = None) -> None:
         """Install (λ, V in the state layout, Γ), derive η and c, and count the refresh."""
         self.state.install(eigenvalues, vectors, gram, self.mode.eigenvalue_shift(),
                            self.hp.eigenvalue_damping, self.hp.ell, self.hp.c_max)
-        self.count(installed=True, status=status, start=start)
+        self.count(installed=True, status=status, start=start, est=est)
 
-    def count(self, installed: bool, status: str, start: float | None = None) -> None:
+    def count(self, installed: bool, status: str, start: float | None = None,
+              est: Any = None) -> None:
         """Advance the refresh counter and record what happened (logged on rank 0)."""
         index = self.index()
         self.state.refreshes.assign_add(1)
         self.host_refreshes = index + 1
         self.last_refresh = refresh_record(index, status, installed, start,
                                            self.state.eigenvalues, self.state.scale,
-                                           self.comm.is_root)
+                                           self.comm.is_root, est)
+        measured = installed and est is not None and est.residuals is not None
+        self.schedule.refreshed(self.due_step, index + 1,
+                                float(np.max(est.residuals)) if measured else
+                                (0.0 if installed else None))
 
     def metrics(self) -> dict[str, float]:
-        """eigenvalue_j, lr_scale, refreshes, skipped_steps, refresh and compile seconds."""
+        """eigenvalue_j, lr_scale, refreshes, skipped_steps, refresh and compile seconds, the
+        last refresh's ``refresh_hvps``, ``refresh_warm`` (1 warm, 0 Lanczos) and
+        ``refresh_residual``, and the schedule's (:meth:`RefreshSchedule.metrics`)."""
         st = self.state
         out = {f"eigenvalue_{j}": float(v) for j, v in enumerate(st.eigenvalues.numpy())}
         out.update(lr_scale=float(st.scale.numpy()), refreshes=float(st.refreshes.numpy()),
                    skipped_steps=float(st.skipped.numpy()))
         if self.last_refresh is not None:
             out["refresh_seconds"] = float(self.last_refresh["seconds"])
+            for key in ("hvps", "residual"):
+                if key in self.last_refresh:
+                    out[f"refresh_{key}"] = float(self.last_refresh[key])
+            if "method" in self.last_refresh:
+                out["refresh_warm"] = float(self.last_refresh["method"] == "warm")
+        out.update(self.schedule.metrics())
         if self.compile_seconds:
             out["curvature_compile_seconds"] = float(self.compile_seconds)
         return out

@@ -17,12 +17,18 @@ repeating ``--rounds`` times (the table gives min / median / max of each ratio):
   float64 basis, split into HVPs, collectives (the same reductions timed alone) and the rest;
   the one-off compile time and the first refresh are reported apart. The float32 basis's Ritz
   values are compared with the float64 basis's on the same start vector.
-* **HVP formulations**: reverse-over-reverse (DHO2's default) against forward-over-reverse,
+* **HVP formulations**: forward-over-reverse (DHO2's default) against reverse-over-reverse,
   each on a fresh model per round (the order alternates between rounds): the one-off cost of a
   bind (building and compiling the HVP and the float32 Lanczos graphs, plus what the first
   refresh costs beyond a later one) and the HVP time. The first round of the first task also
   pays what a new process pays once (TensorFlow's own caches), so the max column is the cost a
   freshly launched job sees.
+* **HVP peak memory** (``--memory``, P = 1 only): each formulation in a fresh process
+  (``--memory-probe TASK METHOD``): the peak resident set after building the model and one
+  gradient (baseline) and after binding and calling the HVP, from ``getrusage``.
+* **warm / cold refresh**: a warm-started block refresh (``refresh_method="warm"``, 2K HVPs in
+  two block products, both ``block_hvp`` batchings) against a Lanczos refresh (m = 4K HVPs) at
+  the same weights, after a first Lanczos refresh, interleaved.
 * **step / base step**: one epoch of ``model.fit`` with DHO2 (after its first refresh, none
   during the timed epochs) against the same epoch with the base optimizer's Keras
   implementation (heavy ball or Adam, made data-parallel with Horovod), per step.
@@ -57,7 +63,9 @@ import tensorflow as tf  # noqa: E402
 from dho2_tf import models  # noqa: E402
 from dho2_tf import DHO2, CurvatureRefresh  # noqa: E402
 from dho2_tf.curvature import SpectrumEstimator, make_hvp_fn  # noqa: E402
+from dho2_tf.curvature.block_ops import BLOCK_HVP_METHODS  # noqa: E402
 from dho2_tf.curvature.hvp import HVP_METHODS  # noqa: E402
+from dho2_tf.curvature.warm_start import BlockRitzProgram, CurvatureEstimator  # noqa: E402
 from dho2_tf.training.data import load_dataset, shard_arrays  # noqa: E402
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
 from dho2_tf.training import report  # noqa: E402
@@ -95,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", default=None,
                         help="Markdown file whose bench_curvature_cost_p<P> section to replace "
                              "(e.g. BENCHMARKS.md)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure each HVP formulation's peak memory in fresh "
+                             "processes (P = 1)")
+    parser.add_argument("--memory-probe", nargs=2, default=None, metavar=("TASK", "METHOD"),
+                        help="internal: print the peak memory of one formulation as JSON")
     parser.add_argument("--render-only", default=None, metavar="JSON",
                         help="render this results file (no measurement); with --report, into it")
     return parser.parse_args(argv)
@@ -248,10 +261,82 @@ def hvp_methods(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> di
             v = tf.random.stateless_normal([n], seed=[1, 2])
             hvp(v)  # a standalone call instantiates the function once
             seconds[method]["hvp"].append(seconds_per_call(lambda: hvp(v), calls))
-    rev, fwd = (seconds[m]["one_off"] for m in HVP_METHODS)
+    rev, fwd = seconds["reverse-over-reverse"]["one_off"], seconds["forward-over-reverse"][
+        "one_off"]
     return {"seconds": {m: {k: spread(v) for k, v in rows.items()}
                         for m, rows in seconds.items()},
             "one_off_reverse_over_forward": spread([a / b for a, b in zip(rev, fwd)])}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_probe(task_name: str, method: str, quick: bool) -> dict[str, float]:
+    """In this (fresh) process: peak memory after the model and one gradient, then after
+    binding ``method``'s HVP and calling it three times."""
+    from dho2_tf.distributed import LocalComm
+
+    task = TASKS[task_name]
+    model, loss, x_r, y_r, _ = build(task, LocalComm())
+    rows = 8 if quick else task["curvature_batches"][0]
+    x, y = tf.constant(x_r[:rows]), tf.constant(y_r[:rows])
+    [g.numpy() for g in gradient_fn(model, loss, x, y)()]
+    baseline = peak_rss_mib()
+    hvp = make_hvp_fn(model, loss, (x, y), method=method)
+    n = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    for i in range(3):
+        hvp(tf.random.stateless_normal([n], seed=[i, 7])).numpy()
+    return {"baseline_mib": baseline, "peak_mib": peak_rss_mib()}
+
+
+def hvp_memory(task_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`memory_probe` of every formulation, each in a fresh process."""
+    import subprocess
+
+    out = {}
+    for method in HVP_METHODS:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", task_name,
+               method] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                              env={k: v for k, v in os.environ.items()
+                                   if not k.startswith(("HOROVOD_", "OMPI_", "PMI_"))})
+        out[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def warm_vs_cold(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds of a warm-started block refresh (each batching) and of a Lanczos refresh at the
+    same weights, after a first Lanczos refresh; interleaved over the rounds."""
+    model, loss, x_r, y_r, _ = build(task, comm)
+    per_rank = max(1, task["curvature_batches"][0] // comm.size)
+    x, y = tf.constant(x_r[:per_rank]), tf.constant(y_r[:per_rank])
+    n = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    hvp = make_hvp_fn(model, loss, (x, y))
+    lanczos = SpectrumEstimator(hvp, n, K, 0, comm, m=4 * K, basis_dtype="float32",
+                                basis_layout=args.basis, name="bench/cold")
+    estimators = {b: CurvatureEstimator(lanczos, BlockRitzProgram(
+        hvp, n, K, 0, comm, basis_dtype="float32", basis_layout=args.basis, batching=b,
+        name=f"bench/warm/{b}")) for b in BLOCK_HVP_METHODS}
+    for est in estimators.values():
+        est.trace()
+    first = estimators[BLOCK_HVP_METHODS[0]].estimate(seed=0)
+    start_pairs = estimators[BLOCK_HVP_METHODS[0]].last
+    seconds: dict[str, list[float]] = {"lanczos": [], **{f"warm_{b}": [] for b in estimators}}
+    hvps = {"lanczos": first.hvps}
+    for r in range(args.rounds):
+        began = time.perf_counter()
+        lanczos.estimate(seed=r + 1)
+        seconds["lanczos"].append(time.perf_counter() - began)
+        for b, est in estimators.items():
+            began = time.perf_counter()
+            warm = est.block.estimate(start_pairs, seed=r + 1)
+            seconds[f"warm_{b}"].append(time.perf_counter() - began)
+            hvps[f"warm_{b}"] = warm.hvps
+    return {"seconds": {k: spread(v) for k, v in seconds.items()}, "hvps": hvps}
 
 
 def compiled_model(task: dict[str, Any], comm: Any, optimizer: Any) -> tuple[Any, ...]:
@@ -337,10 +422,23 @@ def tables(results: dict[str, Any]) -> str:
         if "hvp_methods" not in res:   # results files before the formulations were compared
             continue
         hm = res["hvp_methods"]
-        rev, fwd = (hm["seconds"][m] for m in HVP_METHODS)
+        rev, fwd = (hm["seconds"][m] for m in ("reverse-over-reverse", "forward-over-reverse"))
         lines.append(f"| {name} | {fmt(rev['one_off'])} | {fmt(fwd['one_off'])} | "
                      f"{fmt(hm['one_off_reverse_over_forward'])} | {fmt(rev['hvp'], 1e3, 1)} | "
                      f"{fmt(fwd['hvp'], 1e3, 1)} |")
+    if any("hvp_memory" in res for res in results.values()):
+        lines += ["", "| task | formulation | baseline peak (MiB) | peak after HVPs (MiB) |",
+                  "|---|---|---|---|"]
+    for name, res in results.items():
+        for method, mem in res.get("hvp_memory", {}).items():
+            lines.append(f"| {name} | {method} | {mem['baseline_mib']:.0f} | "
+                         f"{mem['peak_mib']:.0f} |")
+    if any("warm_refresh" in res for res in results.values()):
+        lines += ["", "| task | refresh | HVPs | seconds |", "|---|---|---|---|"]
+    for name, res in results.items():
+        warm = res.get("warm_refresh")
+        for key, sec in (warm or {}).get("seconds", {}).items():
+            lines.append(f"| {name} | {key} | {warm['hvps'][key]} | {fmt(sec, 1, 3)} |")
     lines += ["", "| task | DHO2 layout | base | DHO2 step (ms) | base step (ms) | "
               "DHO2 / base |", "|---|---|---|---|---|---|"]
     for name, res in results.items():
@@ -378,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     """Measure every task; rank 0 prints and writes the results (``--render-only``: only
     render a results file)."""
     args = parse_args(argv)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(*args.memory_probe, args.quick)), flush=True)
+        return 0
     if args.render_only:
         report.render_results_file(args.render_only, args.report, render, REPO)
         return 0
@@ -395,8 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.tasks:
         task = TASKS[name]
         results[name] = {"hvp_methods": hvp_methods(task, comm, args),
+                         "warm_refresh": warm_vs_cold(task, comm, args),
                          "curvature": hvp_and_refresh(task, comm, args),
                          "steps": step_times(task, comm, args)}
+        if args.memory and comm.size == 1:
+            results[name]["hvp_memory"] = hvp_memory(name, args)
         if comm.is_root:
             print(f"{name} done ({time.perf_counter() - started:.0f}s)", flush=True)
     if comm.is_root:

@@ -4,16 +4,17 @@ Two exact formulations of the same product H·v, traced once per (model, batch) 
 can call it m times without retracing (Pearlmutter, "Fast exact multiplication by the Hessian",
 Neural Computation 1994):
 
-* ``"reverse-over-reverse"`` (the default): ∇_θ ⟨∇_θ L(θ), v⟩, a gradient of the gradient
-  (two nested ``tf.GradientTape``);
-* ``"forward-over-reverse"``: the JVP of the gradient, a ``tf.autodiff.ForwardAccumulator``
-  around the ``tf.GradientTape`` of the gradient.
+* ``"forward-over-reverse"`` (the default, as FOSI specifies it): the JVP of the gradient, a
+  ``tf.autodiff.ForwardAccumulator`` around the ``tf.GradientTape`` of the gradient;
+* ``"reverse-over-reverse"``: ∇_θ ⟨∇_θ L(θ), v⟩, a gradient of the gradient (two nested
+  ``tf.GradientTape``).
 
-On TensorFlow 2.15 (CPU) both run at the same speed, but the forward-over-reverse graph takes
-longer to build (a DHO2 bind takes 1.4-2.5x as long): the accumulator traces one JVP function
-per kind of operation of the backward pass (seconds for a ResNet, paid again by every process).
-It keeps tangents rather than the backward pass's intermediates, so it can need less memory when
-activations dominate: the case to choose it for.
+Both compute the same exact product. Forward-over-reverse carries tangents through the backward
+pass instead of keeping that pass's intermediates for a second backward pass, so it can need
+less memory when activations dominate; its graph takes longer to build (the accumulator traces
+one JVP function per kind of operation of the backward pass, paid once per process at ``bind``,
+see ``jobs/bench_curvature_cost.py`` for both costs). Models whose weights are read by index
+(``Embedding``) fall back to reverse-over-reverse (see :func:`make_hvp_fn`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ LossFn = Callable[[Any, Any], tf.Tensor]
 HvpFn = Callable[[tf.Tensor], tf.Tensor]
 
 #: The formulations of H·v :func:`make_hvp_fn` offers, its default first.
-HVP_METHODS = ("reverse-over-reverse", "forward-over-reverse")
+HVP_METHODS = ("forward-over-reverse", "reverse-over-reverse")
 
 
 def check_hvp_method(method: str) -> str:
@@ -86,9 +87,9 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
             L(θ) = f(y, model_θ(x, training)) + Σ model.losses
             hvp(v) = ∇²L(θ) · v = ∂/∂ε ∇L(θ + ε v) |_{ε=0}
 
-        computed reverse-over-reverse, hvp(v) = ∇_θ ⟨∇_θ L(θ), v⟩ (``method`` default), or
-        forward-over-reverse: a ``tf.autodiff.ForwardAccumulator`` with tangents ``unflatten(v)``
-        around the ``tf.GradientTape`` of the gradient (Pearlmutter 1994). Models with an
+        computed forward-over-reverse (``method`` default): a ``tf.autodiff.ForwardAccumulator``
+        with tangents ``unflatten(v)`` around the ``tf.GradientTape`` of the gradient, or
+        reverse-over-reverse, hvp(v) = ∇_θ ⟨∇_θ L(θ), v⟩ (Pearlmutter 1994). Models with an
         ``Embedding`` (a gather of a variable, which TensorFlow cannot forward-differentiate in a
         traced function) always take the reverse-over-reverse product. The result is exact up
         to rounding, never a finite difference.
@@ -110,7 +111,7 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
         hvp_dtype: dtype of ``v_flat`` and of the result. Defaults to ``tf.float32``.
         variables: the variables θ is made of, in flat order. Defaults to
             ``model.trainable_variables``.
-        method: ``"reverse-over-reverse"`` or ``"forward-over-reverse"`` (see the module
+        method: ``"forward-over-reverse"`` (default) or ``"reverse-over-reverse"`` (see the module
             docstring for when to choose which).
 
     Returns:

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.distributed.sharding import ShardLayout
+from dho2_tf.curvature.block_ops import BlockOps, group_root
 from dho2_tf.validation import check_int
 
 if TYPE_CHECKING:
@@ -59,17 +58,16 @@ class LanczosResult(NamedTuple):
             basis Q (all n columns with the replicated layout).
         num_steps: m_eff, the number of basis vectors (m unless the iteration stopped early).
         status: ``"ok"``, ``"breakdown at step i"`` or ``"non-finite <what> at step i"``.
+        next_beta: β_{m_eff−1}, the norm of the last residual vector (0 when unknown); the Ritz
+            pair (θ_j, Q s_j) has the residual ‖H̄y − θ_j y‖ = β_{m_eff−1}·|s_{m_eff−1, j}|
+            (Golub & Van Loan, §10.1.4).
     """
 
     tridiagonal: tf.Tensor
     basis_r: tf.Tensor
     num_steps: int
     status: str
-
-
-def group_root(process_set: Group | None) -> int:
-    """Global rank of the group's root (its lowest rank; 0 for all ranks)."""
-    return 0 if process_set is None else process_set.ranks[0]
+    next_beta: float = 0.0
 
 
 def start_vector(n: int, seed: int) -> np.ndarray:
@@ -169,12 +167,10 @@ class LanczosProgram:
         self.basis_dtype = tf.as_dtype(basis_dtype)
         self.basis_layout, self.hvp_reduce = basis_layout, hvp_reduce
         self.breakdown_tol, self.name = float(breakdown_tol), name
-        sharded = basis_layout == "sharded"
-        self.layout = ShardLayout(n, comm.group_size(process_set) if sharded else 1,
-                                  comm.group_rank(process_set) if sharded else 0)
-        # Projections sum over the shards; with a replicated basis they are local.
-        self.proj_comm = comm if sharded else LocalComm()
-        self.proj_set = process_set if sharded else None
+        self.ops = BlockOps(n, comm, process_set, self.hvp_dtype, self.basis_dtype,
+                            basis_layout, hvp_reduce, name)
+        self.layout, self.proj_comm, self.proj_set = (self.ops.layout, self.ops.proj_comm,
+                                                      self.ops.proj_set)
         self._run = tf.function(self._graph, autograph=False, input_signature=[
             tf.TensorSpec([n], tf.float64), tf.TensorSpec([], tf.int32)])
         self.trace_seconds: float | None = None
@@ -182,30 +178,16 @@ class LanczosProgram:
     # ---------------------------------------------------------------- graph pieces
     def _reduce_hvp(self, h: tf.Tensor) -> tf.Tensor:
         """This rank's shard of the reduced HVP, in the basis dtype."""
-        comm, ps, name = self.comm, self.process_set, self.name
-        h = tf.cast(tf.reshape(h, [self.n]), self.hvp_dtype)
-        if self.hvp_reduce == "root0":
-            h = comm.broadcast(h, group_root(ps), name=f"{name}/hvp_bc", process_set=ps)
-            return tf.cast(self.layout.local(h), self.basis_dtype)
-        if self.basis_layout == "replicated":
-            return tf.cast(comm.allreduce(h, "mean", name=f"{name}/hvp_ar", process_set=ps),
-                           self.basis_dtype)
-        h_r = comm.reducescatter(self.layout.pad(h), "mean", name=f"{name}/hvp_rs",
-                                 process_set=ps)
-        return tf.cast(tf.reshape(h_r, [self.layout.shard_size]), self.basis_dtype)
+        return tf.reshape(self.ops.reduce_rows(tf.reshape(h, [1, self.n])),
+                          [self.layout.shard_size])
 
     def _gather(self, q_r: tf.Tensor) -> tf.Tensor:
         """The full next vector for the HVP, in ``hvp_dtype`` [n]."""
-        q_r = tf.cast(q_r, self.hvp_dtype)
-        if self.basis_layout == "replicated":
-            return q_r
-        full = self.comm.allgather(q_r, name=f"{self.name}/q", process_set=self.process_set)
-        return tf.reshape(self.layout.unpad(full), [self.n])
+        return tf.reshape(self.ops.gather_rows(q_r[None]), [self.n])
 
     def _project(self, x: tf.Tensor, purpose: str) -> tf.Tensor:
         """Σ over the shards of a small vector (identity with a replicated basis)."""
-        return self.proj_comm.allreduce(x, "sum", name=f"{self.name}/{purpose}",
-                                        process_set=self.proj_set)
+        return self.ops.project(x, purpose)
 
     def _graph(self, q0: tf.Tensor, steps: tf.Tensor):
         """The compiled iteration: (Q_r [m+1, s], α [m], β [m], m_eff, status, stop step).
@@ -301,7 +283,9 @@ class LanczosProgram:
             logger.warning("Lanczos stopped early (%s); m_eff=%d of m=%d.", status, m_eff,
                            self.m)
         logger.debug("Lanczos done: n=%d, m_eff=%d, status=%s", self.n, m_eff, status)
-        return LanczosResult(tf.constant(t, tf.float64), basis[:m_eff], m_eff, status)
+        next_beta = float(betas.numpy()[m_eff - 1]) if m_eff > 0 else 0.0
+        return LanczosResult(tf.constant(t, tf.float64), basis[:m_eff], m_eff, status,
+                             next_beta if np.isfinite(next_beta) else 0.0)
 
 
 def lanczos(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, m: int, comm: Communicator, *,

@@ -34,6 +34,11 @@ class EigenEstimate(NamedTuple):
             *first* slots of the largest block (so λ_{K−1} stays λ_max) and the *last* slots of
             the smallest block. 0 when ``status`` is non-finite (keep the previous pairs then).
         status: the Lanczos status (``"ok"``, ``"breakdown at step i"``, ``"non-finite ..."``).
+        residuals: ‖H̄ v_j − λ_j v_j‖, float64 [K] (0 for missing pairs), measured at no extra
+            HVP (Lanczos: β_{m−1}|s_{m−1,j}| from T; the warm refresh: the block products);
+            ``None`` when the estimate failed.
+        hvps: Hessian-vector products the estimate computed (per rank).
+        warm: whether the estimate was warm-started from the previous eigenvectors.
     """
 
     eigenvalues: tf.Tensor
@@ -41,6 +46,9 @@ class EigenEstimate(NamedTuple):
     gram: tf.Tensor
     num_valid: int
     status: str
+    residuals: np.ndarray | None = None
+    hvps: int = 0
+    warm: bool = False
 
 
 def _check_k_ell(k: int, ell: int) -> None:
@@ -55,6 +63,24 @@ def _ritz_slots(m_eff: int, k: int, ell: int) -> list[int | None]:
     smallest = list(range(ell_eff)) + [None] * (ell - ell_eff)
     largest = [None] * (k - k_eff) + list(range(m_eff - k_eff, m_eff))
     return smallest + largest
+
+
+def select_ritz_pairs(theta: np.ndarray, eigvecs: np.ndarray, k: int,
+                      ell: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The ℓ smallest and k largest of the ascending Ritz values ``theta`` [m] and the columns
+    of ``eigvecs`` [m, m] that go with them: (λ [K], coefficients [K, m], number valid).
+
+    Missing pairs (m < K) get λ = 0 and a zero coefficient row (see :class:`EigenEstimate`).
+    """
+    m_eff = len(theta)
+    slots = _ritz_slots(m_eff, k, ell)
+    eigenvalues = np.zeros(k + ell)
+    coefficients = np.zeros((k + ell, m_eff))
+    for slot, j in enumerate(slots):
+        if j is not None:
+            eigenvalues[slot] = theta[j]
+            coefficients[slot] = eigvecs[:, j]
+    return eigenvalues, coefficients, sum(j is not None for j in slots)
 
 
 def _empty_estimate(k: int, ell: int, s: int, status: str) -> EigenEstimate:
@@ -101,22 +127,16 @@ def extreme_eigenpairs(result: LanczosResult, k: int, ell: int, comm: Communicat
     if result.status.startswith(NON_FINITE) or m_eff == 0:
         return _empty_estimate(k, ell, s, result.status)
     theta, eigvecs = np.linalg.eigh(result.tridiagonal.numpy())
-    slots = _ritz_slots(m_eff, k, ell)
-    eigenvalues = np.zeros(k + ell)
-    coefficients = np.zeros((k + ell, m_eff))
-    for slot, j in enumerate(slots):
-        if j is not None:
-            eigenvalues[slot] = theta[j]
-            coefficients[slot] = eigvecs[:, j]
+    eigenvalues, coefficients, num_valid = select_ritz_pairs(theta, eigvecs, k, ell)
+    residuals = np.abs(result.next_beta * coefficients[:, -1])   # ‖H̄v − λv‖ (Lanczos)
     basis_r = result.basis_r
     vectors_r = tf.matmul(tf.constant(coefficients, basis_r.dtype), basis_r)  # one pass over Q_r
     local_gram = tf.cast(tf.matmul(vectors_r, vectors_r, transpose_b=True), tf.float64)
     vectors_r = tf.cast(vectors_r, tf.float32)
     gram = comm.allreduce(local_gram, "sum", name=f"{name}/gram", process_set=process_set)
-    num_valid = sum(j is not None for j in slots)
     logger.debug("Ritz values (m_eff=%d, valid=%d): %s", m_eff, num_valid, eigenvalues)
     return EigenEstimate(tf.constant(eigenvalues, tf.float32), vectors_r,
-                         tf.cast(gram, tf.float32), num_valid, result.status)
+                         tf.cast(gram, tf.float32), num_valid, result.status, residuals)
 
 
 class SpectrumEstimator:
@@ -184,8 +204,9 @@ class SpectrumEstimator:
         """
         result = self.program.run(seed)
         program = self.program
-        return extreme_eigenpairs(result, self.k, self.ell, program.proj_comm,
-                                  process_set=program.proj_set, name=f"{self.name}/ritz")
+        est = extreme_eigenpairs(result, self.k, self.ell, program.proj_comm,
+                                 process_set=program.proj_set, name=f"{self.name}/ritz")
+        return est._replace(hvps=result.num_steps + int(result.status.startswith(NON_FINITE)))
 
 
 def estimate_spectrum(hvp_fn: Callable[[tf.Tensor], tf.Tensor], n: int, k: int, ell: int,

@@ -17,7 +17,7 @@ mode            collectives per step                       parameter-sized state
 V per step with sgd/momentum/nesterov and four with Adam (see :mod:`dho2_tf.hybrid`).
 
 ``auto`` (the optimizer's default) is not a mode of its own: at ``build`` it becomes
-``replicated`` when that layout's state, plus the float64 Lanczos basis of a refresh, fits the
+``replicated`` when that layout's state, plus the curvature basis of a refresh, fits the
 optimizer's ``memory_budget`` (:func:`replicated_state_bytes`), else ``sharded``
 (:func:`choose_layout`). The rule does not depend on the number of ranks, so every rank, and a
 run resumed with another world size, makes the same choice.
@@ -51,14 +51,23 @@ MODES: dict[str, type[Mode]] = {
 MODE_CHOICES: tuple[str, ...] = ("auto", *MODES)
 
 
-def replicated_state_bytes(n: int, num_slots: int, num_pairs: int, lanczos_order: int,
-                           itemsize: int) -> int:
+def refresh_basis_rows(hp: Any) -> int:
+    """Rows of the transient curvature basis of a refresh: the Lanczos order m, or the warm
+    refresh's 4(K + p) rows (Q₀, H̄Q₀, Q₁, H̄Q₁) when larger and the block program is used."""
+    if hp.refresh_method == "warm" or hp.max_refresh_every is not None:
+        return max(hp.lanczos_order, 4 * (hp.num_pairs + hp.warm_extra))
+    return hp.lanczos_order
+
+
+def replicated_state_bytes(n: int, num_slots: int, num_pairs: int, basis_rows: int,
+                           itemsize: int, basis_itemsize: int) -> int:
     """Bytes a rank needs for the ``replicated`` layout's parameter-sized state.
 
-    Math: (slots + 1 + K)·n·itemsize (base slots, Newton momentum, V) + m·n·8 (the Lanczos
-    basis of ``lanczos_order`` = m rows, kept in float64 during a refresh).
+    Math: (slots + 1 + K)·n·itemsize (base slots, Newton momentum, V) + rows·n·basis_itemsize
+    (the transient basis of a refresh, :func:`refresh_basis_rows`, in the basis dtype:
+    :func:`dho2_tf.refresh.basis_dtype`).
     """
-    return (num_slots + 1 + num_pairs) * n * itemsize + lanczos_order * n * 8
+    return (num_slots + 1 + num_pairs) * n * itemsize + basis_rows * n * basis_itemsize
 
 
 def choose_layout(needed_bytes: int, memory_budget: int) -> str:
@@ -66,16 +75,18 @@ def choose_layout(needed_bytes: int, memory_budget: int) -> str:
     return "replicated" if needed_bytes <= memory_budget else "sharded"
 
 
-def resolve_layout(needed_bytes: int, hp: Any, n: int, num_slots: int, log: bool) -> str:
+def resolve_layout(needed_bytes: int, hp: Any, n: int, num_slots: int, log: bool,
+                   basis_dtype: str) -> str:
     """``mode="auto"`` at ``build``: :func:`choose_layout` for the replicated layout's
-    ``needed_bytes`` and ``hp.memory_budget``, logged when ``log`` (rank 0)."""
+    ``needed_bytes`` and ``hp.memory_budget``, logged when ``log`` (rank 0) with the basis
+    dtype ``basis_dtype`` the refreshes will use."""
     chosen = choose_layout(needed_bytes, hp.memory_budget)
     if log:
         logger.info("DHO2 mode='auto' chose %r: replicated state %.1f MiB per rank "
-                    "(n=%d, K=%d, %d base slots, Lanczos basis %d rows in float64) %s "
+                    "(n=%d, K=%d, %d base slots, curvature basis %d rows in %s) %s "
                     "memory_budget %.1f MiB", chosen, needed_bytes / 2**20, n, hp.num_pairs,
-                    num_slots, hp.lanczos_order, "<=" if chosen == "replicated" else ">",
-                    hp.memory_budget / 2**20)
+                    num_slots, refresh_basis_rows(hp), basis_dtype,
+                    "<=" if chosen == "replicated" else ">", hp.memory_budget / 2**20)
     return chosen
 
 
@@ -96,5 +107,5 @@ def make_mode(name: str, opt: "DHO2") -> Mode:
     return MODES[name](opt)
 
 
-__all__ = ["MODES", "MODE_CHOICES", "Mode", "choose_layout", "make_mode",
-           "mode_class", "replicated_state_bytes", "resolve_layout", "window_rules"]
+__all__ = ["MODES", "MODE_CHOICES", "Mode", "choose_layout", "make_mode", "mode_class",
+           "refresh_basis_rows", "replicated_state_bytes", "resolve_layout", "window_rules"]

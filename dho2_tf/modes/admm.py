@@ -109,9 +109,9 @@ class AdmmMode(Mode):
         """Evaluate the consensus z (see :meth:`consensus_weights`)."""
         return self.consensus_weights()
 
-    def estimate(self):
-        with self.consensus_weights():
-            return super().estimate()
+    def curvature_weights(self) -> Any:
+        """Curvature is estimated (and checked) at the consensus z."""
+        return self.consensus_weights()
 
     def eigenvalue_shift(self) -> float:
         return self.opt.rho

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator, Group, LocalComm
@@ -155,26 +156,80 @@ class Mode:
         """The ranks that run the Lanczos iteration together (``None``: all ranks)."""
         return None
 
+    #: Whether a refresh may continue from the staleness check of the same step (``faithful``
+    #: moves the weights between the two: its window jump).
+    reuses_check = True
+    #: Whether refreshes after the first may be warm-started (``pipelined``: always Lanczos).
+    warm_refresh = True
+
     def make_estimator(self, hvp: Any, dtype: tf.DType, basis_dtype: str) -> Any:
-        """The compiled :class:`~dho2_tf.curvature.spectrum.SpectrumEstimator` of this rank
-        (``None`` on a rank that never estimates)."""
+        """The compiled :class:`~dho2_tf.curvature.warm_start.CurvatureEstimator` of this rank
+        (``None`` on a rank that never estimates): Lanczos, plus the warm block program when
+        ``refresh_method="warm"`` or the schedule is adaptive (its staleness check)."""
         from dho2_tf.curvature.spectrum import SpectrumEstimator
+        from dho2_tf.curvature.warm_start import BlockRitzProgram, CurvatureEstimator
 
-        opt = self.opt
-        return SpectrumEstimator(hvp, opt.spec.n, opt.k, opt.ell, self.comm,
-                                 m=opt.lanczos_order, process_set=self.lanczos_group(),
-                                 hvp_dtype=dtype, basis_dtype=basis_dtype,
-                                 basis_layout=self.lanczos_basis, hvp_reduce=self.hvp_reduce)
+        opt, hp = self.opt, self.opt.hp
+        common = dict(process_set=self.lanczos_group(), hvp_dtype=dtype, basis_dtype=basis_dtype,
+                      basis_layout=self.lanczos_basis, hvp_reduce=self.hvp_reduce)
+        lanczos = SpectrumEstimator(hvp, opt.spec.n, opt.k, opt.ell, self.comm,
+                                    m=opt.lanczos_order, **common)
+        block = None
+        if self.warm_refresh and (hp.refresh_method == "warm"
+                                  or hp.max_refresh_every is not None):
+            block = BlockRitzProgram(hvp, opt.spec.n, opt.k, opt.ell, self.comm,
+                                     extra=hp.warm_extra, batching=hp.block_hvp,
+                                     name="dho2/warm", **common)
+        return CurvatureEstimator(lanczos, block)
 
-    def estimate(self) -> Any:
-        """Lanczos + Ritz pairs at the current weights (every rank of the world calls it).
+    def curvature_weights(self) -> Any:
+        """Context in which the model holds the weights the curvature is estimated at
+        (default: its own; ``admm``: the consensus z)."""
+        return contextlib.nullcontext()
+
+    def installed_pairs(self) -> Any:
+        """The installed eigenpairs as a :class:`~dho2_tf.curvature.warm_start.WarmStart` in
+        the estimator's basis layout, or ``None`` when no pair is valid (before the first
+        refresh). Reads only replicated values to decide, so every rank agrees."""
+        from dho2_tf.curvature.warm_start import WarmStart
+
+        st = self.opt.state
+        valid = np.diag(st.gram.numpy()) > 0.5
+        if not valid.any():
+            return None
+        rows = st.eigenvectors.value()
+        estimator = self.opt.curvature.binding["estimator"]
+        if not self.shards_state and estimator.basis_layout == "sharded":
+            rows = tf.transpose(estimator.layout.local(tf.transpose(rows)))  # its columns
+        return WarmStart(rows, valid, st.eigenvalues.numpy().astype(np.float64),
+                         self.opt.curvature.schedule.installed_residual)
+
+    def check_staleness(self) -> Any:
+        """The staleness check of the installed eigenpairs at the current weights (one block
+        HVP; every rank of the world calls it), or ``None`` before the first refresh."""
+        curvature = self.opt.curvature
+        start = self.installed_pairs()
+        if start is None:
+            return None
+        with self.curvature_weights():
+            return curvature.binding["estimator"].check(start,
+                                                        seed=self.opt.seed + curvature.index())
+
+    def estimate(self, check: Any = None) -> Any:
+        """The extreme eigenpairs at the current weights (every rank of the world calls it):
+        Lanczos for the first refresh or with ``refresh_method="lanczos"``, else the warm
+        block refresh from the installed eigenvectors (continuing ``check`` when given).
 
         First folds the Newton momentum out of the basis of the current V
         (:meth:`dho2_tf.refresh.Curvature.materialize_momentum`), since the refresh may replace V.
         """
         curvature = self.opt.curvature
         curvature.materialize_momentum()
-        return curvature.binding["estimator"].estimate(seed=self.opt.seed + curvature.index())
+        warm = self.warm_refresh and self.opt.hp.refresh_method == "warm"
+        with self.curvature_weights():
+            return curvature.binding["estimator"].estimate(
+                seed=self.opt.seed + curvature.index(),
+                start=self.installed_pairs() if warm else None, check=check if warm else None)
 
     def vectors_for_state(self, vectors_r: tf.Tensor) -> tf.Tensor:
         """Convert the Lanczos shard of V into this mode's layout (full V when not sharded)."""

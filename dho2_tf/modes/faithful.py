@@ -39,6 +39,11 @@ class FaithfulMode(ReplicatedMode):
     def uses_window(self) -> bool:
         return self.opt.window_rule == "extrapolate"
 
+    @property
+    def reuses_check(self) -> bool:
+        """The window jump moves the weights after the staleness check: refresh afresh."""
+        return not self.uses_window
+
     def adjust_gradient(self, g: tf.Tensor) -> tf.Tensor:
         """G = allreduce_mean(g) + σ_w·v (the window's gradient offset)."""
         if self.uses_window:

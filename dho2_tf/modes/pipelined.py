@@ -11,7 +11,11 @@ calls; Δ ≤ T keeps DELIVER j before trigger j+1 on both sides. When U stops i
 DELIVER and sends a stop flag over the bridge, which ends the curvature ranks' loop.
 
 Refresh j starts its Lanczos iteration from seed + j, as the other modes do, so a run resumed
-from a checkpoint refreshes exactly as the uninterrupted run. The update ranks count triggers
+from a checkpoint refreshes exactly as the uninterrupted run. For that reason every pipelined
+refresh is a Lanczos run, whatever ``refresh_method`` says: the curvature ranks keep no optimizer
+state, so a warm start from their own previous estimate would make a resumed run differ. The
+schedule is the fixed one (``max_refresh_every`` is not accepted, and
+:meth:`dho2_tf.refresh.Curvature.request_refresh` does not trigger a hand-over). The update ranks count triggers
 from the refreshes already installed when training (re)starts; a trigger whose DELIVER was still
 pending when the checkpoint was written is sent again, with the weights of the first step.
 """
@@ -39,6 +43,7 @@ class PipelinedMode(Mode):
 
     name = "pipelined"
     checkpointable = False  # the curvature ranks hold no training state
+    warm_refresh = False    # resumed runs must refresh as uninterrupted ones (module docstring)
 
     def __init__(self, opt) -> None:
         super().__init__(opt)
@@ -189,6 +194,7 @@ class PipelinedMode(Mode):
             refresh = int(round(float(payload[-1]))) - 1
             start = time.time()
             assign_flat(variables, payload[:-1], opt)
+            # Always Lanczos (see the module docstring): no warm start on curvature ranks.
             est = opt.curvature.binding["estimator"].estimate(seed=opt.seed + refresh)
             ok = est.num_valid > 0 and est.status.startswith(("ok", "breakdown"))
             end = time.time()

@@ -1,5 +1,7 @@
 """Under horovodrun: sharded Lanczos equals single-process Lanczos on the mean operator, the
-compiled program equals the eager reference, and the replicated basis equals the sharded one.
+compiled program equals the eager reference, and the replicated basis equals the sharded one;
+the warm-started block refresh (sharded and replicated basis, mean and root-0 HVP reduction)
+equals the single-process one, and its staleness check is bitwise the same on every rank.
 
 Run: ``horovodrun --gloo -np P -H localhost:P python tests/parallel/lanczos_sharded_check.py``.
 Every rank's HVP operator is a different symmetric matrix A_r (common spikes + rank-seeded Wigner
@@ -19,6 +21,7 @@ import tensorflow as tf
 
 from dho2_tf.curvature import extreme_eigenpairs, gather_vectors, lanczos
 from dho2_tf.curvature.lanczos_reference import lanczos_eager
+from dho2_tf.curvature.warm_start import BlockRitzProgram, WarmStart
 from dho2_tf.distributed import HorovodComm, LocalComm
 
 N, K, ELL, M, SEED = 301, 4, 1, 20, 123
@@ -40,6 +43,61 @@ def matrix_operator(a: np.ndarray, dtype: tf.DType):
 
 def _max_rel(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(x - ref).max() / np.abs(ref).max())
+
+
+def warm_start(ranks: list[int], layout_columns) -> WarmStart:
+    """The K extreme eigenvectors of a perturbed mean operator (the previous refresh's pairs),
+    as ``layout_columns`` gives them to this rank."""
+    mean = sum(rank_matrix(r) for r in ranks) / len(ranks)
+    g = np.random.default_rng(77).standard_normal((N, N))
+    w, s = np.linalg.eigh(mean + 0.05 * (g + g.T) / np.sqrt(2 * N))
+    sel = np.r_[0:ELL, N - K:N]
+    return WarmStart(layout_columns(tf.constant(s[:, sel].T)), np.ones(K + ELL, bool), w[sel])
+
+
+def check_warm(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> dict[str, bool]:
+    """The warm refresh at P ranks against the single-process one on the mean (or root's)
+    operator, for both basis layouts and both HVP reductions."""
+    name = f"dho2/test/{tag}/warm"
+    mean = sum(rank_matrix(r) for r in ranks) / len(ranks)
+    local, checks = LocalComm(), {}
+    for layout in ("sharded", "replicated"):
+        for reduce in ("mean", "root0"):
+            program = BlockRitzProgram(matrix_operator(rank_matrix(comm.rank), tf.float64), N, K,
+                                       ELL, comm, extra=2, process_set=process_set,
+                                       hvp_dtype=tf.float64, basis_layout=layout,
+                                       hvp_reduce=reduce, name=f"{name}/{layout}/{reduce}")
+            start = warm_start(ranks, program.ops.local_rows)
+            check = program.check(start, seed=SEED)
+            est = program.refine(check)
+            staleness = comm.allgather(tf.constant([check.staleness]),
+                                       name=f"{name}/{layout}/{reduce}/s",
+                                       process_set=process_set).numpy()
+            vectors = est.vectors_r if layout == "replicated" else gather_vectors(
+                est.vectors_r, N, comm, process_set, name=f"{name}/{layout}/{reduce}/v")
+            operator = mean if reduce == "mean" else rank_matrix(ranks[0])
+            ref_program = BlockRitzProgram(matrix_operator(operator, tf.float64), N, K, ELL,
+                                           local, extra=2, hvp_dtype=tf.float64)
+            ref_check = ref_program.check(warm_start(ranks, lambda x: x), seed=SEED)
+            ref = ref_program.refine(ref_check)
+            v, v_ref = vectors.numpy().astype(np.float64), ref.vectors_r.numpy().astype(
+                np.float64)
+            key = f"warm {layout}/{reduce}"
+            checks.update({
+                f"{key}: status": est.status == "ok" == ref.status and est.hvps == 2 * (K + ELL
+                                                                                        + 2),
+                f"{key}: lambda = single-process (rel 1e-6)": _max_rel(
+                    est.eigenvalues.numpy(), ref.eigenvalues.numpy()) <= 1e-6,
+                f"{key}: residuals = single-process": np.allclose(
+                    est.residuals, ref.residuals, rtol=1e-6, atol=1e-9),
+                f"{key}: projectors = single-process (1e-6)": np.abs(
+                    v.T @ v - v_ref.T @ v_ref).max() <= 1e-6,
+                f"{key}: staleness bitwise equal on ranks": bool(
+                    np.all(staleness == staleness[0])),
+                f"{key}: staleness = single-process (1e-10)": abs(
+                    check.staleness - ref_check.staleness) <= 1e-10,
+            })
+    return checks
 
 
 def check_group(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> list[str]:
@@ -116,6 +174,7 @@ def check_group(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> l
         "T bitwise equal on ranks": bool(np.all(every_t == every_t[0])),
         "fp32 HVP lambda rel 1e-5": res32.status == "ok" and np.allclose(
             est32.eigenvalues.numpy(), true_extremes, rtol=1e-5, atol=0),
+        **check_warm(comm, ranks, process_set, tag),
     }
     return [f"{tag} rank {comm.rank}: {key}" for key, passed in checks.items() if not passed]
 

@@ -265,9 +265,10 @@ class StepTimes(tf.keras.callbacks.Callback):
 
 
 def check_pipelined(comm, curvature_ranks):
+    # Lanczos at every refresh: the last delivery is compared with a synchronous Lanczos run.
     opt = DHO2(learning_rate=0.05, base="momentum", k=3, mode="pipelined",
                curvature_ranks=curvature_ranks, refresh_every=10, warmup=5, delivery_delay=5,
-               comm=comm)
+               refresh_method="lanczos", comm=comm)
     groups = opt.distribution.groups
     model = mlp()
     model.compile(optimizer=opt, loss=LOSS)

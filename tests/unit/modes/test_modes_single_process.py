@@ -121,10 +121,11 @@ def test_serve_curvature_outside_pipelined_mode_says_so():
 
 
 def test_auto_mode_resolves_by_memory_budget_and_logs_the_choice(caplog):
-    """mode="auto" becomes "replicated" when (slots+1+K)·n·4 + m·n·8 bytes fit the budget."""
+    """mode="auto" becomes "replicated" when (slots+1+K)·n·4 + m·n·4 bytes fit the budget (the
+    basis of a float32 model is float32, and the log says so)."""
     model = toy_model()
     n = model.count_params()
-    needed = (2 + 1 + 3) * n * 4 + 12 * n * 8            # adam: 2 slots; K = 3; m = 4K = 12
+    needed = (2 + 1 + 3) * n * 4 + 12 * n * 4            # adam: 2 slots; K = 3; m = 4K = 12
     chosen = {}
     for budget in (needed, needed - 1):
         opt = DHO2(base="adam", k=3, memory_budget=budget, comm=LocalComm())
@@ -137,6 +138,7 @@ def test_auto_mode_resolves_by_memory_budget_and_logs_the_choice(caplog):
         logs = [r.getMessage() for r in caplog.records if "mode='auto' chose" in r.getMessage()]
         assert len(logs) == 1 and f"chose {opt.resolved_mode!r}" in logs[0], logs
         assert f"n={n}, K=3" in logs[0] and f"{needed / 2**20:.1f} MiB" in logs[0], logs[0]
+        assert "12 rows in float32" in logs[0], logs[0]
         # The user's argument round-trips; the layout is rebuilt the same way.
         config = opt.get_config()
         assert config["mode"] == "auto" and config["memory_budget"] == budget

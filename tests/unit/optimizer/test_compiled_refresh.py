@@ -79,7 +79,7 @@ def test_both_hvp_methods_give_the_same_eigenpairs_and_the_choice_is_kept() -> N
     assert np.all(np.abs(eigenvalues["reverse-over-reverse"]) > 1e-3)
     np.testing.assert_allclose(eigenvalues["forward-over-reverse"],
                                eigenvalues["reverse-over-reverse"], rtol=1e-5)
-    assert DHO2(comm=LocalComm()).hvp_method == "reverse-over-reverse"
+    assert DHO2(comm=LocalComm()).hvp_method == "forward-over-reverse"
 
 
 def test_hvp_method_is_validated() -> None:

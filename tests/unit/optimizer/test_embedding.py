@@ -57,8 +57,10 @@ def test_embedding_model_trains_and_eigenvalues_match_explicit_hessian():
     x, y = embedding_data()
     model = embedding_model()
     n = FlatSpec.of(model.trainable_variables).n
+    # Lanczos of order n at every refresh: the exact extreme eigenvalues (the warm refresh is an
+    # approximation of 2K HVPs, see tests/unit/curvature/test_warm_start.py).
     opt = DHO2(learning_rate=0.02, base="adam", k=3, lanczos_order=n, refresh_every=6,
-               warmup=2, alpha=0.05, comm=LocalComm())
+               warmup=2, alpha=0.05, refresh_method="lanczos", comm=LocalComm())
     model.compile(optimizer=opt, loss="mse")
     loss0 = model.evaluate(x, y, verbose=0)
     cb = CurvatureRefresh(batch=(x[:32], y[:32]))
