@@ -75,11 +75,6 @@ class BaseRule:
                 "adam": (1.0 - self.beta_1, self.beta_1)}[self.name]
 
     @property
-    def default_c_max(self) -> float:
-        """FOSI's default learning-rate clip: 1 for Adam (forced), 3 otherwise."""
-        return 1.0 if self.name == "adam" else 3.0
-
-    @property
     def linear(self) -> bool:
         """Whether u is linear in the gradient and the slots (every rule but Adam)."""
         return self.name != "adam"

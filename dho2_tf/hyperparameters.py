@@ -11,7 +11,7 @@ import dataclasses
 from dho2_tf.curvature.block_ops import check_block_hvp
 from dho2_tf.curvature.hvp import check_hvp_method
 from dho2_tf.curvature.warm_start import REFRESH_METHODS
-from dho2_tf.modes import MODE_CHOICES, window_rules
+from dho2_tf.modes import MODE_CHOICES, mode_class, window_rules
 from dho2_tf.validation import check_int, check_real
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -25,7 +25,7 @@ class Hyperparameters:
     """The optimizer's configuration besides the learning rate and the base rule's constants.
 
     Construct it with :meth:`resolve`, which checks every value and fills the defaults that
-    depend on others: ``c_max`` (1 for Adam, else 3), ``lanczos_order`` = 4(k+ℓ), ``warmup`` =
+    depend on others: ``c_max`` (``None``: 1), ``lanczos_order`` = 4(k+ℓ), ``warmup`` =
     ``refresh_every``, ``window_rule`` (``"extrapolate"`` for ``faithful``, else ``"none"``),
     ``delivery_delay`` = ⌈refresh_every/2⌉.
     """
@@ -66,7 +66,7 @@ class Hyperparameters:
         return self.k + self.ell
 
     @classmethod
-    def resolve(cls, *, default_c_max: float, k: int, ell: int, alpha: float,
+    def resolve(cls, *, k: int, ell: int, alpha: float,
                 c_max: float | None, lanczos_order: int | None, lanczos_dtype: str | None,
                 hvp_method: str, refresh_method: str, warm_extra: int, block_hvp: str,
                 refresh_every: int, warmup: int | None, max_refresh_every: int | None,
@@ -91,11 +91,11 @@ class Hyperparameters:
             max_refresh_every = check_int("max_refresh_every", max_refresh_every,
                                           minimum=refresh_every,
                                           hint="it must be at least refresh_every or None")
-            if mode == "pipelined":
+            if not mode_class(mode).adaptive_schedule:
                 raise ValueError("`max_refresh_every` (the adaptive schedule) is not available "
-                                 "with mode='pipelined', whose curvature ranks refresh on the "
+                                 f"with mode={mode!r}, whose curvature ranks refresh on the "
                                  "fixed schedule. Received: max_refresh_every="
-                                 f"{max_refresh_every}, mode='pipelined'")
+                                 f"{max_refresh_every}, mode={mode!r}")
         allowed = window_rules(mode)
         rule = allowed[0] if window_rule is None else window_rule
         if rule not in allowed:
@@ -112,7 +112,7 @@ class Hyperparameters:
             guard = check_real("guard", guard, minimum=1.0, open_min=True)
         return cls(
             k=k, ell=ell, alpha=check_real("alpha", alpha, minimum=0.0),
-            c_max=default_c_max if c_max is None else check_real("c_max", c_max, minimum=1.0),
+            c_max=1.0 if c_max is None else check_real("c_max", c_max, minimum=1.0),
             lanczos_order=4 * (k + ell) if lanczos_order is None else check_int(
                 "lanczos_order", lanczos_order, minimum=k + ell,
                 hint="it must be at least k + ell"),

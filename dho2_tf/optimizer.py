@@ -68,7 +68,9 @@ class DHO2(tf.keras.optimizers.Optimizer):
         learning_rate: base learning rate, a float or a ``LearningRateSchedule`` (1e-3).
         base: ``"sgd"``, ``"momentum"``, ``"nesterov"`` or ``"adam"`` (default).
         k: number of largest eigenpairs (10). ell: number of smallest eigenpairs (0).
-        alpha: Newton step size α ≥ 0 (0.1). c_max: clip of c, ≥ 1 (1 for Adam, else 3).
+        alpha: Newton step size α ≥ 0 (0.1). c_max: clip of c, ≥ 1 (1: the base step keeps
+            the base's learning rate; FOSI's 3 for non-Adam bases is unsafe between refreshes,
+            docs/algorithm.md).
         lanczos_order: Lanczos iterations m ≥ k+ℓ (4(k+ℓ)). lanczos_dtype: the basis,
             ``"float32"``, ``"float64"`` or ``None`` (the model's; T is float64, BENCHMARKS.md).
         hvp_method: H·v ``"forward-over-reverse"`` (default) or ``"reverse-over-reverse"`` (the
@@ -117,7 +119,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
     """
 
     def __init__(self, learning_rate: float | Any = 1e-3, base: str = "adam", k: int = 10,
-                 ell: int = 0, alpha: float = 0.1, c_max: float | None = None,
+                 ell: int = 0, alpha: float = 0.1, c_max: float | None = 1.0,
                  lanczos_order: int | None = None, lanczos_dtype: str | None = None,
                  hvp_method: str = "forward-over-reverse", refresh_method: str = "warm",
                  warm_extra: int = 0, block_hvp: str = "map", refresh_every: int = 100,
@@ -134,8 +136,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         super().__init__(name=name, **reject_unsupported(kwargs))
         self.rule = BaseRule(base, momentum=momentum, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
         arguments = locals()   # every hyper-parameter is an argument of the same name
-        self.hp = Hyperparameters.resolve(default_c_max=self.rule.default_c_max,
-                                          **{key: arguments[key] for key in FIELD_NAMES})
+        self.hp = Hyperparameters.resolve(**{key: arguments[key] for key in FIELD_NAMES})
         if isinstance(learning_rate, (numbers.Real, str)):  # schedules and tensors pass through
             check_real("learning_rate", learning_rate, minimum=0.0)
         self._learning_rate = self._build_learning_rate(learning_rate)

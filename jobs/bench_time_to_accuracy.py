@@ -42,7 +42,8 @@ every 100 steps after 40, curvature batch 500. Autoencoder (784-512-128-32-128-5
 parameters): batch 250, 15 epochs (heavy ball needs most of them to leave the initial plateau),
 grids heavy ball [0.3, 1, 3] and Adam [3e-4, 1e-3, 3e-3]; DHO2 as for logistic regression with
 curvature batch 250. Learning rates are constant and weight decay is 0. Curvature batches are
-global (split across the ranks).
+global (split across the ranks). The tuned settings keep FOSI's clip of the base learning-rate
+scale (``c_max`` 3 with heavy ball, 1 with Adam; ``FOSI_C_MAX``).
 
 ``--profile long`` runs each task for minutes instead of seconds, so one-off costs (the compile,
 tracing) and noise do not decide: budgets of 150 (MLP), 60 (ResNet-1D), 1500 (logistic
@@ -119,6 +120,9 @@ DHO2_TASK: dict[str, dict[str, Any]] = {
     "cnn_mnist5k": {"k": 10, "alpha": 0.1, "refresh_every": 320, "warmup": 40,
                     "curvature_batch": 250},
 }
+# FOSI's clip of the base learning-rate scale, per pair, in the tuned settings (DHO2's default,
+# which the drop-in check uses, is 1).
+FOSI_C_MAX = {"momentum": 3.0, "adam": 1.0}
 # Tasks of the default run (the CNN is a drop-in task: ``--dho2 defaults --tasks ...``).
 DEFAULT_TASKS = ["mlp_mnist1d", "resnet1d_mnist1d", "logreg_mnist5k", "autoencoder_mnist5k"]
 # ``--dho2``: "tuned" uses DHO2_TASK and sweeps DHO2's own rate; "defaults" is the drop-in check:
@@ -233,6 +237,8 @@ def run_one(name: str, task: dict[str, Any], method: str, lr: float, seed: int,
     settings = dict(METHODS[method]["settings"])
     if settings["optimizer"] == "dho2":
         settings.update(dho2_settings(name, dho2), **(QUICK_DHO2 if quick else {}))
+        if dho2 == "tuned":
+            settings["c_max"] = FOSI_C_MAX[METHODS[method]["pair"]]
     loss_task, from_base = is_loss_task(task), base_sets_target(task)
     finite = target is not None and math.isfinite(target)
     stop = {} if not (from_base and finite) else (

@@ -48,6 +48,8 @@ class Mode:
     imports_state_of: tuple[str, ...] = ()
     #: The ``window_rule`` values this mode accepts, its default first.
     window_rules: tuple[str, ...] = ("none",)
+    #: Whether the adaptive refresh schedule (``max_refresh_every``) is available.
+    adaptive_schedule = True
     #: Whether this rank computes curvature instead of training (pipelined curvature ranks).
     is_curvature_rank = False
     #: Whether every rank trains on its data shard (``pipelined``: the curvature ranks do not).

@@ -51,6 +51,8 @@ class PipelinedMode(Mode):
         self.pending_delivery: int | None = None
 
     all_ranks_train = False
+    # The curvature ranks refresh on the fixed schedule of the update ranks' triggers.
+    adaptive_schedule = False
 
     @staticmethod
     def process_sets_for(curvature_ranks: int, update_ranks: int | None,

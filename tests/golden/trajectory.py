@@ -30,6 +30,8 @@ D, C, B, STEPS = 10, 4, 8, 30
 MODES = ("sharded", "replicated", "auto", "faithful", "admm", "pipelined")
 BASES = ("momentum", "adam")
 LEARNING_RATES = {"momentum": 0.05, "adam": 0.01}
+# FOSI's clip of the base learning-rate scale c (the recording's; DHO2's default is 1).
+C_MAX = {"momentum": 3.0, "adam": 1.0}
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -51,7 +53,8 @@ def rank_data(rank: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def run(comm, mode: str, base: str) -> tuple[np.ndarray, np.ndarray]:
     """Train 30 steps; returns (this rank's flat weights, the installed eigenvalues)."""
-    opt = DHO2(learning_rate=LEARNING_RATES[base], base=base, k=3, ell=1, lanczos_order=12,
+    opt = DHO2(learning_rate=LEARNING_RATES[base], base=base, c_max=C_MAX[base], k=3, ell=1,
+               lanczos_order=12,
                refresh_every=15, warmup=10, mode=mode, comm=comm, tau=4, rho=0.05,
                curvature_ranks=1, delivery_delay=3)
     model = make_model()
