@@ -65,17 +65,20 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def find_differences(fingerprints: list[Mapping[str, Any]]) -> dict[str, list[Any]]:
+def find_differences(fingerprints: list[Mapping[str, Any]],
+                     optional: tuple[str, ...] = ()) -> dict[str, list[Any]]:
     """Keys whose values are not identical on every rank, with each rank's value.
 
     Values are compared by their canonical JSON text; a key absent on some rank counts as
-    different there (its value is reported as ``"<missing>"``).
+    different there (its value is reported as ``"<missing>"``), unless it starts with one of
+    the ``optional`` prefixes: those are compared among the ranks that have them.
     """
     keys = sorted({key for fp in fingerprints for key in fp})
     out: dict[str, list[Any]] = {}
     for key in keys:
         values = [fp.get(key, _MISSING) for fp in fingerprints]
-        texts = {v if v is _MISSING else _canonical(v) for v in values}
+        texts = {v if v is _MISSING else _canonical(v) for v in values
+                 if not (v is _MISSING and key.startswith(optional))}
         if len(texts) > 1:
             out[key] = values
     return out
@@ -89,7 +92,8 @@ def format_differences(what: str, differences: Mapping[str, list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def check_run_consistency(comm, fingerprint: Mapping[str, Any], what: str = "run") -> None:
+def check_run_consistency(comm, fingerprint: Mapping[str, Any], what: str = "run",
+                          optional: tuple[str, ...] = ()) -> None:
     """Compare ``fingerprint`` across every rank of ``comm``; raise on any difference.
 
     Collective: every rank must call it, before any other collective whose shape or count
@@ -101,6 +105,7 @@ def check_run_consistency(comm, fingerprint: Mapping[str, Any], what: str = "run
             booleans, ``None`` and lists of those).
         what: what is being compared (``"run"``, ``"DHO2"``, ...), used in the message and in
             the collective's name.
+        optional: key prefixes that only some ranks report (compared among those).
 
     Raises:
         TypeError: when ``fingerprint`` is not a flat mapping of JSON-serialisable values
@@ -123,7 +128,7 @@ def check_run_consistency(comm, fingerprint: Mapping[str, Any], what: str = "run
         return
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", what)
     everyone = comm.allgather_object(mine, name=f"dho2/consistency/{tag}")
-    differences = find_differences(everyone)
+    differences = find_differences(everyone, optional)
     if differences:
         raise RunConsistencyError(format_differences(what, differences), differences)
 
@@ -133,7 +138,8 @@ def verify_optimizer_consistency(comm, config: Mapping[str, Any], mode: str | No
     """Compare an optimizer's configuration (``name`` aside), resolved mode, world size, the
     model's trainable variables (shape, dtype) and ``fit``'s parameters (``fit.steps`` per
     epoch and ``fit.epochs``: ranks with another batch size or data size issue another number
-    of steps) across ranks.
+    of steps; only the ranks that call ``fit`` report them: pipelined curvature ranks do not)
+    across ranks.
 
     Every rank must call it (one ``allgather_object``); a mismatch raises the same
     :class:`RunConsistencyError` (a ValueError) on every rank, naming each differing key
@@ -146,4 +152,4 @@ def verify_optimizer_consistency(comm, config: Mapping[str, Any], mode: str | No
                         for i, v in enumerate(model.trainable_variables)})
     if fit is not None:
         fingerprint.update(flatten(dict(fit), "fit."))
-    check_run_consistency(comm, fingerprint, what="DHO2")
+    check_run_consistency(comm, fingerprint, what="DHO2", optional=("fit.",))

@@ -51,8 +51,9 @@ regression) and 250 (autoencoder) epochs, and every task judged by the target it
 within the budget (accuracy tasks: its best test accuracy less 0.005). Its results go to
 ``time_to_accuracy_long_p<P>.json`` and the ``bench_time_to_accuracy_long_p<P>`` section, with a
 second table: epochs to target, the epoch gain, DHO2's cost per epoch over its base's split into
-step, refresh and other (:func:`epoch_split`), and the wall-time speed-up. ``--pairs`` limits a
-run to the heavy-ball or the Adam pair.
+step, refresh and other (:func:`epoch_split`), and the wall-time speed-up. Logistic regression
+runs the heavy-ball pair and the autoencoder the Adam pair there (FOSI's pairing); ``--pairs``
+chooses the pairs of every task.
 
 ``--dho2 defaults`` is the drop-in check: DHO2 with its constructor defaults (only the curvature
 batch is set) at the learning rate tuned for its base, against that base, on every task including
@@ -153,6 +154,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "long": {"mlp_mnist1d": {"epochs": 150}, "resnet1d_mnist1d": {"epochs": 60},
              "logreg_mnist5k": {"epochs": 1500}, "autoencoder_mnist5k": {"epochs": 250}},
 }
+# The pairs a task runs unless --pairs names them: FOSI's pairing on the MNIST-5k tasks in the
+# long profile (heavy ball on logistic regression, Adam on the autoencoder), else both.
+PROFILE_PAIRS = {"long": {"logreg_mnist5k": ["momentum"], "autoencoder_mnist5k": ["adam"]}}
 ACCURACY_MARGIN = 0.005
 SWEEP_SEED = 100
 QUICK = {"num_samples": 1000, "epochs": 2}
@@ -171,8 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=list(PROFILES), default="short",
                         help="short: the budgets above; long: minute-long base runs, every "
                              "target set by the tuned base (default short)")
-    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS),
-                        help="optimizer pairs to run (default: both)")
+    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=None,
+                        help="optimizer pairs to run (default: both, or the profile's pair "
+                             "of the task: PROFILE_PAIRS)")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=DEFAULT_TASKS,
                         help=f"tasks to run (default: {' '.join(DEFAULT_TASKS)})")
     parser.add_argument("--dho2", choices=DHO2_SETTINGS, default="tuned",
@@ -428,7 +433,7 @@ def measure(name: str, task: dict[str, Any], chosen: dict[str, float], seed: int
 def run_task(name: str, args: argparse.Namespace, comm: Any) -> dict[str, Any]:
     """Sweep, then measure every method on the seeds."""
     task = task_settings(name, args.quick, args.profile)
-    pairs = list(args.pairs)
+    pairs = list(args.pairs or PROFILE_PAIRS.get(args.profile, {}).get(name, PAIRS))
     methods = methods_of(pairs)
     log(comm, f"== {name}: {task}")
     if args.quick:

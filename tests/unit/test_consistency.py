@@ -50,6 +50,16 @@ def test_a_key_missing_on_one_rank_is_a_difference():
         check_run_consistency(_Ranks({"a": 1}), {"a": 1, "b": 2})
 
 
+def test_optional_keys_are_compared_among_the_ranks_that_report_them():
+    # Pipelined curvature ranks do not call fit: fit.* is compared among the training ranks.
+    ranks = [{"a": 1, "fit.steps": 30}, {"a": 1}, {"a": 1, "fit.steps": 30}]
+    assert find_differences(ranks, optional=("fit.",)) == {}
+    ranks[2]["fit.steps"] = 15
+    assert find_differences(ranks, optional=("fit.",)) == {
+        "fit.steps": [30, "<missing>", 15]}
+    assert find_differences([{"a": 1}, {}], optional=("fit.",)) == {"a": [1, "<missing>"]}
+
+
 def test_single_process_is_a_no_op_but_bad_fingerprints_are_still_rejected():
     check_run_consistency(LocalComm(), {"a": 1})
     with pytest.raises(TypeError, match="must be flat; key 'a' holds a mapping"):
