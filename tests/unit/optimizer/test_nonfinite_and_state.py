@@ -58,7 +58,7 @@ def test_policy_raise_stops_with_a_clear_error():
                   callbacks=[CurvatureRefresh(batch=(x[:64], y[:64]))])
 
 
-def test_non_finite_curvature_batch_keeps_previous_eigenpairs():
+def test_non_finite_curvature_estimate_keeps_previous_eigenpairs():
     x, y = toy_data()
     model = toy_model()
     opt = DHO2(learning_rate=0.05, k=2, refresh_every=100, comm=LocalComm())
@@ -67,8 +67,14 @@ def test_non_finite_curvature_batch_keeps_previous_eigenpairs():
     good = opt.state.eigenvalues.numpy().copy()
     x_bad = x[:64].copy()
     x_bad[0, 0] = np.inf
-    opt.bind(model, LOSS, (x_bad, y[:64]))
+    with pytest.raises(ValueError, match=r"NaN/Inf in 1 row\(s\): 0"):  # refused at bind
+        opt.bind(model, LOSS, (x_bad, y[:64]))
+    # A non-finite Hessian at the current weights: every HVP of the refresh is non-finite.
+    kernel = model.trainable_variables[0]
+    saved = kernel.numpy()
+    kernel.assign(np.full_like(saved, np.inf))
     info = opt.refresh_curvature()
+    kernel.assign(saved)
     assert info["status"].startswith("non-finite") and not info["installed"]
     np.testing.assert_array_equal(opt.state.eigenvalues.numpy(), good)
     assert np.all(np.isfinite(opt.state.eigenvectors.numpy()))

@@ -26,6 +26,7 @@ from tests.unit.training.helpers import REPO, job
 TINY = {"num_samples": 500, "epochs": 1, "batch_size": 50, "verbose": 0,
         "optimizer": "adam", "learning_rate": 1e-3, "schedule": "constant"}
 DHO2_TINY = {"num_samples": 500, "batch_size": 50, "verbose": 0, "optimizer": "dho2",
+             "base": "momentum",
              "k": 2, "curvature_batch": 50, "refresh_every": 4, "warmup": 2,
              "learning_rate": 0.05, "schedule": "constant"}
 
