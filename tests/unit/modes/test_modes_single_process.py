@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from dho2_tf import DHO2, LocalComm
+from tests.helpers.steps import train_step
 from tests.unit.optimizer.test_keras_integration import LOSS, toy_data, toy_model
 
 
@@ -18,12 +18,7 @@ def flat_weights(model):
 def run_custom_loop(opt, model, x, y, steps, batch=32, record=None):
     opt.bind(model, LOSS, (x[:64], y[:64]))
 
-    @tf.function
-    def step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = LOSS(yb, model(xb, training=True))
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
-                                model.trainable_variables))
+    step = train_step(model, opt, LOSS)
 
     for t in range(steps):
         i = (t * batch) % (len(x) - batch)

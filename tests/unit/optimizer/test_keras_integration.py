@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import dho2_tf
 from dho2_tf import DHO2, CurvatureRefresh, LocalComm, training_loop
+from tests.helpers.steps import train_step
 
 
 def toy_data(n=256, d=8, classes=3, seed=0):
@@ -195,15 +196,7 @@ def test_public_api_exports():
 
 # ----------------------------------------------------------------- the custom-loop driver
 def loop_step(model, opt):
-    @tf.function
-    def step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = LOSS(yb, model(xb, training=True))
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
-                                model.trainable_variables))
-        return loss
-
-    return step
+    return train_step(model, opt, LOSS)
 
 
 def test_training_loop_equals_fit():

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from dho2_tf import DHO2, CurvatureRefresh, LocalComm
+from tests.helpers.steps import train_step
 from tests.unit.optimizer.test_keras_integration import LOSS, toy_data, toy_model
 
 
@@ -163,12 +164,7 @@ def test_batch_norm_statistics_of_a_skipped_step_are_restored_in_a_custom_loop()
                comm=LocalComm())
     opt.bind(model, LOSS, (x[:64], y[:64]))
 
-    @tf.function
-    def step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = LOSS(yb, model(xb, training=True))
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
-                                model.trainable_variables))
+    step = train_step(model, opt, LOSS)
 
     for t in range(6):
         opt.on_step_begin()
