@@ -235,17 +235,24 @@ def assert_recovered_and_matches_replay(survivor: dict, killed: dict, commit_dir
     assert survivor["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=2e-3)
 
 
-@pytest.mark.parametrize("victim", [pytest.param(0, marks=pytest.mark.slow), 1], ids=["rank0", "rank1"])
-def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Path,
-                                                                    victim: int) -> None:
-    """kill -9 of a worker from outside: the survivor rolls back to its last commit and
-    finishes alone; its final weights equal a one-process replay from that commit."""
+def kill_plan(tmp_path: Path) -> tuple[Path, Path, int, float]:
+    """Folders for the workers' pid and commit files, and a random moment to kill one: the
+    commit step it follows (from KILL_AFTER) and a delay after it (up to KILL_JITTER s)."""
     pid_dir, commit_dir = tmp_path / "pids", tmp_path / "commits"
     pid_dir.mkdir()
     commit_dir.mkdir()
     rng = random.Random(random.randrange(2**16))
     after, jitter = rng.choice(KILL_AFTER), rng.uniform(0.0, KILL_JITTER)
     print(f"kill {jitter:.3f}s after the commit of step {after}")
+    return pid_dir, commit_dir, after, jitter
+
+
+@pytest.mark.parametrize("victim", [pytest.param(0, marks=pytest.mark.slow), 1], ids=["rank0", "rank1"])
+def test_sigkill_recovers_from_the_last_commit_and_matches_a_replay(tmp_path: Path,
+                                                                    victim: int) -> None:
+    """kill -9 of a worker from outside: the survivor rolls back to its last commit and
+    finishes alone; its final weights equal a one-process replay from that commit."""
+    pid_dir, commit_dir, after, jitter = kill_plan(tmp_path)
     proc = start_job(
         ["-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
          str(DISCOVERY), "--network-interface", "lo", "--elastic-timeout", "30",

@@ -15,7 +15,6 @@ Needs root (CI runs as root); fails with the reason when the hosts cannot be bui
 from __future__ import annotations
 
 import json
-import random
 import re
 import time
 from pathlib import Path
@@ -25,10 +24,9 @@ import pytest
 
 from tests.helpers.launch import REPO, finish, horovodrun_path, run_horovod, start_horovod
 from tests.helpers.netns_hosts import SimulatedHosts
-from tests.test_parallel_elastic import (DISCOVERY, KILL_AFTER, KILL_JITTER, SCRIPT,
-                                         SIGKILL_EPOCHS, STEP_DELAY,
-                                         assert_recovered_and_matches_replay, results_of,
-                                         sigkill_after_commit)
+from tests.test_parallel_elastic import (DISCOVERY, SCRIPT, SIGKILL_EPOCHS, STEP_DELAY,
+                                         assert_recovered_and_matches_replay, kill_plan,
+                                         results_of, sigkill_after_commit)
 from tests.test_parallel_train import result_line
 
 pytestmark = [pytest.mark.parallel, pytest.mark.slow]
@@ -89,12 +87,7 @@ def test_multi_host_sh_over_two_hosts_trains_like_one_host(hosts: SimulatedHosts
 
 def test_elastic_job_loses_one_hosts_worker_and_the_other_host_finishes(
         hosts: SimulatedHosts, tmp_path: Path) -> None:
-    pid_dir, commit_dir = tmp_path / "pids", tmp_path / "commits"
-    pid_dir.mkdir()
-    commit_dir.mkdir()
-    rng = random.Random(random.randrange(2**16))
-    after, jitter = rng.choice(KILL_AFTER), rng.uniform(0.0, KILL_JITTER)
-    print(f"kill {jitter:.3f}s after the commit of step {after}")
+    pid_dir, commit_dir, after, jitter = kill_plan(tmp_path)
     proc = start_horovod(SCRIPT, None, (
         "--epochs", str(SIGKILL_EPOCHS), "--pid-dir", str(pid_dir), "--commit-dir",
         str(commit_dir), "--step-delay", str(STEP_DELAY)), horovod_args=(
