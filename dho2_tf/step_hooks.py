@@ -123,7 +123,8 @@ class StepHooks:
         * no curvature source bound when the step was traced: :meth:`check_source`;
         * a refresh overdue: refresh j is due before update t_j = W − 1 + j·T (pipelined: it
           lands Δ steps later), so update t with t ≥ t_j + Δ while only j refreshes ran means
-          ``on_step_begin`` was not called;
+          ``on_step_begin`` was not called (with the adaptive schedule, whose later intervals
+          the host stretches, only the first refresh is checked);
         * ``admm``: update t needs ⌊t/τ⌋ consensus rounds behind it, which ``on_step_end``
           runs.
 
@@ -141,6 +142,10 @@ class StepHooks:
         t = opt.iterations
         refreshes = tf.cast(opt.state.refreshes, tf.int64)   # hybrid.next_refresh_step, in graph
         due = tf.maximum(hp.warmup - 1 + refreshes * hp.refresh_every, 0) + mode.refresh_delay()
+        if hp.max_refresh_every is not None:
+            # The adaptive schedule may stretch an interval after its staleness check (the host
+            # decides); only the first refresh, at W − 1, is due at a known step.
+            due = tf.where(refreshes > 0, tf.int64.max, due)
         checks = [tf.debugging.assert_less(t, due, message=(
             "DHO2: a curvature refresh was due before this update but optimizer.on_step_begin() "
             "was not called, so the run would train without curvature. Drive the loop with "

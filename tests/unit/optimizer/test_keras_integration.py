@@ -241,6 +241,30 @@ def test_bound_loop_without_on_step_begin_fails_when_a_refresh_is_due():
     assert int(opt.iterations.numpy()) == 3 and opt.refresh_index() == 0
 
 
+def test_adaptive_schedule_that_stretches_is_no_missed_refresh():
+    """A hand-wired loop that calls every hook, on an adaptive schedule that never finds the
+    pairs stale: the checks of later intervals stretch them (no refresh), which is no error;
+    skipping on_step_begin before the first refresh still is."""
+    x, y = toy_data()
+    model = toy_model()
+    opt = make_opt(max_refresh_every=40, staleness_tol=1e9)     # W = 4, T = 8
+    opt.bind(model, LOSS, (x[:64], y[:64]))
+    step = loop_step(model, opt)
+    for t in range(20):
+        opt.on_step_begin()
+        step(x[:32], y[:32])
+        opt.on_step_end()
+    assert opt.refresh_index() == 1                             # the first, then stretched
+    model, opt = toy_model(), make_opt(max_refresh_every=40)
+    opt.bind(model, LOSS, (x[:64], y[:64]))
+    step = loop_step(model, opt)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"on_step_begin\(\) was not called"):
+        for _ in range(8):
+            step(x[:32], y[:32])
+    assert int(opt.iterations.numpy()) == 3
+
+
 def test_admm_loop_without_on_step_end_fails_after_tau_steps():
     x, y = toy_data()
     model, opt = toy_model(), make_opt(mode="admm", tau=2, warmup=100, refresh_every=100)
