@@ -61,7 +61,9 @@ def block_hvp(hvp_fn: Callable[[tf.Tensor], tf.Tensor], q: tf.Tensor, method: st
     the memory of one HVP); ``"vectorized"``: ``tf.vectorized_map`` (the rows batched through
     every operation where TensorFlow can vectorise it, a while loop where it cannot; more memory,
     fewer kernel launches). Both compute the same products. ``"vectorized"`` needs an ``hvp_fn``
-    that assigns no variable (:func:`check_vectorizable`).
+    that assigns no variable: ``tf.vectorized_map`` fails to trace an assignment (such as batch
+    norm's moving-average update in a training-mode forward pass), so DHO2 binds an HVP built
+    with ``skip_layer_updates=True`` and checks it (:func:`check_vectorizable`).
     """
     if method == "vectorized":
         return tf.vectorized_map(hvp_fn, q, fallback_to_while_loop=True)
