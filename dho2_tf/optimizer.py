@@ -84,6 +84,12 @@ class DHO2(tf.keras.optimizers.Optimizer):
         warm_extra: p ≥ 0 random directions added to the warm refresh's start block (0).
         block_hvp: a block of HVPs as a ``"map"`` loop (default, one HVP's memory) or
             ``"vectorized"`` (``tf.vectorized_map``; more memory, fewer kernel launches).
+            ``tf.vectorized_map`` cannot vectorise a variable assignment, so with
+            ``"vectorized"`` the HVP skips the layers' state updates (batch norm's moving
+            averages, unused by a training-mode product) instead of restoring them: the same
+            products. A model with a layer that assigns a variable in its forward pass some
+            other way (a custom counter, batch renormalisation) is refused at :meth:`bind`
+            (ValueError naming the layer; use ``"map"``).
         refresh_every: refresh interval T > 0 (100). warmup: W ≥ 0 (``refresh_every``).
         max_refresh_every: ``None`` (default): refresh every T steps. An integer T_max ≥ T: the
             adaptive schedule, which every T steps checks the installed pairs with one block HVP
@@ -264,7 +270,9 @@ class DHO2(tf.keras.optimizers.Optimizer):
         ``model`` (its ``trainable_variables`` are optimised), ``loss`` (``loss(y_true, y_pred)``,
         a Keras loss name, or ``None`` for ``model.loss``), this rank's curvature ``batch``
         ``(x, y)``, and ``training`` (batch-norm batch statistics in the HVPs; the moving
-        statistics are restored after each). ValueError: :func:`check_curvature_input`."""
+        statistics are restored after each, or not updated with ``block_hvp="vectorized"``).
+        ValueError: :func:`check_curvature_input`; with ``block_hvp="vectorized"``, a layer
+        that assigns a variable in its forward pass (see ``block_hvp``)."""
         check_curvature_input(model, batch)
         self.build(model.trainable_variables)
         self.curvature.bind(model, loss, batch, training)

@@ -46,9 +46,16 @@ def binding_key(model: tf.keras.Model, loss: Any, batch: tuple, training: bool) 
 
 def bind_curvature(model: tf.keras.Model, loss: Callable | str | None, batch: tuple,
                    training: bool, make_estimator: Callable[..., Any],
-                   lanczos_dtype: str | None, hvp_method: str) -> dict[str, Any]:
+                   lanczos_dtype: str | None, hvp_method: str,
+                   block_hvp: str = "map") -> dict[str, Any]:
     """The HVP of ``loss`` at ``model`` on ``batch`` (computed ``hvp_method``, see
     :func:`~dho2_tf.curvature.hvp.make_hvp_fn`) and the mode's compiled estimator.
+
+    With ``block_hvp="vectorized"`` the HVP skips the layers' state updates instead of
+    restoring the state (the same product, with no assignment for ``tf.vectorized_map`` to
+    fail on), and a model whose layers still assign a variable in the forward pass is refused
+    here, before anything is compiled
+    (ValueError, :func:`~dho2_tf.curvature.block_ops.check_vectorizable`).
 
     Traces the HVP and the Lanczos loop now (no HVP runs, no collective), so the first refresh
     costs what later ones do; ``compile_seconds`` in the result is that one-off cost.
@@ -57,12 +64,16 @@ def bind_curvature(model: tf.keras.Model, loss: Callable | str | None, batch: tu
         ``{"model", "dtype", "hvp", "estimator", "key", "batch", "compile_seconds"}``;
         ``estimator`` is ``None`` on a rank that never estimates.
     """
+    from dho2_tf.curvature.block_ops import check_vectorizable
     from dho2_tf.curvature.hvp import make_hvp_fn
 
     loss_fn = resolve_loss(model, loss)
     dtype = model.trainable_variables[0].dtype
+    vectorized = block_hvp == "vectorized"
     hvp = make_hvp_fn(model, loss_fn, batch, training=training, hvp_dtype=dtype,
-                      method=hvp_method)
+                      method=hvp_method, skip_layer_updates=vectorized)
+    if vectorized:
+        check_vectorizable(hvp, model)
     estimator = make_estimator(hvp, dtype, basis_dtype(lanczos_dtype, dtype))
     return {"model": model, "dtype": dtype, "hvp": hvp, "estimator": estimator,
             "key": binding_key(model, loss, batch, training), "batch": batch,
@@ -138,7 +149,8 @@ class Curvature:
                                                                            training):
             return  # the same binding (e.g. a second fit call): keep the compiled graphs
         self.binding = bind_curvature(model, loss, batch, training, self.mode.make_estimator,
-                                      self.hp.lanczos_dtype, self.hp.hvp_method)
+                                      self.hp.lanczos_dtype, self.hp.hvp_method,
+                                      self.hp.block_hvp)
         self.compile_seconds = self.binding["compile_seconds"]
         estimator = self.binding["estimator"]
         if self.comm.is_root and estimator is not None:

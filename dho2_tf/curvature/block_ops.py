@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 import tensorflow as tf
 
+from dho2_tf.curvature.hvp import layers_assigning_variables
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.distributed.sharding import ShardLayout
 
@@ -37,13 +38,32 @@ def check_block_hvp(method: str) -> str:
     return method
 
 
+def check_vectorizable(hvp_fn: Callable[[tf.Tensor], tf.Tensor], model: tf.keras.Model) -> None:
+    """ValueError unless ``hvp_fn`` (a traced product of
+    :func:`~dho2_tf.curvature.hvp.make_hvp_fn`) assigns no variable, naming the layers whose
+    variables it assigns: ``tf.vectorized_map`` cannot vectorise an assignment, so
+    ``block_hvp="vectorized"`` needs a product built with ``skip_layer_updates=True`` on a model
+    whose layers update state only through Keras' ``add_update`` (batch normalisation does)."""
+    layers = layers_assigning_variables(hvp_fn, model)
+    if layers:
+        raise ValueError(
+            "`block_hvp='vectorized'` needs a Hessian-vector product that assigns no variable "
+            "(tf.vectorized_map cannot vectorise an assignment), but these layers of "
+            f"{model.name!r} assign their variables in the forward pass: {', '.join(layers)}. "
+            "Use block_hvp='map' (the default) for this model. "
+            "Received: block_hvp='vectorized'")
+
+
 def block_hvp(hvp_fn: Callable[[tf.Tensor], tf.Tensor], q: tf.Tensor, method: str) -> tf.Tensor:
     """[H q_0 ; … ; H q_{b−1}] for the rows of ``q`` [b, n] (graph-safe).
 
     ``"map"``: a ``tf.map_fn`` loop over the rows (one traced HVP, the rows one after another,
     the memory of one HVP); ``"vectorized"``: ``tf.vectorized_map`` (the rows batched through
     every operation where TensorFlow can vectorise it, a while loop where it cannot; more memory,
-    fewer kernel launches). Both compute the same products.
+    fewer kernel launches). Both compute the same products. ``"vectorized"`` needs an ``hvp_fn``
+    that assigns no variable: ``tf.vectorized_map`` fails to trace an assignment (such as batch
+    norm's moving-average update in a training-mode forward pass), so DHO2 binds an HVP built
+    with ``skip_layer_updates=True`` and checks it (:func:`check_vectorizable`).
     """
     if method == "vectorized":
         return tf.vectorized_map(hvp_fn, q, fallback_to_while_loop=True)

@@ -15,12 +15,19 @@ less memory when activations dominate; its graph takes longer to build (the accu
 one JVP function per kind of operation of the backward pass, paid once per process at ``bind``,
 see ``jobs/bench_curvature_cost.py`` for both costs). Models whose weights are read by index
 (``Embedding``) fall back to reverse-over-reverse (see :func:`make_hvp_fn`).
+
+Layers that update state in the forward pass (batch normalisation's moving mean and variance)
+leave it unchanged: by default the traced product assigns the saved values back after the
+forward pass; with ``skip_layer_updates=True`` the updates are never made (Keras' ``add_update``
+is off while the product is traced), so the product assigns no variable at all, which
+``tf.vectorized_map`` needs (:func:`dho2_tf.curvature.block_ops.block_hvp`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import tensorflow as tf
 
@@ -33,6 +40,9 @@ HvpFn = Callable[[tf.Tensor], tf.Tensor]
 
 #: The formulations of H·v :func:`make_hvp_fn` offers, its default first.
 HVP_METHODS = ("forward-over-reverse", "reverse-over-reverse")
+
+#: Op types that write a resource variable (what :func:`layers_assigning_variables` looks for).
+ASSIGN_OPS = frozenset({"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp"})
 
 
 def check_hvp_method(method: str) -> str:
@@ -68,6 +78,56 @@ def _batch_loss(model: tf.keras.Model, loss_fn: LossFn, x: Any, y: Any,
     return loss
 
 
+def _keras_layers(model: tf.keras.Model) -> list[tf.keras.layers.Layer]:
+    """``model`` and every Keras layer inside it, each once."""
+    layers = {id(model): model}
+    for module in model.submodules:
+        if isinstance(module, tf.keras.layers.Layer):
+            layers.setdefault(id(module), module)
+    return list(layers.values())
+
+
+def _skip_update(updates: Any) -> None:
+    """A layer's ``add_update`` that runs nothing."""
+    del updates
+
+
+@contextlib.contextmanager
+def _layer_updates_skipped(model: tf.keras.Model) -> Iterator[None]:
+    """While active (at trace time), every layer's ``add_update`` runs nothing: a batch-norm
+    layer in training mode still normalises with the batch statistics but does not assign its
+    moving mean and variance (Keras runs those assignments only through ``add_update``)."""
+    layers = _keras_layers(model)
+    for layer in layers:
+        object.__setattr__(layer, "add_update", _skip_update)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "add_update")
+
+
+def layers_assigning_variables(hvp: Callable[[tf.Tensor], tf.Tensor],
+                               model: tf.keras.Model) -> list[str]:
+    """Names of the layers of ``model`` whose variables the traced ``hvp`` (a ``tf.function``
+    of :func:`make_hvp_fn`) assigns, innermost layer per variable, sorted; an assignment to a
+    variable outside the model is named by its op. Empty when the product writes no variable."""
+    graph = hvp.get_concrete_function().graph
+    outer_of = {id(internal): external for external, internal in graph.captures}
+    by_handle = {id(v.handle): v for v in model.variables}
+    layers = _keras_layers(model)
+    names = set()
+    for op in graph.get_operations():
+        if op.type not in ASSIGN_OPS:
+            continue
+        var = by_handle.get(id(outer_of.get(id(op.inputs[0]))))
+        owners = [] if var is None else [
+            layer for layer in layers if any(w is var for w in layer.weights)]
+        names.add(min(owners, key=lambda layer: len(layer.weights)).name if owners
+                  else f"op {op.name}")
+    return sorted(names)
+
+
 def _as_tensors(batch: tuple[Any, Any]) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError(f"`batch` must be a tuple (x, y). Received: {type(batch).__name__}")
@@ -77,7 +137,7 @@ def _as_tensors(batch: tuple[Any, Any]) -> tuple[Any, Any]:
 def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], *,
                 training: bool = True, hvp_dtype: tf.DType = tf.float32,
                 variables: Sequence[tf.Variable] | None = None,
-                method: str = HVP_METHODS[0]) -> HvpFn:
+                method: str = HVP_METHODS[0], skip_layer_updates: bool = False) -> HvpFn:
     """Build ``hvp(v_flat) = H·v`` for the loss of ``model`` on a fixed ``batch``.
 
     Math:
@@ -98,7 +158,11 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
     ``TensorSpec([n], hvp_dtype)``, traced once; the batch is captured as tensors. Every call
     leaves the model's non-trainable variables (BatchNorm moving mean/variance, counters)
     unchanged: they are read before the forward pass and assigned back after it, inside the same
-    traced function. The trainable variables are read at call time, so the HVP follows training.
+    traced function; or, with ``skip_layer_updates``, the layers' updates (``add_update``: the
+    BatchNorm moving averages) are skipped while the product is traced, so it assigns nothing.
+    Both leave the product unchanged: in training mode batch norm normalises with the batch
+    statistics, which the moving averages do not enter. The trainable variables are read at
+    call time, so the HVP follows training.
 
     Args:
         model: a built Keras model.
@@ -113,6 +177,10 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
             ``model.trainable_variables``.
         method: ``"forward-over-reverse"`` (default) or ``"reverse-over-reverse"`` (see the module
             docstring for when to choose which).
+        skip_layer_updates: skip the layers' ``add_update`` state updates instead of restoring
+            the state after them (the product then assigns no variable, as
+            ``tf.vectorized_map`` needs, unless a layer assigns a variable directly in its
+            ``call``: see :func:`layers_assigning_variables`). Defaults to ``False``.
 
     Returns:
         ``hvp(v_flat: hvp_dtype [n]) -> hvp_dtype [n]``.
@@ -135,12 +203,15 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
 
     def restoring(product: Callable[[list[tf.Tensor]], list[tf.Tensor]]) -> HvpFn:
         """The traced HVP around ``product`` (tangents -> H·v per variable), restoring the
-        frozen state after the forward pass."""
+        frozen state after the forward pass (or skipping the layers' updates)."""
 
         @tf.function(input_signature=[tf.TensorSpec([spec.n], hvp_dtype)])
         def hvp(v_flat: tf.Tensor) -> tf.Tensor:
-            saved = [v.read_value() for v in frozen]
             tangents = [tf.cast(t, d) for t, d in zip(unflatten(v_flat, spec), var_dtypes)]
+            if skip_layer_updates:
+                with _layer_updates_skipped(model):
+                    return flatten(product(tangents), spec, dtype=hvp_dtype)
+            saved = [v.read_value() for v in frozen]
             result = flatten(product(tangents), spec, dtype=hvp_dtype)
             with tf.control_dependencies([result]):
                 for var, value in zip(frozen, saved):
@@ -173,8 +244,9 @@ def make_hvp_fn(model: tf.keras.Model, loss_fn: LossFn, batch: tuple[Any, Any], 
                 raise
             hvp = restoring(reverse_over_reverse)
             method = "reverse-over-reverse"
-    logger.debug("HVP function built (%s): n=%d, %d variables, %d frozen, training=%s, "
-                 "dtype=%s", method, spec.n, len(variables), len(frozen), training,
+    logger.debug("HVP function built (%s): n=%d, %d variables, %d frozen (%s), training=%s, "
+                 "dtype=%s", method, spec.n, len(variables), len(frozen),
+                 "updates skipped" if skip_layer_updates else "restored", training,
                  hvp_dtype.name)
     return hvp
 
