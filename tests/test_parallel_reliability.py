@@ -82,12 +82,12 @@ def test_ranks_disagreeing_on_the_run_error_on_every_rank_within_30_seconds_nami
 
 
 def test_train_job_with_rank_dependent_flags_exits_2_on_every_rank():
-    """Two runs of jobs/train.py in one launch. First only rank 1 asks for --mode pipelined:
-    Horovod's process sets would differ, so both ranks stop with one message naming each
-    rank's sets and mode, before Horovod registers any set (no Gloo error). Then the ranks
-    disagree on the batch size: the same kind of message names it."""
+    """Only rank 1 asks for the pipelined mode, first through DHO2's own communicator, then
+    through jobs/train.py: Horovod's process sets would differ, so both ranks stop with one
+    message naming each rank's sets and mode, before Horovod registers any set (no Gloo
+    error). Then the job's ranks disagree on the batch size: the same kind of message."""
     proc = run_horovod(CONSISTENCY, 2, args=(
-        "job", "--optimizer", "dho2", "--num-samples", "400", "--epochs", "1",
+        "api", "job", "--optimizer", "dho2", "--num-samples", "400", "--epochs", "1",
         "--batch-size", "50", "--verbose", "0", "r1:--mode", "r1:pipelined",
         "++", "--optimizer", "adam", "--learning-rate", "1e-3", "--num-samples", "400",
         "--epochs", "1", "--schedule", "constant", "--verbose", "0",
@@ -96,6 +96,11 @@ def test_train_job_with_rank_dependent_flags_exits_2_on_every_rank():
     assert "mismatching numbers of process sets" not in proc.stdout + proc.stderr
     for rank in (0, 1):
         lines = job_lines(proc, rank)
+        api = lines.index(f"rank {rank} API_ERROR")
+        assert lines[api + 1:api + 4] == [
+            "Horovod start-up ranks disagree on process_sets, mode (every rank must use the "
+            "same value):", "  process_sets: rank 0: []; rank 1: [[0], [1]]",
+            '  mode: rank 0: "replicated"; rank 1: "pipelined"'], lines
         assert [line for line in lines if "JOB_STATUS" in line] == [
             f"rank {rank} JOB_STATUS 2"] * 2, lines
         first_seconds = float(next(line for line in lines if "JOB_SECONDS" in line).split()[-1])

@@ -13,6 +13,12 @@ Usage:
                                        first run's ``main``, as when ``jobs/train.py`` is
                                        launched directly
 
+  consistency_run.py api [job ...]     before anything else starts Horovod: ``DHO2`` with
+                                       ``mode="pipelined"`` on rank 1 only creates its own
+                                       communicator, which must raise RunConsistencyError on
+                                       every rank (printed after ``rank R API_ERROR``); then
+                                       the rest of the arguments as above
+
 Each case prints ``rank R CONSISTENCY_ERROR case=C seconds=S`` followed by the error message.
 """
 
@@ -25,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from dho2_tf import HorovodComm
+from dho2_tf import DHO2, HorovodComm
 from dho2_tf.consistency import RunConsistencyError
 from dho2_tf.training.experiment import TrainConfig, train
 
@@ -82,12 +88,28 @@ def run_jobs(flags: list[str]) -> None:
               f"rank {rank} JOB_SECONDS {time.monotonic() - start:.1f}", flush=True)
 
 
+def run_api_process_sets() -> None:
+    """Only rank 1 asks ``DHO2`` for the pipelined mode; its communicator starts Horovod."""
+    rank = int(os.environ["HOROVOD_RANK"])
+    opt = DHO2(k=2, mode="pipelined" if rank == 1 else "replicated")
+    try:
+        opt.comm
+    except RunConsistencyError as err:
+        print(f"rank {rank} API_ERROR\n{err}", flush=True)
+        return
+    raise AssertionError("DHO2's communicator started although the ranks' process sets differ")
+
+
 def main() -> None:
-    if sys.argv[1] == "job":
-        run_jobs(sys.argv[2:])
+    args = sys.argv[1:]
+    if args[0] == "api":
+        run_api_process_sets()
+        args = args[1:]
+    if args[0] == "job":
+        run_jobs(args[1:])
         return
     comm = HorovodComm()
-    for case in sys.argv[1:]:
+    for case in args:
         run_case(comm, case)
 
 
