@@ -92,8 +92,26 @@ def format_differences(what: str, differences: Mapping[str, list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _json_values(name: str, mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """``mapping`` with its values round-tripped through JSON; TypeError when it is not a flat
+    mapping of JSON-serialisable values (``name`` is the argument named in the message)."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"`{name}` must be a mapping. Received: {type(mapping)}")
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            raise TypeError(f"`{name}` must be flat; key {key!r} holds a mapping.")
+        try:
+            out[str(key)] = json.loads(json.dumps(value))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} value of {key!r} is not JSON-serialisable: "
+                            f"{value!r} ({err})") from None
+    return out
+
+
 def check_run_consistency(comm, fingerprint: Mapping[str, Any], what: str = "run",
-                          optional: tuple[str, ...] = ()) -> None:
+                          optional: tuple[str, ...] = (),
+                          context: Mapping[str, Any] | None = None) -> None:
     """Compare ``fingerprint`` across every rank of ``comm``; raise on any difference.
 
     Collective: every rank must call it, before any other collective whose shape or count
@@ -106,30 +124,33 @@ def check_run_consistency(comm, fingerprint: Mapping[str, Any], what: str = "run
         what: what is being compared (``"run"``, ``"DHO2"``, ...), used in the message and in
             the collective's name.
         optional: key prefixes that only some ranks report (compared among those).
+        context: flat ``{key: value}`` sent along with ``fingerprint`` and never a difference
+            by itself: when a key of ``fingerprint`` differs, the context keys that differ too
+            are named in the message (the settings the differing values were derived from).
+            Every rank must pass a context (possibly empty) or every rank ``None``: it changes
+            what the collective gathers.
 
     Raises:
-        TypeError: when ``fingerprint`` is not a flat mapping of JSON-serialisable values
-            (raised before the collective, so on the rank that passed it).
+        TypeError: when ``fingerprint`` or ``context`` is not a flat mapping of
+            JSON-serialisable values (raised before the collective, so on the rank that
+            passed it).
         RunConsistencyError: on every rank when any key differs; the message names each
             differing key and every rank's value for it.
     """
-    if not isinstance(fingerprint, Mapping):
-        raise TypeError(f"`fingerprint` must be a mapping. Received: {type(fingerprint)}")
-    mine = {}
-    for key, value in fingerprint.items():
-        if isinstance(value, Mapping):
-            raise TypeError(f"`fingerprint` must be flat; key {key!r} holds a mapping.")
-        try:
-            mine[str(key)] = json.loads(json.dumps(value))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"fingerprint value of {key!r} is not JSON-serialisable: "
-                            f"{value!r} ({err})") from None
+    mine = _json_values("fingerprint", fingerprint)
+    around = None if context is None else _json_values("context", context)
     if comm.size <= 1:
         return
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", what)
-    everyone = comm.allgather_object(mine, name=f"dho2/consistency/{tag}")
+    if around is not None:
+        pairs = comm.allgather_object([mine, around], name=f"dho2/consistency/{tag}")
+        everyone, contexts = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+    else:  # without context the payload is the fingerprint alone
+        everyone = comm.allgather_object(mine, name=f"dho2/consistency/{tag}")
+        contexts = [{} for _ in everyone]
     differences = find_differences(everyone, optional)
     if differences:
+        differences.update(find_differences(contexts))
         raise RunConsistencyError(format_differences(what, differences), differences)
 
 

@@ -168,7 +168,10 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def comm(self) -> Communicator:
         """The communicator (resolved on first use with the process sets the mode needs)."""
         if self._comm is None:
-            self._comm = default_comm(process_sets=self._mode.required_process_sets())
+            self._comm = default_comm(
+                process_sets=self._mode.required_process_sets(),
+                requested_by={"mode": self.hp.mode, "curvature_ranks": self.hp.curvature_ranks,
+                              "update_ranks": self.hp.update_ranks})
         return self._comm
 
     @property

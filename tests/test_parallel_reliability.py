@@ -61,6 +61,11 @@ def rank_output(text, rank):
     return out
 
 
+def job_lines(proc, rank):
+    """Rank ``rank``'s lines of stdout and stderr, prefix removed."""
+    return rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
+
+
 def test_ranks_disagreeing_on_the_run_error_on_every_rank_within_30_seconds_naming_the_key():
     """Batch size, samples, weight decay, baseline lr and DHO2's k differ between the two
     ranks: `train` raises on both before the first training collective, naming the key."""
@@ -77,10 +82,33 @@ def test_ranks_disagreeing_on_the_run_error_on_every_rank_within_30_seconds_nami
 
 
 def test_train_job_with_rank_dependent_flags_exits_2_on_every_rank():
-    proc = run_horovod(CONSISTENCY, 2, args=("cli",), timeout=120)
+    """Only rank 1 asks for the pipelined mode, first through DHO2's own communicator, then
+    through jobs/train.py: Horovod's process sets would differ, so both ranks stop with one
+    message naming each rank's sets and mode, before Horovod registers any set (no Gloo
+    error). Then the job's ranks disagree on the batch size: the same kind of message."""
+    proc = run_horovod(CONSISTENCY, 2, args=(
+        "api", "job", "--optimizer", "dho2", "--num-samples", "400", "--epochs", "1",
+        "--batch-size", "50", "--verbose", "0", "r1:--mode", "r1:pipelined",
+        "++", "--optimizer", "adam", "--learning-rate", "1e-3", "--num-samples", "400",
+        "--epochs", "1", "--schedule", "constant", "--verbose", "0",
+        "r0:--batch-size", "r0:50", "r1:--batch-size", "r1:25"), timeout=120)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "mismatching numbers of process sets" not in proc.stdout + proc.stderr
     for rank in (0, 1):
-        lines = rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
-        assert f"rank {rank} CLI_STATUS 2" in lines
+        lines = job_lines(proc, rank)
+        api = lines.index(f"rank {rank} API_ERROR")
+        assert lines[api + 1:api + 4] == [
+            "Horovod start-up ranks disagree on process_sets, mode (every rank must use the "
+            "same value):", "  process_sets: rank 0: []; rank 1: [[0], [1]]",
+            '  mode: rank 0: "replicated"; rank 1: "pipelined"'], lines
+        assert [line for line in lines if "JOB_STATUS" in line] == [
+            f"rank {rank} JOB_STATUS 2"] * 2, lines
+        first_seconds = float(next(line for line in lines if "JOB_SECONDS" in line).split()[-1])
+        assert first_seconds < 20, lines
+        assert (f"train.py: error (rank {rank}): Horovod start-up ranks disagree on "
+                "process_sets, mode (every rank must use the same value):") in lines, lines
+        assert "  process_sets: rank 0: []; rank 1: [[0], [1]]" in lines, lines
+        assert '  mode: rank 0: "auto"; rank 1: "pipelined"' in lines, lines
         assert any(line.startswith(f"train.py: error (rank {rank}): Training run ranks "
                                    "disagree on ") for line in lines), lines
         assert "  batch_size: rank 0: 50; rank 1: 25" in lines, lines
@@ -188,10 +216,6 @@ def test_a_corrupted_file_of_one_rank_stops_every_rank_naming_its_path(two_rank_
 
 
 # ------------------------------------------------------ ranks that must agree before resuming
-def job_lines(proc, rank):
-    return rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
-
-
 def test_resume_on_storage_one_rank_does_not_see_stops_every_rank_within_seconds(
         two_rank_checkpoint, tmp_path):
     """Node-local checkpoint folders (one per rank): rank 0 sees the checkpoint, rank 1 an

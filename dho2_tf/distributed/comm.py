@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+import os
+from typing import Any, Mapping, Sequence
 
 import tensorflow as tf
+
+from dho2_tf.consistency import RunConsistencyError, check_run_consistency, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -193,30 +196,67 @@ _REGISTERED_SETS: dict[tuple[int, ...], Any] = {}
 class HorovodComm(Communicator):
     """Horovod collectives (Gloo or MPI); call after ``hvd.init`` or let it call ``hvd.init``.
 
+    When this constructor starts Horovod, the ranks first compare the process sets each wants
+    (Horovod's static process sets must be identical on every rank at ``hvd.init``; ranks that
+    disagree would otherwise stop inside Horovod's start-up with a Gloo error): Horovod starts
+    without sets, one ``allgather_object`` compares them, and only if they agree and are not
+    empty does Horovod restart with them registered. Every rank takes part, with or without
+    sets. Under Horovod Elastic (``HOROVOD_ELASTIC=1``) no collective may run outside the
+    elastic loop, so Horovod starts directly (elastic runs use no process sets).
+
     Args:
         process_sets: groups of global ranks to register at initialisation (Horovod needs every
             process set before the first collective). Each must be a non-empty proper subset of
             the ranks; the same list must be passed on every rank.
+        requested_by: flat ``{setting: value}`` the sets were derived from (e.g. the DHO2
+            ``mode`` and ``curvature_ranks``), named in the error when ranks disagree.
+
+    Raises:
+        dho2_tf.consistency.RunConsistencyError: on every rank, when the ranks want different
+            process sets (Horovod is shut down again first); the message names each rank's
+            sets and the differing ``requested_by`` settings.
     """
 
-    def __init__(self, process_sets: Sequence[Sequence[int]] = ()) -> None:
+    def __init__(self, process_sets: Sequence[Sequence[int]] = (),
+                 requested_by: Mapping[str, Any] | None = None) -> None:
         import horovod.tensorflow as hvd  # the only Horovod import in dho2_tf
 
         self._hvd = hvd
+        self._sets = _REGISTERED_SETS
         wanted = [tuple(sorted(int(r) for r in ranks)) for ranks in process_sets]
         if not hvd.is_initialized():
-            handles = [hvd.ProcessSet(list(r)) for r in wanted]
-            hvd.init(process_sets=handles or None)
-            _REGISTERED_SETS.clear()
-            _REGISTERED_SETS.update(zip(wanted, handles))
+            if os.environ.get("HOROVOD_ELASTIC") == "1":
+                self._start(wanted)
+            else:
+                self._start_agreed(wanted, requested_by or {})
         elif any(w not in _REGISTERED_SETS for w in wanted):
             raise RuntimeError(
                 "Horovod is already initialised; process sets must be registered at hvd.init. "
                 "Create the first HorovodComm with every process set the run needs "
                 f"(missing: {[list(w) for w in wanted if w not in _REGISTERED_SETS]}).")
-        self._sets = _REGISTERED_SETS
-        self.rank = hvd.rank()
-        self.size = hvd.size()
+        self.refresh()
+
+    def _start(self, wanted: list[tuple[int, ...]]) -> None:
+        """``hvd.init`` registering ``wanted`` (the same on every rank)."""
+        handles = [self._hvd.ProcessSet(list(r)) for r in wanted]
+        self._hvd.init(process_sets=handles or None)
+        _REGISTERED_SETS.clear()
+        _REGISTERED_SETS.update(zip(wanted, handles))
+
+    def _start_agreed(self, wanted: list[tuple[int, ...]],
+                      requested_by: Mapping[str, Any]) -> None:
+        """Start Horovod without sets, compare ``wanted`` across ranks, restart with them."""
+        self._start([])
+        self.refresh()
+        try:
+            check_run_consistency(self, {"process_sets": [list(r) for r in wanted]},
+                                  what="Horovod start-up", context=flatten(requested_by))
+        except RunConsistencyError:
+            self._hvd.shutdown()  # a later HorovodComm starts (and compares) afresh
+            raise
+        if wanted:  # identical on every rank now: every rank restarts, or none does
+            self._hvd.shutdown()
+            self._start(wanted)
 
     def __repr__(self) -> str:
         return f"HorovodComm(rank={self.rank}, size={self.size}, groups={list(self._sets)})"
@@ -279,7 +319,8 @@ class HorovodComm(Communicator):
         return Group(key, self._sets[key])
 
 
-def default_comm(process_sets: Sequence[Sequence[int]] = ()) -> Communicator:
+def default_comm(process_sets: Sequence[Sequence[int]] = (),
+                 requested_by: Mapping[str, Any] | None = None) -> Communicator:
     """``HorovodComm`` when running under ``horovodrun`` (or Horovod is initialised), else local.
 
     A process counts as launched by ``horovodrun`` when the ``HOROVOD_RANK`` environment variable
@@ -288,15 +329,16 @@ def default_comm(process_sets: Sequence[Sequence[int]] = ()) -> Communicator:
     Args:
         process_sets: groups to register when this call starts Horovod (see
             :class:`HorovodComm`); ignored in a single process.
+        requested_by: the settings ``process_sets`` were derived from, named when ranks want
+            different sets (see :class:`HorovodComm`).
     """
-    import os
     import sys
 
     if "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        return HorovodComm(process_sets)
+        return HorovodComm(process_sets, requested_by)
     hvd = sys.modules.get("horovod.tensorflow")
     if hvd is not None and hvd.is_initialized():
-        return HorovodComm(process_sets)
+        return HorovodComm(process_sets, requested_by)
     return LocalComm()
 
 

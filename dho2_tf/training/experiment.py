@@ -433,12 +433,20 @@ def pipeline_groups(config: TrainConfig, world_size: int) -> Any:
 
 
 def make_comm(config: TrainConfig) -> Communicator:
-    """The run's communicator, registering at start-up the process sets its mode needs."""
+    """The run's communicator, registering at start-up the process sets its mode needs.
+
+    The settings the sets derive from (optimizer, DHO2 mode, curvature and update ranks) are
+    named in the :class:`dho2_tf.consistency.RunConsistencyError` raised on every rank when
+    the ranks want different sets (see :class:`dho2_tf.distributed.comm.HorovodComm`).
+    """
     if config.optimizer != "dho2":
-        return default_comm()
+        return default_comm(requested_by={"optimizer": config.optimizer})
     options = config.dho2_options
-    return default_comm(process_sets=mode_class(config.mode).process_sets_for(
-        options.get("curvature_ranks", 1), options.get("update_ranks")))
+    curvature_ranks, update_ranks = options.get("curvature_ranks", 1), options.get("update_ranks")
+    return default_comm(
+        process_sets=mode_class(config.mode).process_sets_for(curvature_ranks, update_ranks),
+        requested_by={"optimizer": config.optimizer, "mode": config.mode,
+                      "curvature_ranks": curvature_ranks, "update_ranks": update_ranks})
 
 
 def training_group(config: TrainConfig, comm: Communicator) -> Any:

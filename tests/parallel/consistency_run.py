@@ -4,13 +4,20 @@ Usage:
   consistency_run.py CASE [CASE ...]   for each case the ranks build configurations differing
                                        in one field and call ``train``; every rank must raise
                                        RunConsistencyError naming the field, before training
-  consistency_run.py cli               the same through ``jobs/train.py``'s ``main`` (rank-
-                                       dependent flags): exit status 2, message on stderr
   consistency_run.py job FLAGS...      ``jobs/train.py``'s ``main(FLAGS)`` on every rank; prints
-                                       ``rank R JOB_STATUS S`` (errors go to stderr). ``{rank}``
-                                       in a flag becomes the rank; a flag ``rR:TEXT`` is TEXT on
-                                       rank R and left out on the others (rank-dependent runs);
-                                       ``++`` separates the flags of consecutive runs
+                                       ``rank R JOB_STATUS S`` then ``rank R JOB_SECONDS T``
+                                       (errors go to stderr). ``{rank}`` in a flag becomes the
+                                       rank; a flag ``rR:TEXT`` is TEXT on rank R and left out
+                                       on the others (rank-dependent runs); ``++`` separates the
+                                       flags of consecutive runs. Horovod is started by the
+                                       first run's ``main``, as when ``jobs/train.py`` is
+                                       launched directly
+
+  consistency_run.py api [job ...]     before anything else starts Horovod: ``DHO2`` with
+                                       ``mode="pipelined"`` on rank 1 only creates its own
+                                       communicator, which must raise RunConsistencyError on
+                                       every rank (printed after ``rank R API_ERROR``); then
+                                       the rest of the arguments as above
 
 Each case prints ``rank R CONSISTENCY_ERROR case=C seconds=S`` followed by the error message.
 """
@@ -18,12 +25,13 @@ Each case prints ``rank R CONSISTENCY_ERROR case=C seconds=S`` followed by the e
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
-from dho2_tf import HorovodComm
+from dho2_tf import DHO2, HorovodComm
 from dho2_tf.consistency import RunConsistencyError
 from dho2_tf.training.experiment import TrainConfig, train
 
@@ -63,33 +71,46 @@ def load_job():
     return job
 
 
-def run_cli(comm):
-    job = load_job()
-    argv = ["--optimizer", "adam", "--learning-rate", "1e-3", "--num-samples", "400",
-            "--epochs", "1", "--schedule", "constant", "--verbose", "0",
-            "--batch-size", "50" if comm.rank == 0 else "25"]
-    status = job.main(argv)
-    print(f"rank {comm.rank} CLI_STATUS {status}", flush=True)
+def run_jobs(flags: list[str]) -> None:
+    """``jobs/train.py``'s ``main`` once per ``++``-separated run of ``flags`` (see above)."""
+    rank = int(os.environ["HOROVOD_RANK"])
+    runs: list[list[str]] = [[]]
+    for flag in flags:
+        only = re.fullmatch(r"r(\d+):(.*)", flag)
+        if flag == "++":
+            runs.append([])
+        elif only is None or int(only[1]) == rank:
+            runs[-1].append((only[2] if only else flag).replace("{rank}", str(rank)))
+    for argv in runs:
+        start = time.monotonic()
+        status = load_job().main(argv)
+        print(f"rank {rank} JOB_STATUS {status}\n"
+              f"rank {rank} JOB_SECONDS {time.monotonic() - start:.1f}", flush=True)
+
+
+def run_api_process_sets() -> None:
+    """Only rank 1 asks ``DHO2`` for the pipelined mode; its communicator starts Horovod."""
+    rank = int(os.environ["HOROVOD_RANK"])
+    opt = DHO2(k=2, mode="pipelined" if rank == 1 else "replicated")
+    try:
+        opt.comm
+    except RunConsistencyError as err:
+        print(f"rank {rank} API_ERROR\n{err}", flush=True)
+        return
+    raise AssertionError("DHO2's communicator started although the ranks' process sets differ")
 
 
 def main() -> None:
-    comm = HorovodComm()
-    if sys.argv[1] == "job":
-        runs: list[list[str]] = [[]]
-        for flag in sys.argv[2:]:
-            only = re.fullmatch(r"r(\d+):(.*)", flag)
-            if flag == "++":
-                runs.append([])
-            elif only is None or int(only[1]) == comm.rank:
-                runs[-1].append((only[2] if only else flag).replace("{rank}", str(comm.rank)))
-        for argv in runs:
-            print(f"rank {comm.rank} JOB_STATUS {load_job().main(argv)}", flush=True)
+    args = sys.argv[1:]
+    if args[0] == "api":
+        run_api_process_sets()
+        args = args[1:]
+    if args[0] == "job":
+        run_jobs(args[1:])
         return
-    for case in sys.argv[1:]:
-        if case == "cli":
-            run_cli(comm)
-        else:
-            run_case(comm, case)
+    comm = HorovodComm()
+    for case in args:
+        run_case(comm, case)
 
 
 if __name__ == "__main__":

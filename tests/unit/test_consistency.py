@@ -109,3 +109,22 @@ def test_dho2_verify_consistency_names_the_differing_optimizer_key():
     with pytest.raises(RunConsistencyError, match=r'  variable\[0\]: rank 0: \[\[3, 2\], '
                                                   r'"float32"\]; rank 1: \[\[3, 4\], "float32"\]'):
         opt.verify_consistency(model)
+
+
+def test_context_is_named_beside_a_difference_and_never_a_difference_by_itself():
+    """Process sets derived from each rank's mode: the mode is reported with them."""
+    comm = _Ranks([{"sets": [[0], [1]]}, {"mode": "pipelined", "curvature_ranks": 1}])
+    with pytest.raises(RunConsistencyError) as err:
+        check_run_consistency(comm, {"sets": []}, what="Start",
+                              context={"mode": "sharded", "curvature_ranks": 1})
+    assert str(err.value).splitlines() == [
+        "Start ranks disagree on sets, mode (every rank must use the same value):",
+        "  sets: rank 0: []; rank 1: [[0], [1]]",
+        '  mode: rank 0: "sharded"; rank 1: "pipelined"']
+    assert err.value.differences == {"sets": [[], [[0], [1]]], "mode": ["sharded", "pipelined"]}
+    # Equal fingerprints pass however the context differs (an empty context is sent too).
+    check_run_consistency(_Ranks([{"sets": []}, {"mode": "replicated"}]), {"sets": []},
+                          what="Start", context={"mode": "sharded"})
+    check_run_consistency(_Ranks([{"sets": []}, {}]), {"sets": []}, what="Start", context={})
+    with pytest.raises(TypeError, match="context value of 'mode' is not JSON-serialisable"):
+        check_run_consistency(LocalComm(), {"sets": []}, context={"mode": object()})
