@@ -10,12 +10,14 @@ import glob
 import json
 import os
 import re
+import shlex
 import subprocess
+import sys
 
 import pytest
 
 from dho2_tf.modes import MODE_CHOICES
-from tests.helpers.launch import REPO, run_horovod
+from tests.helpers.launch import REPO, horovodrun_path, run_horovod
 
 pytestmark = pytest.mark.parallel
 
@@ -130,6 +132,37 @@ def test_run_time_configuration_errors_exit_2_on_every_rank_with_one_line():
             f"train.py: error (rank {rank}): `k + ell` must not exceed the 15210 trainable "
             "parameters of the model. Received: k=20000, ell=0, lanczos_order=80000"], lines
         assert not any("Traceback" in line for line in lines)
+
+
+def test_resume_from_one_path_whose_content_differs_per_rank_stops_every_rank(tmp_path):
+    """Node-local storage: both ranks pass the same --checkpoint-dir, /proc/self/cwd/ckpt,
+    and each rank runs in its own working directory, so rank 0 sees a two-rank checkpoint and
+    rank 1 an empty folder. --resume stops both ranks with status 2 and names what each rank
+    sees, instead of rank 0 resuming while rank 1 starts from scratch (a hang)."""
+    flags = ("--optimizer", "adam", "--learning-rate", "0.001", "--num-samples", "500",
+             "--batch-size", "50", "--schedule", "constant", "--verbose", "0")
+    run_horovod(JOB, np=2, args=(*flags, "--epochs", "1", "--checkpoint-dir",
+                                 str(tmp_path / "rank0" / "ckpt")), timeout=150)
+    name = json.loads((tmp_path / "rank0" / "ckpt" / "checkpoint.json").read_text())["name"]
+    (tmp_path / "rank1" / "ckpt").mkdir(parents=True)
+    resume = " ".join(shlex.quote(str(a)) for a in (
+        sys.executable, JOB, *flags, "--epochs", "2", "--checkpoint-dir", "/proc/self/cwd/ckpt",
+        "--resume"))
+    script = f"cd {shlex.quote(str(tmp_path))}/rank$HOROVOD_RANK && exec {resume}"
+    proc = run_horovod(None, None, timeout=120, check=False, command=[
+        horovodrun_path(), "--gloo", "-np", "2", "-H", "localhost:2", "bash", "-c", script])
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        lines = [line.split(":", 1)[1] for line in (proc.stdout + proc.stderr).splitlines()
+                 if line.startswith(f"[{rank}]<")]
+        assert ("train.py: error (rank {rank}): Ranks disagree on the checkpoint to resume "
+                "from /proc/self/cwd/ckpt (every rank must see the same one; put "
+                "--checkpoint-dir on storage every rank shares):").format(rank=rank) in lines, \
+            lines
+        (seen,) = [line for line in lines if line.startswith("  checkpoint: ")]
+        assert re.fullmatch(rf'  checkpoint: rank 0: "{name} \(epoch 1, step \d+, run '
+                            r'[0-9a-f]{12}\)"; rank 1: "no checkpoint"', seen), seen
+        assert not any("Traceback" in line for line in lines), lines
 
 
 @pytest.mark.slow
