@@ -170,15 +170,12 @@ def sgd_lr_key(task: str, model: str, batch: int) -> str:
 
 def worker(args: argparse.Namespace) -> None:
     """Runs under horovodrun: calibration, or the whole plan for this P; rank 0 writes JSON."""
-    import tensorflow as tf
-
     from dho2_tf.distributed.comm import default_comm
     from dho2_tf.training import prioritized_bench as bench
+    from dho2_tf.training.report import share_cores_between_ranks
 
+    share_cores_between_ranks()
     comm = default_comm()
-    threads = max(1, (os.cpu_count() or 2) // comm.size)
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
     logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
                         format="%(asctime)s %(message)s")
     log = logging.getLogger("bench_prioritized")

@@ -276,17 +276,13 @@ def auto_delay(sharded: list[dict[str, Any]], args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """Runs on every rank (under horovodrun for P > 1): all modes; rank 0 writes the JSON."""
-    import tensorflow as tf
-
     from dho2_tf.training.data import load_mnist1d
     from dho2_tf.distributed.comm import default_comm
 
     size = int(os.environ.get("HOROVOD_SIZE", "1"))
+    report_lib.share_cores_between_ranks()
     comm = default_comm(mode_class("pipelined").process_sets_for(size // 2, None)
                         if size > 1 else ())
-    threads = max(1, (os.cpu_count() or 2) // comm.size)
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
     logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     data = load_mnist1d(num_samples=args.num_samples)

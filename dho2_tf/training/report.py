@@ -158,6 +158,22 @@ def horovod_launcher(environ: Mapping[str, str] | None = None) -> list[str]:
     return prefix
 
 
+def share_cores_between_ranks(environ: Mapping[str, str] | None = None) -> int:
+    """Give each of the ``P = HOROVOD_SIZE`` ranks ``max(1, ⌊cores / P⌋)`` TensorFlow threads.
+
+    Benchmarks call this before the first TensorFlow op (a communicator's start-up runs
+    collectives, after which TensorFlow refuses to change its thread pools), so P ranks on one
+    machine do not oversubscribe its cores. Returns the thread count set (intra- and inter-op).
+    """
+    import tensorflow as tf
+
+    env = os.environ if environ is None else environ
+    threads = max(1, (os.cpu_count() or 2) // max(1, int(env.get("HOROVOD_SIZE", "1"))))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    return threads
+
+
 def run_metadata(argv: Sequence[str] | None = None, repo: str | os.PathLike[str] = REPO,
                  launcher: Sequence[str] = ()) -> dict[str, str]:
     """Provenance of a run: ``command``, ``commit`` and ``date``.

@@ -164,3 +164,22 @@ def test_section_names_and_provenance():
         "- Commit and date: 0123456+dirty, 2026-12-01T11:39:53+00:00, wall time 61 s",
         "- Results: `results/a.json` (metadata backfilled after the run)"]
     assert report.provenance_lines(None, "r.json")[0] == "- Command, commit and date: not recorded"
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 64])
+def test_share_cores_between_ranks_gives_each_rank_its_share_of_the_cores(ranks):
+    """⌊cores / P⌋ threads (at least 1) per pool, still in force after TensorFlow has run ops."""
+    import os
+    import sys
+
+    code = ("import os, tensorflow as tf\n"
+            "from dho2_tf.training.report import share_cores_between_ranks\n"
+            "n = share_cores_between_ranks()\n"
+            "tf.reduce_sum(tf.ones(3))\n"
+            "print(n, tf.config.threading.get_intra_op_parallelism_threads(),\n"
+            "      tf.config.threading.get_inter_op_parallelism_threads())\n")
+    env = {**os.environ, "HOROVOD_SIZE": str(ranks)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    expected = max(1, (os.cpu_count() or 2) // ranks)
+    assert [int(v) for v in out[-3:]] == [expected] * 3
