@@ -204,6 +204,10 @@ class HorovodComm(Communicator):
     sets. Under Horovod Elastic (``HOROVOD_ELASTIC=1``) no collective may run outside the
     elastic loop, so Horovod starts directly (elastic runs use no process sets).
 
+    That comparison is a TensorFlow op, so it starts TensorFlow's runtime: set thread pools
+    (``tf.config.threading``) and visible devices before the first ``HorovodComm`` (or call
+    ``hvd.init`` yourself, configure TensorFlow, then create it; then nothing is compared).
+
     Args:
         process_sets: groups of global ranks to register at initialisation (Horovod needs every
             process set before the first collective). Each must be a non-empty proper subset of
