@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import shlex
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,9 +171,6 @@ def test_section_names_and_provenance():
 @pytest.mark.parametrize("ranks", [1, 2, 64])
 def test_share_cores_between_ranks_gives_each_rank_its_share_of_the_cores(ranks):
     """⌊cores / P⌋ threads (at least 1) per pool, still in force after TensorFlow has run ops."""
-    import os
-    import sys
-
     code = ("import os, tensorflow as tf\n"
             "from dho2_tf.training.report import share_cores_between_ranks\n"
             "n = share_cores_between_ranks()\n"
