@@ -104,6 +104,7 @@ class RunResult:
         light_steps, full_steps: steps without / with the bookkeeping (SGD: all light).
         light_step_ms, full_step_ms: their mean in-graph time, averaged over ranks (0 when
             there was no such step).
+        budget_s: the run's clock budget in seconds (a miss counts as this time).
         curve: ``(clock seconds, test accuracy)`` of every evaluation, when recorded.
     """
 
@@ -119,6 +120,7 @@ class RunResult:
     full_steps: int = 0
     light_step_ms: float = 0.0
     full_step_ms: float = 0.0
+    budget_s: float = 0.0
     curve: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
 
@@ -403,7 +405,8 @@ def run_once(spec: RunSpec, data: Any, target: float, budget_s: float, eval_ever
     light_ms, full_ms = mean_step_ms(seconds, counts, comm)
     return RunResult(spec, comm.size, clock.time_to_target, init_seconds, clock.steps,
                      evaluations, clock.best, len(y_r) * comm.size, int(counts[0]),
-                     int(counts[1]), light_ms, full_ms, clock.curve if record_curve else [])
+                     int(counts[1]), light_ms, full_ms, float(budget_s),
+                     clock.curve if record_curve else [])
 
 
 def calibrated_target(curve: list[tuple[float, float]], min_seconds: float) -> float | None:

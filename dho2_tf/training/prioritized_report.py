@@ -2,7 +2,7 @@
 
 A row is one run: the fields of :class:`~dho2_tf.training.prioritized_bench.RunSpec` and
 :class:`~dho2_tf.training.prioritized_bench.RunResult`. Times are medians over seeds; a run that missed the
-target counts as the model's clock budget, so a speed-up involving a miss is a bound. Speed-up =
+target counts as its clock budget (the row's ``budget_s``, else the model's), so a speed-up involving a miss is a bound. Speed-up =
 median T_SGD / median T_method; the bracket is the min–max of the per-seed ratios.
 
 Cost split (medians over seeds): light and full steps, their mean in-graph times T̄_light and
@@ -40,9 +40,10 @@ def group_runs(rows: list[Row]) -> dict[Key, list[Row]]:
 
 
 def seed_times(runs: list[Row], budget: float) -> dict[int, float]:
-    """Time to target per seed (the budget for a miss)."""
-    return {r["seed"]: budget if r["time_to_target"] is None else r["time_to_target"]
-            for r in runs}
+    """Time to target per seed; a miss counts as the run's own budget (``budget_s``), or as
+    ``budget`` for rows that do not record one."""
+    return {r["seed"]: (r.get("budget_s") or budget) if r["time_to_target"] is None
+            else r["time_to_target"] for r in runs}
 
 
 def speedup(reference: dict[int, float], times: dict[int, float]) -> str:
@@ -132,11 +133,21 @@ def markdown(rows: list[Row], targets: dict[str, float], budgets: dict[str, floa
                 lines.append(_row(key, groups[key], groups, targets[model], budgets[model],
                                   eq_batch, best, split))
     lines += ["", sweep_note(groups), "", scaling_note(groups, budgets)]
-    notes = [tuning_note(list(rows) + list(tuning), budgets) if tuning else "",
+    notes = [budget_note(rows),
+             tuning_note(list(rows) + list(tuning), budgets) if tuning else "",
              calibration_note(calibration or {}, targets),
              base_note(groups, budgets, min_base_seconds) if split else ""]
     lines += [line for note in notes if note for line in ("", note)]
     return "\n".join(lines) + "\n"
+
+
+def budget_note(rows: list[Row]) -> str:
+    """The clock budgets the rows record (``budget_s``), per P; empty for older rows."""
+    budgets = sorted({(r["ranks"], r["budget_s"]) for r in rows if r.get("budget_s")})
+    if not budgets:
+        return ""
+    return ("Clock budget per run (a miss counts as the budget): "
+            + "; ".join(f"{b:g} s at P = {p}" for p, b in budgets) + ".")
 
 
 def tuning_note(rows: list[Row], budgets: dict[str, float]) -> str:

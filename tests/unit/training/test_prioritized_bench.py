@@ -56,6 +56,27 @@ def test_report_speedups_count_misses_as_the_budget():
                            "2026-12-01T11:39:53+00:00\n- Results: `results/x.json`\n")
 
 
+def test_a_miss_counts_as_its_own_runs_budget_when_the_row_records_one():
+    rows = ([row("sgd", s, 30.0, batch=240, ranks=2) for s in range(3)]
+            + [row("psgd", 0, 15.0, ranks=2), row("psgd", 1, 15.0, ranks=2),
+               {**row("psgd", 2, None, ranks=2), "budget_s": 180.0}])
+    text = report.markdown(rows, {"mlp": 0.6}, {"mlp": 75.0}, META, "results/x.json")
+    psgd_line = next(line for line in text.splitlines() if "| psgd |" in line)
+    assert "15.00 [15.00–180.00]" in psgd_line  # the miss is the P = 2 budget, not 75 s
+    assert "2.00× [0.17–2.00]" in psgd_line  # 30 / 180 on the missing seed
+    assert "Clock budget per run (a miss counts as the budget): 180 s at P = 2." in text
+
+
+def test_budgets_per_rank_count_override_the_plain_ones():
+    budgets = job.per_model("mlp=75,cnn=75,mlp@2=180,mnist5k/cnn@2=200")
+    assert job.budget_for(budgets, "mnist1d/mlp", 1) == 75.0
+    assert job.budget_for(budgets, "mnist1d/mlp", 2) == 180.0
+    assert job.budget_for(budgets, "mnist5k/cnn", 2) == 200.0
+    assert job.budget_for(budgets, "mnist1d/cnn", 2) == 75.0
+    assert job.budget_for(job.per_model(job.DEFAULT_BUDGET), "mnist5k/cnn", 2) > \
+        job.budget_for(job.per_model(job.DEFAULT_BUDGET), "mnist5k/cnn", 1)
+
+
 def test_render_only_writes_the_section_of_the_results_file(tmp_path, monkeypatch, capsys):
     rows = [row("sgd", s, 2.0, batch=240) for s in range(3)] + [row("psgd", 0, 1.0)]
     results = tmp_path / "bench_prioritized.json"
@@ -122,6 +143,7 @@ def test_run_once_reaches_an_easy_target(method, batch):
     per_step = batch if method == "sgd" else 30 + (0 if free else 15)  # K (+ R refreshed)
     assert result.evaluations == result.steps * per_step + (0 if method == "sgd" else 300)
     assert result.light_steps + result.full_steps == result.steps  # every step timed
+    assert result.budget_s == 20.0
     if method == "psgd-default":  # bookkeeping every 16th step while uniform
         assert result.full_steps >= result.steps // 16 and result.light_steps > 0
     elif method == "sgd":
