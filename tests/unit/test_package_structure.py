@@ -5,7 +5,8 @@
 * no block of six or more (non-blank) lines is repeated inside ``dho2_tf/``;
 * only ``dho2_tf/distributed/`` and the run level import Horovod, and the optimizer, the modes
   and the communication layer do not import the run level (``dho2_tf/training/``);
-* the README's layout section names every module and folder of the package, and nothing else.
+* the layout section of docs/architecture.md names every module and folder of the package, and
+  nothing that does not exist.
 """
 
 from __future__ import annotations
@@ -107,19 +108,21 @@ def test_layers_import_downwards_only() -> None:
             assert not any(n.split(".")[0] == "horovod" for n in imported), path
 
 
-def _readme_layout() -> list[str]:
-    text = (REPO / "README.md").read_text()
+def _layout_entries() -> list[str]:
+    """The first word of every unindented line of the fenced block after "## Layout"."""
+    text = (REPO / "docs" / "architecture.md").read_text()
     block = text.split("## Layout", 1)[1].split("```", 2)[1]
     return [line.split()[0] for line in block.splitlines() if line and not line[0].isspace()]
 
 
-def test_readme_layout_matches_the_package() -> None:
-    listed = _readme_layout()
+def test_layout_matches_the_package() -> None:
+    listed = _layout_entries()
     for entry in listed:
-        assert (REPO / entry.rstrip("/")).exists(), f"README layout lists missing {entry}"
+        assert (REPO / entry.rstrip("/")).exists(), \
+            f"docs/architecture.md layout lists missing {entry}"
     package_entries = {f"{p.relative_to(REPO)}" for p in PACKAGE.glob("*.py")
                        if p.name != "__init__.py"}
     package_entries |= {f"{p.relative_to(REPO)}/" for p in PACKAGE.iterdir()
                         if p.is_dir() and (p / "__init__.py").exists()}
     missing = sorted(package_entries - set(listed))
-    assert missing == [], f"README layout misses {missing}"
+    assert missing == [], f"docs/architecture.md layout misses {missing}"
