@@ -18,14 +18,14 @@ setup-test:
 
 # DHO2 on the MNIST-1D MLP (4000/1000 split, generated locally) over NP Gloo ranks, heavy-ball
 # base at the learning rate tuned for it (flags beyond DHO2's defaults are given explicitly).
-# A 0.1 ms Horovod cycle suits DHO2's dependent small collectives (see README, Performance).
+# A 0.1 ms Horovod cycle suits DHO2's dependent small collectives (see docs/performance.md).
 demo: setup
 	HOROVOD_CYCLE_TIME=$${HOROVOD_CYCLE_TIME:-0.1} $(HVDRUN) --gloo -np $(NP) -H localhost:$(NP) $(PY) jobs/train.py \
 		--model mlp --dataset mnist1d --optimizer dho2 --base momentum --learning-rate 0.1 \
 		--alpha 0.01 --refresh-every 200 --warmup 40 \
 		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
 
-# The suite (about 15 min on 2 cores): ruff, then the unit tests and the multi-process tests
+# The suite (about 30 min on 2 cores): ruff, then the unit tests and the multi-process tests
 # that launch real horovodrun or Ray, without the long scenarios marked `slow`.
 test: setup-test
 	$(PY) -m ruff check dho2_tf jobs tests
