@@ -22,8 +22,9 @@ REFRESHES = ("pass", "free")
 #: :meth:`PrioritizedSampler.recommended`): importance sampling switched on only when τ says it
 #: pays for its measured cost, priorities refreshed for free from the training step's forward
 #: pass every ``bookkeeping_interval`` steps while sampling is uniform, last-layer gradient
-#: norms, and a proposal half uniform (γ = 0.5; with γ = 0.1 switching on at SGD's learning rate
-#: lowered the MNIST-1D MLP's test accuracy, docs/prioritized.md).
+#: norms, and a proposal half uniform (γ = 0.5: an example's importance weight is at most 1/γ = 2
+#: times its uniform one, so the learning rate tuned for uniform sampling stays usable when
+#: importance sampling switches on; docs/prioritized.md has the comparison with γ = 0.1).
 RECOMMENDED: dict[str, Any] = {"priority": "length", "init_priority": "length",
                                "estimator": "keep", "selection": "adaptive", "refresh": "free",
                                "per_example": "auto", "gamma": 0.5, "aggregate_report": False,
