@@ -8,10 +8,11 @@ whole basis on every rank (HVP averaged by one allreduce per iteration, nothing 
 communicated), so V comes out whole on every rank.
 
 Per step: one allreduce of n numbers, then two (sgd/momentum/nesterov) or four (Adam) passes
-over the full V [K, n]. State per rank: (slots + 1 + K)·n numbers, plus the m·n float64 Lanczos
-basis during a refresh. Choose it when that fits comfortably in a rank's memory
-(``mode="auto"`` decides with ``memory_budget``); it is then faster than ``sharded``, whose three
-or four dependent collectives per step are latency-bound, at the price of P times the state.
+over the full V [K, n]. State per rank: (slots + 1 + K)·n numbers, plus the transient basis of a
+refresh (:func:`dho2_tf.modes.refresh_basis_rows` rows of n, in the basis dtype). Choose it when
+that fits comfortably in a rank's memory (``mode="auto"`` decides with ``memory_budget``); it is
+then faster than ``sharded``, whose three or four dependent collectives per step are
+latency-bound, at the price of P times the state.
 """
 
 from __future__ import annotations
