@@ -44,7 +44,7 @@ def describe_ranks(values: list[Any]) -> str:
                      for text, ranks in groups.items())
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``config`` as a flat fingerprint: nested mappings become ``prefix.key.subkey`` entries.
 
     Tuples become lists; values JSON cannot hold (numpy scalars aside, which become numbers)
@@ -54,7 +54,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
+            out.update(flatten_config(value, f"{name}."))
             continue
         if hasattr(value, "item") and getattr(value, "shape", None) == ():
             value = value.item()
@@ -166,11 +166,11 @@ def verify_optimizer_consistency(comm, config: Mapping[str, Any], mode: str | No
     :class:`RunConsistencyError` (a ValueError) on every rank, naming each differing key
     (``optimizer.k``, ``variable[0]``, ...) with each rank's value.
     """
-    fingerprint = flatten({k: v for k, v in config.items() if k != "name"}, "optimizer.")
+    fingerprint = flatten_config({k: v for k, v in config.items() if k != "name"}, "optimizer.")
     fingerprint.update({"mode": mode, "world_size": comm.size,
                         "num_trainable_variables": len(model.trainable_variables)})
     fingerprint.update({f"variable[{i}]": [list(v.shape), v.dtype.name]
                         for i, v in enumerate(model.trainable_variables)})
     if fit is not None:
-        fingerprint.update(flatten(dict(fit), "fit."))
+        fingerprint.update(flatten_config(dict(fit), "fit."))
     check_run_consistency(comm, fingerprint, what="DHO2", optional=("fit.",))

@@ -91,7 +91,7 @@ class FosiStep:
             st.newton_momentum, st.newton_coeffs, st.newton_decay,
             [] if st.in_place and not rule.linear else [v.value() for v in st.base_slots],
             slot_coeffs, ws.projected, tf.equal(ws.projected_at, st.refreshes))
-        curvature = hybrid.Curvature(st.eigenvectors, st.gram, st.rates, st.scale)
+        curvature = hybrid.CurvatureSubspace(st.eigenvectors, st.gram, st.rates, st.scale)
         in_place = None
         if st.in_place:
             def in_place(g: tf.Tensor, lr: tf.Tensor, init: tf.Tensor | None) -> tf.Tensor:

@@ -46,7 +46,7 @@ from dho2_tf.distributed.comm import Communicator, Group
 from dho2_tf.numerics import scalar
 
 
-class Curvature(NamedTuple):
+class CurvatureSubspace(NamedTuple):
     """Curvature state used by the hybrid step (all replicated except ``vectors_r``).
 
     Attributes:
@@ -121,7 +121,7 @@ InPlaceStep = Callable[[tf.Tensor, tf.Tensor, "tf.Tensor | None"], tf.Tensor]
 StepControl = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
-def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: Curvature, rule: BaseRule,
+def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: CurvatureSubspace, rule: BaseRule,
                         learning_rate: tf.Tensor, alpha: float, step: tf.Tensor,
                         comm: Communicator, *, in_place: InPlaceStep | None = None,
                         control: StepControl | None = None, process_set: Group | None = None,

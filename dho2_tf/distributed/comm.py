@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import tensorflow as tf
 
-from dho2_tf.consistency import RunConsistencyError, check_run_consistency, flatten
+from dho2_tf.consistency import RunConsistencyError, check_run_consistency, flatten_config
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class HorovodComm(Communicator):
         self.refresh()
         try:
             check_run_consistency(self, {"process_sets": [list(r) for r in wanted]},
-                                  what="Horovod start-up", context=flatten(requested_by))
+                                  what="Horovod start-up", context=flatten_config(requested_by))
         except RunConsistencyError:
             self._hvd.shutdown()  # a later HorovodComm starts (and compares) afresh
             raise

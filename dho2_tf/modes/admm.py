@@ -4,7 +4,7 @@ Optimization and Statistical Learning via the Alternating Direction Method of Mu
 
 Each rank minimises its own f_i(x_i) + π_iᵀ(x_i − z) + ρ/2‖x_i − z‖² with τ local hybrid steps
 (no communication), then one allreduce forms z and the duals are updated
-(:func:`dho2_tf.distributed.admm.consensus_round`). Curvature is estimated at z with the HVP
+(:func:`dho2_tf.distributed.outer_rules.consensus_round`). Curvature is estimated at z with the HVP
 averaged over all ranks; V is kept in full on every rank so local steps need no collective, and
 η uses the Hessian of the augmented local objective, H + ρI.
 
@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import tensorflow as tf
 
-from dho2_tf.distributed.admm import consensus_round
+from dho2_tf.distributed.outer_rules import consensus_round
 from dho2_tf.flat import flatten
 from dho2_tf.modes.base import Mode, assign_flat
 from dho2_tf.numerics import scalar

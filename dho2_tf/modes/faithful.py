@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from dho2_tf.distributed.admm import window_jump
+from dho2_tf.distributed.outer_rules import window_jump
 from dho2_tf.flat import flatten
 from dho2_tf.modes.base import assign_flat
 from dho2_tf.modes.replicated import ReplicatedMode

@@ -5,7 +5,7 @@
 the directory and removed when its run ends. A lock whose process is dead on this host is
 stale (the run was killed) and is taken over with a warning; a lock held by a live process,
 or by a process on another host (whose liveness cannot be checked from here), refuses the run
-with :class:`~dho2_tf.training.checkpointing.CheckpointError`.
+with :class:`CheckpointError` (also importable from :mod:`dho2_tf.training.checkpointing`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ import time
 logger = logging.getLogger(__name__)
 
 LOCK = "checkpoint.lock"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file cannot be used as asked (the message says what to do)."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -51,8 +55,6 @@ def acquire_lock(directory: str) -> None:
         CheckpointError: when another live process (or a process on another host) holds it;
             the message names the host, pid and lock file, and what to do.
     """
-    from dho2_tf.training.checkpointing import CheckpointError
-
     path = os.path.join(directory, LOCK)
     host, pid = socket.gethostname(), os.getpid()
     for _ in range(3):  # a stale lock removed between our attempts: try again

@@ -72,14 +72,10 @@ import numpy as np
 import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator
-from dho2_tf.training.checkpoint_lock import acquire_lock, release_lock
+from dho2_tf.training.checkpoint_lock import CheckpointError, acquire_lock, release_lock
 from dho2_tf.validation import check_int, check_real
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file cannot be used as asked (the message says what to do)."""
 
 
 MANIFEST = "checkpoint.json"

@@ -366,14 +366,14 @@ def run_fingerprint(trainer: ElasticTrainer) -> dict[str, Any]:
     :class:`ElasticConfig` fields, the training/test rows and steps per epoch, the DHO2 config
     (``optimizer.*``) and the name and shape of every model variable (``model.*``).
     """
-    from dho2_tf.consistency import flatten
+    from dho2_tf.consistency import flatten_config
 
     fingerprint = {f"config.{k}": v for k, v in dataclasses.asdict(trainer.config).items()}
     fingerprint.update({"data.train_rows": len(trainer.x_train),
                         "data.test_rows": len(trainer.x_test),
                         "data.input_shape": list(trainer.x_train.shape[1:]),
                         "steps_per_epoch": trainer.steps_per_epoch})
-    fingerprint.update(flatten(trainer.optimizer_config, "optimizer."))
+    fingerprint.update(flatten_config(trainer.optimizer_config, "optimizer."))
     fingerprint.update({f"model.{i}.{v.name}": list(v.shape)
                         for i, v in enumerate(trainer.model.weights)})
     return fingerprint

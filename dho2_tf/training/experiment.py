@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaSync,
                                TestAccuracyClock)
-from dho2_tf.consistency import RunConsistencyError, check_run_consistency, describe_ranks, flatten
+from dho2_tf.consistency import RunConsistencyError, check_run_consistency, describe_ranks, flatten_config
 from dho2_tf.training.checkpoint_lock import acquire_lock, release_lock
 from dho2_tf.training.checkpointing import (CheckpointError, CheckpointInfo, EpochCheckpoint,
                                             check_checkpoint_dir, clean_pending,
@@ -626,7 +626,7 @@ def run_fingerprint(config: TrainConfig, comm: Communicator, model: tf.keras.Mod
     (:func:`~dho2_tf.training.data.content_hash`), when ``data_hash`` is given.
     """
     values = {k: v for k, v in dataclasses.asdict(config).items() if k not in RANK_LOCAL_FIELDS}
-    fingerprint = flatten(values)
+    fingerprint = flatten_config(values)
     fingerprint.update({"ranks": comm.size, "training_examples": int(training_examples),
                         "global_batch": int(training_ranks * config.batch_size),
                         "num_trainable_variables": len(model.trainable_variables)})

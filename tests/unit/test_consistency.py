@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dho2_tf.consistency import (RunConsistencyError, check_run_consistency,
-                                 find_differences, flatten)
+                                 find_differences, flatten_config)
 from dho2_tf.distributed.comm import LocalComm
 
 
@@ -68,12 +68,12 @@ def test_single_process_is_a_no_op_but_bad_fingerprints_are_still_rejected():
         check_run_consistency(LocalComm(), {"a": object()})
 
 
-def test_flatten_nests_with_dots_and_makes_numpy_scalars_numbers():
-    assert flatten({"lr": np.float32(0.5), "opts": {"damping": 1e-9, "inner": {"x": (1, 2)}},
+def test_flatten_config_nests_with_dots_and_makes_numpy_scalars_numbers():
+    assert flatten_config({"lr": np.float32(0.5), "opts": {"damping": 1e-9, "inner": {"x": (1, 2)}},
                     "fn": len}, "optimizer.") == {
         "optimizer.lr": 0.5, "optimizer.opts.damping": 1e-9, "optimizer.opts.inner.x": [1, 2],
         "optimizer.fn": repr(len)}
-    first, second = (flatten({"fn": lambda: i}) for i in (1, 2))  # two distinct objects
+    first, second = (flatten_config({"fn": lambda: i}) for i in (1, 2))  # two distinct objects
     assert first == second and " at 0x" not in first["fn"]
 
 

@@ -1,4 +1,4 @@
-"""The outer rules of dho2_tf/distributed/admm.py against numpy: the window jump and one round
+"""The outer rules of dho2_tf/distributed/outer_rules.py against numpy: the window jump and one round
 of consensus ADMM, on P simulated ranks (tests/helpers/ranks.py) and with LocalComm."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dho2_tf.distributed.admm import consensus_round, window_jump
+from dho2_tf.distributed.outer_rules import consensus_round, window_jump
 from dho2_tf.distributed.comm import CountingComm, LocalComm
 from tests.helpers.ranks import run_on_ranks
 
