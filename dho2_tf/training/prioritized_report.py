@@ -2,8 +2,9 @@
 
 A row is one run: the fields of :class:`~dho2_tf.training.prioritized_bench.RunSpec` and
 :class:`~dho2_tf.training.prioritized_bench.RunResult`. Times are medians over seeds; a run that missed the
-target counts as its clock budget (the row's ``budget_s``, else the model's), so a speed-up involving a miss is a bound. Speed-up =
-median T_SGD / median T_method; the bracket is the min–max of the per-seed ratios.
+target counts as its clock budget (the row's ``budget_s``, else the model's), so a speed-up
+involving a miss is a bound. Speed-up = median T_SGD / median T_method; the bracket is the
+min–max of the per-seed ratios.
 
 Cost split (medians over seeds): light and full steps, their mean in-graph times T̄_light and
 T̄_full (SGD: every step is light), and the bookkeeping's share of the clock,
@@ -142,12 +143,16 @@ def markdown(rows: list[Row], targets: dict[str, float], budgets: dict[str, floa
 
 
 def budget_note(rows: list[Row]) -> str:
-    """The clock budgets the rows record (``budget_s``), per P; empty for older rows."""
-    budgets = sorted({(r["ranks"], r["budget_s"]) for r in rows if r.get("budget_s")})
-    if not budgets:
-        return ""
-    return ("Clock budget per run (a miss counts as the budget): "
-            + "; ".join(f"{b:g} s at P = {p}" for p, b in budgets) + ".")
+    """The clock budgets the rows record (``budget_s``), per model and P; empty for older
+    rows."""
+    budgets: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r.get("budget_s"):
+            budgets.setdefault(r["model"], {})[r["ranks"]] = r["budget_s"]
+    parts = [f"{model} " + ", ".join(f"{b:g} s at P = {p}" for p, b in sorted(by_p.items()))
+             for model, by_p in sorted(budgets.items())]
+    return ("Clock budget per run (a miss counts as the budget): " + "; ".join(parts) + "."
+            ) if parts else ""
 
 
 def tuning_note(rows: list[Row], budgets: dict[str, float]) -> str:

@@ -64,7 +64,7 @@ def test_a_miss_counts_as_its_own_runs_budget_when_the_row_records_one():
     psgd_line = next(line for line in text.splitlines() if "| psgd |" in line)
     assert "15.00 [15.00–180.00]" in psgd_line  # the miss is the P = 2 budget, not 75 s
     assert "2.00× [0.17–2.00]" in psgd_line  # 30 / 180 on the missing seed
-    assert "Clock budget per run (a miss counts as the budget): 180 s at P = 2." in text
+    assert "Clock budget per run (a miss counts as the budget): mlp 180 s at P = 2." in text
 
 
 def test_budgets_per_rank_count_override_the_plain_ones():
