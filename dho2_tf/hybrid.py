@@ -121,8 +121,8 @@ InPlaceStep = Callable[[tf.Tensor, tf.Tensor, "tf.Tensor | None"], tf.Tensor]
 StepControl = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
-def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: CurvatureSubspace, rule: BaseRule,
-                        learning_rate: tf.Tensor, alpha: float, step: tf.Tensor,
+def hybrid_displacement(g_r: tf.Tensor, state: StepState, curvature: CurvatureSubspace,
+                        rule: BaseRule, learning_rate: tf.Tensor, alpha: float, step: tf.Tensor,
                         comm: Communicator, *, in_place: InPlaceStep | None = None,
                         control: StepControl | None = None, process_set: Group | None = None,
                         name: str = "dho2") -> HybridResult:

@@ -4,9 +4,9 @@ Optimization and Statistical Learning via the Alternating Direction Method of Mu
 
 Each rank minimises its own f_i(x_i) + π_iᵀ(x_i − z) + ρ/2‖x_i − z‖² with τ local hybrid steps
 (no communication), then one allreduce forms z and the duals are updated
-(:func:`dho2_tf.distributed.outer_rules.consensus_round`). Curvature is estimated at z with the HVP
-averaged over all ranks; V is kept in full on every rank so local steps need no collective, and
-η uses the Hessian of the augmented local objective, H + ρI.
+(:func:`dho2_tf.distributed.outer_rules.consensus_round`). Curvature is estimated at z with the
+HVP averaged over all ranks; V is kept in full on every rank so local steps need no collective,
+and η uses the Hessian of the augmented local objective, H + ρI.
 
 Per step: no collective, four passes over the full V [K, n]; every τ steps one allreduce of
 n + 1 numbers (plus the batch-norm statistics). State per rank: (slots + 3 + K)·n numbers.

@@ -31,7 +31,8 @@ import tensorflow as tf
 
 from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaSync,
                                TestAccuracyClock)
-from dho2_tf.consistency import RunConsistencyError, check_run_consistency, describe_ranks, flatten_config
+from dho2_tf.consistency import (RunConsistencyError, check_run_consistency, describe_ranks,
+                                 flatten_config)
 from dho2_tf.training.checkpoint_lock import acquire_lock, release_lock
 from dho2_tf.training.checkpointing import (CheckpointError, CheckpointInfo, EpochCheckpoint,
                                             check_checkpoint_dir, clean_pending,

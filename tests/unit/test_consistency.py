@@ -69,8 +69,9 @@ def test_single_process_is_a_no_op_but_bad_fingerprints_are_still_rejected():
 
 
 def test_flatten_config_nests_with_dots_and_makes_numpy_scalars_numbers():
-    assert flatten_config({"lr": np.float32(0.5), "opts": {"damping": 1e-9, "inner": {"x": (1, 2)}},
-                    "fn": len}, "optimizer.") == {
+    assert flatten_config({"lr": np.float32(0.5),
+                           "opts": {"damping": 1e-9, "inner": {"x": (1, 2)}},
+                           "fn": len}, "optimizer.") == {
         "optimizer.lr": 0.5, "optimizer.opts.damping": 1e-9, "optimizer.opts.inner.x": [1, 2],
         "optimizer.fn": repr(len)}
     first, second = (flatten_config({"fn": lambda: i}) for i in (1, 2))  # two distinct objects

@@ -1,5 +1,5 @@
-"""The outer rules of dho2_tf/distributed/outer_rules.py against numpy: the window jump and one round
-of consensus ADMM, on P simulated ranks (tests/helpers/ranks.py) and with LocalComm."""
+"""The outer rules of dho2_tf/distributed/outer_rules.py against numpy: the window jump and one
+round of consensus ADMM, on P simulated ranks (tests/helpers/ranks.py) and with LocalComm."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ import tensorflow as tf
 from dho2_tf.base_rules import BaseRule
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.distributed.sharding import ShardLayout
-from dho2_tf.hybrid import (CurvatureSubspace, StepState, all_finite, hybrid_displacement, materialize,
-                            newton_rates, next_refresh_step, refresh_count_due)
+from dho2_tf.hybrid import (CurvatureSubspace, StepState, all_finite, hybrid_displacement,
+                            materialize, newton_rates, next_refresh_step, refresh_count_due)
 from tests.helpers.ranks import run_on_ranks
 from tests.unit.optimizer.test_fosi_reference import numpy_base
 
@@ -123,7 +123,7 @@ class Runner:
             self.fresh = tf.constant(False)
         self.v_r = tf.transpose(self.layout.local(tf.constant(v.T, tf.float64)))
         self.curvature = CurvatureSubspace(self.v_r, tf.constant(v @ v.T), tf.constant(eta),
-                                   tf.constant(C_SCALE, tf.float64))
+                                           tf.constant(C_SCALE, tf.float64))
 
     def slot_tensors(self):
         return [s.value() if isinstance(s, tf.Variable) else s for s in self.slots]
