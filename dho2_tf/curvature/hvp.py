@@ -13,8 +13,8 @@ Both compute the same exact product. Forward-over-reverse carries tangents throu
 pass instead of keeping that pass's intermediates for a second backward pass, so it can need
 less memory when activations dominate; its graph takes longer to build (the accumulator traces
 one JVP function per kind of operation of the backward pass, paid once per process at ``bind``,
-see ``jobs/bench_curvature_cost.py`` for both costs). Models whose weights are read by index
-(``Embedding``) fall back to reverse-over-reverse (see :func:`make_hvp_fn`).
+see ``benchmarks/bench_curvature_cost.py`` for both costs). Models whose weights are read by
+index (``Embedding``) fall back to reverse-over-reverse (see :func:`make_hvp_fn`).
 
 Layers that update state in the forward pass (batch normalisation's moving mean and variance)
 leave it unchanged: by default the traced product assigns the saved values back after the

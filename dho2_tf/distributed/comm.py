@@ -350,7 +350,7 @@ class CountingComm(Communicator):
     """Wraps a communicator and records every collective: kind, name and bytes sent.
 
     In eager code every call is recorded; inside a ``tf.function`` the record is made once per
-    trace, which is exactly one step's collectives. Used by tests and ``jobs/bench_scaling.py``.
+    trace, which is exactly one step's collectives. Used by tests and the scaling benchmark.
 
     Attributes:
         calls: list of ``(kind, name, nbytes)`` in call order.

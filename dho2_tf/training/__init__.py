@@ -8,11 +8,8 @@
 * :mod:`~dho2_tf.training.monitoring`: TensorBoard scalars and progress (rank 0 only).
 * :mod:`~dho2_tf.training.elastic`: the Horovod Elastic trainer and its state adapter.
 * :mod:`~dho2_tf.training.ray_launcher`: running the jobs on a Ray cluster.
-* :mod:`~dho2_tf.training.prioritized_bench`, :mod:`~dho2_tf.training.prioritized_report`:
-  the prioritized-SGD benchmark harness and its tables.
-* :mod:`~dho2_tf.training.report`: the sections of ``BENCHMARKS.md`` the benchmark scripts
-  generate (between markers) and the command, commit and date each result records.
 
 The optimizer (:mod:`dho2_tf.optimizer`, :mod:`dho2_tf.modes`) and the communication layer
-(:mod:`dho2_tf.distributed`) do not import this package.
+(:mod:`dho2_tf.distributed`) do not import this package. The benchmarks live outside the
+library, in ``benchmarks/`` at the top of the repository.
 """

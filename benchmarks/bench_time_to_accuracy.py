@@ -2,8 +2,8 @@
 
 One process group runs everything (TensorFlow starts once); the world size is the launch's::
 
-    horovodrun --gloo -np 2 -H localhost:2 python jobs/bench_time_to_accuracy.py   # P = 2
-    python jobs/bench_time_to_accuracy.py                                          # P = 1
+    horovodrun --gloo -np 2 -H localhost:2 python benchmarks/bench_time_to_accuracy.py   # P = 2
+    python benchmarks/bench_time_to_accuracy.py                                          # P = 1
 
 Methods come in two pairs, each DHO2 against its own base: ``dho2_momentum`` (DHO2, base heavy
 ball) vs ``momentum`` (heavy ball, β = 0.9), and ``dho2_adam`` (DHO2, base Adam) vs ``adam``.
@@ -67,31 +67,28 @@ the ``<!-- BEGIN bench_time_to_accuracy_p<P> -->`` and ``<!-- END bench_time_to_
 lines of that file. ``--render-only JSON`` renders an existing results file without training
 (with ``--report``: into that file)::
 
-    python jobs/bench_time_to_accuracy.py --render-only results/time_to_accuracy_p2.json \
+    python benchmarks/bench_time_to_accuracy.py --render-only results/time_to_accuracy_p2.json \
         --report BENCHMARKS.md
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorflow as tf  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
-from dho2_tf.training import report  # noqa: E402
 from dho2_tf.training.experiment import TrainConfig, train  # noqa: E402
 
 # Every optimizer of a task shares these (model, data, per-rank batch, epoch budget, target).
@@ -186,11 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "tuned)")
     parser.add_argument("--output-dir", default="results",
                         help="folder for time_to_accuracy_p<P>.json and .png (default results/)")
-    parser.add_argument("--report", default=None,
-                        help="Markdown file whose bench_time_to_accuracy_p<P> section to replace "
-                             "(e.g. BENCHMARKS.md)")
-    parser.add_argument("--render-only", default=None, metavar="JSON",
-                        help="render this results file (no training); with --report, into it")
+    common.add_report_arguments(parser, "bench_time_to_accuracy_p<P>", "no training")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be a positive integer. Received: {args.seeds}")
@@ -626,7 +619,7 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 def render(payload: dict[str, Any], results: str) -> str:
     """The report section of a results file (``results``: its path as shown in the text)."""
-    lines = report.provenance_lines(payload.get("meta"), results, payload.get("wall_seconds"))
+    lines = common.provenance_lines(payload.get("meta"), results, payload.get("wall_seconds"))
     where = [f"- {line}" for line in notes(payload["results"])]
     return "\n".join([*lines, "", table(payload["results"]), "",
                       split_table(payload["results"]), "", *where]) + "\n"
@@ -670,35 +663,12 @@ def plot(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def machine(comm: Any) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import horovod
-    import tensorflow as tf
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ranks": comm.size,
-            "python": platform.python_version(), "tensorflow": tf.__version__,
-            "horovod": horovod.__version__, "platform": platform.platform(),
-            "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME", "default (1)")}
-
-
 def write_results(path: str, payload: dict[str, Any], args: argparse.Namespace) -> None:
     """Write ``path``.json and .png (rank 0), then the section into ``--report`` if given."""
-    with open(path + ".json", "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, default=str)
+    common.save_results(path + ".json", payload)
     plot(payload["results"], path + ".png")
     print(f"wrote {path}.json and {path}.png", flush=True)
-    if args.report:
-        saved = json.loads(Path(path + ".json").read_text(encoding="utf-8"))
-        text = render(saved, report.display_path(path + ".json", REPO))
-        name = report.update_report(args.report, path + ".json", text)
-        print(f"wrote section {name} of {args.report}", flush=True)
+    common.publish(path + ".json", render, args.report)
 
 
 def results_stem(profile: str, world_size: int, dho2: str = "tuned") -> str:
@@ -713,16 +683,16 @@ def main(argv: list[str] | None = None) -> int:
     results file)."""
     args = parse_args(argv)
     if args.render_only:
-        report.render_results_file(args.render_only, args.report, render, REPO)
+        common.publish(args.render_only, render, args.report, show=True)
         return 0
-    typed = None if argv is None else [report.display_path(__file__, REPO), *argv]
+    typed = None if argv is None else [common.display_path(__file__), *argv]
     comm = default_comm()
     logging.basicConfig(level=logging.WARNING)
     if args.report and comm.is_root:
         stem = results_stem(args.profile, comm.size, args.dho2)
-        report.check_report(args.report, f"{stem}.json")
+        common.check_report(args.report, f"{stem}.json")
     # Read before any result file is written (that would mark the tree dirty).
-    meta = report.run_metadata(typed, REPO, report.horovod_launcher()) if comm.is_root else {}
+    meta = common.run_metadata(typed, launcher=common.horovod_launcher()) if comm.is_root else {}
     started, load_start = time.perf_counter(), os.getloadavg()
     train(TrainConfig(**{**task_settings("mlp_mnist1d", True), "epochs": 1,
                          "optimizer": "adam", "learning_rate": 1e-3}))  # warm TensorFlow up
@@ -734,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
               + f"\n\nbenchmark wall time: {wall:.0f}s at P={comm.size}; load "
               f"average (1/5/15 min) at start {load_start}, at end {os.getloadavg()}", flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
-        payload = {"meta": meta, "machine": machine(comm),
+        payload = {"meta": meta, "machine": common.machine(comm.size),
                    "launcher": "horovodrun" if "HOROVOD_RANK" in os.environ else "python",
                    "world_size": comm.size, "quick": args.quick, "profile": args.profile,
                    "wall_seconds": wall,

@@ -1,10 +1,11 @@
-"""Markdown report of the prioritized-SGD benchmark (rows written by ``jobs/bench_prioritized.py``).
+"""Markdown report of the prioritized-SGD benchmark (rows written by
+``benchmarks/bench_prioritized.py``).
 
-A row is one run: the fields of :class:`~dho2_tf.training.prioritized_bench.RunSpec` and
-:class:`~dho2_tf.training.prioritized_bench.RunResult`. Times are medians over seeds; a run that missed the
-target counts as its clock budget (the row's ``budget_s``, else the model's), so a speed-up
-involving a miss is a bound. Speed-up = median T_SGD / median T_method; the bracket is the
-min–max of the per-seed ratios.
+A row is one run: the fields of :class:`~benchmarks.prioritized.harness.RunSpec` and
+:class:`~benchmarks.prioritized.harness.RunResult`. Times are medians over seeds; a run that
+missed the target counts as its clock budget (the row's ``budget_s``, else the model's), so a
+speed-up involving a miss is a bound. Speed-up = median T_SGD / median T_method; the bracket is
+the min–max of the per-seed ratios.
 
 Cost split (medians over seeds): light and full steps, their mean in-graph times T̄_light and
 T̄_full (SGD: every step is light), and the bookkeeping's share of the clock,
@@ -18,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dho2_tf.training import prioritized_bench as bench
-from dho2_tf.training.report import provenance_lines
+from benchmarks.common import provenance_lines
+from benchmarks.prioritized import harness as bench
 
 Row = dict[str, Any]
 Key = tuple[str, int, str, int]  # (model, ranks, method, batch)
@@ -115,7 +116,7 @@ def markdown(rows: list[Row], targets: dict[str, float], budgets: dict[str, floa
              calibration: Mapping[str, Any] | None = None, min_base_seconds: float = 30.0
              ) -> str:
     """The benchmark section: the run's command, commit, date and results file (``meta``, see
-    :func:`~dho2_tf.training.report.run_metadata`; ``None`` if not recorded), one table row
+    :func:`~benchmarks.common.run_metadata`; ``None`` if not recorded), one table row
     per method, the SGD batch sweep, the strong scaling, the learning-rate grid (``tuning``:
     the seed-0 runs at the rates not chosen), the calibrated targets (``calibration``) and
     whether the base runs (SGD at its best batch, P = 1) took ≥ ``min_base_seconds``."""

@@ -2,7 +2,7 @@
 
 Long runs (the default; several hours on 2 CPU cores, run on a quiet machine)::
 
-    python jobs/bench_prioritized.py --out BENCHMARKS.md
+    python benchmarks/bench_prioritized.py --out BENCHMARKS.md
 
 launches ``horovodrun --gloo -np P`` for P = 1 and 2 and runs, per task and model (``--tasks``,
 ``--models``; default the MNIST 5,000-image subset with the MLP and the small CNN, MNIST-1D with
@@ -29,21 +29,22 @@ and pool variants of ``bench.PSGD_VARIANTS``. SGD with momentum 0.9 for all.
 
 A quick functional check (seconds; no timing value)::
 
-    python jobs/bench_prioritized.py --tasks mnist1d --models mlp --ranks 1 --seeds 0 \
+    python benchmarks/bench_prioritized.py --tasks mnist1d --models mlp --ranks 1 --seeds 0 \
         --methods psgd-default --sweep 64 --lr-grid 0.1 --calibrate-seconds 1 \
         --calibrate-budget 2 --budget mnist1d/mlp=2 --num-samples 1000 --rows /tmp/b.json
 
-Protocol: see :mod:`dho2_tf.training.prioritized_bench`.
+Protocol: see :mod:`benchmarks.prioritized.harness`; the report:
+:mod:`benchmarks.prioritized.rendering`.
 
 Every run is saved with the run's command, commit and date (``meta``), the targets, budgets,
 calibration curves and tuning runs to ``--rows`` (default ``results/bench_prioritized.json``).
 ``--out`` (alias ``--report``) replaces only the text between the
 ``<!-- BEGIN bench_prioritized -->`` and ``<!-- END bench_prioritized -->`` lines of that file
-(the section is named after the results file, see :func:`dho2_tf.training.report.section_name`).
+(the section is named after the results file, see :func:`benchmarks.common.section_name`).
 ``--from-rows`` (alias ``--render-only``) renders a saved results file without running
 anything::
 
-    python jobs/bench_prioritized.py --render-only results/bench_prioritized.json \
+    python benchmarks/bench_prioritized.py --render-only results/bench_prioritized.json \
         --report BENCHMARKS.md
 
 A results file in the older format (a bare list of rows) renders with the targets and budgets
@@ -56,15 +57,17 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+REPO = common.REPO
 
 # Tuned once per model and method (P = 1, seed 0, MNIST-1D) on 2–5 point grids within
 # {0.02, 0.05, 0.1, 0.2, 0.4}; psgd-default, psgd-is-free and psgd-pool on {0.05, 0.1, 0.2, 0.4}
@@ -133,12 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=20000)
     parser.add_argument("--phase", default="run", choices=("run", "calibrate"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--out", "--report", dest="out", default=None,
-                        help="markdown file whose section to replace (e.g. BENCHMARKS.md)")
     parser.add_argument("--rows", default=RESULTS,
                         help="results file: every run, with the command, commit and date")
-    parser.add_argument("--from-rows", "--render-only", dest="from_rows", default=None,
-                        metavar="JSON", help="only render the report of a results file")
+    common.add_report_arguments(parser, "bench_prioritized", "no run",
+                                report_flags=("--out", "--report"),
+                                render_flags=("--from-rows", "--render-only"))
     parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -180,11 +182,10 @@ def sgd_lr_key(task: str, model: str, batch: int) -> str:
 
 def worker(args: argparse.Namespace) -> None:
     """Runs under horovodrun: calibration, or the whole plan for this P; rank 0 writes JSON."""
+    from benchmarks.prioritized import harness as bench
     from dho2_tf.distributed.comm import default_comm
-    from dho2_tf.training import prioritized_bench as bench
-    from dho2_tf.training.report import share_cores_between_ranks
 
-    share_cores_between_ranks()
+    common.share_cores_between_ranks()
     comm = default_comm()
     logging.basicConfig(level=logging.INFO if comm.is_root else logging.WARNING,
                         format="%(asctime)s %(message)s")
@@ -285,13 +286,9 @@ def launch(args: argparse.Namespace, ranks: int, json_path: Path,
            extra: list[str] = ()) -> dict[str, Any]:
     """Re-run this script under ``horovodrun --gloo -np ranks`` (``extra``: flags that override
     the command line's); returns the worker's JSON."""
-    horovodrun = Path(sys.executable).parent / "horovodrun"
-    cmd = [str(horovodrun), "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}",
-           sys.executable, str(Path(__file__).resolve()), *run_flags(sys.argv[1:]), *extra,
-           "--worker-json", str(json_path)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
-    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    cmd = [*common.horovodrun_prefix(ranks), sys.executable, str(Path(__file__).resolve()),
+           *run_flags(sys.argv[1:]), *extra, "--worker-json", str(json_path)]
+    subprocess.run(cmd, check=True, cwd=REPO, env=common.worker_environment(ranks))
     return json.loads(json_path.read_text())
 
 
@@ -309,7 +306,7 @@ def resolved(rows: list[dict[str, Any]], args: argparse.Namespace,
 def load_results(path: str, args: argparse.Namespace) -> dict[str, Any]:
     """A results file as ``{"meta", "targets", "budgets", "rows"}``; a bare list of rows (the
     older format) gets the command line's targets and budgets and no ``meta``."""
-    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    payload = common.load_results(path)
     if isinstance(payload, list):
         return {"meta": None, **resolved(payload, args), "rows": payload}
     return payload
@@ -317,9 +314,9 @@ def load_results(path: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def render(payload: dict[str, Any], results: str) -> str:
     """The report section of a results file (``results``: its path as shown in the text)."""
-    from dho2_tf.training import prioritized_report
+    from benchmarks.prioritized import rendering
 
-    return prioritized_report.markdown(payload["rows"], payload["targets"], payload["budgets"],
+    return rendering.markdown(payload["rows"], payload["targets"], payload["budgets"],
                                        payload["meta"], results,
                                        tuning=payload.get("tuning", []),
                                        calibration=payload.get("calibration", {}))
@@ -356,28 +353,18 @@ def main() -> None:
     if args.worker_json:
         worker(args)
         return
-    from dho2_tf.training import report
-
-    if args.from_rows:
-        source = args.from_rows
-        payload = load_results(source, args)
-    else:
-        if args.out:
-            report.check_report(args.out, args.rows)
-        meta = report.run_metadata(repo=REPO)  # before any result file is written
+    if not args.render_only:
+        if args.report:
+            common.check_report(args.report, args.rows)
+        meta = common.run_metadata()  # before any result file is written
         out = run_all(args)
-        payload = {"meta": meta, **resolved(out["rows"], args, out["targets"]),
-                   "rows": out["rows"], "tuning": out["tuning"],
-                   "calibration": out["calibration"],
-                   "settings": {"lr_grid": args.lr_grid, "calibrate_seconds":
-                                args.calibrate_seconds, "num_samples": args.num_samples}}
-        source = args.rows
-        Path(source).parent.mkdir(parents=True, exist_ok=True)
-        Path(source).write_text(json.dumps(payload, indent=1) + "\n")
-    markdown = render(payload, report.display_path(source, REPO))
-    print(markdown)
-    if args.out:
-        print(f"wrote section {report.update_report(args.out, source, markdown)} of {args.out}")
+        common.save_results(args.rows, {
+            "meta": meta, **resolved(out["rows"], args, out["targets"]), "rows": out["rows"],
+            "tuning": out["tuning"], "calibration": out["calibration"],
+            "settings": {"lr_grid": args.lr_grid, "calibrate_seconds": args.calibrate_seconds,
+                         "num_samples": args.num_samples}})
+    common.publish(args.render_only or args.rows, render, args.report, show=True,
+                   load=lambda path: load_results(path, args))
 
 
 if __name__ == "__main__":

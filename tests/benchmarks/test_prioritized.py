@@ -1,8 +1,9 @@
-"""Benchmark harness and report (the timing protocol itself is exercised by the job)."""
+"""The prioritized-SGD benchmark: its harness (``benchmarks.prioritized.harness``), report
+(``benchmarks.prioritized.rendering``) and script (``benchmarks/bench_prioritized.py``); the
+timing protocol itself is exercised by the script."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -10,24 +11,14 @@ import types
 import numpy as np
 import pytest
 
-from dho2_tf.training.data import Dataset
+from benchmarks import bench_prioritized as job
+from benchmarks.common import read_section
+from benchmarks.prioritized import harness as bench, rendering as report
 from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.training import prioritized_bench as bench, prioritized_report as report
-from dho2_tf.training.report import REPO, read_section
+from dho2_tf.training.data import Dataset
 
-META = {"command": "python jobs/x.py", "commit": "0123456789abcdef0123456789abcdef01234567",
+META = {"command": "python benchmarks/x.py", "commit": "0123456789abcdef0123456789abcdef01234567",
         "date": "2026-12-01T11:39:53+00:00"}
-
-
-def load_job():
-    spec = importlib.util.spec_from_file_location("bench_prioritized_job",
-                                                  REPO / "jobs" / "bench_prioritized.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-job = load_job()
 
 
 def test_equal_work_batch_matches_psgd_work_per_step():
@@ -52,7 +43,7 @@ def test_report_speedups_count_misses_as_the_budget():
     assert "2.00× [0.25–2.00]" in psgd_line  # medians 2.0 / 1.0; worst seed 2.0 / 8.0
     assert "sgd b=240 (equal work, best)" in text
     assert "b=64: 1.00 s" in text
-    assert text.startswith("- Command: `python jobs/x.py`\n- Commit and date: 0123456, "
+    assert text.startswith("- Command: `python benchmarks/x.py`\n- Commit and date: 0123456, "
                            "2026-12-01T11:39:53+00:00\n- Results: `results/x.json`\n")
 
 
@@ -85,7 +76,7 @@ def test_render_only_writes_the_section_of_the_results_file(tmp_path, monkeypatc
     target = tmp_path / "REPORT.md"
     target.write_text("head\n<!-- BEGIN bench_prioritized -->\nold\n"
                       "<!-- END bench_prioritized -->\ntail\n")
-    monkeypatch.setattr(sys, "argv", ["jobs/bench_prioritized.py", "--render-only",
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_prioritized.py", "--render-only",
                                       str(results), "--report", str(target)])
     job.main()
     expected = report.markdown(rows, {"mlp": 0.6}, {"mlp": 8.0}, META, str(results))
@@ -99,7 +90,7 @@ def test_a_report_without_the_markers_fails_before_any_run(tmp_path, monkeypatch
     target = tmp_path / "REPORT.md"
     target.write_text("no markers\n")
     monkeypatch.setattr(job, "run_all", lambda args: pytest.fail("ran"))
-    monkeypatch.setattr(sys, "argv", ["jobs/bench_prioritized.py", "--out", str(target),
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_prioritized.py", "--out", str(target),
                                       "--rows", str(tmp_path / "bench_prioritized.json")])
     with pytest.raises(ValueError, match="'<!-- BEGIN bench_prioritized -->' is missing"):
         job.main()
@@ -118,8 +109,10 @@ def test_older_results_files_render_with_the_command_line_settings(tmp_path):
 
 
 def test_output_flags_and_their_aliases():
-    args = job.parse_args(["--report", "R.md", "--render-only", "r.json"])
-    assert (args.out, args.from_rows) == ("R.md", "r.json")
+    for flags in (["--report", "R.md", "--render-only", "r.json"],
+                  ["--out", "R.md", "--from-rows", "r.json"]):
+        args = job.parse_args(flags)
+        assert (args.report, args.render_only) == ("R.md", "r.json")
     assert job.parse_args([]).rows == "results/bench_prioritized.json"
     assert job.run_flags(["--seeds", "0", "--report", "R.md", "--out=R.md", "--rows", "x",
                           "--render-only", "y", "--ranks", "1"]) == ["--seeds", "0", "--ranks",

@@ -1,10 +1,10 @@
-"""``jobs/bench_time_to_accuracy.py``: the summary algebra, the rendered report section, and
-``--quick`` on the logistic-regression task end to end at P = 1 (plain python, no horovodrun)."""
+"""``benchmarks/bench_time_to_accuracy.py``: the summary algebra, the rendered report section,
+``--quick`` on the logistic-regression task end to end at P = 1 (plain python, no horovodrun),
+and (slow) ``--quick`` on the MNIST-1D MLP under ``horovodrun -np 2``."""
 
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -15,19 +15,8 @@ import types
 
 import pytest
 
-from dho2_tf.training import report
-from tests.helpers.launch import REPO
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_tta",
-                                                  REPO / "jobs" / "bench_time_to_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+from benchmarks import bench_time_to_accuracy as bench, common as report
+from tests.helpers.launch import REPO, run_horovod
 
 
 def _record(method, ttt, **extra):
@@ -109,7 +98,7 @@ def _payload():
     result = {"task": {"target_accuracy": 0.5}, "metric": "test_accuracy",
               "chosen_learning_rates": dict.fromkeys(bench.METHODS, 0.1),
               "summary": bench.summarize(runs)}
-    meta = {"command": "python jobs/bench_time_to_accuracy.py --seeds 2",
+    meta = {"command": "python benchmarks/bench_time_to_accuracy.py --seeds 2",
             "commit": "0123456789abcdef0123456789abcdef01234567",
             "date": "2026-12-01T00:00:00+00:00"}
     return {"meta": meta, "wall_seconds": 12.0, "results": {"t": result}}
@@ -133,13 +122,13 @@ def test_render_only_replaces_the_section_named_after_the_results_file(tmp_path,
     target = tmp_path / "REPORT.md"
     target.write_text("a\n<!-- BEGIN bench_time_to_accuracy_p1 -->\n"
                       "<!-- END bench_time_to_accuracy_p1 -->\nb\n")
-    report.render_results_file(str(results), str(target), bench.render, bench.REPO)
+    report.publish(str(results), bench.render, str(target), show=True)
     assert report.read_section(target, "bench_time_to_accuracy_p1") == \
         bench.render(_payload(), str(results))
     assert "wrote section bench_time_to_accuracy_p1" in capsys.readouterr().out
     target.write_text("no markers\n")
     with pytest.raises(ValueError, match="BEGIN bench_time_to_accuracy_p1 -->' is missing"):
-        report.render_results_file(str(results), str(target), bench.render, bench.REPO)
+        report.publish(str(results), bench.render, str(target), show=True)
 
 
 def test_a_report_without_the_markers_fails_before_any_training(tmp_path, monkeypatch):
@@ -233,7 +222,7 @@ def test_quick_logreg_run_at_p1_writes_the_p1_result(tmp_path):
     target = tmp_path / "REPORT.md"
     target.write_text("kept\n<!-- BEGIN bench_time_to_accuracy_p1 -->\nold\n"
                       "<!-- END bench_time_to_accuracy_p1 -->\nkept too\n")
-    proc = subprocess.run([sys.executable, str(REPO / "jobs/bench_time_to_accuracy.py"),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_time_to_accuracy.py"),
                            "--quick", "--tasks", "logreg_mnist5k", "--output-dir",
                            str(tmp_path), "--report", str(target)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=170)
@@ -247,7 +236,7 @@ def test_quick_logreg_run_at_p1_writes_the_p1_result(tmp_path):
                           text=True).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", meta["commit"]) and meta["commit"][:40] == head
     assert meta["command"].startswith("python ") and \
-        "jobs/bench_time_to_accuracy.py --quick --tasks logreg_mnist5k" in meta["command"]
+        "benchmarks/bench_time_to_accuracy.py --quick --tasks logreg_mnist5k" in meta["command"]
     datetime.datetime.fromisoformat(meta["date"])
     section = report.read_section(target, "bench_time_to_accuracy_p1")
     assert section == bench.render(payload, str(tmp_path / "time_to_accuracy_p1.json"))
@@ -261,3 +250,19 @@ def test_quick_logreg_run_at_p1_writes_the_p1_result(tmp_path):
         assert b["time_to_target"] is not None and d["refreshes"] >= 1
         assert d["learning_rate"] == b["learning_rate"]
     assert set(result["summary"]["pairs"]) == {"momentum", "adam"}
+
+
+@pytest.mark.parallel
+@pytest.mark.slow
+def test_time_to_accuracy_benchmark_quick(tmp_path):
+    script = REPO / "benchmarks" / "bench_time_to_accuracy.py"
+    proc = run_horovod(script, np=2, args=("--quick", "--tasks", "mlp_mnist1d", "--output-dir",
+                                          str(tmp_path)), timeout=240)
+    assert "| mlp_mnist1d | acc 0.20 | dho2_momentum |" in proc.stdout
+    assert "dho2_momentum time goes to" in proc.stdout and "per step" in proc.stdout
+    payload = json.loads((tmp_path / "time_to_accuracy_p2.json").read_text())
+    assert payload["world_size"] == 2
+    runs = payload["results"]["mlp_mnist1d"]["runs"]
+    assert sorted(runs) == ["adam", "dho2_adam", "dho2_momentum", "momentum"]
+    assert runs["dho2_momentum"][0]["refreshes"] >= 1
+    assert (tmp_path / "time_to_accuracy_p2.png").stat().st_size > 10_000

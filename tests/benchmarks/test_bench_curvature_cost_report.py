@@ -1,4 +1,4 @@
-"""``jobs/bench_curvature_cost.py``: its report section, from a results file or after a run (the
+"""``benchmarks/bench_curvature_cost.py``: its report section, from a results file or after a run (the
 measurements themselves are not run here)."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_curvature_cost as bench, common as report
 from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.training import report
-from tests.unit.training.helpers import job
 
-META = {"command": "python jobs/bench_curvature_cost.py --rounds 3",
+META = {"command": "python benchmarks/bench_curvature_cost.py --rounds 3",
         "commit": "0123456789abcdef0123456789abcdef01234567",
         "date": "2026-12-01T00:00:00+00:00"}
 
@@ -37,7 +36,6 @@ def results() -> dict:
 
 
 def test_render_is_provenance_then_the_tables():
-    bench = job("bench_curvature_cost")
     payload = {"meta": META, "wall_seconds": 61.0, "results": results()}
     text = bench.render(payload, "results/curvature_cost_p1.json")
     assert text == "\n".join(report.provenance_lines(META, "results/curvature_cost_p1.json", 61.0)
@@ -47,7 +45,6 @@ def test_render_is_provenance_then_the_tables():
 
 
 def test_results_are_written_with_meta_and_their_section(tmp_path: Path, capsys):
-    bench = job("bench_curvature_cost")
     target = tmp_path / "REPORT.md"
     target.write_text("x\n<!-- BEGIN bench_curvature_cost_p1 -->\n"
                       "<!-- END bench_curvature_cost_p1 -->\ny\n")
@@ -57,12 +54,11 @@ def test_results_are_written_with_meta_and_their_section(tmp_path: Path, capsys)
     payload = json.loads(Path(path).read_text())
     assert payload["meta"] == META and payload["ranks"] == 1 and payload["wall_seconds"] == 12.5
     assert report.read_section(target, "bench_curvature_cost_p1") == bench.render(payload, path)
-    report.render_results_file(path, None, bench.render, bench.REPO)
-    assert "- Command: `python jobs/bench_curvature_cost.py --rounds 3`" in capsys.readouterr().out
+    report.publish(path, bench.render, show=True)
+    assert "- Command: `python benchmarks/bench_curvature_cost.py --rounds 3`" in capsys.readouterr().out
 
 
 def test_a_report_without_the_markers_fails_before_measuring(tmp_path: Path, monkeypatch):
-    bench = job("bench_curvature_cost")
     monkeypatch.delenv("HOROVOD_SIZE", raising=False)
     monkeypatch.setattr(bench, "hvp_and_refresh", lambda *a: pytest.fail("measured"))
     target = tmp_path / "REPORT.md"
@@ -74,7 +70,6 @@ def test_a_report_without_the_markers_fails_before_measuring(tmp_path: Path, mon
 
 
 def test_the_hvp_formulation_table_appears_only_for_results_that_have_it():
-    bench = job("bench_curvature_cost")
     old = bench.tables(results())
     assert "reverse-over-reverse" not in old
     new = results()

@@ -5,17 +5,15 @@ command, commit and date made it."""
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import re
-import shlex
-from pathlib import Path
 
 import pytest
 
-from dho2_tf.training import report
-from tests.unit.training.helpers import job
+from benchmarks import common as report
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = report.REPO
 BENCHMARKS = REPO / "BENCHMARKS.md"
 RESULTS = sorted((REPO / "results").glob("*.json"))
 # A section whose run saved no results file: its text is that run's printed report.
@@ -29,8 +27,9 @@ BEGIN = re.compile(r"^<!-- BEGIN (\S+) -->$", re.M)
 
 def script_of(section: str) -> str:
     """The benchmark script that writes ``section`` (the longest script name it starts with)."""
-    names = [p.stem for p in (REPO / "jobs").glob("bench_*.py") if section.startswith(p.stem)]
-    assert names, f"no jobs/bench_*.py writes section {section!r}"
+    names = [p.stem for p in (REPO / "benchmarks").glob("bench_*.py")
+             if section.startswith(p.stem)]
+    assert names, f"no benchmarks/bench_*.py writes section {section!r}"
     return max(names, key=len)
 
 
@@ -58,8 +57,9 @@ def test_every_section_has_its_results_file_or_is_known_to_lack_one():
 @pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.name)
 def test_every_results_file_records_command_commit_and_date(path):
     meta = json.loads(path.read_text(encoding="utf-8"))["meta"]
-    words = shlex.split(meta["command"])
-    assert any(re.fullmatch(r"(.*/)?jobs/bench_\w+\.py", word) for word in words), words
+    script = report.recorded_script(meta, None)
+    assert script is not None, meta["command"]     # jobs/bench_*.py before the scripts moved
+    assert script.rsplit("/", 1)[1] in {p.name for p in (REPO / "benchmarks").glob("bench_*.py")}
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", meta["commit"])
     datetime.datetime.fromisoformat(meta["date"])
 
@@ -69,10 +69,11 @@ def test_every_results_file_records_command_commit_and_date(path):
 def test_section_is_exactly_the_rendering_of_its_results_file(path):
     name = report.section_name(path)
     payload = json.loads(path.read_text(encoding="utf-8"))
-    rendered = job(script_of(name)).render(payload, f"results/{path.name}")
+    script = importlib.import_module(f"benchmarks.{script_of(name)}")
+    rendered = script.render(payload, f"results/{path.name}")
     assert report.read_section(BENCHMARKS, name) == rendered, (
         f"the {name} section of BENCHMARKS.md differs from the rendering of results/"
-        f"{path.name}; regenerate it: python jobs/{script_of(name)}.py --render-only "
+        f"{path.name}; regenerate it: python benchmarks/{script_of(name)}.py --render-only "
         f"results/{path.name} --report BENCHMARKS.md")
     assert f"- Results: `results/{path.name}`" in rendered
     assert payload["meta"]["command"] in rendered

@@ -3,9 +3,9 @@ base optimizer's Keras step.
 
 Run it on an otherwise idle machine, once per world size::
 
-    python jobs/bench_curvature_cost.py                                        # P = 1
+    python benchmarks/bench_curvature_cost.py                                        # P = 1
     HOROVOD_CYCLE_TIME=0.1 horovodrun --gloo -np 2 -H localhost:2 \\
-        python jobs/bench_curvature_cost.py                                    # P = 2
+        python benchmarks/bench_curvature_cost.py                                    # P = 2
 
 For every task (model, data set, batch) it measures, interleaving the things it compares and
 repeating ``--rounds`` times (the table gives min / median / max of each ratio):
@@ -39,7 +39,7 @@ tables between the ``<!-- BEGIN bench_curvature_cost_p<P> -->`` and
 ``<!-- END bench_curvature_cost_p<P> -->`` lines of that file. ``--render-only JSON`` renders an
 existing results file without measuring anything (with ``--report``: into that file)::
 
-    python jobs/bench_curvature_cost.py --render-only results/curvature_cost_p1.json \
+    python benchmarks/bench_curvature_cost.py --render-only results/curvature_cost_p1.json \
         --report BENCHMARKS.md
 """
 
@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from dho2_tf import models  # noqa: E402
 from dho2_tf import DHO2, CurvatureRefresh  # noqa: E402
 from dho2_tf.curvature import SpectrumEstimator, make_hvp_fn  # noqa: E402
@@ -68,10 +69,6 @@ from dho2_tf.curvature.hvp import HVP_METHODS  # noqa: E402
 from dho2_tf.curvature.warm_start import BlockRitzProgram, CurvatureEstimator  # noqa: E402
 from dho2_tf.training.data import load_dataset, shard_arrays  # noqa: E402
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
-from dho2_tf.training import report  # noqa: E402
-from bench_time_to_accuracy import machine  # noqa: E402  (same folder)
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Per-rank batch sizes are the time-to-accuracy benchmark's.
 TASKS: dict[str, dict[str, Any]] = {
@@ -100,16 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--basis", choices=("replicated", "sharded"), default="replicated",
                         help="Lanczos basis layout of the refresh timings (default replicated, "
                              "what mode='auto' uses when the state fits)")
-    parser.add_argument("--report", default=None,
-                        help="Markdown file whose bench_curvature_cost_p<P> section to replace "
-                             "(e.g. BENCHMARKS.md)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure each HVP formulation's peak memory in fresh "
                              "processes (P = 1)")
     parser.add_argument("--memory-probe", nargs=2, default=None, metavar=("TASK", "METHOD"),
                         help="internal: print the peak memory of one formulation as JSON")
-    parser.add_argument("--render-only", default=None, metavar="JSON",
-                        help="render this results file (no measurement); with --report, into it")
+    common.add_report_arguments(parser, "bench_curvature_cost_p<P>", "no measurement")
     return parser.parse_args(argv)
 
 
@@ -456,24 +449,19 @@ def tables(results: dict[str, Any]) -> str:
 
 def render(payload: dict[str, Any], results: str) -> str:
     """The report section of a results file (``results``: its path as shown in the text)."""
-    lines = report.provenance_lines(payload.get("meta"), results, payload.get("wall_seconds"))
+    lines = common.provenance_lines(payload.get("meta"), results, payload.get("wall_seconds"))
     return "\n".join([*lines, "", tables(payload["results"])]) + "\n"
 
 
 def write_results(path: str, meta: dict[str, str], results: dict[str, Any], text: str,
                   args: argparse.Namespace, comm: Any, seconds: float) -> None:
     """Write the results file (rank 0), then its section into ``--report`` if given."""
-    payload = {"meta": meta, "machine": machine(comm), "ranks": comm.size,
+    payload = {"meta": meta, "machine": common.machine(comm.size), "ranks": comm.size,
                "rounds": args.rounds, "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
                "wall_seconds": seconds, "results": results, "table": text}
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1)
+    common.save_results(path, payload)
     print(f"wrote {path}", flush=True)
-    if args.report:
-        section = render(json.loads(Path(path).read_text(encoding="utf-8")),
-                         report.display_path(path, REPO))
-        print(f"wrote section {report.update_report(args.report, path, section)} of "
-              f"{args.report}", flush=True)
+    common.publish(path, render, args.report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -484,17 +472,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_probe(*args.memory_probe, args.quick)), flush=True)
         return 0
     if args.render_only:
-        report.render_results_file(args.render_only, args.report, render, REPO)
+        common.publish(args.render_only, render, args.report, show=True)
         return 0
     if args.quick:
         args.rounds = 1
     logging.basicConfig(level=logging.WARNING)
     comm = default_comm()
     if args.report and comm.is_root:
-        report.check_report(args.report, f"curvature_cost_p{comm.size}.json")
-    typed = None if argv is None else [report.display_path(__file__, REPO), *argv]
+        common.check_report(args.report, f"curvature_cost_p{comm.size}.json")
+    typed = None if argv is None else [common.display_path(__file__), *argv]
     # Read before any result file is written (that would mark the tree dirty).
-    meta = report.run_metadata(typed, REPO, report.horovod_launcher()) if comm.is_root else {}
+    meta = common.run_metadata(typed, launcher=common.horovod_launcher()) if comm.is_root else {}
     started = time.perf_counter()
     results = {}
     for name in args.tasks:

@@ -1,4 +1,6 @@
-"""Generated sections of a Markdown report, and the provenance of a benchmark run.
+"""What every benchmark script shares: the machine description, the provenance of a run, and
+the generated sections of a Markdown report with the ``--report`` / ``--render-only`` options
+that write them.
 
 A generated section is the text between two marker lines of a Markdown file::
 
@@ -7,17 +9,21 @@ A generated section is the text between two marker lines of a Markdown file::
     <!-- END bench_scaling -->
 
 :func:`replace_section` swaps that text for a new one and leaves every other byte of the file
-as it was. Benchmark scripts record :func:`run_metadata` (command, commit, date) in the results
-JSON they write and render their section from that JSON, so a section can be regenerated from
-its JSON at any time; :func:`section_name` ties a results file to its section.
+as it was. A benchmark script records :func:`run_metadata` (command, commit, date) in the
+results JSON it writes (:func:`save_results`) and renders its section from that JSON
+(:func:`publish`), so a section can be regenerated from its JSON at any time
+(``--render-only``); :func:`section_name` ties a results file to its section.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
+import platform
 import re
 import shlex
 import stat
@@ -28,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"[A-Za-z0-9_.:/-]+")
 GIT_TIMEOUT_SECONDS = 30
 
@@ -247,14 +253,119 @@ def update_report(report: str | os.PathLike[str], results: str | os.PathLike[str
     return name
 
 
-def render_results_file(results: str | os.PathLike[str], report: str | os.PathLike[str] | None,
-                        render: Callable[[dict[str, Any], str], str],
-                        repo: str | os.PathLike[str] = REPO) -> str:
-    """Render the section of an existing ``results`` json with ``render(payload, shown_path)``,
-    print it and, when ``report`` is given, write it between its markers (no benchmark runs)."""
-    payload = json.loads(Path(results).read_text(encoding="utf-8"))
-    text = render(payload, display_path(results, repo))
-    print(text)
+def add_report_arguments(parser: argparse.ArgumentParser, section: str, skipped: str,
+                         report_flags: Sequence[str] = ("--report",),
+                         render_flags: Sequence[str] = ("--render-only",)) -> None:
+    """The ``--report`` and ``--render-only`` options (``args.report``, ``args.render_only``).
+
+    ``section`` names the section the script writes (e.g. ``bench_scaling``), ``skipped`` what
+    ``--render-only`` does not do (e.g. ``no training``); ``report_flags`` and ``render_flags``
+    are the option strings, aliases included.
+    """
+    parser.add_argument(*report_flags, dest="report", default=None,
+                        help=f"Markdown file whose {section} section to replace "
+                             "(e.g. BENCHMARKS.md)")
+    parser.add_argument(*render_flags, dest="render_only", default=None, metavar="JSON",
+                        help=f"render this results file ({skipped}); with --report, into it")
+
+
+def save_results(path: str | os.PathLike[str], payload: Any) -> None:
+    """Write ``payload`` as indented JSON to ``path`` (its folder created if missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def load_results(path: str | os.PathLike[str]) -> Any:
+    """The JSON of a results file."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def publish(results: str | os.PathLike[str], render: Callable[[Any, str], str],
+            report: str | os.PathLike[str] | None = None,
+            output_md: str | os.PathLike[str] | None = None, show: bool = False,
+            load: Callable[[str | os.PathLike[str]], Any] = load_results) -> str:
+    """Render the results file ``results`` as saved and write the text where it is asked for.
+
+    The text is ``render(load(results), shown)``, ``shown`` being the file's path relative to
+    the repository (:func:`display_path`); it is printed with ``show`` (``--render-only``),
+    written to ``output_md`` if given, and between the markers of the file's section in
+    ``report`` if given (:func:`update_report`). Returns the text.
+    """
+    text = render(load(results), display_path(results))
+    if show:
+        print(text)
+    if output_md:
+        Path(output_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_md).write_text(text, encoding="utf-8")
     if report:
-        print(f"wrote section {update_report(report, results, text)} of {report}")
+        print(f"wrote section {update_report(report, results, text)} of {report}", flush=True)
     return text
+
+
+SCRIPT = re.compile(r"(?:.*/)?((?:jobs|benchmarks)/bench_\w+\.py)")
+
+
+def recorded_script(meta: Mapping[str, Any] | None, default: str) -> str:
+    """The benchmark script of a run as its recorded command names it (the path it had at the
+    run's commit, relative to the repository), or ``default`` when the command names none."""
+    for word in shlex.split(str((meta or {}).get("command", ""))):
+        found = SCRIPT.fullmatch(word)
+        if found:
+            return found.group(1)
+    return default
+
+
+def library_version(repo: str | os.PathLike[str] = REPO) -> str:
+    """Short git commit plus a hash of the ``dho2_tf`` sources a run imports (edits show up)."""
+    repo = Path(repo)
+    commit = short_commit(git_commit(repo))
+    digest = hashlib.sha1()
+    for path in sorted((repo / "dho2_tf").rglob("*.py")):
+        digest.update(path.relative_to(repo).as_posix().encode() + path.read_bytes())
+    return f"{commit.partition('+')[0]}, dho2_tf sources sha1 {digest.hexdigest()[:10]}"
+
+
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``; ``platform`` where that is missing)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_summary() -> str:
+    """One line describing the host: cores, processor, operating system."""
+    return (f"{os.cpu_count()} CPU cores ({cpu_model()}), "
+            f"{platform.system()} {platform.release()}")
+
+
+def software_versions() -> dict[str, str]:
+    """The Python, TensorFlow and Horovod versions of the run."""
+    import horovod
+    import tensorflow as tf
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__,
+            "horovod": horovod.__version__}
+
+
+def machine(ranks: int) -> dict[str, Any]:
+    """What the numbers were measured on: processor, cores, ``ranks``, software, platform and
+    the Horovod cycle time."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ranks": ranks,
+            **software_versions(), "platform": platform.platform(),
+            "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME", "default (1)")}
+
+
+def horovodrun_prefix(ranks: int) -> list[str]:
+    """``horovodrun --gloo -np P -H localhost:P`` (the ``horovodrun`` next to this Python)."""
+    horovodrun = Path(sys.executable).parent / "horovodrun"
+    return [str(horovodrun), "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}"]
+
+
+def worker_environment(ranks: int) -> dict[str, str]:
+    """The environment of a benchmark worker at P = ``ranks`` on this machine: the repository
+    importable, TensorFlow's start-up logs off, ``⌊cores / P⌋`` OpenMP threads per rank."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
