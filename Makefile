@@ -28,7 +28,7 @@ demo: setup
 # The suite (about 30 min on 2 cores): ruff, then the unit tests and the multi-process tests
 # that launch real horovodrun or Ray, without the long scenarios marked `slow`.
 test: setup-test
-	$(PY) -m ruff check dho2_tf jobs tests
+	$(PY) -m ruff check dho2_tf jobs tests benchmarks
 	$(PY) -m pytest -q --durations=25 -m "not slow" tests
 
 # The long multi-process scenarios (marked `slow`): elastic and Ray recovery from kill -9 of
