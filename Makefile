@@ -34,7 +34,7 @@ test: setup-test
 # The long multi-process scenarios (marked `slow`): elastic and Ray recovery from kill -9 of
 # rank 0, a worker killed or added, a lost host, checkpoints across 1 and 3 ranks, every mode at
 # P = 4 and on MNIST-1D, the quick scaling and time-to-target benchmarks, jobs over two simulated
-# hosts (tests/multihost: network namespaces with sshd, needs root). CI runs them too.
+# hosts (tests/jobs/multihost: network namespaces with sshd, needs root). CI runs them too.
 test-slow: setup-test
 	$(PY) -m pytest -q --durations=25 -m slow tests
 

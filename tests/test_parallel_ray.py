@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 
 from tests.helpers.launch import REPO, run_horovod
-from tests.test_parallel_elastic import (assert_recovered_and_matches_replay, results_of,
-                                         scheduled_commits, sigkill_after_commit)
+from tests.helpers.elastic import (assert_recovered_and_matches_replay, results_of,
+                                   scheduled_commits, sigkill_after_commit)
 
 pytestmark = pytest.mark.parallel
 
