@@ -25,8 +25,9 @@ demo: setup
 		--alpha 0.01 --refresh-every 200 --warmup 40 \
 		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
 
-# The suite (about 30 min on 2 cores): ruff, then the unit tests and the multi-process tests
-# that launch real horovodrun or Ray, without the long scenarios marked `slow`.
+# The suite: ruff, then the unit tests and the multi-process tests that launch real horovodrun
+# (one launch per world size per test module where the checks allow) or Ray, without the long
+# scenarios marked `slow`.
 test: setup-test
 	$(PY) -m ruff check dho2_tf jobs tests
 	$(PY) -m pytest -q --durations=25 -m "not slow" tests
