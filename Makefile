@@ -25,8 +25,9 @@ demo: setup
 		--alpha 0.01 --refresh-every 200 --warmup 40 \
 		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
 
-# The suite (about 30 min on 2 cores): ruff, then the unit tests and the multi-process tests
-# that launch real horovodrun or Ray, without the long scenarios marked `slow`.
+# The suite: ruff, then the unit tests and the multi-process tests that launch real horovodrun
+# (one launch per world size per test module where the checks allow) or Ray, without the long
+# scenarios marked `slow`.
 test: setup-test
 	$(PY) -m ruff check dho2_tf jobs tests benchmarks
 	$(PY) -m pytest -q --durations=25 -m "not slow" tests
@@ -34,7 +35,7 @@ test: setup-test
 # The long multi-process scenarios (marked `slow`): elastic and Ray recovery from kill -9 of
 # rank 0, a worker killed or added, a lost host, checkpoints across 1 and 3 ranks, every mode at
 # P = 4 and on MNIST-1D, the quick scaling and time-to-target benchmarks, jobs over two simulated
-# hosts (tests/multihost: network namespaces with sshd, needs root). CI runs them too.
+# hosts (tests/jobs/multihost: network namespaces with sshd, needs root). CI runs them too.
 test-slow: setup-test
 	$(PY) -m pytest -q --durations=25 -m slow tests
 

@@ -13,7 +13,6 @@ installed by ``make test``): without it these tests fail, never skip.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -27,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.jobs import job as load_job
 from tests.helpers.launch import REPO, run_horovod
-from tests.test_parallel_elastic import (assert_recovered_and_matches_replay, results_of,
-                                         scheduled_commits, sigkill_after_commit)
+from tests.helpers.elastic import (assert_recovered_and_matches_replay, results_of,
+                                   scheduled_commits, sigkill_after_commit)
 
 pytestmark = pytest.mark.parallel
 
@@ -137,13 +137,6 @@ def test_cluster_check_under_horovodrun(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def _train_job():
-    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--num-workers", "2"], "need --launcher ray"),
     (["--ray-address", "auto"], "need --launcher ray"),
@@ -151,7 +144,7 @@ def _train_job():
     (["--launcher", "mpi"], "invalid choice: 'mpi'"),
 ])
 def test_launcher_flags_are_checked(argv, message, capsys):
-    job = _train_job()
+    job = load_job("train")
     with pytest.raises(SystemExit) as exit_info:
         job.launch_options(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,4 +1,12 @@
-"""Reliability under real ``horovodrun --gloo``: mismatch detection, NaN batches, re-sharding."""
+"""Reliability under real ``horovodrun --gloo``: mismatch detection, NaN batches, re-sharding.
+
+Launches: at P = 2 one launch of tests/parallel/reliability_check.py runs the uninterrupted and
+the first-half runs, the mismatch and the NaN-batch checks, and a second (new processes) resumes
+from its checkpoints (at P = 1 the same two without the checks; the slow test resumes the P = 2
+checkpoints on 1 and 3 ranks). tests/parallel/consistency_run.py runs the ranks that disagree on the run, the job
+with rank-dependent flags and the two-rank checkpoint in one launch, and every resume or data
+that must stop the ranks in a second.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,11 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+from tests.helpers.job_output import job_lines, rank_output, run_lines
 from tests.helpers.launch import REPO, run_horovod
 
 SCRIPT = REPO / "tests/parallel/reliability_check.py"
@@ -20,14 +28,31 @@ CONSISTENCY = REPO / "tests/parallel/consistency_run.py"
 pytestmark = pytest.mark.parallel
 
 
-def test_different_model_widths_error_on_every_rank_within_60_seconds():
-    start = time.monotonic()
-    proc = run_horovod(SCRIPT, 2, args=("mismatch",), timeout=180)
-    # The launch also runs the fit-batch case; that one reports its own seconds.
-    seconds = [float(line.split()[-1]) for line in proc.stdout.splitlines()
-               if "FIT_BATCH_SECONDS" in line]
-    assert len(seconds) == 2 and time.monotonic() - start - max(seconds) < 60
-    assert max(seconds) < 30
+# ------------------------------------------------ reliability_check.py: one launch per world size
+@pytest.fixture(scope="module")
+def checks_run(tmp_path_factory):
+    """``checks_run(P)``: (folder, first launch) at world size P, launched on first use. It
+    writes the uninterrupted reference and the step-15 checkpoints of sharded, replicated and
+    admm to the folder (at P = 2 it then runs the mismatch and the NaN-batch checks)."""
+    runs = {}
+
+    def run(np_):
+        if np_ not in runs:
+            folder = tmp_path_factory.mktemp(f"reliability_p{np_}")
+            stages = ("straight", str(folder), "first", str(folder))
+            if np_ == 2:   # after the checkpoints: the NaN check lowers Adam's in-place size
+                stages += ("mismatch", "poisoned")
+            runs[np_] = folder, run_horovod(SCRIPT, np_, args=stages, timeout=480)
+        return runs[np_]
+
+    return run
+
+
+def test_different_model_widths_error_on_every_rank_within_60_seconds(checks_run):
+    proc = checks_run(2)[1]
+    for tag, limit in (("MISMATCH_SECONDS", 60), ("FIT_BATCH_SECONDS", 30)):
+        seconds = [float(line.split()[-1]) for line in proc.stdout.splitlines() if tag in line]
+        assert len(seconds) == 2 and max(seconds) < limit, (tag, seconds)
     for rank in (0, 1):  # the differing keys are named, not the whole fingerprint dumped
         assert (f"rank {rank} MISMATCH_ERROR DHO2 ranks disagree on variable[0], variable[1], "
                 "variable[2] (every rank must use the same value)") in proc.stdout
@@ -40,6 +65,42 @@ def test_different_model_widths_error_on_every_rank_within_60_seconds():
         assert "  fit.steps: rank 0: 4; rank 1: 2" in rank_output(proc.stdout, rank)
 
 
+def test_nan_batch_on_one_rank_is_skipped_by_every_rank(checks_run):
+    """Also: after a wrong c, both ranks' guards trip at the same steps (same launch)."""
+    proc = checks_run(2)[1]
+    for layout in ("mode=sharded base=momentum", "mode=replicated base=momentum",
+                   "mode=sharded base=adam"):
+        assert proc.stdout.count(f"POISONED_OK {layout} skipped=1") == 2
+    for mode in ("sharded", "replicated"):
+        trips = [line.split("trips=")[1] for line in proc.stdout.splitlines()
+                 if f"GUARD_OK mode={mode} " in line]
+        assert len(trips) == 2 and trips[0] == trips[1], proc.stdout
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_fifteen_steps_checkpoint_new_process_fifteen_equal_thirty_straight(checks_run, ranks):
+    """sharded, replicated and admm: final weights and eigenpairs agree with an uninterrupted
+    run (1e-6)."""
+    folder = checks_run(ranks)[0]
+    proc = run_horovod(SCRIPT, ranks, args=("resume", str(folder), "sharded,replicated,admm"),
+                       timeout=240)
+    for mode in ("sharded", "replicated", "admm"):
+        assert proc.stdout.count(f"RESUME_OK mode={mode} P={ranks} from={ranks}") == ranks
+
+
+@pytest.mark.slow
+def test_checkpoint_written_with_two_ranks_resumes_with_one_and_three(checks_run):
+    """The sharded state is re-partitioned (the replicated one loaded whole); the loss
+    trajectory matches np=2's (1e-5)."""
+    folder = checks_run(2)[0]
+    for np_ in (1, 3):
+        proc = run_horovod(SCRIPT, np_, args=("resume", str(folder), "sharded,replicated"),
+                           timeout=240)
+        for mode in ("sharded", "replicated"):
+            assert proc.stdout.count(f"RESUME_OK mode={mode} P={np_} from=2") == np_
+
+
+# ----------------------------------------- consistency_run.py: ranks that disagree on the run
 # case -> (key that must be named, the line giving each rank's value)
 RUN_CASES = {
     "batch_size": "batch_size: rank 0: 50; rank 1: 25",
@@ -48,28 +109,53 @@ RUN_CASES = {
     "learning_rate": "learning_rate: rank 0: 0.001; rank 1: 0.002",
     "k": "k: rank 0: 2; rank 1: 3",
 }
+JOB_FLAGS = ("--optimizer", "adam", "--learning-rate", "1e-3", "--num-samples", "500",
+             "--epochs", "2", "--schedule", "cosine", "--verbose", "0")
+#: The runs of the first consistency launch, in order (after the API check).
+RANK_DEPENDENT_MODE, RANK_DEPENDENT_BATCH, TWO_RANK_CHECKPOINT, DIFFERENT_DATA = range(4)
 
 
-def rank_output(text, rank):
-    """The lines horovodrun prefixed with ``[rank]<stdout>:`` / ``<stderr>:``, prefix removed."""
-    out = []
-    for line in text.splitlines():
-        for stream in ("stdout", "stderr"):
-            prefix = f"[{rank}]<{stream}>:"
-            if line.startswith(prefix):
-                out.append(line[len(prefix):])
-    return out
+@pytest.fixture(scope="module")
+def disagreement_run(tmp_path_factory):
+    """One launch: only rank 1 asks for the pipelined mode, through DHO2's own communicator
+    (``api``) and then through jobs/train.py; the job's ranks disagree on the batch size; a
+    checkpoint written by 2 ranks x batch 50 after epoch 1 of 2 (the target stops it); CIFAR
+    files of the same shape but other content on each rank; then the RUN_CASES, ranks whose
+    configurations differ in one field calling ``train``.
+
+    Returns (the launch, the checkpoint folder)."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    folder = tmp / "ckpt"
+    _write_cifar(tmp / "cifar0", seed=0)
+    _write_cifar(tmp / "cifar1", seed=1)
+    proc = run_horovod(CONSISTENCY, 2, args=(
+        "api", "job", "--optimizer", "dho2", "--num-samples", "400", "--epochs", "1",
+        "--batch-size", "50", "--verbose", "0", "r1:--mode", "r1:pipelined",
+        "++", "--optimizer", "adam", "--learning-rate", "1e-3", "--num-samples", "400",
+        "--epochs", "1", "--schedule", "constant", "--verbose", "0",
+        "r0:--batch-size", "r0:50", "r1:--batch-size", "r1:25",
+        "++", *JOB_FLAGS, "--batch-size", "50", "--checkpoint-dir", str(folder),
+        "--target-loss", "100",
+        "++", "--dataset", "cifar10", "--model", "resnet20", "--optimizer", "adam",
+        "--batch-size", "2", "--epochs", "1", "--verbose", "0",
+        "--data-dir", str(tmp / "cifar{rank}"), "--cases", *RUN_CASES), timeout=480)
+    return proc, folder
 
 
-def job_lines(proc, rank):
-    """Rank ``rank``'s lines of stdout and stderr, prefix removed."""
-    return rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(disagreement_run):
+    """A checkpoint written by 2 ranks x batch 50 after epoch 1 of 2 (the target stops it)."""
+    proc, folder = disagreement_run
+    for rank in (0, 1):
+        assert f"rank {rank} JOB_STATUS 0" in run_lines(proc.stdout, rank, TWO_RANK_CHECKPOINT)
+    return folder
 
 
-def test_ranks_disagreeing_on_the_run_error_on_every_rank_within_30_seconds_naming_the_key():
+def test_ranks_disagreeing_on_the_run_error_on_every_rank_within_30_seconds_naming_the_key(
+        disagreement_run):
     """Batch size, samples, weight decay, baseline lr and DHO2's k differ between the two
     ranks: `train` raises on both before the first training collective, naming the key."""
-    proc = run_horovod(CONSISTENCY, 2, args=tuple(RUN_CASES), timeout=240)
+    proc = disagreement_run[0]
     for rank in (0, 1):
         blocks = "\n".join(rank_output(proc.stdout, rank)).split("CONSISTENCY_ERROR ")[1:]
         assert [b.split()[0] for b in blocks] == [f"case={c}" for c in RUN_CASES], proc.stdout
@@ -81,17 +167,12 @@ def test_ranks_disagreeing_on_the_run_error_on_every_rank_within_30_seconds_nami
             assert float(block.split("seconds=", 1)[1].split()[0]) < 30
 
 
-def test_train_job_with_rank_dependent_flags_exits_2_on_every_rank():
+def test_train_job_with_rank_dependent_flags_exits_2_on_every_rank(disagreement_run):
     """Only rank 1 asks for the pipelined mode, first through DHO2's own communicator, then
     through jobs/train.py: Horovod's process sets would differ, so both ranks stop with one
     message naming each rank's sets and mode, before Horovod registers any set (no Gloo
     error). Then the job's ranks disagree on the batch size: the same kind of message."""
-    proc = run_horovod(CONSISTENCY, 2, args=(
-        "api", "job", "--optimizer", "dho2", "--num-samples", "400", "--epochs", "1",
-        "--batch-size", "50", "--verbose", "0", "r1:--mode", "r1:pipelined",
-        "++", "--optimizer", "adam", "--learning-rate", "1e-3", "--num-samples", "400",
-        "--epochs", "1", "--schedule", "constant", "--verbose", "0",
-        "r0:--batch-size", "r0:50", "r1:--batch-size", "r1:25"), timeout=120)
+    proc = disagreement_run[0]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "mismatching numbers of process sets" not in proc.stdout + proc.stderr
     for rank in (0, 1):
@@ -101,70 +182,20 @@ def test_train_job_with_rank_dependent_flags_exits_2_on_every_rank():
             "Horovod start-up ranks disagree on process_sets, mode (every rank must use the "
             "same value):", "  process_sets: rank 0: []; rank 1: [[0], [1]]",
             '  mode: rank 0: "replicated"; rank 1: "pipelined"'], lines
-        assert [line for line in lines if "JOB_STATUS" in line] == [
-            f"rank {rank} JOB_STATUS 2"] * 2, lines
+        for run in (RANK_DEPENDENT_MODE, RANK_DEPENDENT_BATCH):
+            assert [line for line in run_lines(proc.stdout, rank, run) if "JOB_STATUS" in line] \
+                == [f"rank {rank} JOB_STATUS 2"], lines
         first_seconds = float(next(line for line in lines if "JOB_SECONDS" in line).split()[-1])
         assert first_seconds < 20, lines
+        mode = run_lines(proc.stderr, rank, RANK_DEPENDENT_MODE)
         assert (f"train.py: error (rank {rank}): Horovod start-up ranks disagree on "
-                "process_sets, mode (every rank must use the same value):") in lines, lines
-        assert "  process_sets: rank 0: []; rank 1: [[0], [1]]" in lines, lines
-        assert '  mode: rank 0: "auto"; rank 1: "pipelined"' in lines, lines
+                "process_sets, mode (every rank must use the same value):") in mode, mode
+        assert "  process_sets: rank 0: []; rank 1: [[0], [1]]" in mode, mode
+        assert '  mode: rank 0: "auto"; rank 1: "pipelined"' in mode, mode
+        batch = run_lines(proc.stderr, rank, RANK_DEPENDENT_BATCH)
         assert any(line.startswith(f"train.py: error (rank {rank}): Training run ranks "
-                                   "disagree on ") for line in lines), lines
-        assert "  batch_size: rank 0: 50; rank 1: 25" in lines, lines
-
-
-def test_nan_batch_on_one_rank_is_skipped_by_every_rank():
-    """Also: after a wrong c, both ranks' guards trip at the same steps (same launch)."""
-    proc = run_horovod(SCRIPT, 2, args=("poisoned",), timeout=240)
-    for layout in ("mode=sharded base=momentum", "mode=replicated base=momentum",
-                   "mode=sharded base=adam"):
-        assert proc.stdout.count(f"POISONED_OK {layout} skipped=1") == 2
-    for mode in ("sharded", "replicated"):
-        trips = [line.split("trips=")[1] for line in proc.stdout.splitlines()
-                 if f"GUARD_OK mode={mode} " in line]
-        assert len(trips) == 2 and trips[0] == trips[1], proc.stdout
-
-
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_fifteen_steps_checkpoint_new_process_fifteen_equal_thirty_straight(tmp_path, ranks):
-    """sharded, replicated and admm: final weights and eigenpairs agree with an uninterrupted
-    run (1e-6)."""
-    for stage in ("straight", "first"):
-        run_horovod(SCRIPT, ranks, args=(stage, str(tmp_path)), timeout=240)
-    proc = run_horovod(SCRIPT, ranks, args=("resume", str(tmp_path), "sharded,replicated,admm"),
-                       timeout=240)
-    for mode in ("sharded", "replicated", "admm"):
-        assert proc.stdout.count(f"RESUME_OK mode={mode} P={ranks} from={ranks}") == ranks
-
-
-@pytest.mark.slow
-def test_checkpoint_written_with_two_ranks_resumes_with_one_and_three(tmp_path):
-    """The sharded state is re-partitioned (the replicated one loaded whole); the loss
-    trajectory matches np=2's (1e-5)."""
-    for stage in ("straight", "first"):
-        run_horovod(SCRIPT, 2, args=(stage, str(tmp_path)), timeout=240)
-    for np_ in (1, 3):
-        proc = run_horovod(SCRIPT, np_, args=("resume", str(tmp_path), "sharded,replicated"),
-                           timeout=240)
-        for mode in ("sharded", "replicated"):
-            assert proc.stdout.count(f"RESUME_OK mode={mode} P={np_} from=2") == np_
-
-
-# ------------------------------------------------------------------ checkpoints across ranks
-JOB_FLAGS = ("--optimizer", "adam", "--learning-rate", "1e-3", "--num-samples", "500",
-             "--epochs", "2", "--schedule", "cosine", "--verbose", "0")
-
-
-@pytest.fixture(scope="module")
-def two_rank_checkpoint(tmp_path_factory):
-    """A checkpoint written by 2 ranks x batch 50 after epoch 1 of 2 (the target stops it)."""
-    folder = tmp_path_factory.mktemp("two_ranks") / "ckpt"
-    proc = run_horovod(CONSISTENCY, 2, args=("job", *JOB_FLAGS, "--batch-size", "50",
-                                             "--checkpoint-dir", str(folder),
-                                             "--target-loss", "100"), timeout=120)
-    assert "rank 0 JOB_STATUS 0" in proc.stdout and "rank 1 JOB_STATUS 0" in proc.stdout
-    return folder
+                                   "disagree on ") for line in batch), batch
+        assert "  batch_size: rank 0: 50; rank 1: 25" in batch, batch
 
 
 def _one_rank_job(*flags):
@@ -198,18 +229,50 @@ def test_two_rank_checkpoint_resumes_on_one_rank_only_with_the_same_global_batch
     assert (resumed["run"]["global_batch"], resumed["run"]["steps_per_epoch"]) == (100, 4)
 
 
-def test_a_corrupted_file_of_one_rank_stops_every_rank_naming_its_path(two_rank_checkpoint,
-                                                                       tmp_path):
-    folder = tmp_path / "ckpt"
-    shutil.copytree(two_rank_checkpoint, folder)
-    name = json.loads((folder / "checkpoint.json").read_text())["name"]
-    victim = folder / name / "rank_00001.npz"
-    victim.write_bytes(victim.read_bytes()[:100])
-    proc = run_horovod(CONSISTENCY, 2, args=("job", *JOB_FLAGS, "--batch-size", "50",
-                                             "--checkpoint-dir", str(folder), "--resume"),
-                       timeout=120)
+# ------------------------------------- resumes and data that stop every rank: one more launch
+#: The runs of the second consistency launch, in order.
+CORRUPTED, NODE_LOCAL, WRONG_SHAPE = range(3)
+
+
+@pytest.fixture(scope="module")
+def resume_errors_run(two_rank_checkpoint, tmp_path_factory):
+    """One launch resuming three copies of the two-rank checkpoint: rank 1's file cut short;
+    node-local folders (one per rank: rank 0 sees the checkpoint, rank 1 an empty folder); a
+    wrong shape in rank 1's file. Returns (the launch, the corrupted file, the node-local
+    folder, the reshaped file, the checkpoint's name)."""
+    tmp = tmp_path_factory.mktemp("resume_errors")
+    name = json.loads((two_rank_checkpoint / "checkpoint.json").read_text())["name"]
+    corrupted = tmp / "corrupted" / "ckpt"
+    shutil.copytree(two_rank_checkpoint, corrupted)
+    cut = corrupted / name / "rank_00001.npz"
+    cut.write_bytes(cut.read_bytes()[:100])
+    node_local = tmp / "node_local"
+    shutil.copytree(two_rank_checkpoint, node_local / "rank0" / "ckpt")
+    (node_local / "rank1" / "ckpt").mkdir(parents=True)
+    reshaped = tmp / "reshaped" / "ckpt"
+    shutil.copytree(two_rank_checkpoint, reshaped)
+    wrong = reshaped / name / "rank_00001.npz"
+    with np.load(wrong) as arrays:
+        content = {key: arrays[key] for key in arrays.files}
+    content["model/0"] = np.zeros((3, 5), np.float32)
+    with open(wrong, "wb") as handle:
+        np.savez(handle, **content)
+    resume = (*JOB_FLAGS, "--batch-size", "50", "--resume", "--checkpoint-dir")
+    proc = run_horovod(CONSISTENCY, 2, args=(
+        "job", *resume, str(corrupted), "++", *resume, str(node_local / "rank{rank}" / "ckpt"),
+        "++", *resume, str(reshaped)), timeout=240)
+    return proc, cut, node_local, wrong, name
+
+
+def run_output(proc, rank, run):
+    """Rank ``rank``'s stdout and stderr lines of run ``run`` of a consistency launch."""
+    return run_lines(proc.stdout, rank, run) + run_lines(proc.stderr, rank, run)
+
+
+def test_a_corrupted_file_of_one_rank_stops_every_rank_naming_its_path(resume_errors_run):
+    proc, victim = resume_errors_run[:2]
     for rank in (0, 1):
-        lines = rank_output(proc.stdout, rank) + rank_output(proc.stderr, rank)
+        lines = run_output(proc, rank, CORRUPTED)
         assert f"rank {rank} JOB_STATUS 2" in lines, lines
         assert any(line.startswith(f"train.py: error (rank {rank}): rank 1: Checkpoint file "
                                    f"{victim} is unreadable or corrupted") for line in lines), lines
@@ -217,44 +280,26 @@ def test_a_corrupted_file_of_one_rank_stops_every_rank_naming_its_path(two_rank_
 
 # ------------------------------------------------------ ranks that must agree before resuming
 def test_resume_on_storage_one_rank_does_not_see_stops_every_rank_within_seconds(
-        two_rank_checkpoint, tmp_path):
+        resume_errors_run):
     """Node-local checkpoint folders (one per rank): rank 0 sees the checkpoint, rank 1 an
     empty folder. Both stop before loading data, naming what each rank saw (no hang)."""
-    shutil.copytree(two_rank_checkpoint, tmp_path / "rank0" / "ckpt")
-    (tmp_path / "rank1" / "ckpt").mkdir(parents=True)
-    name = json.loads((tmp_path / "rank0" / "ckpt" / "checkpoint.json").read_text())["name"]
-    start = time.monotonic()
-    proc = run_horovod(CONSISTENCY, 2, args=("job", *JOB_FLAGS, "--batch-size", "50",
-                                             "--checkpoint-dir", str(tmp_path / "rank{rank}" /
-                                                                     "ckpt"), "--resume"),
-                       timeout=120)
-    assert time.monotonic() - start < 60
+    proc, _, node_local, _, name = resume_errors_run
     for rank in (0, 1):
-        lines = job_lines(proc, rank)
+        lines = run_output(proc, rank, NODE_LOCAL)
         assert f"rank {rank} JOB_STATUS 2" in lines, lines
+        assert float(next(line for line in lines if "JOB_SECONDS" in line).split()[-1]) < 60
         assert (f"train.py: error (rank {rank}): Ranks disagree on the checkpoint to resume "
-                f"from {tmp_path / f'rank{rank}' / 'ckpt'} (every rank must see the same one; "
+                f"from {node_local / f'rank{rank}' / 'ckpt'} (every rank must see the same one; "
                 "put --checkpoint-dir on storage every rank shares):") in lines, lines
         (seen,) = [line for line in lines if line.startswith("  checkpoint: ")]
         assert re.fullmatch(rf'  checkpoint: rank 0: "{name} \(epoch 1, step 4, run '
                             r'[0-9a-f]{12}\)"; rank 1: "no checkpoint"', seen), seen
 
 
-def test_a_wrong_shape_in_one_ranks_file_is_named_on_every_rank(two_rank_checkpoint, tmp_path):
-    folder = tmp_path / "ckpt"
-    shutil.copytree(two_rank_checkpoint, folder)
-    name = json.loads((folder / "checkpoint.json").read_text())["name"]
-    victim = folder / name / "rank_00001.npz"
-    with np.load(victim) as arrays:
-        content = {key: arrays[key] for key in arrays.files}
-    content["model/0"] = np.zeros((3, 5), np.float32)
-    with open(victim, "wb") as handle:
-        np.savez(handle, **content)
-    proc = run_horovod(CONSISTENCY, 2, args=("job", *JOB_FLAGS, "--batch-size", "50",
-                                             "--checkpoint-dir", str(folder), "--resume"),
-                       timeout=120)
+def test_a_wrong_shape_in_one_ranks_file_is_named_on_every_rank(resume_errors_run):
+    proc, victim = resume_errors_run[0], resume_errors_run[3]
     for rank in (0, 1):
-        lines = job_lines(proc, rank)
+        lines = run_output(proc, rank, WRONG_SHAPE)
         assert f"rank {rank} JOB_STATUS 2" in lines, lines
         assert any(line.startswith(f"train.py: error (rank {rank}): rank 1: The checkpoint "
                                    f"{victim} has shape (3, 5) for model variable ")
@@ -273,17 +318,12 @@ def _write_cifar(folder, seed):
         (folder / file).write_bytes(pickle.dumps(batch, protocol=2))
 
 
-def test_ranks_given_different_data_of_the_same_shape_stop_with_one_message(tmp_path):
+def test_ranks_given_different_data_of_the_same_shape_stop_with_one_message(disagreement_run):
     """Different CIFAR files of the same shape (same sizes, other content): exit 2 on every
     rank, naming the data's content hash, before training."""
-    _write_cifar(tmp_path / "cifar0", seed=0)
-    _write_cifar(tmp_path / "cifar1", seed=1)
-    proc = run_horovod(CONSISTENCY, 2, args=(
-        "job", "--dataset", "cifar10", "--model", "resnet20", "--optimizer", "adam",
-        "--batch-size", "2", "--epochs", "1", "--verbose", "0",
-        "--data-dir", str(tmp_path / "cifar{rank}")), timeout=120)
+    proc = disagreement_run[0]
     for rank in (0, 1):
-        lines = job_lines(proc, rank)
+        lines = run_output(proc, rank, DIFFERENT_DATA)
         assert f"rank {rank} JOB_STATUS 2" in lines, lines
         assert f"train.py: error (rank {rank}): Training run ranks disagree on training_data " \
                "(every rank must use the same value):" in lines, lines

@@ -5,13 +5,18 @@ Usage:
                                        in one field and call ``train``; every rank must raise
                                        RunConsistencyError naming the field, before training
   consistency_run.py job FLAGS...      ``jobs/train.py``'s ``main(FLAGS)`` on every rank; prints
-                                       ``rank R JOB_STATUS S`` then ``rank R JOB_SECONDS T``
-                                       (errors go to stderr). ``{rank}`` in a flag becomes the
+                                       ``rank R JOB_START I`` (on stdout and stderr) before run
+                                       I, ``rank R JOB_STATUS S`` then ``rank R JOB_SECONDS T``
+                                       after it (errors go to stderr; an argparse exit is its
+                                       status). ``{rank}`` in a flag becomes the
                                        rank; a flag ``rR:TEXT`` is TEXT on rank R and left out
                                        on the others (rank-dependent runs); ``++`` separates the
                                        flags of consecutive runs. Horovod is started by the
                                        first run's ``main``, as when ``jobs/train.py`` is
                                        launched directly
+
+  consistency_run.py job FLAGS... --cases CASE...
+                                       the jobs, then the cases (in the same processes)
 
   consistency_run.py api [job ...]     before anything else starts Horovod: ``DHO2`` with
                                        ``mode="pipelined"`` on rank 1 only creates its own
@@ -52,6 +57,10 @@ CASES = {
 }
 
 
+#: After the jobs' flags, the cases to run once the jobs are done (``job FLAGS... --cases CASE...``).
+CASES_AFTER_JOBS = "--cases"
+
+
 def run_case(comm, case):
     fields = {**COMMON, **CASES[case][min(comm.rank, 1)]}
     start = time.monotonic()
@@ -81,9 +90,14 @@ def run_jobs(flags: list[str]) -> None:
             runs.append([])
         elif only is None or int(only[1]) == rank:
             runs[-1].append((only[2] if only else flag).replace("{rank}", str(rank)))
-    for argv in runs:
+    for index, argv in enumerate(runs):
+        for stream in (sys.stdout, sys.stderr):   # where run ``index``'s output begins
+            print(f"rank {rank} JOB_START {index}", file=stream, flush=True)
         start = time.monotonic()
-        status = load_job().main(argv)
+        try:
+            status = load_job().main(argv)
+        except SystemExit as stop:   # flag and config-file errors exit from argparse
+            status = stop.code
         print(f"rank {rank} JOB_STATUS {status}\n"
               f"rank {rank} JOB_SECONDS {time.monotonic() - start:.1f}", flush=True)
 
@@ -105,12 +119,15 @@ def main() -> None:
     if args[0] == "api":
         run_api_process_sets()
         args = args[1:]
-    if args[0] == "job":
-        run_jobs(args[1:])
-        return
-    comm = HorovodComm()
-    for case in args:
-        run_case(comm, case)
+    cases = args
+    if args and args[0] == "job":
+        end = args.index(CASES_AFTER_JOBS) if CASES_AFTER_JOBS in args else len(args)
+        run_jobs(args[1:end])
+        cases = args[end + 1:]
+    if cases:
+        comm = HorovodComm()
+        for case in cases:
+            run_case(comm, case)
 
 
 if __name__ == "__main__":

@@ -216,10 +216,10 @@ CHECKS = {
 }
 
 
-def main() -> None:
-    comm = HorovodComm(process_sets=pipeline_process_sets(CURVATURE_RANKS))
-    assert comm.size == 3, "run with horovodrun -np 3"
-    selected = sys.argv[1:] or list(CHECKS)   # e.g. contract_pipelined.py constraints
+def run_checks(comm: HorovodComm, selected: list[str]) -> list[str]:
+    """Run the ``selected`` checks in order; each prints ``CONTRACT <check> OK`` or ``CONTRACT
+    <check> FAIL <reason>`` on this rank and ends at a barrier. The names of the failed ones."""
+    failed = []
     for name in selected:
         check = CHECKS[name]
         try:
@@ -227,9 +227,17 @@ def main() -> None:
             status = "OK"
         except Exception as err:  # noqa: BLE001 -- reported per check, the run goes on
             status = f"FAIL {type(err).__name__}: {err}"
+            failed.append(name)
             traceback.print_exc()
         print(f"CONTRACT {name} {status}".replace("\n", " | "), flush=True)
         comm.barrier(f"test/contract/{name}")
+    return failed
+
+
+def main() -> None:
+    comm = HorovodComm(process_sets=pipeline_process_sets(CURVATURE_RANKS))
+    assert comm.size == 3, "run with horovodrun -np 3"
+    run_checks(comm, sys.argv[1:] or list(CHECKS))   # e.g. contract_pipelined.py constraints
     sys.exit(0)
 
 

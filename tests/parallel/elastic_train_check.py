@@ -8,7 +8,7 @@ script's ``DHO2_ELASTIC_HOSTS_FILE``) before step K and prints ``GROW step=K``. 
 ``elastic commit: ...``/``elastic start: ...``; every rank that finishes prints one line
 ``ELASTIC_RESULT {json}``.
 
-For kills from outside (``tests/test_parallel_elastic.py`` sends SIGKILL): ``--pid-dir D``
+For kills from outside (``tests/jobs/test_train_elastic_parallel.py`` sends SIGKILL): ``--pid-dir D``
 makes every worker keep ``D/rank<r>.json`` = ``{"pid", "rank", "size", "step"}`` up to date at
 each start and commit (atomically replaced); ``--commit-dir C`` saves every commit of every
 worker as ``C/commit-<pid>-<step>.pkl`` and its final weights as ``C/final-<pid>.pkl``;

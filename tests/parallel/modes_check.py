@@ -1,8 +1,10 @@
 """Run under horovodrun: DHO2's distribution modes against single-process references.
 
 Usage: ``modes_check.py [--curvature-ranks P_C] CHECK [CHECK ...]`` with CHECK one of
-comm (HorovodComm's collectives against numpy), sharded, replicated, auto, memory, faithful,
-admm, pipelined, misconfig, or ``all`` (every check, in that order). ``pipelined`` (and
+comm (HorovodComm's collectives against numpy), sharded (P ranks against one process, every
+base), replicated, auto, memory, faithful, admm, pipelined, misconfig, contract (the Keras
+optimizer contract of the pipelined mode, P = 3 with one curvature rank only), or ``all`` (every
+check but contract, in that order). ``pipelined`` (and
 ``comm``, on the pipelined process sets) uses P_C curvature ranks (default max(1, P // 2)),
 which must leave at least one update rank. The checks run one after another in the same
 processes (one Horovod start-up for all of them). Rank 0 prints ``MODES_CHECK_OK <check> P=<P>
@@ -113,37 +115,55 @@ def check_comm(comm, curvature_ranks):
     return f"comm P={p} sets={groups.process_sets()}"
 
 
+#: (base, mode, extra DHO2 arguments) of the data-parallel check: every base on the sharded
+#: layout, and ``auto``, which resolves to the replicated layout for this small state.
+DATA_PARALLEL_RUNS = (("nesterov", "sharded", {}), ("adam", "sharded", {"alpha": 0.2}),
+                      ("momentum", "sharded", {"alpha": 0.2}), ("adam", "auto", {"alpha": 0.2}))
+
+
 def check_sharded(comm):
-    """Weights, eigenvalues and the last update after 10 steps equal single-process DHO2."""
+    """P ranks equal single-process DHO2 on the union of their batches: weights, eigenvalues,
+    the eigenvector projector VᵀV and the last update after 10 steps (rel 1e-5), for every base
+    on the sharded layout and for ``auto`` (replicated here); every rank holds the same weights
+    and eigenvalues."""
     p, r = comm.size, comm.rank
     steps = 10
     x, y = data(steps * p * B)
     mine = np.concatenate([np.arange(s * p * B + r * B, s * p * B + (r + 1) * B)
                            for s in range(steps)])
-    runs = []
-    for rank_comm, (xs, ys, bs, ese) in (
-            (comm, (x[mine], y[mine], B, (x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]))),
-            (LocalComm(), (x, y, p * B, (x[:p * B], y[:p * B])))):
-        model = mlp()
-        model.compile(optimizer=DHO2(learning_rate=0.05, base="nesterov", k=3, ell=1,
-                                     refresh_every=4, warmup=3, mode="sharded", comm=rank_comm),
-                      loss=LOSS)
-        cut = (steps - 1) * bs
-        model.fit(xs[:cut], ys[:cut], batch_size=bs, shuffle=False, verbose=0,
-                  callbacks=[CurvatureRefresh(batch=ese)])
-        w9 = flat(model)
-        model.fit(xs[cut:], ys[cut:], batch_size=bs, shuffle=False, verbose=0,
-                  callbacks=[CurvatureRefresh(batch=ese)])
-        runs.append((flat(model), flat(model) - w9, model.optimizer))
-    (w, dw, opt), (w_ref, dw_ref, ref_opt) = runs
-    assert int(opt.refresh_index()) == 2
-    for got, want, what in ((w, w_ref, "weights"), (dw, dw_ref, "last update")):
-        rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
-        assert rel < 1e-5, f"{what} differ from single process: rel {rel:.3g}"
-    np.testing.assert_allclose(opt.state.eigenvalues.numpy(), ref_opt.state.eigenvalues.numpy(),
-                               rtol=1e-5)
-    same_on_all_ranks(comm, np.r_[w, opt.state.eigenvalues.numpy()], "weights+eigenvalues")
-    return f"sharded P={p}"
+    layouts = []
+    for base, mode, extra in DATA_PARALLEL_RUNS:
+        runs = []
+        for rank_comm, (xs, ys, bs, ese) in (
+                (comm, (x[mine], y[mine], B, (x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]))),
+                (LocalComm(), (x, y, p * B, (x[:p * B], y[:p * B])))):
+            model = mlp()
+            model.compile(optimizer=DHO2(learning_rate=0.05, base=base, k=3, ell=1,
+                                         refresh_every=4, warmup=3, mode=mode, comm=rank_comm,
+                                         **extra), loss=LOSS)
+            cut = (steps - 1) * bs
+            model.fit(xs[:cut], ys[:cut], batch_size=bs, shuffle=False, verbose=0,
+                      callbacks=[CurvatureRefresh(batch=ese)])
+            w9 = flat(model)
+            model.fit(xs[cut:], ys[cut:], batch_size=bs, shuffle=False, verbose=0,
+                      callbacks=[CurvatureRefresh(batch=ese)])
+            runs.append((flat(model), flat(model) - w9, model.optimizer))
+        (w, dw, opt), (w_ref, dw_ref, ref_opt) = runs
+        what = f"{base}/{mode}"
+        assert int(opt.refresh_index()) == 2 == int(ref_opt.refresh_index()), what  # t = 2, 6
+        for got, want, name in ((w, w_ref, "weights"), (dw, dw_ref, "last update")):
+            rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
+            assert rel < 1e-5, f"{what}: {name} differ from single process: rel {rel:.3g}"
+        lam = opt.state.eigenvalues.numpy()
+        np.testing.assert_allclose(lam, ref_opt.state.eigenvalues.numpy(), rtol=1e-5,
+                                   err_msg=what)
+        v = opt.state.eigenvectors.numpy() if opt.resolved_mode == "replicated" else \
+            gather_vectors(opt.state.eigenvectors, w.size, comm).numpy()
+        v_ref = ref_opt.state.eigenvectors.numpy()
+        np.testing.assert_allclose(v.T @ v, v_ref.T @ v_ref, atol=1e-5, err_msg=what)
+        same_on_all_ranks(comm, np.r_[w, lam], f"weights+eigenvalues {what}")
+        layouts.append(f"{what}->{opt.resolved_mode}")
+    return f"sharded P={p} " + " ".join(layouts)
 
 
 def check_memory(comm):
@@ -383,9 +403,21 @@ def check_misconfig(comm):
     return f"misconfig P={comm.size}"
 
 
+def check_contract(comm, curvature_ranks):
+    """The Keras optimizer contract for mode="pipelined" (tests/parallel/contract_pipelined.py)
+    on 2 update ranks and 1 curvature rank; every rank prints ``CONTRACT <check> OK|FAIL``."""
+    from tests.parallel import contract_pipelined
+
+    assert (comm.size, curvature_ranks) == (3, contract_pipelined.CURVATURE_RANKS), \
+        "the contract check runs at P = 3 with one curvature rank"
+    failed = contract_pipelined.run_checks(comm, list(contract_pipelined.CHECKS))
+    assert not failed, f"contract checks failed on rank {comm.rank}: {failed}"
+    return f"contract P={comm.size} checks={len(contract_pipelined.CHECKS)}"
+
+
 CHECKS = {"comm": check_comm, "sharded": check_sharded, "replicated": check_replicated, "auto": check_auto,
           "memory": check_memory, "faithful": check_faithful, "admm": check_admm,
-          "pipelined": check_pipelined, "misconfig": check_misconfig}
+          "pipelined": check_pipelined, "misconfig": check_misconfig, "contract": check_contract}
 
 
 def main() -> None:
@@ -393,7 +425,7 @@ def main() -> None:
     parser.add_argument("checks", nargs="+", choices=["all", *CHECKS])
     parser.add_argument("--curvature-ranks", type=int, default=None)
     args = parser.parse_args()
-    checks = list(CHECKS) if "all" in args.checks else args.checks
+    checks = [c for c in CHECKS if c != "contract"] if "all" in args.checks else args.checks
     world = int(os.environ["HOROVOD_SIZE"])
     curvature_ranks = args.curvature_ranks or max(1, world // 2)
     # Horovod registers process sets at start-up only: the pipelined mode's, for every check.
@@ -403,7 +435,7 @@ def main() -> None:
             print(f"MODES_CHECK_START {name} P={comm.size}", flush=True)
         in_place_min_size = optimizer_module.IN_PLACE_MIN_SIZE
         try:
-            if name in ("comm", "pipelined"):
+            if name in ("comm", "pipelined", "contract"):
                 message = CHECKS[name](comm, curvature_ranks)
             else:
                 message = CHECKS[name](comm)

@@ -9,17 +9,17 @@ import tensorflow as tf
 
 from dho2_tf import DHO2, CurvatureRefresh
 from dho2_tf.prioritized import PrioritizedModel, PrioritizedSampler
-from tests.parallel import prioritized_common as common
+from tests.helpers import prioritized as helpers
 
 SCCE = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-class DHO2FitTest(common.HorovodTestCase):
+class DHO2FitTest(helpers.HorovodTestCase):
 
     def test_fit_with_dho2_runs_to_completion_with_identical_replicas(self):
-        x, y = common.classification_data(400 * self.comm.size, seed=2)
-        x_r, y_r = common.contiguous_shard([x, y], [400] * self.comm.size, self.comm.rank)
-        pmodel = PrioritizedModel(common.mlp(seed=self.comm.rank),  # rank 0's weights win
+        x, y = helpers.classification_data(400 * self.comm.size, seed=2, d=10, classes=4)
+        x_r, y_r = helpers.contiguous_shard([x, y], [400] * self.comm.size, self.comm.rank)
+        pmodel = PrioritizedModel(helpers.mlp(seed=self.comm.rank, d=10, classes=4),  # rank 0's weights win
                                   PrioritizedSampler.paper(k=0.05, r=0.01))
         pmodel.compile(optimizer=DHO2(base="sgd", learning_rate=0.1, k=2, refresh_every=5),
                        loss=SCCE, metrics=["accuracy"])
@@ -34,4 +34,4 @@ class DHO2FitTest(common.HorovodTestCase):
 
 
 if __name__ == "__main__":
-    common.main("PRIORITIZED_DHO2_FIT")
+    helpers.main("PRIORITIZED_DHO2_FIT")

@@ -10,14 +10,14 @@ import tensorflow as tf
 
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.prioritized import PrioritizedModel, PrioritizedSampler
-from tests.parallel import prioritized_common as common
+from tests.helpers import prioritized as helpers
 
 SCCE = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def skewed_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Classification data whose first 15% of rows carry large inputs (so large gradients)."""
-    x, y = common.classification_data(n, seed=seed)
+    x, y = helpers.classification_data(n, seed=seed, d=10, classes=4)
     x[: int(0.15 * n)] *= 4.0
     return x, y
 
@@ -28,7 +28,7 @@ def linear_model(d: int = 10, classes: int = 4) -> tf.keras.Model:
     return tf.keras.Sequential([tf.keras.Input((d,)), tf.keras.layers.Dense(classes)])
 
 
-class GlobalSelectionTest(common.HorovodTestCase):
+class GlobalSelectionTest(helpers.HorovodTestCase):
 
     def selected_global_ids(self, sampler: PrioritizedSampler, sizes: list[int]) -> set[int]:
         idx, weights = sampler.select()
@@ -44,11 +44,11 @@ class GlobalSelectionTest(common.HorovodTestCase):
     def check_union_topk(self, sizes: list[int], priority: str) -> None:
         n = sum(sizes)
         x, y = skewed_data(n)
-        model = common.mlp()
+        model = helpers.mlp(d=10, classes=4)
         kwargs = dict(k=0.05, r=0.01, priority=priority, init_priority=priority,
                       estimator="keep")
         sampler = PrioritizedSampler.paper(selection="global", **kwargs)
-        x_r, y_r = common.contiguous_shard([x, y], sizes, self.comm.rank)
+        x_r, y_r = helpers.contiguous_shard([x, y], sizes, self.comm.rank)
         sampler.bind(model, SCCE, x_r, y_r, self.comm)
         sampler.initialize()
         reference = PrioritizedSampler.paper(selection="topk", **kwargs)
@@ -68,8 +68,8 @@ class GlobalSelectionTest(common.HorovodTestCase):
 
     def test_global_selection_inside_fit_keeps_replicas_identical(self):
         x, y = skewed_data(200 * self.comm.size)
-        x_r, y_r = common.contiguous_shard([x, y], [200] * self.comm.size, self.comm.rank)
-        pmodel = PrioritizedModel(common.mlp(), PrioritizedSampler.paper(k=0.05, selection="global"))
+        x_r, y_r = helpers.contiguous_shard([x, y], [200] * self.comm.size, self.comm.rank)
+        pmodel = PrioritizedModel(helpers.mlp(d=10, classes=4), PrioritizedSampler.paper(k=0.05, selection="global"))
         pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
         pmodel.fit(x_r, y_r, epochs=2, verbose=0)
         self.assert_replicas_equal(pmodel.model)
@@ -80,12 +80,12 @@ class GlobalSelectionTest(common.HorovodTestCase):
         x, y = skewed_data(sum(sizes))
         kwargs = dict(k=0.05, r=0.01, priority="length", init_priority="length",
                       estimator="keep", refresh="free", per_example="last_layer")
-        x_r, y_r = common.contiguous_shard([x, y], sizes, self.comm.rank)
-        pmodel = PrioritizedModel(common.mlp(), PrioritizedSampler.paper(selection="global", **kwargs),
+        x_r, y_r = helpers.contiguous_shard([x, y], sizes, self.comm.rank)
+        pmodel = PrioritizedModel(helpers.mlp(d=10, classes=4), PrioritizedSampler.paper(selection="global", **kwargs),
                                   comm=self.comm)
         pmodel.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
         pmodel.fit(x_r, y_r, epochs=1, steps_per_epoch=4, verbose=0)
-        reference = PrioritizedModel(common.mlp(), PrioritizedSampler.paper(selection="topk", **kwargs),
+        reference = PrioritizedModel(helpers.mlp(d=10, classes=4), PrioritizedSampler.paper(selection="topk", **kwargs),
                                      comm=LocalComm())
         reference.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
         reference.fit(x, y, epochs=1, steps_per_epoch=4, verbose=0)
@@ -104,9 +104,9 @@ class GlobalSelectionTest(common.HorovodTestCase):
     def test_adaptive_switch_decision_is_the_same_on_every_rank(self):
         """One τ from the sum over ranks: rank 0's skewed shard switches every rank on."""
         sizes = [200] * self.comm.size
-        x, y = common.classification_data(sum(sizes))
+        x, y = helpers.classification_data(sum(sizes), d=10, classes=4)
         x[:20] *= 30.0  # 10% of rank 0's shard has ~30x larger gradients
-        x, y = common.contiguous_shard([x, y], sizes, self.comm.rank)
+        x, y = helpers.contiguous_shard([x, y], sizes, self.comm.rank)
         sampler = PrioritizedSampler.recommended(k=0.1, r=0.05, seed=self.comm.rank)
         sampler.bind(linear_model(), SCCE, x, y, self.comm)
         sampler.initialize()
@@ -133,9 +133,9 @@ class GlobalSelectionTest(common.HorovodTestCase):
         """ĉ = Σ_ranks T̄_full / Σ_ranks T̄_light from each rank's own step times: the same on
         every rank though the ranks' times differ, and the decision τ̄ > max(τ_th, ĉ) too."""
         sizes = [200] * self.comm.size
-        x, y = common.classification_data(sum(sizes))
+        x, y = helpers.classification_data(sum(sizes), d=10, classes=4)
         x[:20] *= 30.0
-        x, y = common.contiguous_shard([x, y], sizes, self.comm.rank)
+        x, y = helpers.contiguous_shard([x, y], sizes, self.comm.rank)
         sampler = PrioritizedSampler(k=0.1, r=0.05, refresh="pass", per_example="exact",
                                      seed=self.comm.rank)
         sampler.bind(linear_model(), SCCE, x, y, self.comm)
@@ -158,9 +158,9 @@ class GlobalSelectionTest(common.HorovodTestCase):
         """The default sampler in fit: the same schedule of light and full steps and the same
         (τ, τ̄, ĉ, decision) on every rank, from the ranks' own measured step times."""
         sizes = [200] * self.comm.size
-        x, y = common.classification_data(sum(sizes))
+        x, y = helpers.classification_data(sum(sizes), d=10, classes=4)
         x[:20] *= 30.0
-        x, y = common.contiguous_shard([x, y], sizes, self.comm.rank)
+        x, y = helpers.contiguous_shard([x, y], sizes, self.comm.rank)
         fitted = PrioritizedModel(linear_model(), PrioritizedSampler(
             k=0.1, bookkeeping_interval=4, seed=self.comm.rank), comm=self.comm)
         fitted.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss=SCCE)
@@ -182,4 +182,4 @@ class GlobalSelectionTest(common.HorovodTestCase):
 
 
 if __name__ == "__main__":
-    common.main("PRIORITIZED_GLOBAL")
+    helpers.main("PRIORITIZED_GLOBAL")

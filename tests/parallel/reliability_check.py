@@ -11,6 +11,8 @@ Usage:
                                             reference in DIR
   reliability_check.py first DIR            15 steps per mode, then a checkpoint in DIR
   reliability_check.py resume DIR MODES     new process: restore, 15 steps, compare with straight
+
+Several stages run in order in one launch: ``reliability_check.py mismatch first DIR``.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ def data(rows, seed=5):
 
 
 def check_mismatch(comm):
+    start = time.monotonic()
     model = mlp(hidden=24 if comm.rank == 0 else 32)
     model.compile(optimizer=DHO2(k=2, comm=comm), loss=LOSS)
     x, y = data(64)
     try:
         model.fit(x, y, batch_size=16, verbose=0, callbacks=[CurvatureRefresh(batch=(x, y))])
     except ValueError as err:
+        print(f"rank {comm.rank} MISMATCH_SECONDS {time.monotonic() - start:.1f}", flush=True)
         print(f"rank {comm.rank} MISMATCH_ERROR {err}", flush=True)
         return
     raise AssertionError("no error although the ranks built different models")
@@ -212,19 +216,24 @@ def check_resume(comm, folder, modes):
 
 def main() -> None:
     comm = HorovodComm()
-    what = sys.argv[1]
-    if what == "mismatch":
-        check_mismatch(comm)
-        check_fit_batch(comm)
-    elif what == "poisoned":
-        check_poisoned(comm)
-        check_guard(comm)
-    elif what == "straight":
-        check_straight(comm, sys.argv[2])
-    elif what == "first":
-        check_first(comm, sys.argv[2])
-    else:
-        check_resume(comm, sys.argv[2], sys.argv[3].split(","))
+    args = sys.argv[1:]
+    while args:                       # the stages in order, in this one process
+        what = args.pop(0)
+        if what == "mismatch":
+            check_mismatch(comm)
+            check_fit_batch(comm)
+        elif what == "poisoned":
+            check_poisoned(comm)
+            check_guard(comm)
+        elif what == "straight":
+            check_straight(comm, args.pop(0))
+        elif what == "first":
+            check_first(comm, args.pop(0))
+        elif what == "resume":
+            folder, modes = args.pop(0), args.pop(0)
+            check_resume(comm, folder, modes.split(","))
+        else:
+            raise SystemExit(f"unknown stage {what!r}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.prioritized import PrioritizedModel, PrioritizedSampler
-from tests.unit.prioritized import helpers
+from tests.helpers import prioritized as helpers
 
 N, K, INTERVAL, EPOCHS = 200, 20, 4, 3
 STEPS = EPOCHS * N // K  # ⌈n/K⌉ = 10 steps per epoch

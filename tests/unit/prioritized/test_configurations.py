@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dho2_tf.prioritized import PAPER, RECOMMENDED, PrioritizedModel, PrioritizedSampler
 from dho2_tf.distributed.comm import LocalComm
-from tests.unit.prioritized import helpers
+from tests.helpers import prioritized as helpers
 
 
 def test_default_constructor_equals_recommended():

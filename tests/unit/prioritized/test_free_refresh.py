@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.prioritized import PrioritizedModel, PrioritizedSampler
-from tests.unit.prioritized import helpers
+from tests.helpers import prioritized as helpers
 
 N, K = 200, 20
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from dho2_tf.prioritized import per_example
-from tests.unit.prioritized import helpers
+from tests.helpers import prioritized as helpers
 
 RTOL = 1e-5  # float32
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.prioritized import PrioritizedSampler, per_example
-from tests.unit.prioritized import helpers
+from tests.helpers import prioritized as helpers
 
 
 def bound_sampler(n: int = 200, **kwargs) -> tuple[PrioritizedSampler, tf.keras.Model]:

@@ -11,7 +11,7 @@ import tensorflow as tf
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.training.monitoring import TensorBoardMonitor
 from dho2_tf.prioritized import PrioritizedModel, PrioritizedSampler, selection, switch
-from tests.unit.prioritized import helpers
+from tests.helpers import prioritized as helpers
 
 N = 200
 

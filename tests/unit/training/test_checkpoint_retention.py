@@ -20,7 +20,7 @@ from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.training import checkpoint_lock, checkpointing, experiment
 from dho2_tf.training.checkpointing import CheckpointError
 from dho2_tf.training.experiment import TrainConfig, train
-from tests.unit.training.helpers import job
+from tests.helpers.jobs import job
 
 TINY = {"num_samples": 500, "epochs": 1, "batch_size": 50, "verbose": 0,
         "optimizer": "adam", "learning_rate": 1e-3, "schedule": "constant"}

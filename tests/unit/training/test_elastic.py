@@ -1,6 +1,6 @@
 """Single-process tests of the elastic-training pieces.
 
-The multi-worker run (a worker killed mid-job) is ``tests/test_parallel_elastic.py``.
+The multi-worker run (a worker killed mid-job) is ``tests/jobs/test_train_elastic_parallel.py``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import pytest
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.training import checkpointing
 from dho2_tf.training.experiment import TrainConfig, train
-from tests.unit.training.helpers import REPO
+from tests.helpers.launch import REPO
 
 TINY = {"num_samples": 500, "epochs": 1, "batch_size": 50, "verbose": 0,
         "optimizer": "adam", "learning_rate": 1e-3, "schedule": "constant"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
 import json
 import os
@@ -14,17 +13,11 @@ import pytest
 
 from dho2_tf import DHO2, LocalComm
 from dho2_tf.training.experiment import TrainConfig
+from tests.helpers.jobs import job as load_job
 from tests.helpers.launch import REPO
 
 
-def _load_job():
-    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-job = _load_job()
+job = load_job("train")
 FLAGS = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
          if f.name != "dho2_options"] + ["--dho2-option", "--config"]
 MAKEFILE_FLAGS = ["--model", "--dataset", "--optimizer", "--base", "--learning-rate", "--alpha",

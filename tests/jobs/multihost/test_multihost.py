@@ -24,10 +24,10 @@ import pytest
 
 from tests.helpers.launch import REPO, finish, horovodrun_path, run_horovod, start_horovod
 from tests.helpers.netns_hosts import SimulatedHosts
-from tests.test_parallel_elastic import (DISCOVERY, SCRIPT, SIGKILL_EPOCHS, STEP_DELAY,
-                                         assert_recovered_and_matches_replay, kill_plan,
-                                         results_of, sigkill_after_commit)
-from tests.test_parallel_train import result_line
+from tests.helpers.elastic import (DISCOVERY, SCRIPT, SIGKILL_EPOCHS, STEP_DELAY,
+                                   assert_recovered_and_matches_replay, kill_plan, results_of,
+                                   sigkill_after_commit)
+from tests.helpers.job_output import result_line
 
 pytestmark = [pytest.mark.parallel, pytest.mark.slow]
 
