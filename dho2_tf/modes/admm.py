@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from dho2_tf.distributed.outer_rules import consensus_round
 from dho2_tf.flat import flatten
-from dho2_tf.modes.base import Mode, assign_flat
+from dho2_tf.modes.base import Mode, assign_flat, state_property
 from dho2_tf.modes.context import (AverageStatistics, HostAction, RefreshIfDue, StateVariable,
                                    StepPlan)
 from dho2_tf.numerics import scalar
@@ -45,30 +45,12 @@ class AdmmMode(Mode):
                 StateVariable("admm_rounds", (), tf.int64),
                 StateVariable("admm_started", (), tf.int64))
 
-    @property
-    def z(self) -> tf.Variable:
-        """The consensus z."""
-        return self.context.state["admm_z"]
-
-    @property
-    def dual(self) -> tf.Variable:
-        """This rank's dual π."""
-        return self.context.state["admm_dual"]
-
-    @property
-    def residuals(self) -> tf.Variable:
-        """The last round's primal and dual residuals."""
-        return self.context.state["admm_residuals"]
-
-    @property
-    def rounds(self) -> tf.Variable:
-        """The consensus rounds so far."""
-        return self.context.state["admm_rounds"]
-
-    @property
-    def started(self) -> tf.Variable:
-        """1 once z was set from the weights at the very first step."""
-        return self.context.state["admm_started"]
+    z = state_property("admm_z", "The consensus z.")
+    dual = state_property("admm_dual", "This rank's dual π.")
+    residuals = state_property("admm_residuals", "The last round's primal and dual residuals.")
+    rounds = state_property("admm_rounds", "The consensus rounds so far.")
+    started = state_property("admm_started", "1 once z was set from the weights at the very "
+                             "first step.")
 
     def step_plan(self) -> StepPlan:
         """G = ∇f_i(x) + π + ρ(x − z); x ← x + c·u − α·d, all local (no collective)."""

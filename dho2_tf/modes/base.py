@@ -250,6 +250,11 @@ class ShardedMode(Mode):
     imports_state_of = ("replicated",)
 
 
+def state_property(name: str, doc: str) -> property:
+    """A read-only property of a mode: its state variable ``name`` (``context.state[name]``)."""
+    return property(lambda self: self.context.state[name], doc=doc)
+
+
 def assign_flat(variables: list[tf.Variable], theta: tf.Tensor, spec: FlatSpec) -> None:
     """Write the flat vector θ [n] back into the model variables (eager hooks, not steps)."""
     for var, value in zip(variables, unflatten(theta, spec)):

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from dho2_tf.distributed.outer_rules import window_jump
 from dho2_tf.flat import flatten
-from dho2_tf.modes.base import assign_flat
+from dho2_tf.modes.base import assign_flat, state_property
 from dho2_tf.modes.context import StateVariable
 from dho2_tf.modes.replicated import ReplicatedMode
 from dho2_tf.numerics import scalar
@@ -38,20 +38,10 @@ class FaithfulMode(ReplicatedMode):
                 StateVariable("window_start", (n,), dtype),
                 StateVariable("window_jumps", (), tf.int64))
 
-    @property
-    def velocity(self) -> tf.Variable:
-        """v, the window's velocity (the sum of the previous windows' displacements)."""
-        return self.context.state["window_velocity"]
-
-    @property
-    def window_start(self) -> tf.Variable:
-        """θ̃, the weights at the start of the current window."""
-        return self.context.state["window_start"]
-
-    @property
-    def jumps(self) -> tf.Variable:
-        """The number of window jumps so far."""
-        return self.context.state["window_jumps"]
+    velocity = state_property("window_velocity", "v, the window's velocity (the sum of the "
+                              "previous windows' displacements).")
+    window_start = state_property("window_start", "θ̃, the weights at the start of the window.")
+    jumps = state_property("window_jumps", "The number of window jumps so far.")
 
     @property
     def uses_window(self) -> bool:
