@@ -11,7 +11,7 @@ import dataclasses
 from dho2_tf.curvature.block_ops import check_block_hvp
 from dho2_tf.curvature.hvp import check_hvp_method
 from dho2_tf.curvature.warm_start import REFRESH_METHODS
-from dho2_tf.modes import MODE_CHOICES, mode_class, window_rules
+from dho2_tf.modes import check_mode_options
 from dho2_tf.validation import check_int, check_real
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -82,8 +82,6 @@ class Hyperparameters:
             raise ValueError("`lanczos_dtype` must be None, 'float32' or 'float64'. "
                              f"Received: lanczos_dtype={lanczos_dtype!r}")
         refresh_every = check_int("refresh_every", refresh_every, minimum=1)
-        if mode not in MODE_CHOICES:
-            raise ValueError(f"`mode` must be one of {MODE_CHOICES}. Received: mode={mode!r}")
         if refresh_method not in REFRESH_METHODS:
             raise ValueError(f"`refresh_method` must be one of {REFRESH_METHODS}. "
                              f"Received: refresh_method={refresh_method!r}")
@@ -91,17 +89,7 @@ class Hyperparameters:
             max_refresh_every = check_int("max_refresh_every", max_refresh_every,
                                           minimum=refresh_every,
                                           hint="it must be at least refresh_every or None")
-            if not mode_class(mode).adaptive_schedule:
-                raise ValueError("`max_refresh_every` (the adaptive schedule) is not available "
-                                 f"with mode={mode!r}, whose curvature ranks refresh on the "
-                                 "fixed schedule. Received: max_refresh_every="
-                                 f"{max_refresh_every}, mode={mode!r}")
-        allowed = window_rules(mode)
-        rule = allowed[0] if window_rule is None else window_rule
-        if rule not in allowed:
-            raise ValueError("`window_rule` must be 'none', or 'extrapolate' with "
-                             f"mode='faithful'. Received: window_rule={window_rule!r}, "
-                             f"mode={mode!r}")
+        rule = check_mode_options(mode, window_rule, max_refresh_every)
         if x_restart not in ("keep", "z"):
             raise ValueError(
                 f"`x_restart` must be 'keep' or 'z'. Received: x_restart={x_restart!r}")

@@ -15,19 +15,22 @@ from dho2_tf.base_rules import BaseRule
 from dho2_tf.curvature_input import check_curvature_input
 from dho2_tf.consistency import verify_optimizer_consistency
 from dho2_tf.distributed.comm import Communicator, default_comm
-from dho2_tf.flat import FlatSpec
+from dho2_tf.flat import FlatSpec, flatten
 from dho2_tf.fosi_step import FosiStep
 from dho2_tf.hyperparameters import (DEFAULT_MEMORY_BUDGET, FIELD_NAMES, Hyperparameters,
                                      reject_unsupported)
-from dho2_tf.modes import (MODES, make_mode, refresh_basis_rows, replicated_state_bytes,
-                           resolve_layout)
+from dho2_tf.modes import (MODES, ModeContext, StepPlan, make_mode, refresh_basis_rows,
+                           replicated_state_bytes, resolve_layout)
+from dho2_tf.modes.base import NOT_A_CURVATURE_RANK
 from dho2_tf.optimizer_state import OptimizerState, Workspace
 from dho2_tf.step_hooks import StepHooks
 from dho2_tf.validation import check_real
 
-#: Read-only views on the optimizer: attribute name → the member that holds it.
-VIEWS = {**dict.fromkeys((*FIELD_NAMES, "num_pairs"), "hp"), "is_curvature_rank": "_mode",
-         **dict.fromkeys(("binding", "last_refresh", "triggers", "compile_seconds"), "curvature")}
+
+def _hyperparameter(name: str) -> property:
+    """A read-only property of the optimizer: ``hp.<name>``, the value in use."""
+    return property(lambda self: getattr(self.hp, name),
+                    doc=f"The ``{name}`` in use (read-only; see the class docstring).")
 
 
 @tf.keras.utils.register_keras_serializable(package="dho2_tf")
@@ -150,19 +153,70 @@ class DHO2(tf.keras.optimizers.Optimizer):
         # "auto" is not a mode: its layout is chosen in build(); until then it behaves as
         # "sharded" (neither constrains the world nor uses process sets).
         self._layout_pending = mode not in MODES
-        self._mode = make_mode(mode if mode in MODES else "sharded", self)
+        self._mode = make_mode(mode if mode in MODES else "sharded", self.hp)
         if comm is not None:
-            self._mode.validate_world()
+            self._mode.validate_world(comm)
+        self.consistency_checked = False   # set by verify_consistency
         self.curvature = refresh.Curvature(self.hp)
         self.hooks = StepHooks(self)
 
-    def __getattr__(self, name: str) -> Any:
-        """Read-only views (:data:`VIEWS`): hyper-parameters (``opt.k``), ``is_curvature_rank``,
-        and the refresh's ``binding``, ``last_refresh``, ``triggers``, ``compile_seconds``."""
-        owner = self.__dict__.get(VIEWS.get(name, ""))
-        if owner is not None:
-            return getattr(owner, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # Read-only views of the hyper-parameters in use (``opt.k``, ``opt.mode``, ...).
+    k = _hyperparameter("k")
+    ell = _hyperparameter("ell")
+    num_pairs = _hyperparameter("num_pairs")
+    alpha = _hyperparameter("alpha")
+    c_max = _hyperparameter("c_max")
+    lanczos_order = _hyperparameter("lanczos_order")
+    lanczos_dtype = _hyperparameter("lanczos_dtype")
+    hvp_method = _hyperparameter("hvp_method")
+    refresh_method = _hyperparameter("refresh_method")
+    warm_extra = _hyperparameter("warm_extra")
+    block_hvp = _hyperparameter("block_hvp")
+    refresh_every = _hyperparameter("refresh_every")
+    warmup = _hyperparameter("warmup")
+    max_refresh_every = _hyperparameter("max_refresh_every")
+    staleness_tol = _hyperparameter("staleness_tol")
+    eigenvalue_damping = _hyperparameter("eigenvalue_damping")
+    mode = _hyperparameter("mode")
+    memory_budget = _hyperparameter("memory_budget")
+    window_rule = _hyperparameter("window_rule")
+    window_sigma = _hyperparameter("window_sigma")
+    curvature_ranks = _hyperparameter("curvature_ranks")
+    update_ranks = _hyperparameter("update_ranks")
+    delivery_delay = _hyperparameter("delivery_delay")
+    rho = _hyperparameter("rho")
+    tau = _hyperparameter("tau")
+    x_restart = _hyperparameter("x_restart")
+    nonfinite = _hyperparameter("nonfinite")
+    max_consecutive_skips = _hyperparameter("max_consecutive_skips")
+    seed = _hyperparameter("seed")
+    guard = _hyperparameter("guard")
+
+    @property
+    def binding(self) -> dict[str, Any] | None:
+        """What :meth:`bind` compiled (:attr:`dho2_tf.refresh.Curvature.binding`), or ``None``."""
+        return self.curvature.binding
+
+    @property
+    def last_refresh(self) -> dict[str, Any] | None:
+        """The record of the latest refresh (:func:`dho2_tf.refresh.refresh_record`)."""
+        return self.curvature.last_refresh
+
+    @property
+    def triggers(self) -> list[int]:
+        """``pipelined``: the steps at which the weights were handed over for a refresh."""
+        return self.curvature.triggers
+
+    @property
+    def compile_seconds(self) -> float:
+        """The one-off cost of tracing the HVP and Lanczos graphs in :meth:`bind`."""
+        return self.curvature.compile_seconds
+
+    @property
+    def is_curvature_rank(self) -> bool:
+        """Whether this rank computes curvature instead of training (``pipelined``)."""
+        mode = self._mode
+        return not mode.all_ranks_train and mode.is_curvature_rank_in(self.comm)
 
     @property
     def comm(self) -> Communicator:
@@ -200,17 +254,22 @@ class DHO2(tf.keras.optimizers.Optimizer):
             self._mode, self._layout_pending = make_mode(resolve_layout(
                 self.replicated_state_bytes(self.spec.n, dtype), self.hp, self.spec.n,
                 len(self.rule.slot_names), self.comm.is_root,
-                refresh.basis_dtype(self.hp.lanczos_dtype, dtype)), self), False
-        self._mode.validate_world()
+                refresh.basis_dtype(self.hp.lanczos_dtype, dtype)), self.hp), False
+        mode, comm = self._mode, self.comm
+        mode.validate_world(comm)
         self.model_variables = list(var_list)
-        self.layout = self._mode.layout(self.spec.n)
+        self.layout = mode.layout(comm, self.spec.n)
         # Pipelined curvature ranks never update weights: they keep no parameter-sized state.
         s = 0 if self.is_curvature_rank else self.layout.shard_size
         self.state = OptimizerState.create(self.add_variable, self.rule, self.num_pairs, s,
                                            dtype)
-        self._mode.build(var_list)
+        mode_state = {v.name: self.add_variable(list(v.shape), v.dtype, name=v.name)
+                      for v in mode.state_variables(self.spec.n, dtype)}
+        mode.attach(ModeContext(comm, self.hp, self.spec, self.layout, self.model_variables,
+                                mode_state, self.state.refreshes))
         self.workspace = Workspace(self.rule, self.num_pairs, s, dtype, self.state.in_place)
-        self.curvature.attach(self.state, self.workspace, self._mode, self.comm)
+        self.curvature.attach(self.state, self.workspace, mode.curvature_capabilities(comm),
+                              comm, self.spec.n)
         self._fosi_step = FosiStep(self.state, self.workspace, self.rule, self.spec, self.hp,
                                    self.hooks)
         self._built = True   # Keras' own flag (set_weights, variables): see ``built``
@@ -251,18 +310,35 @@ class DHO2(tf.keras.optimizers.Optimizer):
             grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                      for g, v in zip(grads, variables)]
             with tf.control_dependencies(self.hooks.check_wiring()):   # a refused step: no-op
-                self._mode.step(self._clip_gradients(grads), list(variables))
+                self._distributed_step(self._mode.step_plan(), self._clip_gradients(grads),
+                                       list(variables))
                 for var in variables:   # as Keras' optimizers do; only constrained variables
                     if getattr(var, "constraint", None) is not None:
                         var.assign(var.constraint(var))
                 self.iterations.assign_add(1)
         return self.iterations
 
-    def apply_fosi_step(self, g_r: tf.Tensor, variables: list[tf.Variable],
-                        gather: Callable[[tf.Tensor], tf.Tensor] | None = None) -> None:
-        """The FOSI step from this rank's averaged-gradient shard (:class:`FosiStep`)."""
-        self._fosi_step(g_r, variables, self.learning_rate, self.iterations + 1,
-                        self._mode.projection_comm(), self.hooks.shadow_pairs(), gather=gather)
+    def _distributed_step(self, plan: StepPlan, grads: list[tf.Tensor],
+                          variables: list[tf.Variable]) -> None:
+        """Carry out the mode's :class:`~dho2_tf.modes.context.StepPlan` (graph-safe): reduce
+        the flat gradient, adjust it, then the FOSI step (:class:`FosiStep`) with the plan's
+        gather of δ and projection group."""
+        comm, layout = self.comm, self.layout
+        g = flatten(grads, self.spec, variables[0].dtype)
+        if plan.reduce == "allreduce":
+            g = comm.allreduce(g, "mean", name="dho2/gradient", process_set=plan.group)
+        elif plan.reduce == "reducescatter":
+            g = comm.reducescatter(layout.pad(g), "mean", name="dho2/gradient",
+                                   process_set=plan.group)
+        if plan.adjust is not None:
+            g = plan.adjust(g, variables)
+        gather = None
+        if plan.gather:
+            def gather(delta_r: tf.Tensor) -> tf.Tensor:
+                return layout.unpad(comm.allgather(delta_r, name="dho2/delta",
+                                                   process_set=plan.group))
+        self._fosi_step(g, variables, self.learning_rate, self.iterations + 1, plan.projection,
+                        self.hooks.shadow_pairs(), gather=gather)
 
     def update_step(self, gradient, variable):  # noqa: D102 - DHO2 updates in apply_gradients
         raise NotImplementedError("DHO2 updates the flat vector in apply_gradients.")
@@ -311,7 +387,12 @@ class DHO2(tf.keras.optimizers.Optimizer):
     def serve_curvature(self) -> list[dict[str, Any]]:
         """Pipelined curvature ranks: serve refreshes until the update ranks stop (after
         :meth:`bind`, once per ``fit`` of the update ranks); one record per refresh served."""
-        return self._mode.serve()
+        if not self.is_curvature_rank:
+            raise RuntimeError(NOT_A_CURVATURE_RANK)
+        self.curvature.require_binding()
+        if not self.consistency_checked:   # as the update ranks' first step
+            self.verify_consistency(self.curvature.binding["model"])
+        return self._mode.serve(self.curvature.binding["estimator"])
 
     def export_state(self) -> dict[str, Any]:
         """This rank's state, sharded vectors gathered to full length (collective; every rank
@@ -333,7 +414,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         state is identical there at step 0, and sharded or rank-local later)."""
         if not (self.built and int(self.iterations.numpy()) > 0):
             state_transfer.broadcast_weights(model.variables, self.comm,
-                                             self._mode.broadcast_group(), root)
+                                             self._mode.broadcast_group(self.comm), root)
 
     def request_refresh(self, reason: str) -> None:
         """Refresh the curvature before the next update, whatever the schedule says (every rank

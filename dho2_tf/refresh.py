@@ -1,14 +1,16 @@
 """The curvature refresh of one optimizer: its binding, schedule, estimate, install and record.
 
-A refresh reads top-down: before each update the mode asks :meth:`Curvature.due` (the
+A refresh reads top-down: before each update the host hooks ask :meth:`Curvature.due` (the
 :class:`dho2_tf.refresh_schedule.RefreshSchedule`: FOSI's fixed schedule from a Python copy of
-the refresh counter, or the adaptive one, whose staleness checks run here) and calls
-:meth:`Curvature.refresh`, which runs the mode's estimate (the compiled Lanczos of the
+the refresh counter, or the adaptive one, whose staleness checks run here) when the mode asks
+for it, and call :meth:`Curvature.refresh`, which estimates (the compiled Lanczos of the
 :meth:`Curvature.bind` binding for the first refresh, then the warm-started block refresh of
 :mod:`dho2_tf.curvature.warm_start` unless ``refresh_method="lanczos"``; after folding the
 momenta out of the old basis), installs the eigenpairs
 (:meth:`dho2_tf.optimizer_state.OptimizerState.install`, η and c from λ + the mode's shift) and
-records what happened (:func:`refresh_record`, ``last_refresh``).
+records what happened (:func:`refresh_record`, ``last_refresh``). How the mode distributes the
+estimate (HVP reduction, basis layout and group, warm starts, the weights it is taken at) comes
+as data: :class:`dho2_tf.modes.context.CurvatureCapabilities`.
 """
 
 from __future__ import annotations
@@ -137,10 +139,35 @@ class Curvature:
         self.pending_check: Any = None   # a staleness check the next refresh continues from
         self.due_step: int | None = None   # the step of the latest due() call
 
-    def attach(self, state: Any, workspace: Any, mode: Any, comm: Any) -> None:
-        """Use the built optimizer's state, step buffers, mode and communicator."""
-        self.state, self.workspace, self.mode, self.comm = state, workspace, mode, comm
+    def attach(self, state: Any, workspace: Any, capabilities: Any, comm: Any, n: int) -> None:
+        """Use the built optimizer's state, step buffers, the mode's
+        :class:`~dho2_tf.modes.context.CurvatureCapabilities`, the communicator and the number
+        of parameters n."""
+        self.state, self.workspace, self.comm, self.n = state, workspace, comm, n
+        self.capabilities = capabilities
         self.schedule.is_root = comm.is_root
+
+    def make_estimator(self, hvp: Any, dtype: tf.DType, basis_dtype: str) -> Any:
+        """The compiled :class:`~dho2_tf.curvature.warm_start.CurvatureEstimator` of this rank
+        (``None`` on a rank that never estimates): Lanczos, plus the warm block program when
+        ``refresh_method="warm"`` or the schedule is adaptive (its staleness check)."""
+        from dho2_tf.curvature.spectrum import SpectrumEstimator
+        from dho2_tf.curvature.warm_start import BlockRitzProgram, CurvatureEstimator
+
+        caps, hp = self.capabilities, self.hp
+        if not caps.estimates:
+            return None
+        common = dict(process_set=caps.lanczos_group, hvp_dtype=dtype, basis_dtype=basis_dtype,
+                      basis_layout=caps.lanczos_basis, hvp_reduce=caps.hvp_reduce)
+        lanczos = SpectrumEstimator(hvp, self.n, hp.k, hp.ell, self.comm, m=hp.lanczos_order,
+                                    **common)
+        block = None
+        if caps.warm_refresh and (hp.refresh_method == "warm"
+                                  or hp.max_refresh_every is not None):
+            block = BlockRitzProgram(hvp, self.n, hp.k, hp.ell, self.comm,
+                                     extra=hp.warm_extra, batching=hp.block_hvp,
+                                     name="dho2/warm", **common)
+        return CurvatureEstimator(lanczos, block)
 
     def bind(self, model: tf.keras.Model, loss: Callable | str | None, batch: tuple,
              training: bool) -> None:
@@ -148,7 +175,7 @@ class Curvature:
         if self.binding is not None and self.binding["key"] == binding_key(model, loss, batch,
                                                                            training):
             return  # the same binding (e.g. a second fit call): keep the compiled graphs
-        self.binding = bind_curvature(model, loss, batch, training, self.mode.make_estimator,
+        self.binding = bind_curvature(model, loss, batch, training, self.make_estimator,
                                       self.hp.lanczos_dtype, self.hp.hvp_method,
                                       self.hp.block_hvp)
         self.compile_seconds = self.binding["compile_seconds"]
@@ -192,15 +219,60 @@ class Curvature:
         self.schedule.request_refresh(reason)
 
     def check_staleness(self, iterations: int) -> float | None:
-        """The staleness s of the installed eigenpairs now (the mode's check; ``None`` when
-        there is nothing to check). A check the refresh can continue from is kept for it."""
+        """The staleness s of the installed eigenpairs now (one block HVP at the mode's
+        curvature weights, every rank of the world; ``None`` when there is nothing to check:
+        unbound, or before the first refresh). A check the refresh can continue from is kept
+        for it."""
         if self.binding is None:
             return None
-        check = self.mode.check_staleness()
-        if check is None:
+        start = self.installed_pairs()
+        if start is None:
             return None
-        self.pending_check = check if self.mode.reuses_check else None
+        with self.capabilities.weights():
+            check = self.binding["estimator"].check(start, seed=self.hp.seed + self.index())
+        self.pending_check = check if self.capabilities.reuses_check else None
         return check.staleness
+
+    def installed_pairs(self) -> Any:
+        """The installed eigenpairs as a :class:`~dho2_tf.curvature.warm_start.WarmStart` in
+        the estimator's basis layout, or ``None`` when no pair is valid (before the first
+        refresh). Reads only replicated values to decide, so every rank agrees."""
+        from dho2_tf.curvature.warm_start import WarmStart
+
+        st = self.state
+        valid = np.diag(st.gram.numpy()) > 0.5
+        if not valid.any():
+            return None
+        rows = st.eigenvectors.value()
+        estimator = self.binding["estimator"]
+        if self.capabilities.gathers_vectors and estimator.basis_layout == "sharded":
+            rows = tf.transpose(estimator.layout.local(tf.transpose(rows)))  # its columns
+        return WarmStart(rows, valid, st.eigenvalues.numpy().astype(np.float64),
+                         self.schedule.installed_residual)
+
+    def estimate(self, check: Any = None) -> Any:
+        """The extreme eigenpairs at the mode's curvature weights (every rank of the world
+        calls it): Lanczos for the first refresh or with ``refresh_method="lanczos"``, else the
+        warm block refresh from the installed eigenvectors (continuing ``check`` when given).
+
+        First folds the Newton momentum out of the basis of the current V
+        (:meth:`materialize_momentum`), since the refresh may replace V.
+        """
+        self.materialize_momentum()
+        warm = self.capabilities.warm_refresh and self.hp.refresh_method == "warm"
+        with self.capabilities.weights():
+            return self.binding["estimator"].estimate(
+                seed=self.hp.seed + self.index(),
+                start=self.installed_pairs() if warm else None, check=check if warm else None)
+
+    def vectors_for_state(self, vectors_r: tf.Tensor) -> tf.Tensor:
+        """The estimate's shard of V in the state's layout (all-gathered to full V when the
+        state is full and the basis sharded)."""
+        if not self.capabilities.gathers_vectors:
+            return vectors_r
+        from dho2_tf.curvature.spectrum import gather_vectors
+
+        return gather_vectors(vectors_r, self.n, self.comm)
 
     def materialize_momentum(self) -> None:
         """Fold the momenta out of the basis of V before V changes and drop cached projections."""
@@ -213,9 +285,9 @@ class Curvature:
         self.require_binding()
         start = time.perf_counter()
         check, self.pending_check = self.pending_check, None
-        est = self.mode.estimate(check=check)
+        est = self.estimate(check=check)
         if est.num_valid > 0 and est.status.startswith(("ok", "breakdown")):
-            self.install(est.eigenvalues, self.mode.vectors_for_state(est.vectors_r), est.gram,
+            self.install(est.eigenvalues, self.vectors_for_state(est.vectors_r), est.gram,
                          status=est.status, start=start, est=est)
         else:
             logger.warning("DHO2 curvature refresh %d kept the previous eigenpairs: %s",
@@ -226,7 +298,7 @@ class Curvature:
     def install(self, eigenvalues: tf.Tensor, vectors: tf.Tensor, gram: tf.Tensor, status: str,
                 start: float | None = None, est: Any = None) -> None:
         """Install (λ, V in the state layout, Γ), derive η and c, and count the refresh."""
-        self.state.install(eigenvalues, vectors, gram, self.mode.eigenvalue_shift(),
+        self.state.install(eigenvalues, vectors, gram, self.capabilities.eigenvalue_shift,
                            self.hp.eigenvalue_damping, self.hp.ell, self.hp.c_max)
         self.count(installed=True, status=status, start=start, est=est)
 

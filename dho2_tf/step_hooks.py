@@ -9,22 +9,25 @@ A loop wired by hand (neither driver) gets two checks instead of silence: a step
 ``bind`` fails when the hook its mode needs was not called (:meth:`StepHooks.check_wiring`), and
 the first step of a multi-rank run fails when the ranks hold different weights
 (:meth:`StepHooks.check_initial_weights`).
+
+The mode's hooks do their own exchanges and return what the host side must do with the
+optimizer as data (:mod:`dho2_tf.modes.context`: refresh when due, install delivered pairs,
+average the statistics, ...); :meth:`StepHooks.carry_out` does it.
 """
 
 from __future__ import annotations
 
 import types
-from typing import TYPE_CHECKING
+from typing import Any, Iterable
 
 import numpy as np
 import tensorflow as tf
 
 from dho2_tf import guard, hybrid, refresh
 from dho2_tf.fosi_step import SkipLog
+from dho2_tf.modes.context import (AverageStatistics, HostAction, InstallPairs, KeepPairs,
+                                   RefreshIfDue, TriggerSent)
 from dho2_tf.optimizer_state import StatShadows
-
-if TYPE_CHECKING:
-    from dho2_tf.optimizer import DHO2
 
 
 class StepHooks:
@@ -41,7 +44,8 @@ class StepHooks:
             agree), so the first-step check has nothing to do.
     """
 
-    def __init__(self, opt: "DHO2") -> None:
+    def __init__(self, opt: Any) -> None:
+        """``opt``: the :class:`dho2_tf.DHO2` whose hooks these are."""
         self.opt = opt
         self.begun_at: int | None = None
         self.skips = SkipLog()
@@ -60,7 +64,10 @@ class StepHooks:
         if not self.weights_synced:
             self.check_initial_weights(iterations)
         self.begun_at = iterations
-        opt.distribution.on_step_begin(iterations)
+        mode = opt.distribution
+        if mode.checks_consistency_first and not opt.consistency_checked:
+            opt.verify_consistency(opt.curvature.binding["model"])
+        self.carry_out(mode.on_step_begin(iterations), iterations)
 
     def end(self, iterations: int | None) -> None:
         """After an update: the mode's ADMM round; logs skipped steps when counting itself."""
@@ -69,7 +76,7 @@ class StepHooks:
             iterations = int(self.opt.iterations.numpy()) if begun is None else begun + 1
             self.begun_at = None
             self.report_skipped()
-        self.opt.distribution.on_step_end(iterations)
+        self.carry_out(self.opt.distribution.on_step_end(iterations), iterations)
 
     def sync(self) -> int:
         """Re-read what is kept in Python after variables changed outside a step (restored,
@@ -84,7 +91,7 @@ class StepHooks:
     def train_end(self) -> None:
         """When training stops: the mode's end (pipelined: release the curvature ranks), then
         the last skipped-step report and the run's total."""
-        self.opt.distribution.on_train_end()
+        self.carry_out(self.opt.distribution.on_train_end(), None)
         self.report_skipped()
         if self.opt.built:
             self.skips.summary(self.opt.comm.is_root)
@@ -98,7 +105,7 @@ class StepHooks:
         same reduction order everywhere); the ranks agree iff all s are equal.
         """
         opt = self.opt
-        group = opt.distribution.broadcast_group()
+        group = opt.distribution.broadcast_group(opt.comm)
         if iterations > 0 or opt.comm.group_size(group) == 1:
             self.weights_synced = True
             return
@@ -153,6 +160,47 @@ class StepHooks:
             "or call on_step_begin() before and on_step_end() after every apply_gradients.")),
                   mode.check_hooks_ran(t)]
         return [op for op in checks if op is not None]
+
+    def carry_out(self, actions: Iterable[HostAction], iterations: int | None) -> None:
+        """Do what the mode's hook asked, in order (before update ``iterations``):
+
+        * :class:`RefreshIfDue`: when the schedule says so (:meth:`refresh.Curvature.due`), the
+          mode's ``before_refresh``, then the refresh;
+        * :class:`InstallPairs`: fold the momenta out of V, then install the pairs;
+        * :class:`KeepPairs`: count a refresh that installed nothing;
+        * :class:`TriggerSent`: record the hand-over step (``triggers``);
+        * :class:`AverageStatistics`: :meth:`average_statistics`.
+        """
+        curvature = self.opt.curvature
+        for action in actions:
+            if isinstance(action, RefreshIfDue):
+                if curvature.due(iterations):
+                    self.opt.distribution.before_refresh(iterations)
+                    curvature.refresh()
+            elif isinstance(action, InstallPairs):
+                curvature.materialize_momentum()                    # V is about to change
+                curvature.install(action.eigenvalues, action.vectors_r, action.gram,
+                                  status=action.status)
+            elif isinstance(action, KeepPairs):
+                curvature.count(installed=False, status=action.status)
+            elif isinstance(action, TriggerSent):
+                curvature.triggers.append(action.step)
+            elif isinstance(action, AverageStatistics):
+                self.average_statistics(action.name)
+            else:
+                raise TypeError(f"unknown host action {action!r}")
+
+    def average_statistics(self, name: str) -> None:
+        """The bound model's non-trainable variables ← their mean over the ranks (one grouped
+        allreduce named ``name``), then copied as the values a skipped step restores."""
+        model = self.bound_model()
+        stats = list(model.non_trainable_variables) if model is not None else []
+        if not stats:
+            return
+        averaged = self.opt.comm.grouped_allreduce([v.value() for v in stats], "mean", name=name)
+        for var, value in zip(stats, averaged):
+            var.assign(value)
+        self.sync_shadows()
 
     def forget_caches(self) -> None:
         """After the optimizer's variables were replaced: drop the cached projections and
@@ -223,6 +271,6 @@ class StepHooks:
         self.source_warned = True
         refresh.warn_no_curvature_source(
             hybrid.next_refresh_step(0, opt.hp.warmup, opt.hp.refresh_every), opt.rule.name)
-        if not getattr(opt, "consistency_checked", False):
+        if not opt.consistency_checked:
             opt.verify_consistency(types.SimpleNamespace(
                 trainable_variables=list(opt.model_variables), name="model"))

@@ -21,21 +21,23 @@ V per step with sgd/momentum/nesterov and four with Adam (see :mod:`dho2_tf.hybr
 optimizer's ``memory_budget`` (:func:`replicated_state_bytes`), else ``sharded``
 (:func:`choose_layout`). The rule does not depend on the number of ranks, so every rank, and a
 run resumed with another world size, makes the same choice.
+
+This module is the registry: which modes exist (:data:`MODES`), which options each accepts
+(:func:`check_mode_options`, used when the hyper-parameters are validated) and the mode object
+of a configuration (:func:`make_mode`). Nothing here, nor in the modes, knows the optimizer.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dho2_tf.modes.admm import AdmmMode
 from dho2_tf.modes.base import Mode, ShardedMode
+from dho2_tf.modes.context import ModeContext, StateVariable, StepPlan
 from dho2_tf.modes.faithful import FaithfulMode
 from dho2_tf.modes.pipelined import PipelinedMode
 from dho2_tf.modes.replicated import ReplicatedMode
-
-if TYPE_CHECKING:
-    from dho2_tf.optimizer import DHO2
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +104,36 @@ def window_rules(mode: str) -> tuple[str, ...]:
     return mode_class(mode).window_rules
 
 
-def make_mode(name: str, opt: "DHO2") -> Mode:
-    """The mode object of ``opt`` (``name`` is validated by the optimizer)."""
-    return MODES[name](opt)
+def check_mode_options(mode: str, window_rule: str | None,
+                       max_refresh_every: int | None) -> str:
+    """Validate the mode-dependent options; returns the window rule in use (``None``: the
+    mode's default).
+
+    Raises:
+        ValueError: ``mode`` not in :data:`MODE_CHOICES`; ``max_refresh_every`` (the adaptive
+            schedule) with a mode without it; a ``window_rule`` the mode does not accept.
+    """
+    if mode not in MODE_CHOICES:
+        raise ValueError(f"`mode` must be one of {MODE_CHOICES}. Received: mode={mode!r}")
+    if max_refresh_every is not None and not mode_class(mode).adaptive_schedule:
+        raise ValueError("`max_refresh_every` (the adaptive schedule) is not available "
+                         f"with mode={mode!r}, whose curvature ranks refresh on the "
+                         f"fixed schedule. Received: max_refresh_every={max_refresh_every}, "
+                         f"mode={mode!r}")
+    allowed = window_rules(mode)
+    rule = allowed[0] if window_rule is None else window_rule
+    if rule not in allowed:
+        raise ValueError("`window_rule` must be 'none', or 'extrapolate' with "
+                         f"mode='faithful'. Received: window_rule={window_rule!r}, "
+                         f"mode={mode!r}")
+    return rule
 
 
-__all__ = ["MODES", "MODE_CHOICES", "Mode", "choose_layout", "make_mode", "mode_class",
+def make_mode(name: str, hp: Any) -> Mode:
+    """The mode object ``name`` (a key of :data:`MODES`) for the hyper-parameters ``hp``."""
+    return MODES[name](hp)
+
+
+__all__ = ["MODES", "MODE_CHOICES", "Mode", "ModeContext", "StateVariable", "StepPlan",
+           "check_mode_options", "choose_layout", "make_mode", "mode_class",
            "refresh_basis_rows", "replicated_state_bytes", "resolve_layout", "window_rules"]

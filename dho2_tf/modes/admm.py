@@ -15,13 +15,15 @@ n + 1 numbers (plus the batch-norm statistics). State per rank: (slots + 3 + K)�
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
 from dho2_tf.distributed.outer_rules import consensus_round
 from dho2_tf.flat import flatten
-from dho2_tf.modes.base import Mode, assign_flat
+from dho2_tf.modes.base import Mode, assign_flat, state_property
+from dho2_tf.modes.context import (AverageStatistics, HostAction, RefreshIfDue, StateVariable,
+                                   StepPlan)
 from dho2_tf.numerics import scalar
 
 
@@ -32,62 +34,69 @@ class AdmmMode(Mode):
     shards_state = False
     state_is_rank_local = True
 
-    def build(self, var_list: list[tf.Variable]) -> None:
-        n, dtype = self.opt.spec.n, var_list[0].dtype
-        self.z = self.opt.add_variable([n], dtype, name="admm_z")
-        self.dual = self.opt.add_variable([n], dtype, name="admm_dual")
-        self.residuals = self.opt.add_variable([2], dtype, name="admm_residuals")
-        self.rounds = self.opt.add_variable([], tf.int64, name="admm_rounds")
-        self.started = self.opt.add_variable([], tf.int64, name="admm_started")
-
-    def __init__(self, opt) -> None:
-        super().__init__(opt)
+    def __init__(self, hp: Any) -> None:
+        super().__init__(hp)
         self._started_seen = False   # Python copy of `started` once it is 1
 
-    def step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
+    def state_variables(self, n: int, dtype: tf.DType) -> tuple[StateVariable, ...]:
+        """z and π (n each), the last round's residuals, the rounds, whether z was set."""
+        return (StateVariable("admm_z", (n,), dtype), StateVariable("admm_dual", (n,), dtype),
+                StateVariable("admm_residuals", (2,), dtype),
+                StateVariable("admm_rounds", (), tf.int64),
+                StateVariable("admm_started", (), tf.int64))
+
+    z = state_property("admm_z", "The consensus z.")
+    dual = state_property("admm_dual", "This rank's dual π.")
+    residuals = state_property("admm_residuals", "The last round's primal and dual residuals.")
+    rounds = state_property("admm_rounds", "The consensus rounds so far.")
+    started = state_property("admm_started", "1 once z was set from the weights at the very "
+                             "first step.")
+
+    def step_plan(self) -> StepPlan:
         """G = ∇f_i(x) + π + ρ(x − z); x ← x + c·u − α·d, all local (no collective)."""
-        opt = self.opt
-        x = flatten(variables)
-        g = flatten(grads, opt.spec, x.dtype) + self.dual + scalar(opt.rho, x.dtype) * (x - self.z)
-        opt.apply_fosi_step(g, variables)
+        return StepPlan("none", None, self.gradient_adjustment(), False,
+                        self.projection(self.comm))
+
+    def gradient_adjustment(self) -> Callable[[tf.Tensor, list[tf.Variable]], tf.Tensor]:
+        """G ↦ G + π + ρ(x − z), x the flat weights."""
+        rho, dual, z = self.hp.rho, self.dual, self.z
+
+        def adjust(g: tf.Tensor, weights: list[tf.Variable]) -> tf.Tensor:
+            x = flatten(weights)
+            return g + dual + scalar(rho, x.dtype) * (x - z)
+
+        return adjust
 
     def sync_host_state(self) -> None:
         self._started_seen = False
 
-    def on_step_begin(self, iterations: int) -> None:
+    def on_step_begin(self, iterations: int) -> tuple[HostAction, ...]:
         """z ← x at the very first step, then refresh at z when due."""
         if not self._started_seen:
             if int(self.started.numpy()) == 0:
-                self.z.assign(flatten(self.opt.model_variables))
+                self.z.assign(flatten(self.context.weights))
                 self.started.assign(1)
             self._started_seen = True
-        super().on_step_begin(iterations)
+        return (RefreshIfDue(),)
 
-    def on_step_end(self, iterations: int) -> None:
-        """Every τ local steps: consensus round and averaged batch-norm statistics."""
-        opt = self.opt
-        if iterations % opt.tau != 0:
-            return
-        result = consensus_round(flatten(opt.model_variables), self.dual.value(), self.z.value(),
-                                 opt.rho, self.comm)
+    def on_step_end(self, iterations: int) -> tuple[HostAction, ...]:
+        """Every τ local steps: consensus round, then the averaged batch-norm statistics."""
+        ctx, hp = self.context, self.hp
+        if iterations % hp.tau != 0:
+            return ()
+        result = consensus_round(flatten(ctx.weights), self.dual.value(), self.z.value(),
+                                 hp.rho, ctx.comm)
         self.z.assign(result.z)
         self.dual.assign(result.dual)
-        if opt.x_restart == "z":
-            assign_flat(opt.model_variables, result.z, opt)
+        if hp.x_restart == "z":
+            assign_flat(ctx.weights, result.z, ctx.spec)
         self.residuals.assign(tf.stack([result.primal_residual, result.dual_residual]))
         self.rounds.assign_add(1)
-        model = opt.hooks.bound_model()
-        stats = list(model.non_trainable_variables) if model is not None else []
-        if stats:
-            averaged = self.comm.grouped_allreduce([v.value() for v in stats], "mean",
-                                                   name="dho2/admm/bn_stats")
-            for var, value in zip(stats, averaged):
-                var.assign(value)
-            opt.hooks.sync_shadows()
+        return (AverageStatistics("dho2/admm/bn_stats"),)
 
     def check_hooks_ran(self, t: tf.Tensor) -> Any:
         """Update t needs ⌊t/τ⌋ consensus rounds behind it (run by ``on_step_end``)."""
-        tau = self.opt.tau
+        tau = self.hp.tau
         return tf.debugging.assert_less_equal(t // tau, tf.cast(self.rounds, t.dtype), message=(
             f"DHO2 mode='admm': more than tau={tau} local steps ran without a consensus round, "
             "so the ranks drift apart: optimizer.on_step_end() was not called after "
@@ -97,13 +106,13 @@ class AdmmMode(Mode):
     @contextlib.contextmanager
     def consensus_weights(self) -> Iterator[None]:
         """Temporarily put z into the model (for evaluation and curvature estimation)."""
-        variables = self.opt.model_variables
-        saved = flatten(variables)
-        assign_flat(variables, self.z.value(), self.opt)
+        ctx = self.context
+        saved = flatten(ctx.weights)
+        assign_flat(ctx.weights, self.z.value(), ctx.spec)
         try:
             yield
         finally:
-            assign_flat(variables, saved, self.opt)
+            assign_flat(ctx.weights, saved, ctx.spec)
 
     def evaluation_weights(self) -> Any:
         """Evaluate the consensus z (see :meth:`consensus_weights`)."""
@@ -113,12 +122,16 @@ class AdmmMode(Mode):
         """Curvature is estimated (and checked) at the consensus z."""
         return self.consensus_weights()
 
+    @property
     def eigenvalue_shift(self) -> float:
-        return self.opt.rho
+        """η uses the Hessian of the augmented local objective, H + ρI."""
+        return self.hp.rho
 
-    def on_train_end(self) -> None:
+    def on_train_end(self) -> tuple[HostAction, ...]:
         """Leave the consensus z in the model: that is the trained model."""
-        assign_flat(self.opt.model_variables, self.z.value(), self.opt)
+        ctx = self.context
+        assign_flat(ctx.weights, self.z.value(), ctx.spec)
+        return ()
 
     def metrics(self) -> dict[str, float]:
         primal, dual = self.residuals.numpy()

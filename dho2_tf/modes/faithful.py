@@ -10,11 +10,14 @@ aligned with the refreshes).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import tensorflow as tf
 
 from dho2_tf.distributed.outer_rules import window_jump
 from dho2_tf.flat import flatten
-from dho2_tf.modes.base import assign_flat
+from dho2_tf.modes.base import assign_flat, state_property
+from dho2_tf.modes.context import StateVariable
 from dho2_tf.modes.replicated import ReplicatedMode
 from dho2_tf.numerics import scalar
 
@@ -29,41 +32,48 @@ class FaithfulMode(ReplicatedMode):
     imports_state_of = ()
     window_rules = ("extrapolate", "none")
 
-    def build(self, var_list: list[tf.Variable]) -> None:
-        n, dtype = self.opt.spec.n, var_list[0].dtype
-        self.velocity = self.opt.add_variable([n], dtype, name="window_velocity")
-        self.window_start = self.opt.add_variable([n], dtype, name="window_start")
-        self.jumps = self.opt.add_variable([], tf.int64, name="window_jumps")
+    def state_variables(self, n: int, dtype: tf.DType) -> tuple[StateVariable, ...]:
+        """The window's velocity v and start θ̃ (n each), and the number of jumps."""
+        return (StateVariable("window_velocity", (n,), dtype),
+                StateVariable("window_start", (n,), dtype),
+                StateVariable("window_jumps", (), tf.int64))
+
+    velocity = state_property("window_velocity", "v, the window's velocity (the sum of the "
+                              "previous windows' displacements).")
+    window_start = state_property("window_start", "θ̃, the weights at the start of the window.")
+    jumps = state_property("window_jumps", "The number of window jumps so far.")
 
     @property
     def uses_window(self) -> bool:
-        return self.opt.window_rule == "extrapolate"
+        return self.hp.window_rule == "extrapolate"
 
     @property
     def reuses_check(self) -> bool:
         """The window jump moves the weights after the staleness check: refresh afresh."""
         return not self.uses_window
 
-    def adjust_gradient(self, g: tf.Tensor) -> tf.Tensor:
+    def gradient_adjustment(self) -> Callable[[tf.Tensor, list[tf.Variable]], tf.Tensor] | None:
         """G = allreduce_mean(g) + σ_w·v (the window's gradient offset)."""
-        if self.uses_window:
-            return g + scalar(self.opt.window_sigma, g.dtype) * self.velocity
-        return g
+        if not self.uses_window:
+            return None
+        sigma, velocity = self.hp.window_sigma, self.velocity
 
-    def on_step_begin(self, iterations: int) -> None:
-        """At a window boundary: jump (from the second window on), refresh, then θ̃ ← θ."""
-        opt = self.opt
-        if not opt.curvature.due(iterations):
-            return
-        variables = opt.model_variables
-        if self.uses_window and int(opt.curvature.index()) > 0:
-            theta, velocity = window_jump(flatten(variables), self.window_start.value(),
+        def adjust(g: tf.Tensor, weights: list[tf.Variable]) -> tf.Tensor:
+            return g + scalar(sigma, g.dtype) * velocity
+
+        return adjust
+
+    def before_refresh(self, iterations: int) -> None:
+        """At a window boundary: jump (from the second window on), then θ̃ ← θ (the refresh
+        that follows leaves the weights as they are)."""
+        ctx = self.context
+        if self.uses_window and int(ctx.refreshes.numpy()) > 0:
+            theta, velocity = window_jump(flatten(ctx.weights), self.window_start.value(),
                                           self.velocity.value())
             self.velocity.assign(velocity)
-            assign_flat(variables, theta, opt)
+            assign_flat(ctx.weights, theta, ctx.spec)
             self.jumps.assign_add(1)
-        opt.curvature.refresh()
-        self.window_start.assign(flatten(variables))
+        self.window_start.assign(flatten(ctx.weights))
 
     def metrics(self) -> dict[str, float]:
         return {"window_jumps": float(self.jumps.numpy()),

@@ -29,11 +29,12 @@ from typing import Any
 import tensorflow as tf
 
 from dho2_tf import hybrid
-from dho2_tf.distributed.comm import Group
+from dho2_tf.distributed.comm import Communicator, Group
 from dho2_tf.distributed.pipeline import PipelineGroups, pipeline_process_sets
 from dho2_tf.distributed.sharding import ShardLayout
 from dho2_tf.flat import flatten
 from dho2_tf.modes.base import Mode, assign_flat
+from dho2_tf.modes.context import HostAction, InstallPairs, KeepPairs, TriggerSent
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +45,16 @@ class PipelinedMode(Mode):
     name = "pipelined"
     checkpointable = False  # the curvature ranks hold no training state
     warm_refresh = False    # resumed runs must refresh as uninterrupted ones (module docstring)
-
-    def __init__(self, opt) -> None:
-        super().__init__(opt)
-        self.triggers_sent: int | None = None   # set from the refresh count at the first step
-        self.pending_delivery: int | None = None
-
     all_ranks_train = False
     # The curvature ranks refresh on the fixed schedule of the update ranks' triggers.
     adaptive_schedule = False
+    # The curvature ranks check in serve_curvature(); the update ranks match it first thing.
+    checks_consistency_first = True
+
+    def __init__(self, hp: Any) -> None:
+        super().__init__(hp)
+        self.triggers_sent: int | None = None   # set from the refresh count at the first step
+        self.pending_delivery: int | None = None
 
     @staticmethod
     def process_sets_for(curvature_ranks: int, update_ranks: int | None,
@@ -66,108 +68,106 @@ class PipelinedMode(Mode):
         """The update ranks (first) and curvature ranks (last) of the world."""
         return PipelineGroups.of(world_size, curvature_ranks, update_ranks)
 
+    def groups_in(self, comm: Communicator) -> PipelineGroups:
+        """The rank sets of ``comm``'s world."""
+        return self.rank_groups(comm.size, self.hp.curvature_ranks, self.hp.update_ranks)
+
     @property
     def groups(self) -> PipelineGroups:
-        return self.rank_groups(self.comm.size, self.opt.curvature_ranks, self.opt.update_ranks)
+        """The rank sets of the context's world."""
+        return self.groups_in(self.comm)
 
-    def validate_world(self) -> None:
-        groups = self.groups
-        for ranks in groups.process_sets():
+    def validate_world(self, comm: Communicator) -> None:
+        for ranks in self.groups_in(comm).process_sets():
             try:
-                self.comm.group(ranks)
+                comm.group(ranks)
             except ValueError as err:
                 raise ValueError(
                     "mode='pipelined' needs its process sets registered when Horovod starts: "
                     "create the communicator as HorovodComm(process_sets=dho2_tf.distributed."
-                    f"pipeline_process_sets({self.opt.curvature_ranks})) and pass comm= to DHO2. "
+                    f"pipeline_process_sets({self.hp.curvature_ranks})) and pass comm= to DHO2. "
                     f"({err})") from None
 
-    def _group(self, ranks: tuple[int, ...]) -> Group | None:
-        return None if len(ranks) == self.comm.size else self.comm.group(ranks)
+    @staticmethod
+    def _group(comm: Communicator, ranks: tuple[int, ...]) -> Group | None:
+        return None if len(ranks) == comm.size else comm.group(ranks)
 
-    @property
-    def group(self) -> Group | None:
-        return self._group(self.groups.update)
+    def group_in(self, comm: Communicator) -> Group | None:
+        return self._group(comm, self.groups_in(comm).update)
 
-    @property
-    def is_curvature_rank(self) -> bool:
-        return self.comm.rank in self.groups.curvature
+    def is_curvature_rank_in(self, comm: Communicator) -> bool:
+        return comm.rank in self.groups_in(comm).curvature
 
-    def lanczos_group(self) -> Group | None:
+    def lanczos_group(self, comm: Communicator) -> Group | None:
         """The curvature ranks run the Lanczos iteration among themselves."""
-        return self._group(self.groups.curvature)
+        return self._group(comm, self.groups_in(comm).curvature)
 
-    def make_estimator(self, hvp, dtype, basis_dtype):
-        """Only the curvature ranks estimate; the update ranks receive the eigenpairs."""
-        return super().make_estimator(hvp, dtype, basis_dtype) if self.is_curvature_rank \
-            else None
-
-    def layout(self, n: int) -> ShardLayout:
-        update = self.groups.update
-        return ShardLayout(n, len(update), self.comm.rank if self.comm.rank in update else 0)
+    def layout(self, comm: Communicator, n: int) -> ShardLayout:
+        update = self.groups_in(comm).update
+        return ShardLayout(n, len(update), comm.rank if comm.rank in update else 0)
 
     # ----------------------------------------------------------------------- update side
-    def on_step_begin(self, iterations: int) -> None:
+    def on_step_begin(self, iterations: int) -> tuple[HostAction, ...]:
         """DELIVER when due (before a new trigger), then hand θ over at a trigger."""
-        opt = self.opt
-        if not getattr(opt, "consistency_checked", False):
-            # The curvature ranks check in serve_curvature(); match that collective here.
-            opt.verify_consistency(opt.curvature.binding["model"])
+        ctx, hp = self.context, self.hp
         t = iterations
+        actions: list[HostAction] = []
         if self.triggers_sent is None:   # first step of this run, fresh or resumed
-            self.triggers_sent = opt.curvature.index()
+            self.triggers_sent = int(ctx.refreshes.numpy())
         if self.pending_delivery is not None and t >= self.pending_delivery:
-            self._receive()
-        due = hybrid.refresh_count_due(t, opt.warmup, opt.refresh_every)
+            actions.append(self._receive())
+        due = hybrid.refresh_count_due(t, hp.warmup, hp.refresh_every)
         if due > self.triggers_sent:
             # One trigger, numbered by the refresh it starts: due − 1 (see serve()).
-            self._send_bridge(flatten(opt.model_variables), refresh=due - 1)
+            self._send_bridge(flatten(ctx.weights), refresh=due - 1)
             self.triggers_sent = due
-            self.pending_delivery = t + opt.delivery_delay
-            opt.curvature.triggers.append(t)
+            self.pending_delivery = t + hp.delivery_delay
+            actions.append(TriggerSent(t))
+        return tuple(actions)
 
     def refresh_delay(self) -> int:
         """Refresh j is installed Δ = ``delivery_delay`` steps after its trigger."""
-        return self.opt.delivery_delay
+        return self.hp.delivery_delay
 
-    def on_train_end(self) -> None:
+    def on_train_end(self) -> tuple[HostAction, ...]:
         """Drain a pending DELIVER, then tell the curvature ranks to stop."""
         if self.is_curvature_rank:
-            return
-        if self.pending_delivery is not None:
-            self._receive()
-        self._send_bridge(tf.zeros([self.opt.spec.n], self.opt.model_variables[0].dtype),
-                          refresh=None)
+            return ()
+        actions = (self._receive(),) if self.pending_delivery is not None else ()
+        ctx = self.context
+        self._send_bridge(tf.zeros([ctx.spec.n], ctx.weights[0].dtype), refresh=None)
+        return actions
 
     def _send_bridge(self, theta: tf.Tensor, refresh: int | None) -> None:
         """Rank 0 → C: ``[θ, j + 1]`` for refresh j, ``[0, 0]`` (``refresh=None``) to stop."""
-        if self.comm.rank != 0:
+        comm = self.comm
+        if comm.rank != 0:
             return
         payload = tf.concat([theta, [0.0 if refresh is None else float(refresh + 1)]], 0)
-        self.comm.broadcast(payload, 0, name="dho2/pipeline/theta",
-                            process_set=self._group(self.groups.bridge))
+        comm.broadcast(payload, 0, name="dho2/pipeline/theta",
+                       process_set=self._group(comm, self.groups.bridge))
 
-    def _receive(self) -> None:
-        opt, kk = self.opt, self.opt.num_pairs
-        dtype = opt.model_variables[0].dtype
-        rows = self.comm.alltoall(tf.zeros([0, kk], dtype), [0] * self.comm.size,
-                                  name="dho2/pipeline/deliver")
-        packed = self.comm.broadcast(tf.zeros([kk + kk * kk + 1], dtype),
-                                     self.groups.curvature_root, name="dho2/pipeline/spectrum")
+    def _receive(self) -> HostAction:
+        """The update ranks' side of DELIVER: the rows of V this rank owns, λ and Γ."""
+        ctx, kk = self.context, self.hp.num_pairs
+        dtype = ctx.weights[0].dtype
+        rows = ctx.comm.alltoall(tf.zeros([0, kk], dtype), [0] * ctx.comm.size,
+                                 name="dho2/pipeline/deliver")
+        packed = ctx.comm.broadcast(tf.zeros([kk + kk * kk + 1], dtype),
+                                    self.groups.curvature_root, name="dho2/pipeline/spectrum")
         self.pending_delivery = None
         if float(packed[-1]) == 0.0:
             logger.warning("pipelined refresh failed on the curvature ranks; keeping eigenpairs")
-            opt.curvature.count(installed=False, status="failed on curvature ranks")
-            return
-        missing = opt.layout.shard_size - int(rows.shape[0])   # padding rows of the last shard
+            return KeepPairs("failed on curvature ranks")
+        missing = ctx.layout.shard_size - int(rows.shape[0])   # padding rows of the last shard
         vectors_r = tf.transpose(tf.pad(rows, [[0, missing], [0, 0]]))
-        opt.curvature.materialize_momentum()                    # V is about to change
-        opt.curvature.install(packed[:kk], vectors_r, tf.reshape(packed[kk:-1], [kk, kk]),
-                              status="ok (pipelined)")
+        return InstallPairs(packed[:kk], vectors_r, tf.reshape(packed[kk:-1], [kk, kk]),
+                            "ok (pipelined)")
 
     # ----------------------------------------------------------------------- curvature side
-    def serve(self) -> list[dict[str, Any]]:
-        """Curvature-rank loop: receive θ, estimate, DELIVER until the stop flag.
+    def serve(self, estimator: Any) -> list[dict[str, Any]]:
+        """Curvature-rank loop: receive θ, estimate with ``estimator``, DELIVER until the stop
+        flag.
 
         Refresh j (its number comes with θ) starts Lanczos from seed + j, as in every mode.
 
@@ -175,29 +175,24 @@ class PipelinedMode(Mode):
             One record per round: ``round`` (served by this call), ``refresh`` (j), ``start``
             and ``end`` (``time.time()`` around the estimate), ``seconds`` and ``status``.
         """
-        opt, groups = self.opt, self.groups
+        ctx, groups = self.context, self.groups
         if not self.is_curvature_rank:
-            return super().serve()
-        opt.curvature.require_binding()
-        if not getattr(opt, "consistency_checked", False):  # as the update ranks' first step
-            opt.verify_consistency(opt.curvature.binding["model"])
-        n, kk = opt.spec.n, opt.num_pairs
-        variables = opt.model_variables
-        dtype = variables[0].dtype
-        c_group = self._group(groups.curvature)
-        c_index = self.comm.group_rank(c_group)
+            return super().serve(estimator)
+        n, kk = ctx.spec.n, self.hp.num_pairs
+        dtype = ctx.weights[0].dtype
+        c_index = ctx.comm.group_rank(self._group(ctx.comm, groups.curvature))
         served: list[dict[str, Any]] = []
         while True:
-            payload = self.comm.broadcast(tf.zeros([n + 1], dtype), 0,
-                                          name="dho2/pipeline/theta",
-                                          process_set=self._group(groups.bridge))
+            payload = ctx.comm.broadcast(tf.zeros([n + 1], dtype), 0,
+                                         name="dho2/pipeline/theta",
+                                         process_set=self._group(ctx.comm, groups.bridge))
             if float(payload[-1]) == 0.0:
                 return served
             refresh = int(round(float(payload[-1]))) - 1
             start = time.time()
-            assign_flat(variables, payload[:-1], opt)
+            assign_flat(ctx.weights, payload[:-1], ctx.spec)
             # Always Lanczos (see the module docstring): no warm start on curvature ranks.
-            est = opt.curvature.binding["estimator"].estimate(seed=opt.seed + refresh)
+            est = estimator.estimate(seed=self.hp.seed + refresh)
             ok = est.num_valid > 0 and est.status.startswith(("ok", "breakdown"))
             end = time.time()
             self._deliver(est, c_index, n, kk, dtype, ok)
@@ -217,4 +212,3 @@ class PipelinedMode(Mode):
 
     def metrics(self) -> dict[str, float]:
         return {"pipeline_triggers": float(self.triggers_sent or 0)}
-

@@ -17,10 +17,12 @@ latency-bound, at the price of P times the state.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import tensorflow as tf
 
-from dho2_tf.flat import flatten
 from dho2_tf.modes.base import Mode
+from dho2_tf.modes.context import StepPlan
 
 
 class ReplicatedMode(Mode):
@@ -32,13 +34,11 @@ class ReplicatedMode(Mode):
     lanczos_basis = "replicated"
     imports_state_of = ("sharded",)
 
-    def step(self, grads: list[tf.Tensor], variables: list[tf.Variable]) -> None:
+    def step_plan(self) -> StepPlan:
         """Ḡ = allreduce_mean(G); θ ← θ + δ with δ the full FOSI displacement (local maths)."""
-        opt = self.opt
-        g = self.comm.allreduce(flatten(grads, opt.spec, variables[0].dtype), "mean",
-                                name="dho2/gradient")
-        opt.apply_fosi_step(self.adjust_gradient(g), variables)
+        return StepPlan("allreduce", None, self.gradient_adjustment(), False,
+                        self.projection(self.comm))
 
-    def adjust_gradient(self, g: tf.Tensor) -> tf.Tensor:
-        """The gradient the FOSI step uses (``faithful``: plus the window offset)."""
-        return g
+    def gradient_adjustment(self) -> Callable[[tf.Tensor, list[tf.Variable]], tf.Tensor] | None:
+        """What the FOSI step adds to Ḡ (``None``: nothing; ``faithful``: the window offset)."""
+        return None

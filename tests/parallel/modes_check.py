@@ -289,7 +289,7 @@ def check_pipelined(comm, curvature_ranks):
     opt = DHO2(learning_rate=0.05, base="momentum", k=3, mode="pipelined",
                curvature_ranks=curvature_ranks, refresh_every=10, warmup=5, delivery_delay=5,
                refresh_method="lanczos", comm=comm)
-    groups = opt.distribution.groups
+    groups = opt.distribution.groups_in(comm)   # before build: the world of comm
     model = mlp()
     model.compile(optimizer=opt, loss=LOSS)
     x, y = data(len(groups.update) * 40 * B)      # 40 steps on every update rank
