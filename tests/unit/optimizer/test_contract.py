@@ -1,6 +1,6 @@
 """The Keras optimizer contract, for DHO2 in every mode that runs in a single process
 (``pipelined`` needs a curvature rank besides the update ranks: the same checks run on 3
-processes in ``tests/test_parallel_contract.py``).
+processes in ``tests/test_parallel_modes.py``, its ``contract`` check).
 
 Before its first curvature refresh DHO2 with ``base="sgd"`` is exactly SGD (the class
 ``Math:``), so the Keras behaviours (gradient clipping, learning-rate schedules) are compared
