@@ -48,11 +48,19 @@ def horovod_command(script: str | Path | None, np: int | None, args: Sequence[st
 
 
 def horovod_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a launch: quiet TensorFlow, one OpenMP thread, this checkout first on
-    ``PYTHONPATH`` (so every worker imports the ``dho2_tf`` of this tree), then ``env``."""
+    """The environment of a launch: quiet TensorFlow, one OpenMP thread, a 90 s Gloo timeout,
+    this checkout first on ``PYTHONPATH`` (so every worker imports the ``dho2_tf`` of this
+    tree), then ``env``.
+
+    Gloo's default of 30 s bounds both connecting the ranks and waiting in a collective; with
+    three or four ranks sharing two cores, one rank still importing TensorFlow or tracing a
+    step can exceed it, and the run dies with "Connect timeout" before any check. A launch
+    given ``--gloo-timeout-seconds`` keeps its own value (horovodrun sets the variable).
+    """
     full_env = dict(os.environ)
     full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "90")
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
     full_env.update(env or {})
