@@ -166,6 +166,7 @@ def test_constraints_applied_after_every_step():
 NO_SOURCE = Path(__file__).with_name("no_source_run.py")
 
 
+@pytest.mark.parallel
 def test_no_curvature_source_warns_on_every_rank_under_horovodrun():
     proc = run_horovod(NO_SOURCE, 2, args=("same",), timeout=120)
     for rank in (0, 1):
@@ -176,6 +177,7 @@ def test_no_curvature_source_warns_on_every_rank_under_horovodrun():
         assert f"rank {rank} DONE iterations=12 refreshes=0 checked=True" in proc.stdout
 
 
+@pytest.mark.parallel
 def test_no_curvature_source_rank_check_errors_on_every_rank():
     start = time.monotonic()
     proc = run_horovod(NO_SOURCE, 2, args=("mismatch",), timeout=120)
