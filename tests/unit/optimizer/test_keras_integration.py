@@ -121,6 +121,22 @@ def test_checkpoint_carries_curvature_state(tmp_path):
     assert int(model2.optimizer.state.refreshes.numpy()) == int(model.optimizer.state.refreshes.numpy())
 
 
+def test_every_hyperparameter_is_a_read_only_property_with_the_value_in_use():
+    """The explicit properties cover every Hyperparameters field (a new field without one
+    would be invisible on the optimizer), read the resolved value and refuse assignment."""
+    import dataclasses
+
+    from dho2_tf.hyperparameters import Hyperparameters
+
+    opt = DHO2(learning_rate=0.1, k=3, ell=1, refresh_every=17, seed=5, comm=LocalComm())
+    for name in [f.name for f in dataclasses.fields(Hyperparameters)] + ["num_pairs"]:
+        assert isinstance(getattr(DHO2, name, None), property), name
+        assert getattr(opt, name) == getattr(opt.hp, name), name
+        with pytest.raises(AttributeError):
+            setattr(opt, name, object())
+    assert (opt.k, opt.ell, opt.num_pairs, opt.refresh_every, opt.seed) == (3, 1, 4, 17, 5)
+
+
 @pytest.mark.parametrize("learning_rate", [
     0.01, tf.keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)])
 def test_get_config_round_trip(learning_rate):
