@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from dho2_tf.curvature_input import mixed_precision_message
 from dho2_tf.distributed.comm import Communicator
+from dho2_tf.state_transfer import average_variables
 from dho2_tf.validation import check_int, check_real
 
 logger = logging.getLogger(__name__)
@@ -324,9 +325,5 @@ class ReplicaSync(tf.keras.callbacks.Callback):
                                        name="dho2/experiment/stop", process_set=self.process_set)
             self.model.stop_training = bool(stop.numpy()[0] > 0.5)
             return
-        variables = self.model.non_trainable_variables
-        means = self.comm.grouped_allreduce([v.value() for v in variables], "mean",
-                                            name="dho2/experiment/model_statistics",
-                                            process_set=self.process_set)
-        for variable, mean in zip(variables, means):
-            variable.assign(mean)
+        average_variables(self.model.non_trainable_variables, self.comm,
+                          "dho2/experiment/model_statistics", self.process_set)

@@ -95,3 +95,13 @@ def broadcast_weights(variables: list[tf.Variable], comm: Communicator, group: G
     for i, var in enumerate(variables):
         var.assign(comm.broadcast(var.value(), root, name=f"dho2/broadcast/{i}",
                                   process_set=group))
+
+
+def average_variables(variables: list[tf.Variable], comm: Communicator, name: str,
+                      group: Group | None = None) -> None:
+    """v ← (1/P)·Σ_q v_q for every variable, over the P members of ``group`` (``None``: all
+    ranks), in one grouped allreduce named ``name``; nothing to do for no variables."""
+    means = comm.grouped_allreduce([v.value() for v in variables], "mean", name=name,
+                                   process_set=group)
+    for var, mean in zip(variables, means):
+        var.assign(mean)

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import tensorflow as tf
 
-from dho2_tf import guard, hybrid, refresh
+from dho2_tf import guard, hybrid, refresh, state_transfer
 from dho2_tf.fosi_step import SkipLog
 from dho2_tf.modes.context import (AverageStatistics, HostAction, InstallPairs, KeepPairs,
                                    RefreshIfDue, TriggerSent)
@@ -197,9 +197,7 @@ class StepHooks:
         stats = list(model.non_trainable_variables) if model is not None else []
         if not stats:
             return
-        averaged = self.opt.comm.grouped_allreduce([v.value() for v in stats], "mean", name=name)
-        for var, value in zip(stats, averaged):
-            var.assign(value)
+        state_transfer.average_variables(stats, self.opt.comm, name)
         self.sync_shadows()
 
     def forget_caches(self) -> None:
