@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from dho2_tf import DHO2, CurvatureRefresh, LocalComm
+from tests.helpers.job_output import rank_output
 from tests.helpers.launch import run_horovod
 
 
@@ -183,9 +184,7 @@ def test_no_curvature_source_rank_check_errors_on_every_rank():
     proc = run_horovod(NO_SOURCE, 2, args=("mismatch",), timeout=120)
     assert time.monotonic() - start < 60
     for rank in (0, 1):
-        lines = [line.split(">:", 1)[1] for line in proc.stdout.splitlines()
-                 if line.startswith(f"[{rank}]<stdout>:")]
-        text = "\n".join(lines)
+        text = "\n".join(rank_output(proc.stdout, rank))
         assert f"rank {rank} FIT_ERROR" in text, proc.stdout
         assert "optimizer.k: rank 0: 2; rank 1: 3" in text, text
         assert f"rank {rank} DONE" not in text
