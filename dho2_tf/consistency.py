@@ -4,14 +4,17 @@ Ranks that disagree on, say, the batch size or the number of samples issue diffe
 collectives and hang; ranks that disagree on the weight decay or a learning rate train silently
 wrong. :func:`check_run_consistency` compares a flat *fingerprint* of everything that must agree
 with one ``allgather_object`` and, on a mismatch, raises :class:`RunConsistencyError` on every
-rank, naming each differing key with each rank's value.
+rank, naming each differing key with each rank's value. :func:`build_fingerprint` makes that
+mapping from a run's parts (configuration, world and layout facts, model variables, data hash)
+for the optimizer's check, the training experiment (which also records it in checkpoints) and the
+elastic trainer.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 _MISSING = "<missing>"
 
@@ -63,6 +66,41 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
         except (TypeError, ValueError):  # memory addresses differ between processes
             out[name] = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
     return out
+
+
+def build_fingerprint(config: Mapping[str, Any], facts: Mapping[str, Any] | None = None,
+                      variables: Sequence[Any] | None = None,
+                      data_hash: str | None = None) -> dict[str, Any]:
+    """A run's fingerprint from its parts: the flat mapping :func:`check_run_consistency`
+    compares across ranks and a checkpoint records.
+
+    Keys:
+
+    * ``config`` as :func:`flatten_config` makes it (a nested mapping ``{"optimizer": {"k": 2}}``
+      gives ``optimizer.k``);
+    * every entry of ``facts`` (the world and layout: ``ranks``, ``global_batch``,
+      ``steps_per_epoch``, ...), made JSON values the same way;
+    * with ``variables`` (the model's trainable variables): ``num_trainable_variables``, their
+      number, and ``variable[i]``, ``[shape, dtype name]`` of the i-th;
+    * with ``data_hash``: ``training_data``, the content hash of the training data.
+
+    Raises:
+        ValueError: when a key of ``facts`` (or a derived key) is also a key of ``config``.
+    """
+    fingerprint = flatten_config(config)
+    derived = flatten_config(dict(facts or {}))
+    if variables is not None:
+        derived["num_trainable_variables"] = len(variables)
+        derived.update({f"variable[{i}]": [list(v.shape), v.dtype.name]
+                        for i, v in enumerate(variables)})
+    if data_hash is not None:
+        derived["training_data"] = data_hash
+    clashes = sorted(set(fingerprint) & set(derived))
+    if clashes:
+        raise ValueError(f"`facts` must not repeat configuration keys. Received: {clashes} "
+                         "in both")
+    fingerprint.update(derived)
+    return fingerprint
 
 
 def find_differences(fingerprints: list[Mapping[str, Any]],
@@ -166,11 +204,9 @@ def verify_optimizer_consistency(comm, config: Mapping[str, Any], mode: str | No
     :class:`RunConsistencyError` (a ValueError) on every rank, naming each differing key
     (``optimizer.k``, ``variable[0]``, ...) with each rank's value.
     """
-    fingerprint = flatten_config({k: v for k, v in config.items() if k != "name"}, "optimizer.")
-    fingerprint.update({"mode": mode, "world_size": comm.size,
-                        "num_trainable_variables": len(model.trainable_variables)})
-    fingerprint.update({f"variable[{i}]": [list(v.shape), v.dtype.name]
-                        for i, v in enumerate(model.trainable_variables)})
+    parts = {"optimizer": {k: v for k, v in config.items() if k != "name"}}
     if fit is not None:
-        fingerprint.update(flatten_config(dict(fit), "fit."))
+        parts["fit"] = dict(fit)
+    fingerprint = build_fingerprint(parts, {"mode": mode, "world_size": comm.size},
+                                    model.trainable_variables)
     check_run_consistency(comm, fingerprint, what="DHO2", optional=("fit.",))

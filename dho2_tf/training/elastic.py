@@ -362,21 +362,20 @@ class DHO2ElasticState(CommittedState):
 def run_fingerprint(trainer: ElasticTrainer) -> dict[str, Any]:
     """What every rank of an elastic run must agree on: schedule, data, optimizer and model.
 
-    Flat ``{key: value}`` for :func:`dho2_tf.consistency.check_run_consistency`: the
-    :class:`ElasticConfig` fields, the training/test rows and steps per epoch, the DHO2 config
-    (``optimizer.*``) and the name and shape of every model variable (``model.*``).
+    :func:`dho2_tf.consistency.build_fingerprint` of the :class:`ElasticConfig` fields
+    (``config.*``), the DHO2 config (``optimizer.*``), the layout facts ``training_examples``,
+    ``test_examples``, ``input_shape`` and ``steps_per_epoch``, and the model's trainable
+    variables (``num_trainable_variables``, ``variable[i]``: shape and dtype). The world size is
+    not in it: it changes as workers come and go.
     """
-    from dho2_tf.consistency import flatten_config
+    from dho2_tf.consistency import build_fingerprint
 
-    fingerprint = {f"config.{k}": v for k, v in dataclasses.asdict(trainer.config).items()}
-    fingerprint.update({"data.train_rows": len(trainer.x_train),
-                        "data.test_rows": len(trainer.x_test),
-                        "data.input_shape": list(trainer.x_train.shape[1:]),
-                        "steps_per_epoch": trainer.steps_per_epoch})
-    fingerprint.update(flatten_config(trainer.optimizer_config, "optimizer."))
-    fingerprint.update({f"model.{i}.{v.name}": list(v.shape)
-                        for i, v in enumerate(trainer.model.weights)})
-    return fingerprint
+    facts = {"training_examples": len(trainer.x_train), "test_examples": len(trainer.x_test),
+             "input_shape": list(trainer.x_train.shape[1:]),
+             "steps_per_epoch": trainer.steps_per_epoch}
+    return build_fingerprint({"config": dataclasses.asdict(trainer.config),
+                              "optimizer": trainer.optimizer_config},
+                             facts, trainer.model.trainable_variables)
 
 
 def _train(state: DHO2ElasticState, on_step_begin: StepHook | None,

@@ -31,8 +31,8 @@ import tensorflow as tf
 
 from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaSync,
                                TestAccuracyClock)
-from dho2_tf.consistency import (RunConsistencyError, check_run_consistency, describe_ranks,
-                                 flatten_config)
+from dho2_tf.consistency import (RunConsistencyError, build_fingerprint, check_run_consistency,
+                                 describe_ranks)
 from dho2_tf.training.checkpoint_lock import acquire_lock, release_lock
 from dho2_tf.training.checkpointing import (CheckpointError, CheckpointInfo, EpochCheckpoint,
                                             check_checkpoint_dir, clean_pending,
@@ -627,18 +627,12 @@ def run_fingerprint(config: TrainConfig, comm: Communicator, model: tf.keras.Mod
     (:func:`~dho2_tf.training.data.content_hash`), when ``data_hash`` is given.
     """
     values = {k: v for k, v in dataclasses.asdict(config).items() if k not in RANK_LOCAL_FIELDS}
-    fingerprint = flatten_config(values)
-    fingerprint.update({"ranks": comm.size, "training_examples": int(training_examples),
-                        "global_batch": int(training_ranks * config.batch_size),
-                        "num_trainable_variables": len(model.trainable_variables)})
-    if data_hash is not None:
-        fingerprint["training_data"] = data_hash
+    facts = {"ranks": comm.size, "training_examples": int(training_examples),
+             "global_batch": int(training_ranks * config.batch_size)}
     if pipeline_groups(config, comm.size) is None:
-        fingerprint.update({"samples_per_rank": int(samples_per_rank),
-                            "steps_per_epoch": int(steps_per_epoch)})
-    fingerprint.update({f"variable[{i}]": [list(v.shape), v.dtype.name]
-                        for i, v in enumerate(model.trainable_variables)})
-    return fingerprint
+        facts.update({"samples_per_rank": int(samples_per_rank),
+                      "steps_per_epoch": int(steps_per_epoch)})
+    return build_fingerprint(values, facts, model.trainable_variables, data_hash)
 
 
 def check_resume_compatible(info: CheckpointInfo, fingerprint: dict[str, Any],

@@ -225,15 +225,34 @@ class _DisagreeingComm(LocalComm):
         return [obj, {**obj, "config.global_batch": 40}]
 
 
+class _OtherModelComm(LocalComm):
+    """Two 'ranks': the other one built ``model`` (its real fingerprint is gathered)."""
+
+    def __init__(self, model: tf.keras.Model) -> None:
+        super().__init__()
+        self.size = 2
+        self.other = run_fingerprint(ElasticTrainer(model, OPT, tiny_data(), SMALL, LocalComm()))
+
+    def allgather_object(self, obj, *, name):
+        return [obj, self.other]
+
+
 def test_ranks_disagreeing_on_the_run_fail_before_training() -> None:
     trainer = make_trainer(SMALL)
     fingerprint = run_fingerprint(trainer)
     assert fingerprint["config.global_batch"] == 20 and fingerprint["steps_per_epoch"] == 6
-    assert fingerprint["optimizer.k"] == 2 and fingerprint["data.train_rows"] == 120
-    assert sorted(v for k, v in fingerprint.items() if k.startswith("model.")) == [
-        [3], [6, 8], [8], [8, 3]]
+    assert fingerprint["optimizer.k"] == 2 and fingerprint["training_examples"] == 120
+    assert fingerprint["test_examples"] == 40 and fingerprint["input_shape"] == [6]
+    assert fingerprint["num_trainable_variables"] == 4
+    assert [fingerprint[f"variable[{i}]"][0] for i in range(4)] == [[6, 8], [8], [8, 3], [3]]
     with pytest.raises(RunConsistencyError, match=r"config.global_batch: rank 0: 20; rank 1: 40"):
         elastic_train(tiny_model(), OPT, tiny_data(), SMALL, comm=_DisagreeingComm())
+    wider = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(9),
+                                 tf.keras.layers.Dense(3)])
+    with pytest.raises(RunConsistencyError,
+                       match=r"variable\[0\]: rank 0: \[\[6, 8\], \"float32\"\]; "
+                             r"rank 1: \[\[6, 9\], \"float32\"\]"):
+        elastic_train(tiny_model(), OPT, tiny_data(), SMALL, comm=_OtherModelComm(wider))
 
 
 def _launcher():
