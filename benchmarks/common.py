@@ -18,7 +18,6 @@ results JSON it writes (:func:`save_results`) and renders its section from that 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import json
@@ -26,10 +25,8 @@ import os
 import platform
 import re
 import shlex
-import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,23 +89,6 @@ def read_section(path: str | os.PathLike[str], name: str) -> str:
     return text[start:stop]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    mode = stat.S_IMODE(path.stat().st_mode)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def replace_section(path: str | os.PathLike[str], name: str, text: str) -> None:
     """Replace the text between the marker lines of section ``name`` in ``path`` by ``text``.
 
@@ -124,7 +104,10 @@ def replace_section(path: str | os.PathLike[str], name: str, text: str) -> None:
     body = text if text == "" or text.endswith("\n") else text + "\n"
     new = old[:start] + body + old[stop:]
     if new != old:
-        _write_atomically(path, new)
+        # imported here: the library imports TensorFlow, which the report scripts need not
+        from dho2_tf.training.atomic_write import write_text_atomically
+
+        write_text_atomically(path, new)
 
 
 def git_commit(repo: str | os.PathLike[str] = REPO) -> str:

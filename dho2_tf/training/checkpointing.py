@@ -72,6 +72,7 @@ import numpy as np
 import tensorflow as tf
 
 from dho2_tf.distributed.comm import Communicator
+from dho2_tf.training.atomic_write import write_text_atomically
 from dho2_tf.training.checkpoint_lock import CheckpointError, acquire_lock, release_lock
 from dho2_tf.validation import check_int, check_real
 
@@ -471,19 +472,8 @@ def _fsync_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _write_json_atomically(path: str, payload: dict[str, Any]) -> None:
-    """Replace ``path`` by ``payload`` as JSON: temporary file, fsync, ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-manifest-", suffix=".json")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Replace ``path`` by ``payload`` as JSON (:func:`write_text_atomically`, mode 0644)."""
+    write_text_atomically(path, json.dumps(payload, indent=1), mode=0o644)
 
 
 def _write_manifest(directory: str, checkpoints: list[CheckpointInfo]) -> None:
