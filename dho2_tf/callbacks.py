@@ -1,19 +1,18 @@
 """Keras callbacks: DHO2's curvature refresh in ``model.fit``, initial broadcast, replica
-synchronisation at epoch ends and the test-accuracy clock."""
+synchronisation at epoch ends and the test-accuracy clock (:mod:`dho2_tf.clock`, re-exported)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
 
+from dho2_tf.clock import TestAccuracyClock as TestAccuracyClock  # re-exported
 from dho2_tf.curvature_input import mixed_precision_message
 from dho2_tf.distributed.comm import Communicator
 from dho2_tf.state_transfer import average_variables
-from dho2_tf.validation import check_int, check_real
 
 logger = logging.getLogger(__name__)
 
@@ -194,109 +193,6 @@ class BroadcastInitialState(tf.keras.callbacks.Callback):
             return
         for i, var in enumerate(self.model.variables):
             var.assign(self.comm.broadcast(var.value(), 0, name=f"dho2/initial_weights/{i}"))
-
-
-class TestAccuracyClock(tf.keras.callbacks.Callback):
-    """Evaluate after every epoch with the clock stopped; stop at a target.
-
-    The training clock runs from the start of ``fit`` and excludes evaluation time, so
-    ``history`` gives test accuracy (and, with ``train_data``, the full training-set loss)
-    against pure training wall time. Each epoch end appends a row: ``epoch``, ``seconds``
-    (training time so far), ``test_accuracy`` (NaN for a model compiled without an accuracy
-    metric), ``test_loss``, ``train_loss`` (the compiled loss, regularisation terms included,
-    over all of ``train_data`` at the epoch's final weights; NaN without ``train_data``) and
-    ``epoch_loss`` (Keras' mean of the epoch's minibatch losses). At most one target is
-    allowed; ``time_to_target`` is the training time of the first epoch that meets it.
-
-    Args:
-        x_test: test inputs (every rank evaluates the full test set; weights are replicated).
-        y_test: test targets.
-        target_accuracy: stop training once test accuracy reaches this value (optional).
-        batch_size: evaluation batch size.
-        train_data: ``(x, targets)`` of the full training set, evaluated every epoch.
-        target_loss: stop training once the ``train_data`` loss is <= this value (optional).
-    """
-
-    def __init__(self, x_test: Any, y_test: Any, target_accuracy: float | None = None,
-                 batch_size: int = 1000, *, train_data: tuple[Any, Any] | None = None,
-                 target_loss: float | None = None) -> None:
-        super().__init__()
-        if len(x_test) != len(y_test) or len(x_test) == 0:
-            raise ValueError("`x_test` and `y_test` must be non-empty with the same number of "
-                             f"rows. Received: {len(x_test)} and {len(y_test)}")
-        if target_accuracy is not None:
-            check_real("target_accuracy", target_accuracy, minimum=0.0, maximum=1.0)
-        if train_data is not None and not (isinstance(train_data, (tuple, list))
-                                           and len(train_data) == 2
-                                           and len(train_data[0]) == len(train_data[1]) > 0):
-            raise ValueError("`train_data` must be an (x, targets) pair, non-empty with the same "
-                             f"number of rows. Received: {_rows_of(train_data)}")
-        if target_loss is not None:
-            check_real("target_loss", target_loss, minimum=0.0, open_min=True)
-            if train_data is None:
-                raise ValueError("`target_loss` needs `train_data` (the loss is evaluated on "
-                                 "the full training set). Received: train_data=None")
-            if target_accuracy is not None:
-                raise ValueError("Set at most one of `target_accuracy` and `target_loss`. "
-                                 f"Received: target_accuracy={target_accuracy}, "
-                                 f"target_loss={target_loss}")
-        self.x_test, self.y_test = x_test, y_test
-        self.train_data = train_data
-        self.target_accuracy, self.target_loss = target_accuracy, target_loss
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.history: list[dict[str, float]] = []
-        self.time_to_target: float | None = None
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        import time
-
-        self._clock = time.perf_counter
-        # Work an optimizer did for this run before the clock's own hook (DHO2 compiles its
-        # curvature graphs when CurvatureRefresh binds it) is training time too.
-        compiled = getattr(self.model.optimizer, "compile_seconds", 0.0) or 0.0
-        self._start = self._clock() - float(compiled)
-        self._paused = 0.0
-
-    def _evaluate(self, x: Any, y: Any) -> dict[str, float]:
-        """The compiled loss and metrics over all of ``(x, y)`` (replicated weights)."""
-        return self.model.evaluate(x, y, batch_size=self.batch_size, verbose=0,
-                                   return_dict=True)
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        pause = self._clock()
-        train_seconds = pause - self._start - self._paused
-        weights = getattr(self.model.optimizer, "evaluation_weights", contextlib.nullcontext)
-        with weights():
-            test = self._evaluate(self.x_test, self.y_test)
-            train = None if self.train_data is None else self._evaluate(*self.train_data)
-        if self.target_accuracy is not None and "accuracy" not in test:
-            raise ValueError("`target_accuracy` needs a model compiled with an accuracy "
-                             f"metric; the evaluation reports only {sorted(test)}.")
-        accuracy = float(test.get("accuracy", np.nan))
-        train_loss = np.nan if train is None else float(train["loss"])
-        row = {"epoch": epoch + 1, "seconds": train_seconds, "test_accuracy": accuracy,
-               "test_loss": float(test["loss"]), "train_loss": train_loss,
-               "epoch_loss": float((logs or {}).get("loss", np.nan))}
-        self.history.append(row)
-        if logs is not None:
-            if "accuracy" in test:
-                logs["test_accuracy"] = accuracy
-            logs["test_loss"] = row["test_loss"]
-            if train is not None:
-                logs["train_loss"] = train_loss
-        reached = (self.target_accuracy is not None and accuracy >= self.target_accuracy) or \
-            (self.target_loss is not None and train_loss <= self.target_loss)
-        if reached and self.time_to_target is None:
-            self.time_to_target = train_seconds
-            self.model.stop_training = True
-        self._paused += self._clock() - pause
-
-
-def _rows_of(pair: Any) -> str:
-    """Row counts of an (x, y) pair for an error message."""
-    if not isinstance(pair, (tuple, list)):
-        return type(pair).__name__
-    return f"{len(pair)} item(s) with {[len(item) for item in pair]} rows"
 
 
 class ReplicaSync(tf.keras.callbacks.Callback):

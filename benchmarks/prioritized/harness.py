@@ -21,11 +21,13 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from dho2_tf.clock import TimeToTargetClock
 from dho2_tf.distributed.comm import Communicator
 from dho2_tf.models.cnn import small_cnn
 from dho2_tf.prioritized.model import PrioritizedModel
@@ -250,33 +252,30 @@ class DataParallelModel(tf.keras.Model):
         return {"loss": loss}
 
 
-class TargetClock(tf.keras.callbacks.Callback):
-    """Training clock with paused evaluations; stops ``fit`` at the target or the budget.
+class TargetClock(TimeToTargetClock):
+    """The library's time-to-target clock, evaluated every ``eval_every`` steps on rank 0.
 
-    Rank 0 evaluates the test accuracy every ``eval_every`` steps and broadcasts the decision, so
-    every rank stops at the same step.
+    Rank 0 evaluates the test accuracy with the clock paused and broadcasts the decision
+    (target met, budget exceeded), so every rank stops at the same step. The run starts the
+    clock itself (:meth:`start`), after its warm-up; ``timer`` is the clock's time source.
     """
 
     def __init__(self, x_test: np.ndarray, y_test: np.ndarray, target: float, budget_s: float,
-                 eval_every: int, comm: Communicator) -> None:
-        super().__init__()
+                 eval_every: int, comm: Communicator,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
+        super().__init__(target_accuracy=target, timer=timer)
         self.x_test = tf.constant(x_test)
         self.y_test = tf.constant(y_test, tf.int64)
         self.target, self.budget_s, self.eval_every, self.comm = target, budget_s, eval_every, comm
-        self.started = self.paused = 0.0
-        self.steps, self.best, self.time_to_target = 0, 0.0, None
+        self.steps, self.best = 0, 0.0
         self.curve: list[tuple[float, float]] = []  # rank 0's (clock seconds, test accuracy)
         self._logits: Any = None
 
     def start(self) -> None:
-        """Start (or restart) the clock now."""
-        self.started, self.paused = time.perf_counter(), 0.0
+        """Start (or restart) the clock now, with no evaluation, step or target yet."""
+        super().start()
         self.steps, self.best, self.time_to_target = 0, 0.0, None
         self.curve = []
-
-    def elapsed(self) -> float:
-        """Clock seconds so far (evaluations excluded)."""
-        return time.perf_counter() - self.started - self.paused
 
     def accuracy(self) -> float:
         """Test accuracy of the model being trained (called only while the clock is paused)."""
@@ -293,20 +292,20 @@ class TargetClock(tf.keras.callbacks.Callback):
         if self.steps % self.eval_every:
             return
         self.comm.barrier(name="dho2/bench/pause")
-        elapsed, paused_at = self.elapsed(), time.perf_counter()
-        decision = None
-        if self.comm.is_root:
-            acc = self.accuracy()
-            self.best = max(self.best, acc)
-            self.curve.append((elapsed, acc))
-            decision = (acc >= self.target, elapsed > self.budget_s, elapsed, self.best)
-        reached, over, elapsed, self.best = self.comm.broadcast_object(
-            decision, name="dho2/bench/decision")
-        if reached:
-            self.time_to_target = elapsed
-        if reached or over:
-            self.model.stop_training = True
-        self.paused += time.perf_counter() - paused_at
+        with self.paused() as elapsed:
+            decision = None
+            if self.comm.is_root:
+                acc = self.accuracy()
+                self.best = max(self.best, acc)
+                self.curve.append((elapsed, acc))
+                decision = (self.target_met(accuracy=acc), elapsed > self.budget_s, elapsed,
+                            self.best)
+            reached, over, elapsed, self.best = self.comm.broadcast_object(
+                decision, name="dho2/bench/decision")
+            if reached:
+                self.reach(elapsed)
+            if reached or over:
+                self.model.stop_training = True
 
 
 def _reset(model: tf.keras.Model, weights: list[np.ndarray],
