@@ -8,10 +8,11 @@
             loop.step(train_step, x, y)     # train_step: your tf.function calling apply_gradients
 
 Entering the loop builds and binds the optimizer, checks that the ranks agree on its
-configuration and broadcasts rank 0's weights; each :meth:`TrainingLoop.step` runs the
-optimizer's ``on_step_begin`` (refresh, window jump, pipeline hand-over), the user's step and
-``on_step_end`` (ADMM consensus rounds); leaving the block normally runs ``on_train_end``
-(ADMM: the consensus weights go into the model; pipelined: the curvature ranks are released).
+configuration and broadcasts rank 0's weights; each :meth:`TrainingLoop.step` runs what the
+optimizer's ``on_step_begin`` runs (refresh, window jump, pipeline hand-over), the user's step
+and what ``on_step_end`` runs (ADMM consensus rounds); leaving the block normally runs
+``on_train_end`` (ADMM: the consensus weights go into the model; pipelined: the curvature ranks
+are released).
 
 ``mode="pipelined"``: on a curvature rank, entering the loop serves curvature until the update
 ranks leave theirs, and its steps then do nothing (``loop.trains`` is False), so the same loop
