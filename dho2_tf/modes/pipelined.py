@@ -133,7 +133,9 @@ class PipelinedMode(Mode):
 
     def _triggers_from_state(self) -> int:
         """The refreshes triggered: those installed (or kept) plus the one whose DELIVER is
-        pending."""
+        pending. While training runs this is the count kept (each DELIVER lands before the next
+        trigger, Δ ≤ T), or a re-read cannot change a decision (more than T steps per hook call
+        trigger at every call); after a restore it is the count a resumed run starts from."""
         return int(self.context.refreshes.numpy()) + (self.pending_delivery is not None)
 
     def refresh_delay(self) -> int:
