@@ -53,9 +53,12 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
     0. A model compiled under a mixed-precision policy is refused (ValueError naming it). Before every batch it runs the refresh when the optimizer's schedule says
     one is due (every rank runs it at the same step, since the step counter is replicated).
 
-    The step count is kept as a Python int (advanced by the number of steps Keras reports per
-    batch call, re-read from the optimizer at the first batch of every epoch), so a batch with no
-    refresh due reads no variable and forces no host synchronisation.
+    It is a thin shell over the optimizer's :class:`dho2_tf.host_driver.HostDriver` (the one a
+    custom loop's :func:`dho2_tf.training_loop` uses): the driver keeps the step count as a
+    Python int (advanced by the number of steps Keras reports per batch call, re-read from the
+    optimizer at the start of every epoch and whenever ``optimizer.sync_host_state()`` is
+    called), so a batch with no refresh due reads no variable and forces no host
+    synchronisation.
 
     Example::
 
@@ -85,8 +88,7 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
         self.on_refresh = on_refresh
         self.refreshes: list[dict] = []
         self._opt: Any = None
-        self._iterations: int | None = None   # optimizer steps done, None: re-read
-        self._batch_begin = 0
+        self._batch_begin = 0   # Keras' index of the first batch of the current call
 
     def _optimizer(self):
         from dho2_tf.optimizer import DHO2
@@ -114,33 +116,32 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         opt = self._opt = self._optimizer()
-        opt.build(self.model.trainable_variables)
-        opt.verify_consistency(self.model, fit={key: self.params.get(key)
-                                                for key in ("steps", "epochs")})
-        if self.broadcast_initial_state:
-            opt.broadcast_state(self.model)
-            opt.hooks.weights_synced = True
-        opt.bind(self.model, self.loss, self.batch, training=self.training)
-        opt.hooks.driver = self
-        if opt.hooks.ensure_shadows() and self.model.non_trainable_variables:
+        if opt.is_curvature_rank:
+            raise RuntimeError(
+                f"DHO2 mode='pipelined': rank {opt.comm.rank} is a curvature rank, which serves "
+                "refreshes instead of training: call optimizer.bind(model, loss, batch) and "
+                "optimizer.serve_curvature() there instead of fit(), or drive every rank with "
+                "dho2_tf.training_loop, which does so.")
+        driver, shadows = opt.driver, opt.driver.shadows
+        driver.start(self.model, self.loss, self.batch, training=self.training,
+                     broadcast_initial_state=self.broadcast_initial_state, driven_by=self,
+                     fit={key: self.params.get(key) for key in ("steps", "epochs")})
+        if driver.shadows is not shadows and self.model.non_trainable_variables:
             # A train function traced before the copies existed would not restore the
             # statistics of a skipped step: use a new one (fit looks it up every step).
             self.model.train_function = self.model.make_train_function(force=True)
-        self._iterations = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         # Other callbacks may have restored or averaged state since the last batch. Re-read it
         # here rather than in the first batch hook, whose time Keras compares with the batch
         # time (the "on_train_batch_begin is slow" warning).
-        self._iterations = self._opt.sync_host_state()
+        self._opt.driver.resync()
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         opt = self._opt
-        if self._iterations is None:
-            self._iterations = opt.sync_host_state()
         self._batch_begin = batch
         before = opt.last_refresh
-        opt.on_step_begin(self._iterations)
+        opt.driver.before_step()
         if opt.last_refresh is not before:
             info = dict(opt.last_refresh)
             self.refreshes.append(info)
@@ -149,21 +150,19 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         opt = self._opt
-        # Keras passes the first step of the call to the begin hook and the last to this one.
-        self._iterations += batch - self._batch_begin + 1
         before = opt.last_refresh
-        opt.on_step_end(self._iterations)
+        # Keras passes the first step of the call to the begin hook and the last to this one.
+        opt.driver.after_step(batch - self._batch_begin + 1)
         if opt.last_refresh is not before:   # a pipelined delivery can land here too
             self.refreshes.append(dict(opt.last_refresh))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self._opt.hooks.report_skipped()
+        self._opt.driver.report_skipped()
 
     def on_train_end(self, logs: dict | None = None) -> None:
         opt = self._opt or self._optimizer()
-        opt.on_train_end()
-        if opt.hooks.driver is self:
-            opt.hooks.driver = None
+        opt.driver.finish()
+        opt.driver.release(self)
 
 
 def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0

@@ -8,14 +8,19 @@
             loop.step(train_step, x, y)     # train_step: your tf.function calling apply_gradients
 
 Entering the loop builds and binds the optimizer, checks that the ranks agree on its
-configuration and broadcasts rank 0's weights; each :meth:`TrainingLoop.step` runs the
-optimizer's ``on_step_begin`` (refresh, window jump, pipeline hand-over), the user's step and
-``on_step_end`` (ADMM consensus rounds); leaving the block normally runs ``on_train_end``
-(ADMM: the consensus weights go into the model; pipelined: the curvature ranks are released).
+configuration and broadcasts rank 0's weights; each :meth:`TrainingLoop.step` runs what the
+optimizer's ``on_step_begin`` runs (refresh, window jump, pipeline hand-over), the user's step
+and what ``on_step_end`` runs (ADMM consensus rounds); leaving the block normally runs
+``on_train_end`` (ADMM: the consensus weights go into the model; pipelined: the curvature ranks
+are released).
 
 ``mode="pipelined"``: on a curvature rank, entering the loop serves curvature until the update
 ranks leave theirs, and its steps then do nothing (``loop.trains`` is False), so the same loop
 runs on every rank.
+
+The loop is a thin shell over the optimizer's :class:`dho2_tf.host_driver.HostDriver`, the
+driver ``fit``'s :class:`dho2_tf.CurvatureRefresh` uses too: the same start, the same hooks and
+the same step count.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ class TrainingLoop:
     Attributes:
         optimizer: the bound :class:`dho2_tf.DHO2`.
         model: the model it trains.
-        iterations: optimizer steps done (a Python int; no variable is read per step).
         trains: False on a pipelined curvature rank (its steps do nothing).
         served: the refreshes a pipelined curvature rank served (records of
             :meth:`dho2_tf.DHO2.serve_curvature`).
@@ -54,29 +58,25 @@ class TrainingLoop:
         self.batch = first_batch(batch)
         self.training = training
         self.broadcast_initial_state = broadcast_initial_state
-        self.iterations = 0
         self.trains = True
         self.served: list[dict[str, Any]] = []
         self._active = False
 
+    @property
+    def iterations(self) -> int:
+        """Optimizer steps done: the driver's Python count (no variable is read per step)."""
+        return self.optimizer.driver.step_count()
+
     def __enter__(self) -> "TrainingLoop":
-        opt, model = self.optimizer, self.model
-        if opt.hooks.driver is not None:
+        driver = self.optimizer.driver
+        if driver.driven_by is not None:
             raise RuntimeError("This optimizer is already driven by another training loop or "
                                "by fit(); leave that one first.")
-        opt.build(model.trainable_variables)
-        opt.verify_consistency(model)
-        opt.bind(model, self.loss, self.batch, training=self.training)
-        opt.hooks.driver = self
+        self.trains = driver.start(self.model, self.loss, self.batch, training=self.training,
+                                   broadcast_initial_state=self.broadcast_initial_state,
+                                   driven_by=self)
+        self.served = driver.served
         self._active = True
-        if opt.is_curvature_rank:
-            self.trains = False
-            self.served = opt.serve_curvature()
-            return self
-        if self.broadcast_initial_state:
-            opt.broadcast_state(model)
-            opt.hooks.weights_synced = True
-        self.iterations = opt.sync_host_state()
         return self
 
     def step(self, step_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -88,27 +88,25 @@ class TrainingLoop:
                                "loop:` only.")
         if not self.trains:
             return None
-        opt = self.optimizer
-        opt.on_step_begin(self.iterations)
+        driver = self.optimizer.driver
+        driver.before_step()
         out = step_fn(*args, **kwargs)
-        self.iterations += 1
-        opt.on_step_end(self.iterations)
+        driver.after_step(1)
         return out
 
     def sync(self) -> None:
         """Re-read the step count after the optimizer's or model's variables were changed
-        outside a step (a checkpoint restored, statistics averaged)."""
+        outside a step (a checkpoint restored, statistics averaged):
+        :meth:`dho2_tf.host_driver.HostDriver.resync`."""
         if self.trains:
-            self.iterations = self.optimizer.sync_host_state()
+            self.optimizer.driver.resync()
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
-        opt = self.optimizer
+        driver = self.optimizer.driver
         self._active = False
-        opt.hooks.driver = None
-        if kind is None and self.trains:
-            opt.on_train_end()
-        elif kind is None:
-            opt.hooks.report_skipped()
+        driver.release(self)
+        if kind is None:
+            driver.finish()
 
 
 def training_loop(optimizer: Any, model: tf.keras.Model, loss: Callable | str | None,

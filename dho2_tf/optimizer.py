@@ -1,11 +1,13 @@
 """DHO2, the Keras optimizer: its wiring to Keras and to the pieces that do the work (state
 :mod:`~dho2_tf.optimizer_state`, step :mod:`~dho2_tf.fosi_step`, refresh :mod:`~dho2_tf.refresh`,
-distribution :mod:`~dho2_tf.modes`, eager hooks :mod:`~dho2_tf.step_hooks`)."""
+distribution :mod:`~dho2_tf.modes`, host side :mod:`~dho2_tf.host_driver`, step callbacks
+:mod:`~dho2_tf.step_hooks`)."""
 
 from __future__ import annotations
 
 import contextlib
 import numbers
+import types
 from typing import Any, Callable
 
 import tensorflow as tf
@@ -17,6 +19,7 @@ from dho2_tf.consistency import verify_optimizer_consistency
 from dho2_tf.distributed.comm import Communicator, default_comm
 from dho2_tf.flat import FlatSpec, flatten
 from dho2_tf.fosi_step import FosiStep
+from dho2_tf.host_driver import HostDriver
 from dho2_tf.hyperparameters import (DEFAULT_MEMORY_BUDGET, FIELD_NAMES, Hyperparameters,
                                      reject_unsupported)
 from dho2_tf.modes import (MODES, ModeContext, StepPlan, make_mode, refresh_basis_rows,
@@ -158,6 +161,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
             self._mode.validate_world(comm)
         self.consistency_checked = False   # set by verify_consistency
         self.curvature = refresh.Curvature(self.hp)
+        self.driver = HostDriver(self)
         self.hooks = StepHooks(self)
 
     # Read-only views of the hyper-parameters in use (``opt.k``, ``opt.mode``, ...).
@@ -338,7 +342,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
                 return layout.unpad(comm.allgather(delta_r, name="dho2/delta",
                                                    process_set=plan.group))
         self._fosi_step(g, variables, self.learning_rate, self.iterations + 1, plan.projection,
-                        self.hooks.shadow_pairs(), gather=gather)
+                        self.driver.shadow_pairs(), gather=gather)
 
     def update_step(self, gradient, variable):  # noqa: D102 - DHO2 updates in apply_gradients
         raise NotImplementedError("DHO2 updates the flat vector in apply_gradients.")
@@ -358,31 +362,45 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
     def on_step_begin(self, iterations: int | None = None) -> None:
         """Call before every update (eager): refresh, window jump, pipeline hand-over.
-        ``iterations``: the step count, when the caller keeps it (then no variable is read)."""
-        self.hooks.begin(iterations)
+        ``iterations``: the step count, when the caller keeps it (then no variable is read;
+        :meth:`dho2_tf.host_driver.HostDriver.begin`)."""
+        self.driver.begin(iterations)
 
     def on_step_end(self, iterations: int | None = None) -> None:
         """Call after every update (eager): ADMM rounds. ``iterations``: the count after it
         (default: one more than :meth:`on_step_begin` saw; then skipped steps are logged)."""
-        self.hooks.end(iterations)
+        self.driver.end(iterations)
 
     def on_train_end(self) -> None:
         """Call once when training stops (pipelined: releases the curvature ranks)."""
-        self.hooks.train_end()
+        self.driver.finish()
 
     def sync_host_state(self) -> int:
-        """Re-read the hooks' Python state after variables changed outside a step; step count."""
-        return self.hooks.sync()
+        """Re-read what the host keeps after variables changed outside a step
+        (:meth:`dho2_tf.host_driver.HostDriver.resync`); returns the step count."""
+        return self.driver.resync()
 
     def set_weights(self, weights: list[Any]) -> None:
         """Keras' ``set_weights``, then forget every cache derived from the old values."""
         super().set_weights(weights)
-        self.hooks.forget_caches()
+        self.driver.forget_caches()
 
     def verify_consistency(self, model: tf.keras.Model, fit: dict | None = None) -> None:
         """Compare config, mode, world, variables and ``fit``'s steps/epochs across ranks."""
         self.consistency_checked = True
         verify_optimizer_consistency(self.comm, self.get_config(), self.resolved_mode, model, fit)
+
+    def ensure_consistency(self, model: Any = None) -> None:
+        """:meth:`verify_consistency` unless it already ran (collective then: every rank calls
+        it at the same point), for ``model``, else the bound model, else the optimizer's own
+        variables."""
+        if self.consistency_checked:
+            return
+        if model is None:
+            binding = self.curvature.binding
+            model = binding["model"] if binding is not None else types.SimpleNamespace(
+                trainable_variables=list(self.model_variables), name="model")
+        self.verify_consistency(model)
 
     def serve_curvature(self) -> list[dict[str, Any]]:
         """Pipelined curvature ranks: serve refreshes until the update ranks stop (after
@@ -390,8 +408,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         if not self.is_curvature_rank:
             raise RuntimeError(NOT_A_CURVATURE_RANK)
         self.curvature.require_binding()
-        if not self.consistency_checked:   # as the update ranks' first step
-            self.verify_consistency(self.curvature.binding["model"])
+        self.ensure_consistency()   # as the update ranks' first step
         return self._mode.serve(self.curvature.binding["estimator"])
 
     def export_state(self) -> dict[str, Any]:
@@ -403,7 +420,7 @@ class DHO2(tf.keras.optimizers.Optimizer):
         """Load :meth:`export_state` output into this built optimizer, re-sharding as needed;
         ValueError on a mode mismatch or a rank-local state from another world size."""
         state_transfer.import_optimizer_state(self, state)
-        self.hooks.forget_caches()
+        self.driver.forget_caches()
 
     def evaluation_weights(self) -> Any:
         """Context in which the model holds the weights to evaluate (ADMM: the consensus z)."""
@@ -411,10 +428,9 @@ class DHO2(tf.keras.optimizers.Optimizer):
 
     def broadcast_state(self, model: tf.keras.Model, root: int = 0) -> None:
         """At step 0, copy the model weights from ``root`` to the training ranks (the optimizer
-        state is identical there at step 0, and sharded or rank-local later)."""
-        if not (self.built and int(self.iterations.numpy()) > 0):
-            state_transfer.broadcast_weights(model.variables, self.comm,
-                                             self._mode.broadcast_group(self.comm), root)
+        state is identical there at step 0, and sharded or rank-local later;
+        :meth:`dho2_tf.host_driver.HostDriver.broadcast_weights`)."""
+        self.driver.broadcast_weights(model, root)
 
     def request_refresh(self, reason: str) -> None:
         """Refresh the curvature before the next update, whatever the schedule says (every rank

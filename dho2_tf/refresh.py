@@ -133,7 +133,8 @@ class Curvature:
         self.last_refresh: dict[str, Any] | None = None
         self.triggers: list[int] = []
         self.compile_seconds = 0.0
-        self.host_refreshes: int | None = None   # Python copy of state.refreshes (None: re-read)
+        # Python copy of state.refreshes (None: re-read; host_driver.HostDriver.forget)
+        self.host_refreshes: int | None = None
         self.schedule = RefreshSchedule(hp.warmup, hp.refresh_every, hp.max_refresh_every,
                                         hp.staleness_tol)
         self.pending_check: Any = None   # a staleness check the next refresh continues from
@@ -244,9 +245,9 @@ class Curvature:
         if not valid.any():
             return None
         rows = st.eigenvectors.value()
-        estimator = self.binding["estimator"]
-        if self.capabilities.gathers_vectors and estimator.basis_layout == "sharded":
-            rows = tf.transpose(estimator.layout.local(tf.transpose(rows)))  # its columns
+        if self.capabilities.gathers_vectors:   # full V, sharded basis (the estimator's layout)
+            layout = self.binding["estimator"].layout
+            rows = tf.transpose(layout.local(tf.transpose(rows)))  # its columns
         return WarmStart(rows, valid, st.eigenvalues.numpy().astype(np.float64),
                          self.schedule.installed_residual)
 

@@ -53,7 +53,9 @@ class PipelinedMode(Mode):
 
     def __init__(self, hp: Any) -> None:
         super().__init__(hp)
-        self.triggers_sent: int | None = None   # set from the refresh count at the first step
+        # Python copy of the refreshes triggered: state.refreshes plus a delivery still
+        # pending (None: re-read at the next step).
+        self.triggers_sent: int | None = None
         self.pending_delivery: int | None = None
 
     @staticmethod
@@ -112,8 +114,8 @@ class PipelinedMode(Mode):
         ctx, hp = self.context, self.hp
         t = iterations
         actions: list[HostAction] = []
-        if self.triggers_sent is None:   # first step of this run, fresh or resumed
-            self.triggers_sent = int(ctx.refreshes.numpy())
+        if self.triggers_sent is None:   # first step of this run (fresh or resumed), or synced
+            self.triggers_sent = self._triggers_from_state()
         if self.pending_delivery is not None and t >= self.pending_delivery:
             actions.append(self._receive())
         due = hybrid.refresh_count_due(t, hp.warmup, hp.refresh_every)
@@ -124,6 +126,17 @@ class PipelinedMode(Mode):
             self.pending_delivery = t + hp.delivery_delay
             actions.append(TriggerSent(t))
         return tuple(actions)
+
+    def sync_host_state(self) -> None:
+        """Re-read :attr:`triggers_sent` at the next step."""
+        self.triggers_sent = None
+
+    def _triggers_from_state(self) -> int:
+        """The refreshes triggered: those installed (or kept) plus the one whose DELIVER is
+        pending. While training runs this is the count kept (each DELIVER lands before the next
+        trigger, Δ ≤ T), or a re-read cannot change a decision (more than T steps per hook call
+        trigger at every call); after a restore it is the count a resumed run starts from."""
+        return int(self.context.refreshes.numpy()) + (self.pending_delivery is not None)
 
     def refresh_delay(self) -> int:
         """Refresh j is installed Δ = ``delivery_delay`` steps after its trigger."""
@@ -211,4 +224,7 @@ class PipelinedMode(Mode):
         self.comm.broadcast(packed, self.groups.curvature_root, name="dho2/pipeline/spectrum")
 
     def metrics(self) -> dict[str, float]:
-        return {"pipeline_triggers": float(self.triggers_sent or 0)}
+        sent = self.triggers_sent
+        if sent is None:
+            sent = self._triggers_from_state() if self._context is not None else 0
+        return {"pipeline_triggers": float(sent)}

@@ -255,6 +255,6 @@ def test_steps_per_execution_keeps_the_refresh_schedule():
     model.compile(optimizer=opt, loss=LOSS, steps_per_execution=4)
     cb = CurvatureRefresh(batch=(x[:64], y[:64]))
     model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=[cb])
-    assert int(opt.iterations.numpy()) == 24 and cb._iterations == 24
+    assert int(opt.iterations.numpy()) == 24 and opt.driver.iterations == 24
     # Hooks run before updates 0, 4, ..., 20; refreshes are due from t = 3, 11, 19.
     assert [r["index"] for r in cb.refreshes] == [0, 1, 2] and opt.refresh_index() == 3
