@@ -69,7 +69,7 @@ from dho2_tf.curvature.block_ops import BLOCK_HVP_METHODS  # noqa: E402
 from dho2_tf.curvature.hvp import HVP_METHODS  # noqa: E402
 from dho2_tf.curvature.warm_start import BlockRitzProgram, CurvatureEstimator  # noqa: E402
 from dho2_tf.training.data import load_dataset  # noqa: E402
-from dho2_tf.training.data_position import epoch_rank_batches  # noqa: E402
+from dho2_tf.data_position import epoch_rank_batches  # noqa: E402
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
 
 # Per-rank batch sizes are the time-to-accuracy benchmark's.

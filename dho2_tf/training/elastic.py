@@ -15,7 +15,7 @@ job runs. :func:`elastic_train` runs a custom training loop inside Horovod's ela
   depends on the world size anew: a fresh DHO2 from the same config (its shards have the new
   size), ``bind``, ``import_state``, a re-traced train step and the rank's new data slice.
 * The data position is the global step, with the rule every run follows
-  (:mod:`~dho2_tf.training.data_position`): step t trains on rows ``π_e[j·B:(j+1)·B]`` of the
+  (:mod:`~dho2_tf.data_position`): step t trains on rows ``π_e[j·B:(j+1)·B]`` of the
   epoch-e permutation (t = e·S + j, B the global batch, S steps per epoch), rank r takes slice
   r of that batch (:func:`rank_rows`), and the fixed curvature batch is the same rows for any
   P, split the same way. Each rank's loss is its slice's *sum* scaled by
@@ -54,8 +54,8 @@ import tensorflow as tf
 from dho2_tf.distributed.comm import Communicator, HorovodComm, default_comm
 from dho2_tf.distributed.elastic_state import CommittedState, failure_summary, run_elastic
 from dho2_tf.optimizer import DHO2
-from dho2_tf.training import data_position
-from dho2_tf.training.data_position import global_batch_rows, rank_rows  # noqa: F401 - re-exported
+from dho2_tf import data_position
+from dho2_tf.data_position import global_batch_rows, rank_rows  # noqa: F401 - re-exported
 from dho2_tf.validation import check_int
 
 logger = logging.getLogger(__name__)

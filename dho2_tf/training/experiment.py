@@ -98,7 +98,7 @@ class TrainConfig:
         schedule: ``constant`` or ``cosine`` decay over the whole run.
         epochs: maximum number of epochs.
         batch_size: per-rank batch size (global batch B = training ranks × batch_size; step
-            t reads global batch t of :mod:`~dho2_tf.training.data_position`, the same for
+            t reads global batch t of :mod:`~dho2_tf.data_position`, the same for
             any number of ranks with the same B).
         weight_decay: L2 coefficient put into the model's loss.
         momentum: momentum of ``momentum``/``nesterov`` (DHO2 base and baseline).

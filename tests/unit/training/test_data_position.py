@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dho2_tf.callbacks import curvature_batch_from_arrays
-from dho2_tf.training import data_position as dp
+from dho2_tf import data_position as dp
 
 
 def _order(n: int, seed: int, epoch: int) -> np.ndarray:

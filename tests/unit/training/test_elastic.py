@@ -25,7 +25,7 @@ from dho2_tf.training.elastic import (
     rank_rows,
     run_fingerprint,
 )
-from dho2_tf.training.data_position import curvature_rows
+from dho2_tf.data_position import curvature_rows
 from tests.helpers.launch import REPO
 
 SMALL = ElasticConfig(global_batch=20, curvature_batch=40)

@@ -22,7 +22,8 @@ Two fixed row sets take a tag in place of the epoch (epochs stay below 2**31):
   priorities; :func:`shard_rows`): slice ``rank_rows(N', r, P)`` of the permutation drawn from
   ``(seed, SHARD_TAG)``, sorted, with N' = N, or P·⌊N/P⌋ when every rank must hold as many rows.
 
-Everything here is numpy on row indices: no TensorFlow, no communication.
+Everything here is numpy on row indices: no TensorFlow, no communication (so the callbacks
+use it as well as the run level).
 """
 
 from __future__ import annotations
