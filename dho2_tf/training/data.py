@@ -553,6 +553,7 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: Rank
     batches = functools.partial(epoch_rank_batches, num_rows=n, global_batch=global_batch,
                                 rank=rank, size=size, seed=seed, shuffle=shuffle,
                                 drop_remainder=drop_remainder)
+    steps = len(batches(initial_epoch or 0))   # also checks `seed` before any iteration
     passes = itertools.count()
 
     def epochs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -569,7 +570,7 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: Rank
         ds = ds.unbatch().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if initial_epoch is None:
-        ds = ds.apply(tf.data.experimental.assert_cardinality(len(batches(0))))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
