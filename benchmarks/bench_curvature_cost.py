@@ -63,11 +63,13 @@ import tensorflow as tf  # noqa: E402
 from benchmarks import common  # noqa: E402
 from dho2_tf import models  # noqa: E402
 from dho2_tf import DHO2, CurvatureRefresh  # noqa: E402
+from dho2_tf.callbacks import curvature_batch_from_arrays  # noqa: E402
 from dho2_tf.curvature import SpectrumEstimator, make_hvp_fn  # noqa: E402
 from dho2_tf.curvature.block_ops import BLOCK_HVP_METHODS  # noqa: E402
 from dho2_tf.curvature.hvp import HVP_METHODS  # noqa: E402
 from dho2_tf.curvature.warm_start import BlockRitzProgram, CurvatureEstimator  # noqa: E402
-from dho2_tf.training.data import load_dataset, shard_arrays  # noqa: E402
+from dho2_tf.training.data import load_dataset  # noqa: E402
+from dho2_tf.data_position import epoch_rank_batches  # noqa: E402
 from dho2_tf.distributed.comm import default_comm  # noqa: E402
 
 # Per-rank batch sizes are the time-to-accuracy benchmark's.
@@ -120,16 +122,23 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def build(task: dict[str, Any], comm: Any, seed: int = 0) -> tuple[Any, ...]:
-    """(model, loss, this rank's training arrays, objective) of a task."""
+def build(task: dict[str, Any], seed: int = 0) -> tuple[Any, ...]:
+    """(model, loss, training inputs, training targets, objective) of a task (all rows)."""
     data = load_dataset(task["dataset"]) if task["dataset"] != "mnist1d" else \
         load_dataset("mnist1d", num_samples=5000)
     objective = models.objective(task["model"])
     y = objective.targets(data.x_train, data.y_train)
-    x_r, y_r = shard_arrays(data.x_train, y, comm, drop_remainder=True)
     tf.keras.utils.set_random_seed(seed)
     model = models.get(task["model"], data.input_shape, data.num_classes)
-    return model, objective.make_loss(), x_r, y_r, objective
+    return model, objective.make_loss(), data.x_train, y, objective
+
+
+def curvature_part(x: np.ndarray, y: np.ndarray, batch: int, comm: Any
+                   ) -> tuple[tf.Tensor, tf.Tensor]:
+    """This rank's part of a curvature batch of ``batch`` rows, as every training run takes
+    it (:func:`dho2_tf.callbacks.curvature_batch_from_arrays`, seed 0)."""
+    x_c, y_c = curvature_batch_from_arrays(x, y, batch, comm=comm)
+    return tf.constant(x_c), tf.constant(y_c)
 
 
 def gradient_fn(model: tf.keras.Model, loss: Any, x: tf.Tensor, y: tf.Tensor) -> Callable:
@@ -171,15 +180,14 @@ def reductions_fn(comm: Any, n: int, m: int, layout: str) -> Callable:
 def hvp_and_refresh(task: dict[str, Any], comm: Any, args: argparse.Namespace
                     ) -> dict[str, Any]:
     """HVP vs gradient, and refresh vs m·HVP for each curvature batch and basis dtype."""
-    model, loss, x_r, y_r, _ = build(task, comm)
+    model, loss, x_all, y_all, _ = build(task)
     n = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     m = 4 * K
     layout = args.basis
     out: dict[str, Any] = {"parameters": n, "lanczos_order": m, "basis_layout": layout,
                            "batches": {}}
     for batch in task["curvature_batches"]:
-        per_rank = max(1, batch // comm.size)
-        x, y = tf.constant(x_r[:per_rank]), tf.constant(y_r[:per_rank])
+        x, y = curvature_part(x_all, y_all, batch, comm)
         grad, hvp = gradient_fn(model, loss, x, y), make_hvp_fn(model, loss, (x, y))
         v = tf.random.stateless_normal([n], seed=[1, 2])
         estimators = {d: SpectrumEstimator(hvp, n, K, 0, comm, m=m, basis_dtype=d,
@@ -237,9 +245,8 @@ def hvp_methods(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> di
     calls = 3 if args.quick else 10
     for r in range(args.rounds):
         for method in (HVP_METHODS if r % 2 == 0 else HVP_METHODS[::-1]):
-            model, loss, x_r, y_r, _ = build(task, comm, seed=r)
-            per_rank = max(1, task["curvature_batches"][0] // comm.size)
-            x, y = tf.constant(x_r[:per_rank]), tf.constant(y_r[:per_rank])
+            model, loss, x_all, y_all, _ = build(task, seed=r)
+            x, y = curvature_part(x_all, y_all, task["curvature_batches"][0], comm)
             n = int(sum(np.prod(v.shape) for v in model.trainable_variables))
             start = time.perf_counter()
             hvp = make_hvp_fn(model, loss, (x, y), method=method)
@@ -271,12 +278,9 @@ def peak_rss_mib() -> float:
 def memory_probe(task_name: str, method: str, quick: bool) -> dict[str, float]:
     """In this (fresh) process: peak memory after the model and one gradient, then after
     binding ``method``'s HVP and calling it three times."""
-    from dho2_tf.distributed import LocalComm
-
     task = TASKS[task_name]
-    model, loss, x_r, y_r, _ = build(task, LocalComm())
-    rows = 8 if quick else task["curvature_batches"][0]
-    x, y = tf.constant(x_r[:rows]), tf.constant(y_r[:rows])
+    model, loss, x_all, y_all, _ = build(task)
+    x, y = curvature_part(x_all, y_all, 8 if quick else task["curvature_batches"][0], None)
     [g.numpy() for g in gradient_fn(model, loss, x, y)()]
     baseline = peak_rss_mib()
     hvp = make_hvp_fn(model, loss, (x, y), method=method)
@@ -304,9 +308,8 @@ def hvp_memory(task_name: str, args: argparse.Namespace) -> dict[str, Any]:
 def warm_vs_cold(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds of a warm-started block refresh (each batching) and of a Lanczos refresh at the
     same weights, after a first Lanczos refresh; interleaved over the rounds."""
-    model, loss, x_r, y_r, _ = build(task, comm)
-    per_rank = max(1, task["curvature_batches"][0] // comm.size)
-    x, y = tf.constant(x_r[:per_rank]), tf.constant(y_r[:per_rank])
+    model, loss, x_all, y_all, _ = build(task)
+    x, y = curvature_part(x_all, y_all, task["curvature_batches"][0], comm)
     n = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     hvp = make_hvp_fn(model, loss, (x, y))
     lanczos = SpectrumEstimator(hvp, n, K, 0, comm, m=4 * K, basis_dtype="float32",
@@ -337,11 +340,14 @@ def warm_vs_cold(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> d
 
 
 def compiled_model(task: dict[str, Any], comm: Any, optimizer: Any) -> tuple[Any, ...]:
-    """A fresh model compiled with ``optimizer``, and this rank's first batches."""
-    model, loss, x_r, y_r, objective = build(task, comm)
+    """A fresh model compiled with ``optimizer``, this rank's rows of the first
+    :data:`STEPS_PER_EPOCH` global batches (the rule every run uses, seed 0), and the whole
+    training set (its inputs and targets)."""
+    model, loss, x, y, objective = build(task)
     model.compile(optimizer=optimizer, loss=loss, metrics=list(objective.metrics))
-    rows = STEPS_PER_EPOCH * task["batch_size"]
-    return model, x_r[:rows], y_r[:rows]
+    rows = np.concatenate(epoch_rank_batches(0, len(x), comm.size * task["batch_size"],
+                                             comm.rank, comm.size, seed=0)[:STEPS_PER_EPOCH])
+    return model, x[rows], y[rows], x, y
 
 
 def step_times(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -354,17 +360,15 @@ def step_times(task: dict[str, Any], comm: Any, args: argparse.Namespace) -> dic
     runs: dict[str, tuple[Any, ...]] = {
         "dho2": compiled_model(task, comm, dho2),
         "base": compiled_model(task, comm, comm.data_parallel_optimizer(keras_base))}
-    per_rank_curv = max(1, task["curvature_batches"][0] // comm.size)
-    callbacks = {"dho2": [CurvatureRefresh(batch=(runs["dho2"][1][:per_rank_curv],
-                                                  runs["dho2"][2][:per_rank_curv]))],
-                 "base": []}
+    curvature = curvature_part(*runs["dho2"][3:], task["curvature_batches"][0], comm)
+    callbacks = {"dho2": [CurvatureRefresh(batch=curvature)], "base": []}
     if comm.size > 1:
         import horovod.tensorflow.keras as hvd_keras
 
         callbacks["base"].append(hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0))
 
     def epoch(name: str, epochs: int = 1) -> float:
-        model, x, y = runs[name]
+        model, x, y = runs[name][:3]
         start = time.perf_counter()
         model.fit(x, y, batch_size=task["batch_size"], epochs=epochs, shuffle=False,
                   verbose=0, callbacks=callbacks[name])

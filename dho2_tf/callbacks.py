@@ -165,13 +165,27 @@ class CurvatureRefresh(tf.keras.callbacks.Callback):
         opt.driver.release(self)
 
 
-def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0
-                                ) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed random subset of ``size`` rows of ``(x, y)`` to use as the curvature batch."""
-    if size <= 0:
-        raise ValueError(f"`size` must be a positive integer. Received: size={size}")
-    idx = np.random.default_rng(seed).permutation(len(x))[:size]
-    return x[idx], y[idx]
+def curvature_batch_from_arrays(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0, *,
+                                comm: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed curvature batch of ``size`` rows of ``(x, y)``, or this rank's part of it.
+
+    The rows are :func:`dho2_tf.data_position.curvature_rows`: the first ``size`` of
+    the permutation drawn from ``(seed, CURVATURE_TAG)``, sorted, the same for any number of
+    ranks. With ``comm`` (anything with ``rank`` r and ``size`` P), rank r gets its slice
+    ``rank_rows(size, r, P)`` of them (the first ``size mod P`` ranks one row more), so the
+    ranks together bind exactly those rows. DHO2 averages the ranks' Hessians, so when P does
+    not divide ``size`` the rows of the smaller slices weigh slightly more.
+
+    Raises:
+        ValueError: when ``size`` is not in [1, len(x)], or is below the number of ranks.
+    """
+    from dho2_tf.data_position import curvature_rows, rank_curvature_rows
+
+    if comm is None:
+        rows = curvature_rows(len(x), size, seed)
+    else:
+        rows = rank_curvature_rows(len(x), size, int(comm.rank), int(comm.size), seed)
+    return x[rows], y[rows]
 
 
 class BroadcastInitialState(tf.keras.callbacks.Callback):

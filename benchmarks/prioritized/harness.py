@@ -30,6 +30,7 @@ import tensorflow as tf
 from dho2_tf.clock import TimeToTargetClock
 from dho2_tf.distributed.comm import Communicator
 from dho2_tf.models.cnn import small_cnn
+from dho2_tf.training.data import shard_arrays
 from dho2_tf.prioritized.model import PrioritizedModel
 from dho2_tf.prioritized.sampler import PAPER, RECOMMENDED, PrioritizedSampler
 
@@ -151,7 +152,7 @@ def with_redundancy(data: Any, repeats: int = 4, easy_fraction: float = 0.5,
 
     A redundant data set any user can recognise: the easiest ``easy_fraction`` of the training
     examples (:func:`easy_examples`) appear ``repeats`` times each, the others once, rows in a
-    fixed random order (so contiguous shards mix copies and originals).
+    fixed random order.
 
     Raises:
         ValueError: if ``repeats`` < 2 or ``easy_fraction`` is not in (0, 1].
@@ -317,10 +318,9 @@ def _reset(model: tf.keras.Model, weights: list[np.ndarray],
 
 
 def _shard(data: Any, comm: Communicator) -> tuple[np.ndarray, np.ndarray]:
-    """Rank r's contiguous block of n/P training examples."""
-    n_local = len(data.y_train) // comm.size
-    rows = slice(comm.rank * n_local, (comm.rank + 1) * n_local)
-    return data.x_train[rows], data.y_train[rows]
+    """Rank r's fixed shard of ⌊n/P⌋ training examples, as ``jobs/train.py --prioritized``
+    takes it (:func:`dho2_tf.training.data.shard_arrays`, seed 0; one rank: every row)."""
+    return shard_arrays(data.x_train, data.y_train, comm, drop_remainder=True, seed=0)
 
 
 def _train_sgd(spec: RunSpec, model: tf.keras.Model, x_r: np.ndarray, y_r: np.ndarray,
@@ -381,7 +381,7 @@ def mean_step_ms(seconds: np.ndarray, counts: np.ndarray, comm: Communicator) ->
 
 def run_once(spec: RunSpec, data: Any, target: float, budget_s: float, eval_every: int,
              comm: Communicator, record_curve: bool = False) -> RunResult:
-    """Train ``spec`` on this rank's contiguous shard of ``data`` until target or budget.
+    """Train ``spec`` on this rank's fixed shard of ``data`` until target or budget.
 
     Args:
         spec: the run.

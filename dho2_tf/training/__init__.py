@@ -3,7 +3,7 @@
 * :mod:`~dho2_tf.training.experiment`: a run from its configuration (model, data, optimizer,
   callbacks, checkpoints), as ``jobs/train.py`` launches it.
 * :mod:`~dho2_tf.training.data`: datasets read from local files or generated locally, and the
-  per-rank sharding of their rows.
+  per-rank ``tf.data`` input (the rows of :mod:`dho2_tf.data_position`).
 * :mod:`~dho2_tf.training.checkpointing`: atomic checkpoints and resume.
 * :mod:`~dho2_tf.training.monitoring`: TensorBoard scalars and progress (rank 0 only).
 * :mod:`~dho2_tf.training.elastic`: the Horovod Elastic trainer and its state adapter.

