@@ -25,12 +25,18 @@ demo: setup
 		--alpha 0.01 --refresh-every 200 --warmup 40 \
 		--schedule cosine --epochs 60 --batch-size 50 --weight-decay 3e-4 --verbose 2
 
-# The suite: ruff, then the unit tests and the multi-process tests that launch real horovodrun
-# (one launch per world size per test module where the checks allow) or Ray, without the long
-# scenarios marked `slow`.
+# The suite: ruff, then the single-process tests on two pytest-xdist workers (a test file's tests
+# on one worker, so its module-scoped fixtures are built once), then, one at a time, the
+# multi-process tests that launch real horovodrun (one launch per world size per test module
+# where the checks allow) or Ray; without the long scenarios marked `slow`. The second part runs
+# even when the first fails; the target fails if either did.
 test: setup-test
 	$(PY) -m ruff check dho2_tf jobs tests benchmarks
-	$(PY) -m pytest -q --durations=25 -m "not slow" tests
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile -m "not parallel and not slow" tests; \
+	single=$$?; \
+	$(PY) -m pytest -q --durations=25 -m "parallel and not slow" tests; \
+	multi=$$?; \
+	test $$single -eq 0 && test $$multi -eq 0
 
 # The long multi-process scenarios (marked `slow`): elastic and Ray recovery from kill -9 of
 # rank 0, a worker killed or added, a lost host, checkpoints across 1 and 3 ranks, every mode at

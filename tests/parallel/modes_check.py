@@ -121,45 +121,58 @@ DATA_PARALLEL_RUNS = (("nesterov", "sharded", {}), ("adam", "sharded", {"alpha":
                       ("momentum", "sharded", {"alpha": 0.2}), ("adam", "auto", {"alpha": 0.2}))
 
 
+def fit_union_protocol(xs, ys, bs, ese, base, mode, extra, rank_comm):
+    """DHO2 (base, mode) on ``xs`` in batches of ``bs`` with the 10-step protocol of
+    :func:`check_sharded`: (weights, last update, refresh index, eigenvalues, optimizer)."""
+    model = mlp()
+    model.compile(optimizer=DHO2(learning_rate=0.05, base=base, k=3, ell=1, refresh_every=4,
+                                 warmup=3, mode=mode, comm=rank_comm, **extra), loss=LOSS)
+    cut = len(xs) - bs
+    model.fit(xs[:cut], ys[:cut], batch_size=bs, shuffle=False, verbose=0,
+              callbacks=[CurvatureRefresh(batch=ese)])
+    w9 = flat(model)
+    model.fit(xs[cut:], ys[cut:], batch_size=bs, shuffle=False, verbose=0,
+              callbacks=[CurvatureRefresh(batch=ese)])
+    opt = model.optimizer
+    return (flat(model), flat(model) - w9, int(opt.refresh_index()),
+            opt.state.eigenvalues.numpy(), opt)
+
+
 def check_sharded(comm):
     """P ranks equal single-process DHO2 on the union of their batches: weights, eigenvalues,
     the eigenvector projector VᵀV and the last update after 10 steps (rel 1e-5), for every base
     on the sharded layout and for ``auto`` (replicated here); every rank holds the same weights
-    and eigenvalues."""
+    and eigenvalues.
+
+    The single-process reference of run j is the same on every rank, so rank j mod P alone
+    computes it and broadcasts it (the references run side by side instead of P times each)."""
     p, r = comm.size, comm.rank
     steps = 10
     x, y = data(steps * p * B)
     mine = np.concatenate([np.arange(s * p * B + r * B, s * p * B + (r + 1) * B)
                            for s in range(steps)])
+    runs = [fit_union_protocol(x[mine], y[mine], B, (x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]),
+                               base, mode, extra, comm)
+            for base, mode, extra in DATA_PARALLEL_RUNS]
+    references = {}
+    for j, (base, mode, extra) in enumerate(DATA_PARALLEL_RUNS):
+        if j % p == r:
+            w, dw, index, lam, opt = fit_union_protocol(x, y, p * B, (x[:p * B], y[:p * B]),
+                                                        base, mode, extra, LocalComm())
+            references[j] = (w, dw, index, lam, opt.state.eigenvectors.numpy())
     layouts = []
-    for base, mode, extra in DATA_PARALLEL_RUNS:
-        runs = []
-        for rank_comm, (xs, ys, bs, ese) in (
-                (comm, (x[mine], y[mine], B, (x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]))),
-                (LocalComm(), (x, y, p * B, (x[:p * B], y[:p * B])))):
-            model = mlp()
-            model.compile(optimizer=DHO2(learning_rate=0.05, base=base, k=3, ell=1,
-                                         refresh_every=4, warmup=3, mode=mode, comm=rank_comm,
-                                         **extra), loss=LOSS)
-            cut = (steps - 1) * bs
-            model.fit(xs[:cut], ys[:cut], batch_size=bs, shuffle=False, verbose=0,
-                      callbacks=[CurvatureRefresh(batch=ese)])
-            w9 = flat(model)
-            model.fit(xs[cut:], ys[cut:], batch_size=bs, shuffle=False, verbose=0,
-                      callbacks=[CurvatureRefresh(batch=ese)])
-            runs.append((flat(model), flat(model) - w9, model.optimizer))
-        (w, dw, opt), (w_ref, dw_ref, ref_opt) = runs
+    for j, (base, mode, _) in enumerate(DATA_PARALLEL_RUNS):
+        w_ref, dw_ref, ref_index, lam_ref, v_ref = comm.broadcast_object(
+            references.get(j), j % p, name=f"test/sharded/reference{j}")
+        w, dw, index, lam, opt = runs[j]
         what = f"{base}/{mode}"
-        assert int(opt.refresh_index()) == 2 == int(ref_opt.refresh_index()), what  # t = 2, 6
+        assert index == 2 == ref_index, what  # t = 2, 6
         for got, want, name in ((w, w_ref, "weights"), (dw, dw_ref, "last update")):
             rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
             assert rel < 1e-5, f"{what}: {name} differ from single process: rel {rel:.3g}"
-        lam = opt.state.eigenvalues.numpy()
-        np.testing.assert_allclose(lam, ref_opt.state.eigenvalues.numpy(), rtol=1e-5,
-                                   err_msg=what)
+        np.testing.assert_allclose(lam, lam_ref, rtol=1e-5, err_msg=what)
         v = opt.state.eigenvectors.numpy() if opt.resolved_mode == "replicated" else \
             gather_vectors(opt.state.eigenvectors, w.size, comm).numpy()
-        v_ref = ref_opt.state.eigenvectors.numpy()
         np.testing.assert_allclose(v.T @ v, v_ref.T @ v_ref, atol=1e-5, err_msg=what)
         same_on_all_ranks(comm, np.r_[w, lam], f"weights+eigenvalues {what}")
         layouts.append(f"{what}->{opt.resolved_mode}")
@@ -364,7 +377,9 @@ def check_admm(comm):
         opt = DHO2(learning_rate=0.1, base="sgd", k=2, alpha=0.5, mode=mode, rho=1.0, tau=tau,
                    refresh_every=10_000, warmup=1, comm=counting)
         opt.bind(model, mse, (x_r, y_r))
-        steps = 400 if mode == "admm" else 4 * tau + 1
+        # ADMM: 60 rounds. At P = 2, 3 and 4, z is within 1e-6 of the solution after 40 rounds
+        # and at its float32 fixed point after 55 (400 steps ended on the same z).
+        steps = 240 if mode == "admm" else 4 * tau + 1
         for t in range(steps):
             opt.on_step_begin()
             if t == 1:

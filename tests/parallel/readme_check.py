@@ -5,7 +5,8 @@ Usage: readme_check.py EPOCHS
 The code blocks of README.md's "Using DHO2 in your Keras code" section run with two documented
 substitutions only: the epoch count (``epochs=30`` / ``range(30)`` → EPOCHS / 1) and, for the
 custom loop in each mode, extra DHO2 arguments (``mode``, a short refresh schedule and ``tau``, so
-a one-epoch run refreshes and runs consensus rounds). Rank 0 prints one ``RESULT {json}`` line
+a one-epoch run refreshes and runs consensus rounds). MNIST-1D is generated once per process
+(:func:`generate_mnist1d_once`), not once per check. Rank 0 prints one ``RESULT {json}`` line
 per check:
 
 * ``keras``: the README's Keras example (DHO2) and the same run with ``SGD(0.1, momentum=0.9)``
@@ -134,8 +135,35 @@ def unbroadcast_check(keras: str, comm) -> None:
                                   "message": message}), flush=True)
 
 
+def generate_mnist1d_once() -> None:
+    """Make ``dho2_tf.training.data.load_mnist1d`` generate each dataset once per process.
+
+    The README code calls ``load_mnist1d()`` in every check (eight times on two ranks), and the
+    same arguments give identical arrays; every call after the first returns the first call's
+    dataset, its arrays read-only (so no check can change another's data unnoticed).
+    """
+    import functools
+
+    import dho2_tf.training.data as data_module
+
+    generate, made = data_module.load_mnist1d, {}
+
+    @functools.wraps(generate)
+    def load_mnist1d(*args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = generate(*args, **kwargs)
+            for array in (made[key].x_train, made[key].y_train, made[key].x_test,
+                          made[key].y_test):
+                array.setflags(write=False)
+        return made[key]
+
+    data_module.load_mnist1d = load_mnist1d
+
+
 def main() -> None:
     epochs = int(sys.argv[1])
+    generate_mnist1d_once()
     if int(os.environ.get("HOROVOD_SIZE", "1")) > 1:
         # The pipelined mode's process sets, registered when Horovod starts (before the README
         # code's own DHO2 creates its communicator).
