@@ -556,16 +556,20 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, comm: Rank
     steps = len(batches(initial_epoch or 0))   # also checks `seed` before any iteration
     passes = itertools.count()
 
-    def epochs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def epoch_rows() -> Iterator[np.ndarray]:
+        # One Python call per epoch (its rows, step after step); the per-step work is tf.data's.
         numbers = [next(passes)] if initial_epoch is None else itertools.count(initial_epoch)
         for epoch in numbers:
-            for rows in batches(epoch):
-                yield x[rows], y[rows]
+            parts = batches(epoch)
+            yield np.concatenate(parts).astype(np.int64) if parts else np.zeros([0], np.int64)
 
-    rows = batch_size if drop_remainder else None
-    ds = tf.data.Dataset.from_generator(epochs, output_signature=(
-        tf.TensorSpec([rows, *x.shape[1:]], tf.as_dtype(x.dtype)),
-        tf.TensorSpec([rows, *y.shape[1:]], tf.as_dtype(y.dtype))))
+    features, labels = tf.constant(x), tf.constant(y)
+    ds = tf.data.Dataset.from_generator(epoch_rows,
+                                        output_signature=tf.TensorSpec([None], tf.int64))
+    # Regrouping an epoch's rows by ``batch_size`` gives back its steps: every full step has
+    # ``batch_size`` rows and only the last (drop_remainder=False) may have fewer.
+    ds = ds.unbatch().batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(lambda rows: (tf.gather(features, rows), tf.gather(labels, rows)))
     if augment is not None:   # one epoch per pass or whole batches: the regrouping keeps steps
         ds = ds.unbatch().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
