@@ -397,9 +397,10 @@ class DHO2(tf.keras.optimizers.Optimizer):
         if self.consistency_checked:
             return
         if model is None:
-            binding = self.curvature.binding
-            model = binding["model"] if binding is not None else types.SimpleNamespace(
-                trainable_variables=list(self.model_variables), name="model")
+            model = self.driver.bound_model()
+        if model is None:
+            model = types.SimpleNamespace(trainable_variables=list(self.model_variables),
+                                          name="model")
         self.verify_consistency(model)
 
     def serve_curvature(self) -> list[dict[str, Any]]:
