@@ -94,6 +94,11 @@ class TrainingLoop:
         driver.after_step(1)
         return out
 
+    def report_skipped(self) -> int:
+        """Log the steps skipped since the last report (rank 0; ``fit`` does it after every
+        epoch, leaving the loop does it once more); returns how many."""
+        return self.optimizer.driver.report_skipped() if self.trains else 0
+
     def sync(self) -> None:
         """Re-read the step count after the optimizer's or model's variables were changed
         outside a step (a checkpoint restored, statistics averaged):

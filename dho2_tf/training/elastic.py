@@ -13,7 +13,8 @@ job runs. :func:`elastic_train` runs a custom training loop inside Horovod's ela
   (:meth:`ElasticTrainer.invalidate`) re-reads rank and size, rank 0's commit is broadcast (so
   joining workers get it too), and :meth:`ElasticTrainer.rebuild` makes everything that
   depends on the world size anew: a fresh DHO2 from the same config (its shards have the new
-  size), ``bind``, ``import_state``, a re-traced train step and the rank's new data slice.
+  size) driven by :func:`dho2_tf.training_loop` (the one custom-loop driver: build, rank
+  check, ``bind``), ``import_state``, a re-traced train step and the rank's new data slice.
 * The data position is the global step, with the rule every run follows
   (:mod:`~dho2_tf.data_position`): step t trains on rows ``π_e[j·B:(j+1)·B]`` of the
   epoch-e permutation (t = e·S + j, B the global batch, S steps per epoch), rank r takes slice
@@ -51,6 +52,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from dho2_tf.callbacks import curvature_batch_from_arrays
+from dho2_tf.custom_loop import TrainingLoop
 from dho2_tf.distributed.comm import Communicator, HorovodComm, default_comm
 from dho2_tf.distributed.elastic_state import CommittedState, failure_summary, run_elastic
 from dho2_tf.optimizer import DHO2
@@ -158,7 +161,8 @@ class ElasticResult:
 
 
 class ElasticTrainer:
-    """The live objects of one world size: the model, its DHO2 and the traced train step.
+    """The live objects of one world size: the model, its DHO2, the custom-loop driver
+    (:class:`dho2_tf.TrainingLoop`) and the traced train step.
 
     Args:
         model: a built Keras model with logits output; its weights are overwritten by the
@@ -189,18 +193,19 @@ class ElasticTrainer:
         self.x_train, self.y_train, self.x_test, self.y_test = data
         self.config, self.comm = config, comm
         self.steps_per_epoch = config.steps_per_epoch(len(self.x_train))
-        self.curvature_rows = data_position.curvature_rows(len(self.x_train),
-                                                           config.curvature_batch, config.seed)
+        # C ≤ training rows, checked before any collective (rebuild binds the rule's rows).
+        data_position.curvature_rows(len(self.x_train), config.curvature_batch, config.seed)
         self.loss = per_example_loss or tf.keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="none")
         self.optimizer: DHO2 | None = None
+        self.loop: TrainingLoop | None = None
         self._step_fn: Callable[..., tf.Tensor] | None = None
 
     def invalidate(self) -> None:
         """Reset callback: re-read rank and size and drop what depended on the old world."""
         if isinstance(self.comm, HorovodComm):
             self.comm.refresh()
-        self.optimizer, self._step_fn = None, None
+        self.optimizer, self.loop, self._step_fn = None, None, None
         if self.comm.is_root:
             logger.info("elastic reset: rank=%d size=%d", self.comm.rank, self.comm.size)
 
@@ -236,16 +241,19 @@ class ElasticTrainer:
                              f"curvature_batch={cfg.curvature_batch}")
         self.model.set_weights(weights)
         opt = DHO2.from_config({**copy.deepcopy(self.optimizer_config), "comm": comm})
-        rows = self._slice(self.curvature_rows)
-        opt.bind(self.model, self._scaled_loss_fn(cfg.curvature_batch),
-                 (self.x_train[rows], self.y_train[rows]))
+        batch = curvature_batch_from_arrays(self.x_train, self.y_train, cfg.curvature_batch,
+                                            cfg.seed, comm=comm)
+        # The weights are the commit every rank holds (broadcast from rank 0 by the elastic
+        # state), so the loop only checks them at step 0 instead of broadcasting again.
+        loop = TrainingLoop(opt, self.model, self._scaled_loss_fn(cfg.curvature_batch), batch,
+                            broadcast_initial_state=False)
+        loop.__enter__()   # build, rank check, bind; left in finish() (or dropped on a reset)
         if optimizer_state is not None:
             opt.import_state(optimizer_state)
-        if int(opt.iterations.numpy()) != step:
-            raise RuntimeError(f"Committed optimizer state is at step "
-                               f"{int(opt.iterations.numpy())} but the committed step is {step}.")
-        opt.verify_consistency(self.model)
-        self.optimizer, self._step_fn = opt, self._trace_step(opt)
+        if loop.iterations != step:
+            raise RuntimeError(f"Committed optimizer state is at step {loop.iterations} but "
+                               f"the committed step is {step}.")
+        self.optimizer, self.loop, self._step_fn = opt, loop, self._trace_step(opt)
 
     def _trace_step(self, opt: DHO2) -> Callable[..., tf.Tensor]:
         model, comm = self.model, self.comm
@@ -267,16 +275,26 @@ class ElasticTrainer:
         return step_fn
 
     def train_step(self, step: int) -> float:
-        """One DHO2 update on this rank's slice of global batch ``step``; the global mean loss."""
-        if self.optimizer is None or self._step_fn is None:
+        """One DHO2 update on this rank's slice of global batch ``step`` (inside the loop's
+        hooks: refresh when due, the mode's hand-overs); the global mean loss."""
+        if self.loop is None or self._step_fn is None:
             raise RuntimeError("ElasticTrainer.train_step() needs a built optimizer: call "
                                "rebuild(weights, optimizer_state, step) first.")
         rows = self._slice(global_batch_rows(step, len(self.x_train), self.config.global_batch,
                                              self.config.seed))
-        self.optimizer.on_step_begin()
-        loss = self._step_fn(self.x_train[rows], self.y_train[rows])
-        self.optimizer.on_step_end()
+        loss = self.loop.step(self._step_fn, self.x_train[rows], self.y_train[rows])
         return float(loss.numpy())
+
+    def end_epoch(self) -> None:
+        """At an epoch boundary: log the steps skipped since the last report (as ``fit``)."""
+        if self.loop is not None:
+            self.loop.report_skipped()
+
+    def finish(self) -> None:
+        """When the run is done: leave the loop (the mode's end of training, the last skipped
+        step report)."""
+        if self.loop is not None:
+            self.loop.__exit__(None, None, None)
 
     def snapshot(self) -> dict[str, Any]:
         """Weights and full-length optimizer state. Collective: every rank must call it."""
@@ -383,6 +401,7 @@ def _train(state: DHO2ElasticState, on_step_begin: StepHook | None,
                       "test_accuracy": trainer.evaluate(), "size": comm.size}
             state.history = [*state.history, record]
             state.epoch_loss = 0.0
+            trainer.end_epoch()
             if comm.is_root:
                 logger.info("elastic epoch %(epoch)d: loss=%(loss).4f "
                             "test_accuracy=%(test_accuracy).4f size=%(size)d", record)
@@ -394,7 +413,7 @@ def _train(state: DHO2ElasticState, on_step_begin: StepHook | None,
             if on_commit is not None:
                 on_commit(state.committed(), comm)
             state.check_host_updates()  # may raise HostsUpdatedInterrupt (kept: no roll-back)
-    trainer.optimizer.on_train_end()
+    trainer.finish()
     done_file = os.environ.get(DONE_FILE_ENV)
     if done_file and comm.is_root:
         with open(done_file, "w", encoding="utf-8") as f:

@@ -58,9 +58,13 @@ def make_trainer(config: ElasticConfig, comm: LocalComm | None = None) -> Elasti
 
 def test_trainer_trains_each_rank_on_its_slice_of_the_rule_batches() -> None:
     """The rows of step t on rank r are rank r's slice of the data-position rule's batch t, and
-    the curvature rows are the rule's (sorted, the same for any world size)."""
+    the bound curvature batch is the rule's rows (sorted, the same for any world size)."""
     trainer = make_trainer(SMALL)
-    np.testing.assert_array_equal(trainer.curvature_rows, curvature_rows(120, 40, SMALL.seed))
+    trainer.rebuild(trainer.model.get_weights(), None, 0)
+    bound_x, bound_y = trainer.optimizer.curvature.binding["batch"]
+    rows = curvature_rows(120, 40, SMALL.seed)
+    np.testing.assert_array_equal(bound_x, trainer.x_train[rows])
+    np.testing.assert_array_equal(bound_y, trainer.y_train[rows])
     for rank, size in ((0, 1), (1, 2), (2, 3)):
         trainer.comm = _RankView(rank, size)
         for step in (0, 7, 13):
