@@ -25,6 +25,8 @@ Usage:
                                        the rest of the arguments as above
 
 Each case prints ``rank R CONSISTENCY_ERROR case=C seconds=S`` followed by the error message.
+Runs and cases that ask for the same MNIST-1D dataset share the one generated first
+(:func:`tests.helpers.mnist1d_once.generate_mnist1d_once`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 from dho2_tf import DHO2, HorovodComm
 from dho2_tf.consistency import RunConsistencyError
 from dho2_tf.training.experiment import TrainConfig, train
+from tests.helpers.mnist1d_once import generate_mnist1d_once
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = {"num_samples": 400, "epochs": 1, "batch_size": 50, "verbose": 0,
@@ -116,6 +119,7 @@ def run_api_process_sets() -> None:
 
 def main() -> None:
     args = sys.argv[1:]
+    generate_mnist1d_once()   # runs and cases with the same MNIST-1D arguments share one dataset
     if args[0] == "api":
         run_api_process_sets()
         args = args[1:]

@@ -55,13 +55,13 @@ def warm_start(ranks: list[int], layout_columns) -> WarmStart:
     return WarmStart(layout_columns(tf.constant(s[:, sel].T)), np.ones(K + ELL, bool), w[sel])
 
 
-def check_warm(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> dict[str, bool]:
+def check_warm(comm: HorovodComm, ranks: list[int], process_set, tag: str,
+               references: dict) -> dict[str, bool]:
     """The warm refresh at P ranks against the single-process one on the mean (or root's)
-    operator, for both basis layouts and both HVP reductions."""
+    operator (``references``, see :func:`single_process_references`), for both basis layouts
+    and both HVP reductions."""
     name = f"dho2/test/{tag}/warm"
-    mean = sum(rank_matrix(r) for r in ranks) / len(ranks)
-    local, checks = LocalComm(), {}
-    references = {}   # reduce -> (check, refinement): the same for both layouts
+    checks = {}
     for layout in ("sharded", "replicated"):
         for reduce in ("mean", "root0"):
             program = BlockRitzProgram(matrix_operator(rank_matrix(comm.rank), tf.float64), N, K,
@@ -76,35 +76,55 @@ def check_warm(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> di
                                        process_set=process_set).numpy()
             vectors = est.vectors_r if layout == "replicated" else gather_vectors(
                 est.vectors_r, N, comm, process_set, name=f"{name}/{layout}/{reduce}/v")
-            if reduce not in references:
-                operator = mean if reduce == "mean" else rank_matrix(ranks[0])
-                ref_program = BlockRitzProgram(matrix_operator(operator, tf.float64), N, K,
-                                               ELL, local, extra=2, hvp_dtype=tf.float64)
-                ref_check = ref_program.check(warm_start(ranks, lambda x: x), seed=SEED)
-                references[reduce] = ref_check, ref_program.refine(ref_check)
-            ref_check, ref = references[reduce]
-            v, v_ref = vectors.numpy().astype(np.float64), ref.vectors_r.numpy().astype(
-                np.float64)
+            ref = references[f"warm {reduce}"]
+            v, v_ref = vectors.numpy().astype(np.float64), ref["vectors"]
             key = f"warm {layout}/{reduce}"
             checks.update({
-                f"{key}: status": est.status == "ok" == ref.status and est.hvps == 2 * (K + ELL
-                                                                                        + 2),
+                f"{key}: status": est.status == "ok" == ref["status"] and est.hvps == 2 * (
+                    K + ELL + 2),
                 f"{key}: lambda = single-process (rel 1e-6)": _max_rel(
-                    est.eigenvalues.numpy(), ref.eigenvalues.numpy()) <= 1e-6,
+                    est.eigenvalues.numpy(), ref["eigenvalues"]) <= 1e-6,
                 f"{key}: residuals = single-process": np.allclose(
-                    est.residuals, ref.residuals, rtol=1e-6, atol=1e-9),
+                    est.residuals, ref["residuals"], rtol=1e-6, atol=1e-9),
                 f"{key}: projectors = single-process (1e-6)": np.abs(
                     v.T @ v - v_ref.T @ v_ref).max() <= 1e-6,
                 f"{key}: staleness bitwise equal on ranks": bool(
                     np.all(staleness == staleness[0])),
                 f"{key}: staleness = single-process (1e-10)": abs(
-                    check.staleness - ref_check.staleness) <= 1e-10,
+                    check.staleness - ref["staleness"]) <= 1e-10,
             })
     return checks
 
 
-def check_group(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> list[str]:
-    """Run every collective of one group check, then return the failed checks (strings)."""
+def single_process_references(ranks: list[int]) -> dict:
+    """The single-process (``LocalComm``) results a group of ``ranks`` is compared with, as
+    numpy: Lanczos and its extreme pairs on the mean operator (1/P) Σ_r A_r, and the warm
+    refresh on the mean operator (``warm mean``) and on the root's A_{ranks[0]} (``warm
+    root0``). They are the same on every rank, so one rank computes them (see :func:`main`)."""
+    mean = sum(rank_matrix(r) for r in ranks) / len(ranks)
+    local = LocalComm()
+    ref = lanczos(matrix_operator(mean, tf.float64), N, M, local, seed=SEED,
+                  hvp_dtype=tf.float64)
+    ref_est = extreme_eigenpairs(ref, K, ELL, local)
+    out = {"lanczos": {"status": ref.status, "tridiagonal": ref.tridiagonal.numpy(),
+                       "basis": ref.basis_r.numpy(), "eigenvalues": ref_est.eigenvalues.numpy(),
+                       "vectors": ref_est.vectors_r.numpy().astype(np.float64)}}
+    for reduce, operator in (("mean", mean), ("root0", rank_matrix(ranks[0]))):
+        program = BlockRitzProgram(matrix_operator(operator, tf.float64), N, K, ELL, local,
+                                   extra=2, hvp_dtype=tf.float64)
+        check = program.check(warm_start(ranks, lambda x: x), seed=SEED)
+        est = program.refine(check)
+        out[f"warm {reduce}"] = {"status": est.status, "staleness": check.staleness,
+                                 "eigenvalues": est.eigenvalues.numpy(),
+                                 "residuals": np.asarray(est.residuals),
+                                 "vectors": est.vectors_r.numpy().astype(np.float64)}
+    return out
+
+
+def check_group(comm: HorovodComm, ranks: list[int], process_set, tag: str,
+                references: dict) -> list[str]:
+    """Run every collective of one group check, then return the failed checks (strings)
+    against the group's single-process ``references``."""
     name = f"dho2/test/{tag}"
     res = lanczos(matrix_operator(rank_matrix(comm.rank), tf.float64), N, M, comm, seed=SEED,
                   process_set=process_set, hvp_dtype=tf.float64, name=f"{name}/lanczos")
@@ -133,20 +153,17 @@ def check_group(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> l
                     process_set=process_set, basis_dtype="float32", name=f"{name}/basis32")
 
     mean = sum(rank_matrix(r) for r in ranks) / len(ranks)
-    local = LocalComm()
-    ref = lanczos(matrix_operator(mean, tf.float64), N, M, local, seed=SEED,
-                  hvp_dtype=tf.float64)
-    ref_est = extreme_eigenpairs(ref, K, ELL, local)
+    ref = references["lanczos"]
     w = np.linalg.eigvalsh(mean)
     true_extremes = np.concatenate([w[:ELL], w[N - K:]])
-    v_ref = ref_est.vectors_r.numpy().astype(np.float64)
+    v_ref = ref["vectors"]
     v = v_full.astype(np.float64)
     size = len(ranks)
     s = -(-N // size)
     start = ranks.index(comm.rank) * s
     checks = {
-        "status": res.status == "ok" == ref.status and res.num_steps == M,
-        "T rel 1e-10": _max_rel(res.tridiagonal.numpy(), ref.tridiagonal.numpy()) <= 1e-10,
+        "status": res.status == "ok" == ref["status"] and res.num_steps == M,
+        "T rel 1e-10": _max_rel(res.tridiagonal.numpy(), ref["tridiagonal"]) <= 1e-10,
         "compiled T = eager T (1e-10)": eager.status == "ok" and np.abs(
             res.tridiagonal.numpy() - eager.tridiagonal.numpy()).max() <= 1e-10,
         "compiled basis = eager basis (1e-10)": np.abs(
@@ -159,15 +176,15 @@ def check_group(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> l
             np.linalg.eigvalsh(rep32.tridiagonal.numpy())[-K:],
             np.linalg.eigvalsh(res.tridiagonal.numpy())[-K:]) <= 1e-5,
         "Ritz values (fp64) rel 1e-8": _max_rel(np.linalg.eigvalsh(res.tridiagonal.numpy()),
-                                               np.linalg.eigvalsh(ref.tridiagonal.numpy()))
+                                               np.linalg.eigvalsh(ref["tridiagonal"]))
         <= 1e-8,
         "lambda vs eigh(mean) rel 1e-6": np.allclose(est.eigenvalues.numpy(), true_extremes,
                                                      rtol=1e-6, atol=0),
         "lambda vs single-process rel 1e-6": np.allclose(est.eigenvalues.numpy(),
-                                                         ref_est.eigenvalues.numpy(),
+                                                         ref["eigenvalues"],
                                                          rtol=1e-6, atol=0),
         "basis shard = reference columns": np.allclose(
-            q_r, np.pad(ref.basis_r.numpy(), ((0, 0), (0, size * s - N)))[:, start:start + s],
+            q_r, np.pad(ref["basis"], ((0, 0), (0, size * s - N)))[:, start:start + s],
             rtol=0, atol=1e-8),
         "QQ^T = I (1e-10)": np.abs(qqt - np.eye(M)).max() <= 1e-10,
         "VV^T = I (1e-6)": np.abs(v @ v.T - np.eye(K + ELL)).max() <= 1e-6,
@@ -177,7 +194,7 @@ def check_group(comm: HorovodComm, ranks: list[int], process_set, tag: str) -> l
         "T bitwise equal on ranks": bool(np.all(every_t == every_t[0])),
         "fp32 HVP lambda rel 1e-5": res32.status == "ok" and np.allclose(
             est32.eigenvalues.numpy(), true_extremes, rtol=1e-5, atol=0),
-        **check_warm(comm, ranks, process_set, tag),
+        **check_warm(comm, ranks, process_set, tag, references),
     }
     return [f"{tag} rank {comm.rank}: {key}" for key, passed in checks.items() if not passed]
 
@@ -188,13 +205,21 @@ def main() -> int:
     comm = HorovodComm(process_sets=sets)
     if comm.size < 2:
         raise RuntimeError("Run under horovodrun with -np 2 or more.")
-    failures = check_group(comm, list(range(comm.size)), None, "all")
+    # Each group's single-process references are computed by the group's first rank (rank 0
+    # for all ranks, rank 1 for the set {1, 2}: side by side) and broadcast to every rank.
+    groups = [("all", list(range(comm.size)))] + ([("set12", sets[0])] if sets else [])
+    mine = {tag: single_process_references(ranks) for tag, ranks in groups
+            if comm.rank == ranks[0]}
+    references = {tag: comm.broadcast_object(mine.get(tag), ranks[0],
+                                             name=f"dho2/test/{tag}/references")
+                  for tag, ranks in groups}
+    failures = check_group(comm, list(range(comm.size)), None, "all", references["all"])
     checked = ["all ranks"]
     if sets:
         group = comm.group(sets[0])
         checked.append(f"process set {sets[0]}")
         if group.includes(comm.rank):
-            failures += check_group(comm, sets[0], group, "set12")
+            failures += check_group(comm, sets[0], group, "set12", references["set12"])
     every = [f for rank_failures in comm.allgather_object(failures, name="dho2/test/failures")
              for f in rank_failures]
     comm.barrier("dho2/test/barrier")

@@ -25,11 +25,11 @@ class DHO2FitTest(helpers.HorovodTestCase):
                        loss=SCCE, metrics=["accuracy"])
         self.assertFalse(pmodel._should_average())  # DHO2 averages the gradients itself
         refresh = CurvatureRefresh(batch=(x_r[:64], y_r[:64]))
-        history = pmodel.fit(x_r, y_r, epochs=3, verbose=0, validation_data=(x, y),
+        history = pmodel.fit(x_r, y_r, epochs=2, verbose=0, validation_data=(x, y),
                              callbacks=[refresh])
-        self.assertEqual(len(history.history["val_loss"]), 3)
+        self.assertEqual(len(history.history["val_loss"]), 2)
         self.assertLess(history.history["val_loss"][-1], history.history["val_loss"][0])
-        self.assertGreaterEqual(len(refresh.refreshes), 10)  # 60 steps, every 5 after warm-up
+        self.assertGreaterEqual(len(refresh.refreshes), 8)  # 40 steps, every 5 after warm-up
         self.assert_replicas_equal(pmodel.model)
 
 

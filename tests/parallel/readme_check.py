@@ -38,6 +38,7 @@ import dho2_tf  # noqa: E402
 from dho2_tf.callbacks import BroadcastInitialState  # noqa: E402
 from dho2_tf.distributed.comm import HorovodComm, default_comm  # noqa: E402
 from dho2_tf.distributed.pipeline import pipeline_process_sets  # noqa: E402
+from tests.helpers.mnist1d_once import generate_mnist1d_once  # noqa: E402
 
 README_DHO2 = 'dho2_tf.DHO2(learning_rate=0.1, base="momentum")'
 LOOP_OPTIONS = "k=4, refresh_every=20, warmup=10, tau=4"
@@ -133,32 +134,6 @@ def unbroadcast_check(keras: str, comm) -> None:
         message = str(err)
     print("RESULT " + json.dumps({"check": "unbroadcast", "rank": comm.rank,
                                   "message": message}), flush=True)
-
-
-def generate_mnist1d_once() -> None:
-    """Make ``dho2_tf.training.data.load_mnist1d`` generate each dataset once per process.
-
-    The README code calls ``load_mnist1d()`` in every check (eight times on two ranks), and the
-    same arguments give identical arrays; every call after the first returns the first call's
-    dataset, its arrays read-only (so no check can change another's data unnoticed).
-    """
-    import functools
-
-    import dho2_tf.training.data as data_module
-
-    generate, made = data_module.load_mnist1d, {}
-
-    @functools.wraps(generate)
-    def load_mnist1d(*args, **kwargs):
-        key = (args, tuple(sorted(kwargs.items())))
-        if key not in made:
-            made[key] = generate(*args, **kwargs)
-            for array in (made[key].x_train, made[key].y_train, made[key].x_test,
-                          made[key].y_test):
-                array.setflags(write=False)
-        return made[key]
-
-    data_module.load_mnist1d = load_mnist1d
 
 
 def main() -> None:

@@ -22,6 +22,9 @@ from dho2_tf.training.checkpointing import CheckpointError
 from dho2_tf.training.experiment import TrainConfig, train
 from tests.helpers.jobs import job
 
+#: Its ``train`` runs load the same MNIST-1D datasets: each is generated once per module.
+pytestmark = pytest.mark.usefixtures("mnist1d_once")
+
 TINY = {"num_samples": 500, "epochs": 1, "batch_size": 50, "verbose": 0,
         "optimizer": "adam", "learning_rate": 1e-3, "schedule": "constant"}
 DHO2_TINY = {"num_samples": 500, "batch_size": 50, "verbose": 0, "optimizer": "dho2",

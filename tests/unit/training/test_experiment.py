@@ -13,6 +13,9 @@ from dho2_tf.training.data import cifar_augment
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.training.experiment import TrainConfig, coerce, load_config_file, load_data, train
 
+#: Its ``train`` runs load the same MNIST-1D datasets: each is generated once per module.
+pytestmark = pytest.mark.usefixtures("mnist1d_once")
+
 TINY = {"num_samples": 500, "epochs": 1, "batch_size": 50, "verbose": 0}
 
 
