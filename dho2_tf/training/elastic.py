@@ -197,7 +197,6 @@ class ElasticTrainer:
         data_position.curvature_rows(len(self.x_train), config.curvature_batch, config.seed)
         self.loss = per_example_loss or tf.keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="none")
-        self.optimizer: DHO2 | None = None
         self.loop: TrainingLoop | None = None
         self._step_fn: Callable[..., tf.Tensor] | None = None
 
@@ -205,7 +204,7 @@ class ElasticTrainer:
         """Reset callback: re-read rank and size and drop what depended on the old world."""
         if isinstance(self.comm, HorovodComm):
             self.comm.refresh()
-        self.optimizer, self.loop, self._step_fn = None, None, None
+        self.loop, self._step_fn = None, None
         if self.comm.is_root:
             logger.info("elastic reset: rank=%d size=%d", self.comm.rank, self.comm.size)
 
@@ -253,7 +252,12 @@ class ElasticTrainer:
         if loop.iterations != step:
             raise RuntimeError(f"Committed optimizer state is at step {loop.iterations} but "
                                f"the committed step is {step}.")
-        self.optimizer, self.loop, self._step_fn = opt, loop, self._trace_step(opt)
+        self.loop, self._step_fn = loop, self._trace_step(opt)
+
+    @property
+    def optimizer(self) -> DHO2 | None:
+        """The DHO2 of the current world size (the loop's), ``None`` before a rebuild."""
+        return self.loop.optimizer if self.loop is not None else None
 
     def _trace_step(self, opt: DHO2) -> Callable[..., tf.Tensor]:
         model, comm = self.model, self.comm
