@@ -242,7 +242,8 @@ def run_one(name: str, task: dict[str, Any], method: str, lr: float, seed: int,
     stop = {} if not (from_base and finite) else (
         {"target_loss": target} if loss_task else {"target_accuracy": target})
     fields = {key: value for key, value in task.items() if key != "accuracy_from_base"}
-    config = TrainConfig(**{**fields, **stop}, **settings, learning_rate=lr, seed=seed)
+    config = TrainConfig.from_dict({**fields, **stop, **settings, "learning_rate": lr,
+                                    "seed": seed})
     try:
         result = train(config)
     except tf.errors.InvalidArgumentError as err:
@@ -694,8 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     # Read before any result file is written (that would mark the tree dirty).
     meta = common.run_metadata(typed, launcher=common.horovod_launcher()) if comm.is_root else {}
     started, load_start = time.perf_counter(), os.getloadavg()
-    train(TrainConfig(**{**task_settings("mlp_mnist1d", True), "epochs": 1,
-                         "optimizer": "adam", "learning_rate": 1e-3}))  # warm TensorFlow up
+    train(TrainConfig.from_dict({**task_settings("mlp_mnist1d", True), "epochs": 1,
+                                 "optimizer": "adam", "learning_rate": 1e-3}))  # warm TensorFlow up
     results = {name: run_task(name, args, comm) for name in args.tasks}
     wall = time.perf_counter() - started
     if comm.is_root:

@@ -1,7 +1,9 @@
 """Train a model with DHO2 or a data-parallel baseline; run with python or horovodrun.
 
-Every field of ``dho2_tf.training.experiment.TrainConfig`` is a flag. ``--config file.yaml|json`` reads
-the same keys from a file; flags given on the command line override the file.
+Every field of ``dho2_tf.training.experiment.TrainConfig`` is a flag, and so is every DHO2
+argument of its ``dho2`` section (``--k``, ``--refresh-every``, ``--eigenvalue-damping``, ...).
+``--config file.yaml|json`` reads the same keys from a file (DHO2's nested under ``dho2:`` or at
+the top level); flags given on the command line override the file.
 
 Examples::
 
@@ -28,11 +30,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dho2_tf.training.experiment import (  # noqa: E402
-    TrainConfig,
-    coerce,
-    load_config_file,
-)
+from dho2_tf.training.config_values import coerce, load_config_file  # noqa: E402
+from dho2_tf.training.dho2_arguments import SECTION_KEY, DHO2Arguments  # noqa: E402
+from dho2_tf.training.experiment import TrainConfig  # noqa: E402
 
 LAUNCHERS = ("horovodrun", "ray")
 LAUNCH_KEYS = ("launcher", "num_workers", "ray_address", "recover_from")
@@ -47,26 +47,15 @@ HELP = {
     "num_samples": "MNIST-1D samples to generate, or the balanced mnist5k subset size (<= "
                    "5000); 80%% train / 20%% test",
     "optimizer": "dho2, or a Horovod data-parallel baseline: adam, sgd, momentum",
-    "base": "DHO2's base optimizer: sgd, momentum, nesterov, adam",
-    "mode": "DHO2 distribution mode (auto, replicated, sharded, faithful, pipelined, admm)",
     "learning_rate": "peak (base) learning rate",
     "schedule": "learning-rate schedule over the run: constant or cosine",
     "epochs": "maximum number of epochs",
     "batch_size": "per-rank batch size; the global batch is ranks x batch size",
     "weight_decay": "L2 coefficient added to the loss",
     "momentum": "momentum of the momentum/nesterov base and of the momentum baseline",
-    "k": "DHO2: number of largest Hessian eigenpairs",
-    "ell": "DHO2: number of smallest Hessian eigenpairs",
-    "alpha": "DHO2: Newton step size",
-    "refresh_every": "DHO2: curvature refresh interval in steps",
     "refresh_every_epochs": "DHO2: curvature refresh interval in epochs (overrides "
                             "--refresh-every)",
-    "warmup": "DHO2: steps before the first curvature refresh (None: --refresh-every)",
-    "lanczos_order": "DHO2: Lanczos iterations (default 4(k+ell))",
-    "c_max": "DHO2: clip of the base learning-rate scale (default 1 for adam, else 3)",
     "curvature_batch": "DHO2: global curvature batch size, split across ranks",
-    "dho2_options": "DHO2: any other constructor argument as KEY=VALUE (repeatable; VALUE is "
-                    "parsed as YAML), e.g. --dho2-option eigenvalue_damping=5e-9",
     "seed": "seed of weights, data order and Lanczos start vectors",
     "target_accuracy": "stop as soon as the test accuracy reaches this value (0-1)",
     "target_loss": "stop as soon as the full training-set loss (evaluated after each epoch, "
@@ -92,6 +81,43 @@ HELP = {
                            "learning_rate,epochs (any other change is refused)",
     "verbose": "Keras verbosity on rank 0: 0 silent, 1 progress bar, 2 one line per epoch",
 }
+# DHO2's arguments (the `dho2` section); the full meaning of each is in dho2_tf.DHO2's docstring.
+DHO2_HELP = {
+    "base": "base optimizer: sgd, momentum, nesterov, adam",
+    "k": "number of largest Hessian eigenpairs",
+    "ell": "number of smallest Hessian eigenpairs",
+    "alpha": "Newton step size",
+    "c_max": "clip (>= 1) of the base learning-rate scale c",
+    "lanczos_order": "Lanczos iterations (none: 4(k+ell))",
+    "lanczos_dtype": "dtype of the Lanczos basis: float32, float64 (none: the model's)",
+    "hvp_method": "Hessian-vector products: forward-over-reverse or reverse-over-reverse",
+    "refresh_method": "warm (warm-started block refresh) or lanczos (from a random vector)",
+    "warm_extra": "random directions added to a warm refresh's start block",
+    "block_hvp": "a block of HVPs as a map loop or vectorized",
+    "refresh_every": "curvature refresh interval in steps",
+    "warmup": "steps before the first curvature refresh (none: --refresh-every)",
+    "max_refresh_every": "adaptive refresh schedule: the longest interval (none: fixed "
+                         "schedule)",
+    "staleness_tol": "adaptive schedule: staleness of the pairs that triggers a refresh",
+    "eigenvalue_damping": "added to each eigenvalue before inverting it",
+    "beta_1": "Adam base: beta_1",
+    "beta_2": "Adam base: beta_2",
+    "epsilon": "Adam base: epsilon",
+    "mode": "distribution mode: auto, replicated, sharded, faithful, pipelined, admm",
+    "window_rule": "faithful mode: extrapolate or none (none: the mode's default)",
+    "window_sigma": "window rule's gradient offset",
+    "curvature_ranks": "pipelined mode: number of curvature ranks (the last ranks)",
+    "update_ranks": "pipelined mode: number of update ranks (none: the others)",
+    "delivery_delay": "pipelined mode: steps from a refresh trigger to its delivery (none: "
+                      "half of --refresh-every)",
+    "rho": "admm mode: penalty rho",
+    "tau": "admm mode: local steps per consensus round",
+    "x_restart": "admm mode: after a round keep x or restart from z",
+    "nonfinite": "a step with a non-finite gradient or update: skip or raise",
+    "max_consecutive_skips": "consecutive skipped steps before training stops",
+    "memory_budget": "mode auto: bytes of replicated state per rank",
+    "guard": "trip ratio (> 1) of the divergence guard; 0 turns it off",
+}
 
 
 def _converter(name: str, annotation: str) -> Callable[[str], Any]:
@@ -116,16 +142,26 @@ def _dho2_option(text: str) -> tuple[str, Any]:
 _dho2_option.__name__ = "KEY=VALUE"
 
 
+def _add_flag(parser: Any, name: str, annotation: str, text: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    if annotation == "bool":
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text)
+    else:
+        parser.add_argument(flag, dest=name, type=_converter(name, annotation),
+                            metavar=name.upper(), help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The flags: ``--config`` plus one per :class:`TrainConfig` field (defaults suppressed)."""
+    """The flags: ``--config``, one per :class:`TrainConfig` field and one per DHO2 argument
+    (defaults suppressed)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-        epilog="Defaults are TrainConfig's, whose DHO2 fields (base, learning rate, k, alpha, "
-               "refresh interval, ...) are dho2_tf.DHO2's own defaults; a --config file "
-               "overrides them and flags override the file. Unknown keys in the file are an "
-               "error.")
+        epilog="Defaults are TrainConfig's; DHO2's arguments default to dho2_tf.DHO2's own "
+               "defaults. A --config file overrides them and flags override the file. Unknown "
+               "keys in the file are an error.")
     parser.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or JSON file of "
-                        "TrainConfig keys (dashes or underscores)")
+                        "TrainConfig keys (dashes or underscores); DHO2's arguments under "
+                        "dho2: or at the top level")
     launch = parser.add_argument_group("launcher (not TrainConfig fields)")
     launch.add_argument("--launcher", choices=LAUNCHERS, help="horovodrun (default): this "
                         "process is one rank (start it with horovodrun or plain python); ray: "
@@ -138,19 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "--checkpoint-dir from its complete checkpoint folder FOLDER (e.g. "
                         "after checkpoint.json was lost) and exit; then run with --resume")
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        annotation = str(field.type)
-        default = field.default if field.default is not dataclasses.MISSING else {}
-        text = f"{HELP[field.name]} (default: {default})"
-        if field.name == "dho2_options":
-            parser.add_argument("--dho2-option", dest="dho2_options", action="append",
-                                type=_dho2_option, metavar="KEY=VALUE", help=text)
-        elif annotation == "bool":
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                                help=text)
-        else:
-            parser.add_argument(flag, dest=field.name, type=_converter(field.name, annotation),
-                                metavar=field.name.upper(), help=text)
+        if field.name != SECTION_KEY:
+            _add_flag(parser, field.name, str(field.type),
+                      f"{HELP[field.name]} (default: {field.default})")
+    dho2 = parser.add_argument_group("DHO2 (the dho2 section; see dho2_tf.DHO2)")
+    for field in dataclasses.fields(DHO2Arguments):
+        _add_flag(dho2, field.name, str(field.type),
+                  f"{DHO2_HELP[field.name]} (default: {field.default})")
+    dho2.add_argument("--dho2-option", dest="dho2_options", action="append",
+                      type=_dho2_option, metavar="KEY=VALUE", help="a DHO2 argument as "
+                      "KEY=VALUE (VALUE parsed as YAML; repeatable), the older spelling of "
+                      "its own flag, e.g. --dho2-option eigenvalue_damping=5e-9")
     return parser
 
 
@@ -163,13 +197,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(parser.parse_args(argv))
     for key in LAUNCH_KEYS:
         args.pop(key, None)
+    if "dho2_options" in args:
+        args["dho2_options"] = dict(args["dho2_options"])
     try:
         values = load_config_file(args.pop("config")) if "config" in args else {}
         config = TrainConfig.from_dict(values, source="the config file")
-        for key, value in args.items():
-            if key == "dho2_options":
-                value = {**config.dho2_options, **dict(value)}
-            setattr(config, key, value)
+        config = TrainConfig.from_dict(args, source="the command line", start=config)
         config.validate()
     except ValueError as err:
         parser.error(str(err))
@@ -251,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if is_root:
         ttt = "none" if result.time_to_target is None else f"{result.time_to_target:.1f}"
-        print(f"RESULT optimizer={config.optimizer} mode={result.mode or config.mode} "
+        print(f"RESULT optimizer={config.optimizer} mode={result.mode or config.dho2.mode} "
               f"model={config.model} "
               f"dataset={config.dataset} ranks={result.ranks} "
               f"epochs={result.initial_epoch + len(result.history)} "

@@ -1,4 +1,4 @@
-"""One training run from a flat configuration: what ``jobs/train.py`` and the benchmarks call.
+"""One training run from its configuration: what ``jobs/train.py`` and the benchmarks call.
 
 The run builds the dataset (sharded by rank), the model, the optimizer (DHO2 or a Horovod
 data-parallel Keras baseline) and the callbacks, trains with ``model.fit`` and returns the
@@ -6,7 +6,8 @@ history of test accuracy and full training-set loss against training wall time. 
 objective (``models.objective``) says what it is trained on: classifiers on the labels with
 softmax cross-entropy, the autoencoder on its own inputs with sigmoid cross-entropy. Logs and
 the progress bar appear on rank 0 only. Configurations come from code, from flags or from a
-YAML/JSON file (:func:`load_config_file`, :meth:`TrainConfig.from_dict`).
+YAML/JSON file (:func:`~dho2_tf.training.config_values.load_config_file`,
+:meth:`TrainConfig.from_dict`).
 
 Before the first training collective the ranks compare the run's fingerprint
 (:func:`run_fingerprint`: every configuration field that must agree, samples per rank, steps per
@@ -19,8 +20,6 @@ change the training (:func:`check_resume_compatible`) unless ``allow_config_chan
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
 import logging
 import os
 import time
@@ -34,6 +33,9 @@ from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaS
 from dho2_tf.consistency import (RunConsistencyError, build_fingerprint, check_run_consistency,
                                  describe_ranks)
 from dho2_tf.training.checkpoint_lock import acquire_lock, release_lock
+from dho2_tf.training.config_values import coerce
+from dho2_tf.training.dho2_arguments import (ARGUMENT_NAMES, DHO2_DEFAULTS, SECTION_KEY,
+                                             DHO2Arguments, split_section, upgrade_run_record)
 from dho2_tf.training.checkpointing import (CheckpointError, CheckpointInfo, EpochCheckpoint,
                                             check_checkpoint_dir, clean_pending,
                                             config_changes, read_checkpoints)
@@ -60,27 +62,19 @@ RESUME_FREE_FIELDS = RANK_LOCAL_FIELDS + ("checkpoint_dir", "resume", "overwrite
                                           "allow_config_change", "target_accuracy",
                                           "target_loss", "keep_checkpoints",
                                           "max_skipped_fraction", "resume_from")
-# DHO2 constructor arguments that are TrainConfig fields: set with their own flag, never in
-# ``dho2_options`` (both at once would silently use one of them).
-DHO2_FIELDS = ("base", "k", "ell", "alpha", "c_max", "lanczos_order", "refresh_every", "warmup",
-               "momentum", "mode", "seed", "learning_rate")
 # Per-rank layout: a resume on another number of ranks compares the global batch instead.
 LAYOUT_KEYS = ("ranks", "batch_size", "samples_per_rank")
-
-
-def dho2_defaults() -> dict[str, Any]:
-    """Every keyword argument of :class:`dho2_tf.DHO2` with its default: the one set of
-    defaults :class:`TrainConfig` (hence ``jobs/train.py``) uses for DHO2's fields."""
-    return {name: p.default for name, p in inspect.signature(DHO2.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-
-
-DHO2_DEFAULTS = dho2_defaults()
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs; field names are the CLI flags of ``jobs/train.py``.
+
+    DHO2's arguments form one section, ``dho2`` (:class:`DHO2Arguments`), with DHO2's own
+    defaults; each is also a flag of ``jobs/train.py`` (``--k``, ``--eigenvalue-damping``) and a
+    key of a config file, nested under ``dho2:`` or at the top level. ``learning_rate``,
+    ``momentum`` and ``seed``, which DHO2 takes too, are fields of the run, defaulting to
+    DHO2's defaults (they also set the baselines and the data order).
 
     Attributes:
         model: registry name (``models.available()``).
@@ -92,8 +86,6 @@ class TrainConfig:
         num_samples: MNIST-1D samples to generate, or the size of the balanced ``mnist5k``
             subset (at most 5000); 80% train.
         optimizer: ``dho2`` or a data-parallel baseline: ``adam``, ``sgd``, ``momentum``.
-        base: DHO2's base optimizer.
-        mode: DHO2's distribution mode (``dho2_tf.modes.MODE_CHOICES``; default ``auto``).
         learning_rate: peak (base) learning rate.
         schedule: ``constant`` or ``cosine`` decay over the whole run.
         epochs: maximum number of epochs.
@@ -102,15 +94,13 @@ class TrainConfig:
             any number of ranks with the same B).
         weight_decay: L2 coefficient put into the model's loss.
         momentum: momentum of ``momentum``/``nesterov`` (DHO2 base and baseline).
-        k, ell, alpha, refresh_every, warmup, lanczos_order, c_max: DHO2 hyper-parameters.
-            These, ``base``, ``mode``, ``learning_rate`` and ``momentum`` default to DHO2's own
-            defaults (:data:`DHO2_DEFAULTS`, read from its signature), so ``jobs/train.py`` and
-            ``DHO2()`` have one set of defaults; ``warmup=None`` means ``refresh_every``.
-        refresh_every_epochs: DHO2 refresh interval in epochs; overrides ``refresh_every``.
+        dho2: DHO2's arguments (base rule, k, ℓ, α, refresh interval, mode, ...), as
+            :class:`dho2_tf.DHO2` takes them; ``warmup=None`` means ``refresh_every``.
+        refresh_every_epochs: DHO2 refresh interval in epochs; overrides
+            ``dho2.refresh_every``.
         curvature_batch: global curvature-batch size (at most the training rows): the same
             rows for any number of ranks, split across them
             (:func:`~dho2_tf.callbacks.curvature_batch_from_arrays` with ``seed``).
-        dho2_options: further ``DHO2`` keyword arguments (e.g. ``eigenvalue_damping``).
         seed: seed of weights, data order (batches, curvature batch, prioritized shards) and
             Lanczos.
         target_accuracy: stop at this test accuracy (models with an accuracy metric).
@@ -133,7 +123,8 @@ class TrainConfig:
         overwrite: start afresh and replace the checkpoint in ``checkpoint_dir`` (the old one
             is deleted only once the first new one is committed).
         allow_config_change: comma-separated keys a resume may change deliberately (e.g.
-            ``learning_rate,epochs``); any other change from the checkpoint's run is refused.
+            ``learning_rate,epochs``; a DHO2 argument bare or as ``dho2.<name>``); any other
+            change from the checkpoint's run is refused.
         verbose: Keras verbosity on rank 0 (0, 1 progress bar, 2 one line per epoch).
     """
 
@@ -142,25 +133,16 @@ class TrainConfig:
     data_dir: str | None = None
     num_samples: int = 5000
     optimizer: str = "dho2"
-    base: str = DHO2_DEFAULTS["base"]
-    mode: str = DHO2_DEFAULTS["mode"]
     learning_rate: float = DHO2_DEFAULTS["learning_rate"]
     schedule: str = "cosine"
     epochs: int = 60
     batch_size: int = 50
     weight_decay: float = 3e-4
     momentum: float = DHO2_DEFAULTS["momentum"]
-    k: int = DHO2_DEFAULTS["k"]
-    ell: int = DHO2_DEFAULTS["ell"]
-    alpha: float = DHO2_DEFAULTS["alpha"]
-    refresh_every: int = DHO2_DEFAULTS["refresh_every"]
+    dho2: DHO2Arguments = dataclasses.field(default_factory=DHO2Arguments)
     refresh_every_epochs: int | None = None
-    warmup: int | None = DHO2_DEFAULTS["warmup"]
-    lanczos_order: int | None = DHO2_DEFAULTS["lanczos_order"]
-    c_max: float | None = DHO2_DEFAULTS["c_max"]
     curvature_batch: int = 500
-    dho2_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    seed: int = 0
+    seed: int = DHO2_DEFAULTS["seed"]
     target_accuracy: float | None = None
     target_loss: float | None = None
     prioritized: bool = False
@@ -182,22 +164,30 @@ class TrainConfig:
         return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        """A config from a mapping of field names (``-`` or ``_``) to values, types coerced.
+    def from_dict(cls, values: dict[str, Any], source: str = "config",
+                  start: "TrainConfig | None" = None) -> "TrainConfig":
+        """A config from a mapping of keys (``-`` or ``_``) to values, types coerced.
+
+        DHO2's arguments may sit in a nested ``dho2`` mapping, at the top level or in the older
+        ``dho2_options`` mapping (:func:`~dho2_tf.training.dho2_arguments.split_section`).
+        Keys not in ``values`` keep their value in ``start`` (default: the defaults).
 
         Raises:
-            ValueError: on an unknown key (the message lists the valid ones) or a value that
-                does not convert to the field's type.
+            ValueError: on an unknown key (the message lists the valid ones), a DHO2 argument
+                set twice, or a value that does not convert to the field's type.
         """
-        types = cls.field_types()
+        start = cls() if start is None else start
+        rest, arguments = split_section(values, source)
+        types = {name: annotation for name, annotation in cls.field_types().items()
+                 if name != SECTION_KEY}
         out: dict[str, Any] = {}
-        for raw_key, value in values.items():
-            key = str(raw_key).replace("-", "_")
+        for key, value in rest.items():
             if key not in types:
-                raise ValueError(f"Unknown key {raw_key!r} in {source}. Valid keys: "
-                                 f"{', '.join(sorted(types))}")
+                raise ValueError(f"Unknown key {key!r} in {source}. Valid keys: "
+                                 f"{', '.join(sorted(types))}, DHO2's arguments "
+                                 f"({', '.join(ARGUMENT_NAMES)}) and a `dho2` mapping of them")
             out[key] = coerce(key, types[key], value)
-        return cls(**out)
+        return dataclasses.replace(start, **out, dho2=start.dho2.updated(arguments, source))
 
     def validate(self) -> None:
         """Raise ValueError on any bad field, before data is loaded or a collective runs."""
@@ -229,12 +219,6 @@ class TrainConfig:
         if self.resume_from is not None and not self.resume:
             raise ValueError("`resume_from` names the checkpoint a resume continues; set "
                              f"`resume`. Received: resume_from={self.resume_from!r}")
-        repeated = [key for key in self.dho2_options if key in DHO2_FIELDS]
-        if repeated:
-            raise ValueError("`dho2_options` repeats top-level setting(s): " + ", ".join(
-                f"dho2_options {key}={self.dho2_options[key]!r} and --{key.replace('_', '-')} "
-                f"({key}={getattr(self, key)!r})" for key in repeated)
-                + ". Set each once, with its own flag.")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("`resume` needs `checkpoint_dir`. Received: resume=True, "
                              "checkpoint_dir=None")
@@ -248,11 +232,11 @@ class TrainConfig:
         if self.prioritized:
             make_sampler(self)  # validates k and r
         if self.optimizer == "dho2":
-            mode = mode_class(self.mode)
+            mode = mode_class(self.dho2.mode)
             for name, supported in (("checkpoint_dir", mode.checkpointable),
                                     ("prioritized", mode.all_ranks_train)):
                 if getattr(self, name) and not supported:
-                    raise ValueError(f"`{name}` is not supported with mode={self.mode!r} (the "
+                    raise ValueError(f"`{name}` is not supported with mode={self.dho2.mode!r} (the "
                                      f"curvature ranks do not train). Received: "
                                      f"{name}={getattr(self, name)!r}")
         if self.optimizer == "dho2":
@@ -279,85 +263,14 @@ class TrainConfig:
 
     def make_dho2(self, learning_rate: Any, comm: Communicator | None,
                   steps_per_epoch: int | None = None) -> DHO2:
-        """The DHO2 optimizer this configuration describes."""
-        refresh_every, warmup = self.refresh_every, self.warmup
+        """The DHO2 optimizer this configuration describes: ``DHO2(learning_rate, momentum,
+        seed, comm, **dho2)``, with ``refresh_every`` from ``refresh_every_epochs`` when both
+        it and ``steps_per_epoch`` are given."""
+        arguments = self.dho2.keywords()
         if self.refresh_every_epochs is not None and steps_per_epoch is not None:
-            refresh_every = self.refresh_every_epochs * steps_per_epoch
-        options = {"base": self.base, "k": self.k, "ell": self.ell, "alpha": self.alpha,
-                   "c_max": self.c_max, "lanczos_order": self.lanczos_order,
-                   "refresh_every": refresh_every, "warmup": warmup, "momentum": self.momentum,
-                   "mode": self.mode, "seed": self.seed, **self.dho2_options}
-        try:
-            return DHO2(learning_rate=learning_rate, comm=comm, **options)
-        except TypeError as err:
-            raise ValueError(f"`dho2_options` has an argument DHO2 does not take: {err}. "
-                             f"Received: dho2_options={self.dho2_options!r}") from None
-
-
-def coerce(name: str, annotation: str, value: Any) -> Any:
-    """``value`` converted to the type named by ``annotation`` (as in :class:`TrainConfig`).
-
-    Raises:
-        ValueError: naming the key and the value when the conversion fails.
-    """
-    if value is None and "None" in annotation:
-        return None
-    kind = annotation.split("|")[0].split("[")[0].strip()
-    try:
-        if kind == "bool":
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if kind == "dict":
-            if not isinstance(value, dict):
-                raise TypeError
-            return dict(value)
-        if not isinstance(value, str):
-            raise TypeError
-        return value
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be of type {annotation}. "
-                         f"Received: {name}={value!r}") from None
-
-
-def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The mapping stored in a ``.yaml``/``.yml`` or ``.json`` file.
-
-    Raises:
-        ValueError: on another extension, a parse error or a file that is not a mapping.
-    """
-    path = os.fspath(path)
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".yaml", ".yml", ".json"):
-        raise ValueError(f"`config` must be a .yaml, .yml or .json file. Received: config={path!r}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            if ext == ".json":
-                values = json.load(handle)
-            else:
-                import yaml
-
-                values = yaml.safe_load(handle)
-    except OSError as err:
-        raise ValueError(f"Cannot read config file {path!r}: {err.strerror}") from None
-    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
-        raise ValueError(f"Cannot parse config file {path!r}: {err}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ValueError(f"Config file {path!r} must hold a mapping of keys to values. "
-                         f"Received: {type(values).__name__}")
-    return values
+            arguments["refresh_every"] = self.refresh_every_epochs * steps_per_epoch
+        return DHO2(learning_rate=learning_rate, momentum=self.momentum, seed=self.seed,
+                    comm=comm, **arguments)
 
 
 @dataclasses.dataclass
@@ -433,9 +346,8 @@ def pipeline_groups(config: TrainConfig, world_size: int) -> Any:
     ``None`` when every rank trains."""
     if config.optimizer != "dho2":
         return None
-    options = config.dho2_options
-    return mode_class(config.mode).rank_groups(world_size, options.get("curvature_ranks", 1),
-                                               options.get("update_ranks"))
+    dho2 = config.dho2
+    return mode_class(dho2.mode).rank_groups(world_size, dho2.curvature_ranks, dho2.update_ranks)
 
 
 def make_comm(config: TrainConfig) -> Communicator:
@@ -447,11 +359,10 @@ def make_comm(config: TrainConfig) -> Communicator:
     """
     if config.optimizer != "dho2":
         return default_comm(requested_by={"optimizer": config.optimizer})
-    options = config.dho2_options
-    curvature_ranks, update_ranks = options.get("curvature_ranks", 1), options.get("update_ranks")
+    curvature_ranks, update_ranks = config.dho2.curvature_ranks, config.dho2.update_ranks
     return default_comm(
-        process_sets=mode_class(config.mode).process_sets_for(curvature_ranks, update_ranks),
-        requested_by={"optimizer": config.optimizer, "mode": config.mode,
+        process_sets=mode_class(config.dho2.mode).process_sets_for(curvature_ranks, update_ranks),
+        requested_by={"optimizer": config.optimizer, "mode": config.dho2.mode,
                       "curvature_ranks": curvature_ranks, "update_ranks": update_ranks})
 
 
@@ -623,8 +534,8 @@ def run_fingerprint(config: TrainConfig, comm: Communicator, model: tf.keras.Mod
                     training_ranks: int, data_hash: str | None = None) -> dict[str, Any]:
     """Everything the ranks of a run must agree on, as a flat JSON-serialisable mapping.
 
-    Keys: every :class:`TrainConfig` field but :data:`RANK_LOCAL_FIELDS` (``dho2_options``
-    flattened to ``dho2_options.<name>``), ``ranks``, ``training_examples``,
+    Keys: every :class:`TrainConfig` field but :data:`RANK_LOCAL_FIELDS` (the DHO2 section
+    flattened to ``dho2.<name>``, one key per DHO2 argument), ``ranks``, ``training_examples``,
     ``global_batch`` (= training ranks × ``batch_size``), ``num_trainable_variables`` and
     ``variable[i]`` (shape and dtype), plus ``samples_per_rank`` and ``steps_per_epoch``
     when every rank trains (pipelined curvature ranks hold another share), and
@@ -638,6 +549,13 @@ def run_fingerprint(config: TrainConfig, comm: Communicator, model: tf.keras.Mod
         facts.update({"samples_per_rank": int(samples_per_rank),
                       "steps_per_epoch": int(steps_per_epoch)})
     return build_fingerprint(values, facts, model.trainable_variables, data_hash)
+
+
+def allowed_change_key(key: str) -> str:
+    """The fingerprint key ``--allow-config-change`` means by ``key``: a DHO2 argument may be
+    named bare (``refresh_every``) or as ``dho2.refresh_every``."""
+    key = key.replace("-", "_")
+    return f"{SECTION_KEY}.{key}" if key in ARGUMENT_NAMES else key
 
 
 def check_resume_compatible(info: CheckpointInfo, fingerprint: dict[str, Any],
@@ -661,6 +579,7 @@ def check_resume_compatible(info: CheckpointInfo, fingerprint: dict[str, Any],
                            "older version): configuration changes cannot be checked.",
                            config.checkpoint_dir)
         return
+    info = dataclasses.replace(info, run=upgrade_run_record(info.run))
     ignore = RESUME_FREE_FIELDS + LAYOUT_KEYS
     known = (set(info.run) | set(fingerprint)) - set(ignore)
     if config.schedule == "constant" and info.run.get("schedule") == "constant":
@@ -668,7 +587,8 @@ def check_resume_compatible(info: CheckpointInfo, fingerprint: dict[str, Any],
     if "training_data" not in info.run:   # written before the data's content was recorded
         ignore += ("training_data",)
     changes = config_changes(info.run, fingerprint, ignore)
-    allowed = [k.strip() for k in (config.allow_config_change or "").split(",") if k.strip()]
+    allowed = [allowed_change_key(k.strip())
+               for k in (config.allow_config_change or "").split(",") if k.strip()]
     unknown = [k for k in allowed if k not in known]
     if unknown:
         raise CheckpointError(f"`allow_config_change` names unknown key(s) {unknown}. Valid "

@@ -12,14 +12,16 @@ import sys
 import pytest
 
 from dho2_tf import DHO2, LocalComm
+from dho2_tf.training.dho2_arguments import DHO2Arguments
 from dho2_tf.training.experiment import TrainConfig, train
 from tests.helpers.jobs import job as load_job
 from tests.helpers.launch import REPO
 
 
 job = load_job("train")
-FLAGS = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
-         if f.name != "dho2_options"] + ["--dho2-option", "--config"]
+FLAGS = ["--" + f.name.replace("_", "-")
+         for f in dataclasses.fields(TrainConfig) + dataclasses.fields(DHO2Arguments)
+         if f.name != "dho2"] + ["--dho2-option", "--config"]
 MAKEFILE_FLAGS = ["--model", "--dataset", "--optimizer", "--base", "--learning-rate", "--alpha",
                   "--refresh-every", "--warmup", "--schedule", "--epochs", "--batch-size",
                   "--weight-decay", "--verbose"]
@@ -40,7 +42,7 @@ def test_help_lists_every_flag_with_its_help_text():
     text = proc.stdout
     for flag in FLAGS + MAKEFILE_FLAGS + ["--no-prioritized", "--no-resume"]:
         assert flag in text, flag
-    for name, help_text in job.HELP.items():
+    for name, help_text in {**job.HELP, **job.DHO2_HELP}.items():
         assert help_text.replace("%%", "%") in text, name
 
 
@@ -58,8 +60,9 @@ def test_dho2_fields_default_to_the_optimizer_defaults():
             "warmup", "lanczos_order", "mode")
     assert {k: built[k] for k in keys} == {k: default[k] for k in keys}
     signature = inspect.signature(DHO2.__init__).parameters
-    for key in ("base", "learning_rate", "k", "ell", "alpha", "refresh_every", "warmup", "c_max"):
-        assert getattr(config, key) == signature[key].default, key
+    assert config.learning_rate == signature["learning_rate"].default
+    for key in ("base", "k", "ell", "alpha", "refresh_every", "warmup", "c_max"):
+        assert getattr(config.dho2, key) == signature[key].default, key
 
 
 def test_given_flags_override_the_optimizer_defaults():
@@ -68,7 +71,11 @@ def test_given_flags_override_the_optimizer_defaults():
     opt = config.make_dho2(config.learning_rate, LocalComm())
     assert (opt.alpha, opt.refresh_every, opt.warmup, opt.rule.name) == (0.01, 200, 40,
                                                                          "momentum")
-    assert job.parse_args(["--warmup", "none"]).warmup is None
+    assert job.parse_args(["--warmup", "none"]).dho2.warmup is None
+    every = job.parse_args(["--eigenvalue-damping", "5e-9", "--tau", "3", "--update-ranks",
+                            "none", "--lanczos-dtype", "float64"]).dho2
+    assert (every.eigenvalue_damping, every.tau, every.update_ranks, every.lanczos_dtype) == \
+        (5e-9, 3, None, "float64")
 
 
 def test_makefile_demo_flags_still_parse():
@@ -77,15 +84,16 @@ def test_makefile_demo_flags_still_parse():
     demo = makefile[makefile.index("jobs/train.py", makefile.index("\ndemo:")):]
     demo = demo[len("jobs/train.py"):demo.index("\n\n")].replace("\\\n", " ")
     config = job.parse_args(demo.split())
-    assert (config.base, config.learning_rate, config.alpha, config.refresh_every,
-            config.warmup, config.epochs, config.weight_decay, config.verbose) == \
+    assert (config.dho2.base, config.learning_rate, config.dho2.alpha, config.dho2.refresh_every,
+            config.dho2.warmup, config.epochs, config.weight_decay, config.verbose) == \
         ("momentum", 0.1, 0.01, 200, 40, 60, 3e-4, 2)
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_config_file_values_and_flag_overrides(tmp_path, suffix):
     values = {"optimizer": "adam", "learning-rate": "1e-3", "epochs": 3, "prioritized": True,
-              "target_accuracy": 0.5, "dho2_options": {"eigenvalue_damping": 5e-9}}
+              "target_accuracy": 0.5, "k": 4,
+              "dho2": {"eigenvalue_damping": 5e-9, "refresh-every": 30}}
     path = tmp_path / f"run{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps(values))
@@ -94,16 +102,17 @@ def test_config_file_values_and_flag_overrides(tmp_path, suffix):
 
         path.write_text(yaml.safe_dump(values))
     config = job.parse_args(["--config", str(path), "--epochs", "7", "--no-prioritized",
-                             "--dho2-option", "beta_2=0.99"])
+                             "--dho2-option", "beta_2=0.99", "--refresh-every", "40"])
     assert config.optimizer == "adam" and config.learning_rate == 1e-3
     assert config.epochs == 7 and config.prioritized is False
     assert config.target_accuracy == 0.5
-    assert config.dho2_options == {"eigenvalue_damping": 5e-9, "beta_2": 0.99}
+    assert config.dho2 == DHO2Arguments(k=4, eigenvalue_damping=5e-9, beta_2=0.99,
+                                        refresh_every=40)
 
 
 def test_optional_flags_accept_none():
     assert job.parse_args(["--target-accuracy", "none"]).target_accuracy is None
-    assert job.parse_args(["--c-max", "2"]).c_max == 2.0
+    assert job.parse_args(["--c-max", "2"]).dho2.c_max == 2.0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -117,7 +126,10 @@ def test_optional_flags_accept_none():
     (["--k", "0"], "`k` must be a positive integer. Received: k=0"),
     (["--resume"], "`resume` needs `checkpoint_dir`"),
     (["--dataset", "cifar10"], "`data_dir` must name the folder of the CIFAR files"),
-    (["--dho2-option", "nonsense=1"], "`dho2_options` has an argument DHO2 does not take"),
+    (["--dho2-option", "nonsense=1"], "Unknown DHO2 argument 'nonsense' in the command line"),
+    (["--k", "10", "--dho2-option", "k=3"],
+     "DHO2's `k` is set twice in the command line: k=10 and dho2_options.k=3. Set it once."),
+    (["--refresh-method", "cold"], "`refresh_method` must be one of"),
     (["--dho2-option", "novalue"], "argument --dho2-option: invalid KEY=VALUE value"),
 ])
 def test_bad_flags_exit_2_with_a_message_naming_the_flag(argv, message, capsys):
@@ -128,7 +140,7 @@ def test_bad_config_files(tmp_path, capsys):
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"epochs": 1, "learning_rat": 0.1}))
     assert ("Unknown key 'learning_rat' in the config file. Valid keys: allow_config_change, "
-            "alpha") in error_of(["--config", str(unknown)], capsys)
+            "batch_size") in error_of(["--config", str(unknown)], capsys)
     wrong_type = tmp_path / "type.yaml"
     wrong_type.write_text("epochs: many\n")
     assert "`epochs` must be of type int. Received: epochs='many'" in \
@@ -147,9 +159,11 @@ def test_bad_config_files(tmp_path, capsys):
 def test_shipped_cifar_recipe_parses(tmp_path):
     config = job.parse_args(["--config", str(REPO / "jobs/configs/cifar10_resnet110_dho2.yaml"),
                              "--data-dir", str(tmp_path)])
-    assert (config.model, config.dataset, config.optimizer, config.base) == \
+    assert (config.model, config.dataset, config.optimizer, config.dho2.base) == \
         ("resnet110", "cifar10", "dho2", "adam")
-    assert (config.k, config.lanczos_order, config.alpha, config.c_max) == (16, 64, 0.028, 1.0)
+    dho2 = config.dho2
+    assert (dho2.k, dho2.lanczos_order, dho2.alpha, dho2.c_max) == (16, 64, 0.028, 1.0)
+    assert (dho2.eigenvalue_damping, dho2.warmup, dho2.mode) == (5e-9, 0, "sharded")
     assert config.learning_rate == 2.8e-3 and config.refresh_every_epochs == 8
 
 

@@ -53,7 +53,7 @@ def error_lines(proc):
 
 def one_epoch_checkpoint(folder: Path) -> tuple[Path, str]:
     """A one-epoch TINY checkpoint in ``folder``: (its manifest path, its folder name)."""
-    train(TrainConfig(**{**TINY, "checkpoint_dir": str(folder)}), LocalComm())
+    train(TrainConfig.from_dict({**TINY, "checkpoint_dir": str(folder)}), LocalComm())
     manifest_path = folder / checkpointing.MANIFEST
     return manifest_path, json.loads(manifest_path.read_text())["name"]
 

@@ -68,7 +68,7 @@ def run_case(comm, case):
     fields = {**COMMON, **CASES[case][min(comm.rank, 1)]}
     start = time.monotonic()
     try:
-        train(TrainConfig(**fields), comm)
+        train(TrainConfig.from_dict(fields), comm)
     except RunConsistencyError as err:
         print(f"rank {comm.rank} CONSISTENCY_ERROR case={case} "
               f"seconds={time.monotonic() - start:.1f}\n{err}", flush=True)

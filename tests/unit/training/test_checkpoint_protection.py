@@ -72,13 +72,13 @@ def test_existing_checkpoint_is_refused_without_resume_and_still_loads(tmp_path)
 def test_manifest_records_the_run_and_resume_refuses_incompatible_changes(tmp_path):
     folder = str(tmp_path / "ckpt")
     base = {**TINY, "checkpoint_dir": folder, "schedule": "cosine"}
-    train(TrainConfig(**base), LocalComm())
+    train(TrainConfig.from_dict(base), LocalComm())
     run = json.loads((tmp_path / "ckpt" / checkpointing.MANIFEST).read_text())["run"]
     assert (run["learning_rate"], run["epochs"], run["batch_size"], run["ranks"],
             run["steps_per_epoch"], run["global_batch"], run["weight_decay"]) == (
         1e-3, 1, 50, 1, 8, 50, 3e-4)
     assert run["variable[0]"] == [[40, 100], "float32"] and run["model"] == "mlp"
-    changed = TrainConfig(**{**base, "resume": True, "epochs": 3, "learning_rate": 2e-3})
+    changed = TrainConfig.from_dict({**base, "resume": True, "epochs": 3, "learning_rate": 2e-3})
     with pytest.raises(CheckpointError) as err:
         train(changed, LocalComm())
     message = str(err.value)
@@ -87,9 +87,9 @@ def test_manifest_records_the_run_and_resume_refuses_incompatible_changes(tmp_pa
     assert message.endswith("--allow-config-change epochs,learning_rate.")
     assert checkpointing.read_manifest(folder).epoch == 1       # nothing was trained
     with pytest.raises(CheckpointError, match=r"names unknown key\(s\) \['lr'\]"):
-        train(TrainConfig(**{**changed.__dict__, "allow_config_change": "lr"}), LocalComm())
+        train(TrainConfig.from_dict({**changed.__dict__, "allow_config_change": "lr"}), LocalComm())
     # Allowed deliberately: the run continues from epoch 1.
-    result = train(TrainConfig(**{**changed.__dict__,
+    result = train(TrainConfig.from_dict({**changed.__dict__,
                                   "allow_config_change": "epochs,learning_rate"}), LocalComm())
     assert result.initial_epoch == 1 and len(result.history) == 2
     assert checkpointing.read_manifest(folder).run["learning_rate"] == 2e-3
@@ -97,8 +97,8 @@ def test_manifest_records_the_run_and_resume_refuses_incompatible_changes(tmp_pa
 
 def test_more_epochs_under_a_constant_schedule_resume_without_a_flag(tmp_path):
     base = {**TINY, "checkpoint_dir": str(tmp_path), "schedule": "constant"}
-    train(TrainConfig(**base), LocalComm())
-    result = train(TrainConfig(**{**base, "resume": True, "epochs": 2}), LocalComm())
+    train(TrainConfig.from_dict(base), LocalComm())
+    result = train(TrainConfig.from_dict({**base, "resume": True, "epochs": 2}), LocalComm())
     assert result.initial_epoch == 1 and checkpointing.read_manifest(tmp_path).step == 16
 
 
@@ -131,13 +131,13 @@ def test_resume_and_overwrite_together_are_refused():
                                            ("rank_00000.npz", "empty")])
 def test_a_corrupted_checkpoint_file_is_named_with_what_to_do(tmp_path, victim, damage):
     base = {**TINY, "checkpoint_dir": str(tmp_path), "schedule": "constant"}
-    train(TrainConfig(**base), LocalComm())
+    train(TrainConfig.from_dict(base), LocalComm())
     path = tmp_path / checkpointing.read_manifest(tmp_path).name / victim
     content = path.read_bytes()
     path.write_bytes({"truncate": content[:len(content) // 2],
                       "garbage": b"\x00not a zip" * 50, "empty": b""}[damage])
     with pytest.raises(CheckpointError) as err:
-        train(TrainConfig(**{**base, "resume": True, "epochs": 2}), LocalComm())
+        train(TrainConfig.from_dict({**base, "resume": True, "epochs": 2}), LocalComm())
     message = str(err.value)
     assert message.startswith(f"Checkpoint file {path} is unreadable or corrupted (")
     assert "--overwrite" in message and "backup" in message
@@ -145,18 +145,18 @@ def test_a_corrupted_checkpoint_file_is_named_with_what_to_do(tmp_path, victim, 
 
 def test_a_corrupted_manifest_is_named_with_what_to_do(tmp_path):
     base = {**TINY, "checkpoint_dir": str(tmp_path)}
-    train(TrainConfig(**base), LocalComm())
+    train(TrainConfig.from_dict(base), LocalComm())
     (tmp_path / checkpointing.MANIFEST).write_text('{"format": 2, "name": ')
     with pytest.raises(CheckpointError, match=f"manifest {tmp_path / 'checkpoint.json'} is "
                                               "unreadable or corrupted: .*--overwrite"):
-        train(TrainConfig(**{**base, "resume": True, "epochs": 2}), LocalComm())
+        train(TrainConfig.from_dict({**base, "resume": True, "epochs": 2}), LocalComm())
     # --overwrite does not delete the folder the broken manifest listed (ownership unknown):
     # refused, naming it; once it is moved away, --overwrite starts afresh.
     (name,) = [e for e in os.listdir(tmp_path) if e.startswith("ckpt-")]
     with pytest.raises(CheckpointError, match=f"does not list: {name}. Only listed folders"):
-        train(TrainConfig(**{**base, "overwrite": True}), LocalComm())
+        train(TrainConfig.from_dict({**base, "overwrite": True}), LocalComm())
     os.rename(tmp_path / name, tmp_path / "moved-away")
-    assert train(TrainConfig(**{**base, "overwrite": True}), LocalComm()).initial_epoch == 0
+    assert train(TrainConfig.from_dict({**base, "overwrite": True}), LocalComm()).initial_epoch == 0
     assert checkpointing.read_manifest(tmp_path).epoch == 1
 
 

@@ -43,11 +43,11 @@ def manifest(directory):
 
 # ------------------------------------------------------------------ retention (finding 1)
 def test_the_newest_keep_checkpoints_are_kept_and_older_owned_ones_deleted(tmp_path):
-    train(TrainConfig(**{**TINY, "epochs": 4, "checkpoint_dir": str(tmp_path)}), LocalComm())
+    train(TrainConfig.from_dict({**TINY, "epochs": 4, "checkpoint_dir": str(tmp_path)}), LocalComm())
     listed = manifest(tmp_path)["checkpoints"]
     assert [c["epoch"] for c in listed] == [3, 4] and all(c["good"] for c in listed)
     assert folders(tmp_path) == sorted(c["name"] for c in listed)
-    train(TrainConfig(**{**TINY, "epochs": 6, "checkpoint_dir": str(tmp_path), "resume": True,
+    train(TrainConfig.from_dict({**TINY, "epochs": 6, "checkpoint_dir": str(tmp_path), "resume": True,
                          "keep_checkpoints": 3}), LocalComm())
     assert [c["epoch"] for c in manifest(tmp_path)["checkpoints"]] == [4, 5, 6]
     assert len(folders(tmp_path)) == 3
@@ -57,9 +57,9 @@ def test_a_diverged_resume_never_displaces_the_last_good_checkpoint(tmp_path):
     """Epoch 2 is good; a resume at lr 1e4 skips (nearly) every step of epochs 3-5: their
     checkpoints are written but marked bad, epoch 2's stays, and --resume continues it."""
     base = {**DHO2_TINY, "checkpoint_dir": str(tmp_path)}
-    train(TrainConfig(**{**base, "epochs": 2}), LocalComm())
+    train(TrainConfig.from_dict({**base, "epochs": 2}), LocalComm())
     good = manifest(tmp_path)["name"]
-    diverged = train(TrainConfig(**{**base, "epochs": 5, "resume": True, "learning_rate": 1e4,
+    diverged = train(TrainConfig.from_dict({**base, "epochs": 5, "resume": True, "learning_rate": 1e4,
                                     "allow_config_change": "learning_rate"}), LocalComm())
     assert diverged.initial_epoch == 2
     listed = manifest(tmp_path)["checkpoints"]
@@ -67,12 +67,12 @@ def test_a_diverged_resume_never_displaces_the_last_good_checkpoint(tmp_path):
     assert [(c["epoch"], c["good"]) for c in listed[1:]] == [(4, False), (5, False)]
     assert folders(tmp_path) == sorted(c["name"] for c in listed)
     # A sane resume continues epoch 2's checkpoint, not the frozen weights of epoch 5.
-    again = train(TrainConfig(**{**base, "epochs": 3, "resume": True}), LocalComm())
+    again = train(TrainConfig.from_dict({**base, "epochs": 3, "resume": True}), LocalComm())
     assert again.initial_epoch == 2 and np.isfinite(again.train_loss)
     assert manifest(tmp_path)["epoch"] == 3 and manifest(tmp_path)["good"] is True
     # A bad one is resumed only when named.
     with pytest.raises(CheckpointError, match="`resume_from` names 'ckpt-nope'"):
-        train(TrainConfig(**{**base, "epochs": 9, "resume": True, "resume_from": "ckpt-nope"}),
+        train(TrainConfig.from_dict({**base, "epochs": 9, "resume": True, "resume_from": "ckpt-nope"}),
               LocalComm())
 
 
@@ -92,12 +92,12 @@ def test_retention_keeps_the_newest_good_one_besides_the_newest_n():
 # ------------------------------------------------------------------ ownership (finding 2)
 def test_a_checkpoint_without_its_manifest_is_refused_never_deleted_and_recoverable(tmp_path):
     base = {**TINY, "checkpoint_dir": str(tmp_path)}
-    train(TrainConfig(**base), LocalComm())
+    train(TrainConfig.from_dict(base), LocalComm())
     (name,) = folders(tmp_path)
     (tmp_path / checkpointing.MANIFEST).unlink()
     for extra in ({}, {"resume": True, "epochs": 2}, {"overwrite": True}):
         with pytest.raises(CheckpointError) as err:
-            train(TrainConfig(**{**base, **extra}), LocalComm())
+            train(TrainConfig.from_dict({**base, **extra}), LocalComm())
         assert str(err.value) == (
             f"The checkpoint directory {tmp_path} holds checkpoint folder(s) its manifest "
             f"(checkpoint.json) does not list: {name}. Only listed folders are ever deleted, "
@@ -109,7 +109,7 @@ def test_a_checkpoint_without_its_manifest_is_refused_never_deleted_and_recovera
     assert job("train").main(["--checkpoint-dir", str(tmp_path), "--recover-from",
                               str(tmp_path / name)]) == 0
     assert manifest(tmp_path)["name"] == name and manifest(tmp_path)["epoch"] == 1
-    assert train(TrainConfig(**{**base, "resume": True, "epochs": 2}),
+    assert train(TrainConfig.from_dict({**base, "resume": True, "epochs": 2}),
                  LocalComm()).initial_epoch == 1
 
 
@@ -118,7 +118,7 @@ def test_a_users_own_ckpt_folder_is_never_deleted(tmp_path):
     mine.mkdir()
     (mine / "weights.h5").write_text("precious")
     with pytest.raises(CheckpointError, match="does not list: ckpt-best-model"):
-        train(TrainConfig(**{**TINY, "checkpoint_dir": str(tmp_path)}), LocalComm())
+        train(TrainConfig.from_dict({**TINY, "checkpoint_dir": str(tmp_path)}), LocalComm())
     assert (mine / "weights.h5").read_text() == "precious"
     with pytest.raises(CheckpointError, match=r"Cannot recover .*ckpt-best-model: it is not a "
                                               r"complete checkpoint folder"):
@@ -149,7 +149,7 @@ def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
     # Another host's process cannot be checked from here: refused.
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
     with pytest.raises(CheckpointError, match="host 'elsewhere', pid 1"):
-        train(TrainConfig(**{**TINY, "checkpoint_dir": str(tmp_path)}), LocalComm())
+        train(TrainConfig.from_dict({**TINY, "checkpoint_dir": str(tmp_path)}), LocalComm())
     checkpoint_lock.release_lock(str(tmp_path))      # not ours: left alone
     assert lock.exists()
 
@@ -161,7 +161,7 @@ def test_train_holds_the_lock_while_it_runs_and_releases_it(tmp_path):
         def on_epoch_end(self, epoch, logs=None):
             seen.append(json.loads((tmp_path / checkpoint_lock.LOCK).read_text())["pid"])
 
-    train(TrainConfig(**{**TINY, "checkpoint_dir": str(tmp_path)}), LocalComm(),
+    train(TrainConfig.from_dict({**TINY, "checkpoint_dir": str(tmp_path)}), LocalComm(),
           extra_callbacks=[Probe()])
     assert seen == [os.getpid()] and not (tmp_path / checkpoint_lock.LOCK).exists()
 
@@ -169,7 +169,7 @@ def test_train_holds_the_lock_while_it_runs_and_releases_it(tmp_path):
 # ------------------------------------------------------------------ failed writes (finding 5)
 def test_a_full_disk_during_the_manifest_write_leaves_no_orphan(tmp_path, monkeypatch):
     base = {**TINY, "checkpoint_dir": str(tmp_path)}
-    train(TrainConfig(**base), LocalComm())
+    train(TrainConfig.from_dict(base), LocalComm())
     before = folders(tmp_path)
     original = checkpointing._write_json_atomically
 
@@ -183,16 +183,16 @@ def test_a_full_disk_during_the_manifest_write_leaves_no_orphan(tmp_path, monkey
                                               r"\(No space left on device\); its partial folder "
                                               r"was removed and the previous checkpoints are "
                                               r"intact"):
-        train(TrainConfig(**{**base, "resume": True, "epochs": 2}), LocalComm())
+        train(TrainConfig.from_dict({**base, "resume": True, "epochs": 2}), LocalComm())
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == sorted([checkpointing.MANIFEST, *before])
-    assert train(TrainConfig(**{**base, "resume": True, "epochs": 2}),
+    assert train(TrainConfig.from_dict({**base, "resume": True, "epochs": 2}),
                  LocalComm()).initial_epoch == 1
 
 
 def test_the_next_start_removes_the_folders_of_a_save_that_died(tmp_path):
     base = {**TINY, "checkpoint_dir": str(tmp_path)}
-    train(TrainConfig(**base), LocalComm())
+    train(TrainConfig.from_dict(base), LocalComm())
     (kept,) = folders(tmp_path)
     # What a writer killed after renaming its folder, before the manifest, leaves behind.
     orphan = tmp_path / "ckpt-00002-00000016-deadbeef"
@@ -201,7 +201,7 @@ def test_the_next_start_removes_the_folders_of_a_save_that_died(tmp_path):
     (tmp_path / checkpointing.PENDING).write_text(json.dumps(
         {"folders": [".tmp-" + orphan.name, orphan.name]}))
     info = experiment.validated_checkpoint_dir(
-        TrainConfig(**{**base, "resume": True, "epochs": 2}), LocalComm())
+        TrainConfig.from_dict({**base, "resume": True, "epochs": 2}), LocalComm())
     assert info.name == kept
     assert sorted(os.listdir(tmp_path)) == sorted([checkpointing.MANIFEST, kept,
                                                    checkpoint_lock.LOCK])
@@ -220,22 +220,9 @@ def test_k_plus_ell_and_lanczos_order_beyond_the_parameter_count_fail_at_build()
     DHO2(k=2, lanczos_order=8).build(model.trainable_variables)
 
 
-def test_a_dho2_option_repeating_a_flag_is_an_error_naming_both():
-    with pytest.raises(SystemExit) as exit_info:
-        job("train").parse_args(["--k", "10", "--dho2-option", "k=3",
-                                 "--dho2-option", "mode=sharded"])
-    assert exit_info.value.code == 2
-    with pytest.raises(ValueError) as err:
-        TrainConfig(k=10, dho2_options={"k": 3, "mode": "sharded"}).validate()
-    assert str(err.value) == (
-        "`dho2_options` repeats top-level setting(s): dho2_options k=3 and --k (k=10), "
-        "dho2_options mode='sharded' and --mode (mode='auto'). Set each once, with its own "
-        "flag.")
-
-
 def test_allow_config_change_epochs_is_accepted_under_a_constant_schedule(tmp_path):
     base = {**TINY, "checkpoint_dir": str(tmp_path)}
-    train(TrainConfig(**base), LocalComm())
-    result = train(TrainConfig(**{**base, "resume": True, "epochs": 2,
+    train(TrainConfig.from_dict(base), LocalComm())
+    result = train(TrainConfig.from_dict({**base, "resume": True, "epochs": 2,
                                   "allow_config_change": "epochs"}), LocalComm())
     assert result.initial_epoch == 1 and manifest(tmp_path)["epoch"] == 2

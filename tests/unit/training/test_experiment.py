@@ -11,7 +11,9 @@ from dho2_tf.training import checkpointing, experiment
 from dho2_tf.callbacks import ReplicaSync
 from dho2_tf.training.data import cifar_augment
 from dho2_tf.distributed.comm import LocalComm
-from dho2_tf.training.experiment import TrainConfig, coerce, load_config_file, load_data, train
+from dho2_tf.training.dho2_arguments import DHO2Arguments
+from dho2_tf.training.config_values import coerce, load_config_file
+from dho2_tf.training.experiment import TrainConfig, load_data, train
 
 #: Its ``train`` runs load the same MNIST-1D datasets: each is generated once per module.
 pytestmark = pytest.mark.usefixtures("mnist1d_once")
@@ -24,12 +26,12 @@ def test_from_dict_coerces_types_and_accepts_dashes():
     config = TrainConfig.from_dict({"learning-rate": "1e-3", "epochs": 2.0, "resume": "yes",
                                     "target_accuracy": None, "c_max": 2})
     assert config.learning_rate == 1e-3 and config.epochs == 2 and config.resume is True
-    assert config.target_accuracy is None and config.c_max == 2.0
+    assert config.target_accuracy is None and config.dho2.c_max == 2.0
 
 
 @pytest.mark.parametrize("name, annotation, value", [
     ("epochs", "int", 1.5), ("epochs", "int", True), ("alpha", "float", "fast"),
-    ("resume", "bool", "maybe"), ("dho2_options", "dict[str, Any]", [1]), ("model", "str", 3),
+    ("resume", "bool", "maybe"), ("notes", "dict[str, Any]", [1]), ("model", "str", 3),
 ])
 def test_coerce_rejects_with_the_key_and_value(name, annotation, value):
     with pytest.raises(ValueError, match=f"`{name}` must be of type"):
@@ -38,7 +40,7 @@ def test_coerce_rejects_with_the_key_and_value(name, annotation, value):
 
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="Unknown key 'lr' in config. Valid keys: "
-                                         "allow_config_change, alpha"):
+                                         "allow_config_change, batch_size"):
         TrainConfig.from_dict({"lr": 0.1})
 
 
@@ -60,15 +62,15 @@ def test_load_config_file_yaml_json_and_empty(tmp_path):
     ("mode", "nonsense", "`mode` must be one of"),
 ])
 def test_validate_names_the_bad_field(field, value, message):
-    config = TrainConfig(**{field: value, "prioritized": field == "prioritized_k"})
+    config = TrainConfig.from_dict({field: value, "prioritized": field == "prioritized_k"})
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         config.validate()
 
 
-def test_refresh_every_epochs_converts_to_steps_and_dho2_options_pass_through():
-    config = TrainConfig(refresh_every_epochs=8, warmup=0,
-                         dho2_options={"eigenvalue_damping": 5e-9})
+def test_refresh_every_epochs_converts_to_steps_and_the_dho2_section_passes_through():
+    config = TrainConfig(refresh_every_epochs=8,
+                         dho2=DHO2Arguments(warmup=0, eigenvalue_damping=5e-9))
     opt = config.make_dho2(1e-3, LocalComm(), steps_per_epoch=40)
     assert (opt.refresh_every, opt.warmup, opt.eigenvalue_damping) == (320, 0, 5e-9)
 
@@ -95,15 +97,15 @@ def test_cifar_training_set_is_augmented(monkeypatch):
         train(config, LocalComm())
     assert seen["augment"] is cifar_augment
     with pytest.raises(RuntimeError, match="stop before training"):
-        train(TrainConfig(**{**config.__dict__, "dataset": "mnist1d"}), LocalComm())
+        train(TrainConfig.from_dict({**config.__dict__, "dataset": "mnist1d"}), LocalComm())
     assert seen["augment"] is None
 
 
 # ------------------------------------------------------------------------------- train
 @pytest.mark.parametrize("optimizer", ["dho2", "momentum"])
 def test_train_one_epoch_returns_history(optimizer):
-    config = TrainConfig(optimizer=optimizer, refresh_every=4, warmup=2, k=2,
-                         curvature_batch=50, **TINY)
+    config = TrainConfig.from_dict(dict(optimizer=optimizer, refresh_every=4, warmup=2, k=2,
+                                        curvature_batch=50, **TINY))
     result = train(config, LocalComm())
     assert len(result.history) == 1 and result.steps_per_epoch == 8
     assert 0.0 <= result.test_accuracy <= 1.0 and result.wall_seconds >= result.train_seconds
@@ -140,7 +142,7 @@ def test_two_epochs_then_resume_equal_three_epochs_straight(tmp_path, optimizer)
 
     base = dict(optimizer=optimizer, k=2, refresh_every=4, warmup=2, curvature_batch=50,
                 **{**TINY, "epochs": 3})
-    straight = train(TrainConfig(**base), LocalComm(), extra_callbacks=[Keep()])
+    straight = train(TrainConfig.from_dict(base), LocalComm(), extra_callbacks=[Keep()])
     want = dict(seen)
     folder = str(tmp_path / "ckpt")
 
@@ -148,10 +150,10 @@ def test_two_epochs_then_resume_equal_three_epochs_straight(tmp_path, optimizer)
         def on_epoch_end(self, epoch, logs=None):
             self.model.stop_training = epoch == 1
 
-    first = train(TrainConfig(**{**base, "checkpoint_dir": folder}), LocalComm(),
+    first = train(TrainConfig.from_dict({**base, "checkpoint_dir": folder}), LocalComm(),
                   extra_callbacks=[DiesAfterEpoch2()])
     assert checkpointing.read_manifest(folder).epoch == 2 and first.initial_epoch == 0
-    resumed = train(TrainConfig(**{**base, "checkpoint_dir": folder, "resume": True}),
+    resumed = train(TrainConfig.from_dict({**base, "checkpoint_dir": folder, "resume": True}),
                     LocalComm(), extra_callbacks=[Keep()])
     assert resumed.initial_epoch == 2 and len(resumed.history) == 1
     assert checkpointing.read_manifest(folder).epoch == 3
@@ -167,7 +169,7 @@ def test_resume_needs_more_epochs_than_the_checkpoint_has(tmp_path):
                          **TINY)
     train(config, LocalComm())
     with pytest.raises(ValueError, match="already completed 1 epochs; `epochs` must exceed"):
-        train(TrainConfig(**{**config.__dict__, "resume": True}), LocalComm())
+        train(TrainConfig.from_dict({**config.__dict__, "resume": True}), LocalComm())
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
@@ -263,8 +265,9 @@ def test_dho2_curvature_batch_of_the_autoencoder_uses_inputs_as_targets(monkeypa
             batches.append(self.batch)
 
     monkeypatch.setattr(experiment, "CurvatureRefresh", Recording)
-    config = TrainConfig(model="autoencoder", base="adam", k=2, alpha=0.01, refresh_every=3,
-                         warmup=2, curvature_batch=20, **{**MNIST5K, "optimizer": "dho2"})
+    config = TrainConfig.from_dict(dict(model="autoencoder", base="adam", k=2, alpha=0.01,
+                                        refresh_every=3, warmup=2, curvature_batch=20,
+                                        **{**MNIST5K, "optimizer": "dho2"}))
     result = train(config, LocalComm())
     (x, y), = batches
     assert x.shape == (20, 784) and np.array_equal(x, y)
@@ -286,7 +289,7 @@ def test_dho2_curvature_batch_of_the_autoencoder_uses_inputs_as_targets(monkeypa
 ])
 def test_validate_training_loss_options(fields, message):
     with pytest.raises(ValueError) as err:
-        TrainConfig(**fields).validate()
+        TrainConfig.from_dict(fields).validate()
     assert message in str(err.value)
 
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 from dho2_tf.consistency import build_fingerprint, flatten_config
 from dho2_tf.distributed.comm import LocalComm
 from dho2_tf.training import experiment
+from dho2_tf.training.dho2_arguments import DHO2Arguments
 from dho2_tf.training.experiment import (RANK_LOCAL_FIELDS, TrainConfig, pipeline_groups,
                                          run_fingerprint)
 
@@ -59,14 +60,15 @@ def _model(width: int) -> tf.keras.Model:
 
 CASES = [
     # every rank trains: samples_per_rank and steps_per_epoch are recorded
-    (TrainConfig(model="mlp", dataset="digits", optimizer="dho2", k=4), 1, 1, True),
+    (TrainConfig(model="mlp", dataset="digits", optimizer="dho2", dho2=DHO2Arguments(k=4)),
+     1, 1, True),
     (TrainConfig(model="mlp", dataset="digits", optimizer="adam", learning_rate=1e-3,
                  epochs=3, target_accuracy=0.9, verbose=0, data_dir="/somewhere"), 3, 3, False),
     (TrainConfig(model="mlp", dataset="digits", optimizer="sgd", prioritized=True,
                  prioritized_k=0.25), 2, 2, True),
     # pipelined: one curvature rank, the per-rank share is not recorded
-    (TrainConfig(model="mlp", dataset="digits", optimizer="dho2", mode="pipelined",
-                 dho2_options={"curvature_ranks": 1}), 3, 2, True),
+    (TrainConfig(model="mlp", dataset="digits", optimizer="dho2",
+                 dho2=DHO2Arguments(mode="pipelined", curvature_ranks=1)), 3, 2, True),
 ]
 
 
