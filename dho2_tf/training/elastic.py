@@ -361,7 +361,7 @@ class DHO2ElasticState(CommittedState):
         self.keep()  # record it without a snapshot of the (not yet built) trainer
 
 
-def run_fingerprint(trainer: ElasticTrainer) -> dict[str, Any]:
+def elastic_run_fingerprint(trainer: ElasticTrainer) -> dict[str, Any]:
     """What every rank of an elastic run must agree on: schedule, data, optimizer and model.
 
     :func:`dho2_tf.consistency.build_fingerprint` of the :class:`ElasticConfig` fields
@@ -388,7 +388,7 @@ def _train(state: DHO2ElasticState, on_step_begin: StepHook | None,
     trainer, cfg = state.trainer, state.trainer.config
     comm, spe = trainer.comm, trainer.steps_per_epoch
     # Every (re-)entry, so a worker that joins is checked against the ones that stayed.
-    check_run_consistency(comm, run_fingerprint(trainer), "elastic run")
+    check_run_consistency(comm, elastic_run_fingerprint(trainer), "elastic run")
     trainer.rebuild(state.weights, state.optimizer_state, state.step)
     log["starts"].append((state.step, comm.size))
     if comm.is_root:

@@ -23,7 +23,7 @@ from dho2_tf.training.elastic import (
     elastic_train,
     global_batch_rows,
     rank_rows,
-    run_fingerprint,
+    elastic_run_fingerprint,
 )
 from dho2_tf.data_position import curvature_rows
 from tests.helpers.launch import REPO
@@ -228,7 +228,8 @@ class _OtherModelComm(LocalComm):
     def __init__(self, model: tf.keras.Model) -> None:
         super().__init__()
         self.size = 2
-        self.other = run_fingerprint(ElasticTrainer(model, OPT, tiny_data(), SMALL, LocalComm()))
+        self.other = elastic_run_fingerprint(
+            ElasticTrainer(model, OPT, tiny_data(), SMALL, LocalComm()))
 
     def allgather_object(self, obj, *, name):
         return [obj, self.other]
@@ -236,7 +237,7 @@ class _OtherModelComm(LocalComm):
 
 def test_ranks_disagreeing_on_the_run_fail_before_training() -> None:
     trainer = make_trainer(SMALL)
-    fingerprint = run_fingerprint(trainer)
+    fingerprint = elastic_run_fingerprint(trainer)
     assert fingerprint["config.global_batch"] == 20 and fingerprint["steps_per_epoch"] == 6
     assert fingerprint["optimizer.k"] == 2 and fingerprint["training_examples"] == 120
     assert fingerprint["test_examples"] == 40 and fingerprint["input_shape"] == [6]
