@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
+
+
+def field_types(config_class: type) -> dict[str, str]:
+    """Field name → annotation string (``"int"``, ``"float | None"``, ...) of a configuration
+    dataclass, the annotations :func:`coerce` converts to."""
+    return {f.name: str(f.type) for f in dataclasses.fields(config_class)}
 
 
 def coerce(name: str, annotation: str, value: Any) -> Any:

@@ -26,7 +26,7 @@ import inspect
 from typing import Any, Mapping
 
 from dho2_tf.optimizer import DHO2
-from dho2_tf.training.config_values import coerce
+from dho2_tf.training.config_values import coerce, field_types
 
 #: DHO2 arguments that are top-level fields of a run configuration, not in the section.
 RUN_LEVEL_ARGUMENTS = ("learning_rate", "momentum", "seed")
@@ -53,8 +53,8 @@ class DHO2Arguments:
     """DHO2's constructor arguments but ``learning_rate``, ``momentum``, ``seed`` and ``comm``,
     each under its own name with DHO2's default (their meaning: :class:`dho2_tf.DHO2`).
 
-    Build one from a mapping with :meth:`from_mapping` (types coerced, unknown keys refused), or
-    directly: ``DHO2Arguments(k=16, refresh_every=200)``. Values are checked when the optimizer
+    Build one from a mapping with ``DHO2Arguments().updated(values)`` (types coerced, unknown
+    keys refused), or directly: ``DHO2Arguments(k=16, refresh_every=200)``. Values are checked when the optimizer
     is built (:meth:`TrainConfig.validate` builds one before any data is loaded).
     """
 
@@ -94,7 +94,7 @@ class DHO2Arguments:
     @classmethod
     def field_types(cls) -> dict[str, str]:
         """Argument name → annotation string (``"int"``, ``"float | None"``, ...)."""
-        return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        return field_types(cls)
 
     def keywords(self) -> dict[str, Any]:
         """The arguments as ``DHO2(**keywords)`` takes them."""
@@ -118,11 +118,6 @@ class DHO2Arguments:
                                  f"DHO2 arguments: {', '.join(sorted(types))}")
             out[name] = coerce(name, types[name], value)
         return dataclasses.replace(self, **out)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "DHO2Arguments":
-        """The section from a mapping of argument names to values (DHO2's defaults elsewhere)."""
-        return cls().updated(values, source)
 
 
 ARGUMENT_NAMES = tuple(DHO2Arguments.field_types())

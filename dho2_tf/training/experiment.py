@@ -33,7 +33,7 @@ from dho2_tf.callbacks import (BroadcastInitialState, CurvatureRefresh, ReplicaS
 from dho2_tf.consistency import (RunConsistencyError, build_fingerprint, check_run_consistency,
                                  describe_ranks)
 from dho2_tf.training.checkpoint_lock import acquire_lock, release_lock
-from dho2_tf.training.config_values import coerce
+from dho2_tf.training.config_values import coerce, field_types
 from dho2_tf.training.dho2_arguments import (ARGUMENT_NAMES, DHO2_DEFAULTS, SECTION_KEY,
                                              DHO2Arguments, split_section, upgrade_run_record)
 from dho2_tf.training.checkpointing import (CheckpointError, CheckpointInfo, EpochCheckpoint,
@@ -161,7 +161,7 @@ class TrainConfig:
     @classmethod
     def field_types(cls) -> dict[str, str]:
         """Field name → annotation string (``"int"``, ``"float | None"``, ...)."""
-        return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        return field_types(cls)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config",
